@@ -1,0 +1,5 @@
+import sys
+
+from crossmatch.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""`crossmatch evaluate`, `search` and `demo`: load a checkpoint, score a split, print or draw it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from crossmatch.cli.common import build_eval_data, load_run, open_split
+from crossmatch.data.transforms import build_image_transform, load_image
+from crossmatch.engine.distributed import init_distributed
+from crossmatch.evaluation.evaluate import compute_scores, encode_all, metrics_from_scores, to_device
+from crossmatch.evaluation.gallery import draw_gallery
+
+log = logging.getLogger(__name__)
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """Two-row table: i2t and t2i R@1/5/10, medr, meanr; then rsum (and twin_acc)."""
+    head = f"{'':5}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'medr':>8}{'meanr':>9}"
+    rows = [head]
+    for d in ("i2t", "t2i"):
+        m = [metrics[f"{d}_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")]
+        rows.append(f"{d:5}{m[0]:8.2f}{m[1]:8.2f}{m[2]:8.2f}{m[3]:8.1f}{m[4]:9.2f}")
+    tail = f"rsum {metrics['rsum']:.2f}"
+    if "twin_acc" in metrics:
+        tail += f"   twin_acc {metrics['twin_acc']:.2f}"
+    return "\n".join([*rows, tail])
+
+
+def run_evaluate(checkpoint: str, split: str = "test", json_path: str | None = None, overrides=(),
+                 folds: int = 1, progress: bool = True) -> dict[str, float]:
+    model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    dist = init_distributed()
+    model.to(dist.device)
+    name = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(split, split)
+    data = build_eval_data(cfg, open_split(cfg, name), tokenizer, model)
+    scores = compute_scores(model, data, dist.device, cfg.eval.chunk_size, progress)
+    metrics = metrics_from_scores(scores, data, folds)
+    print(f"{cfg.model['name']} on {cfg.data.root} [{name}]: {scores.shape[0]} images, {scores.shape[1]} captions")
+    print(format_table(metrics))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+@torch.no_grad()
+def run_search(checkpoint: str, query: str | None = None, image: str | None = None, top_k: int = 10,
+               out: str | None = None, split: str = "test", overrides=()) -> list[tuple[int, float]]:
+    """Text -> the split's images (and a gallery PNG with --out), or an image file -> the split's captions."""
+    model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    dist = init_distributed()
+    model.to(dist.device)
+    name = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(split, split)
+    ds = open_split(cfg, name)
+    data = build_eval_data(cfg, ds, tokenizer, model)
+    if query is not None:
+        ids = torch.tensor([tokenizer.encode(query)])
+        txt = model.encode_text(to_device({"input_ids": ids, "attention_mask": ids != 0}, dist.device))
+        img = encode_all(model.encode_image, data.image_loader, dist.device, "encode images", False)
+        scores = model.similarity(img, txt)[:, 0].float().cpu()  # (N_img,)
+        top = scores.topk(min(top_k, len(scores)))
+        wanted = query.strip().lower()
+        matches = {ds.txt_to_img[t] for t, c in enumerate(ds.captions) if c.lower() == wanted}
+        results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        for rank, (i, s) in enumerate(results, 1):
+            print(f"{rank:3d}  {s:7.4f}  {ds.images[i].path.name}{'  <- match' if i in matches else ''}")
+        if out:
+            pics = [load_image(ds.images[i].path) for i, _ in results]
+            draw_gallery(query, pics, [s for _, s in results], [i in matches for i, _ in results], out)
+            print(f"gallery written to {out}")
+        return results
+    transform = build_image_transform(cfg.data.image_size, train=False)
+    pic = transform(load_image(image))[None]
+    img = model.encode_image(to_device({"image": pic}, dist.device))
+    txt = encode_all(model.encode_text, data.text_loader, dist.device, "encode captions", False)
+    scores = model.similarity(img, txt)[0].float().cpu()  # (N_txt,)
+    top = scores.topk(min(top_k, len(scores)))
+    results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    for rank, (t, s) in enumerate(results, 1):
+        print(f"{rank:3d}  {s:7.4f}  {ds.captions[t]}")
+    return results

@@ -1,0 +1,69 @@
+"""Builders shared by the CLI commands: config -> datasets, tokenizer, model, evaluation data; and a
+checkpoint -> the model, config and tokenizer it was trained with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from crossmatch.config import RunConfig, apply_overrides, config_from_dict
+from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, ImageView
+from crossmatch.data.loaders import build_eval_loader
+from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.data.transforms import build_image_transform
+from crossmatch.engine.checkpoint import load_checkpoint
+from crossmatch.errors import CheckpointError, ConfigError
+from crossmatch.evaluation.evaluate import EvalData
+from crossmatch.models.registry import create_model
+
+MAX_BOXES = 8  # object boxes read per image for box-region models
+
+
+def open_split(cfg: RunConfig, split: str) -> ImageCaptionDataset:
+    if cfg.data.format != "karpathy":
+        raise ConfigError(f"unknown data.format {cfg.data.format!r}; known: karpathy")
+    return ImageCaptionDataset(cfg.data.root, split)
+
+
+def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer) -> nn.Module:
+    """The registered model `model.name` with the config's overrides; vocabulary and image size come
+    from the tokenizer and the data config unless the model section sets them."""
+    overrides = {k: v for k, v in cfg.model.items() if k != "name"}
+    overrides.setdefault("vocab_size", tokenizer.vocab_size)
+    overrides.setdefault("image_size", cfg.data.image_size)
+    return create_model(cfg.model["name"], **overrides)
+
+
+def needs_boxes(model: nn.Module) -> int:
+    return MAX_BOXES if getattr(model, "needs_boxes", False) else 0
+
+
+def build_eval_data(cfg: RunConfig, ds: ImageCaptionDataset, tokenizer: CaptionTokenizer, model: nn.Module) -> EvalData:
+    transform = build_image_transform(cfg.data.image_size, train=False)
+    return EvalData(
+        image_loader=build_eval_loader(ImageView(ds, transform, needs_boxes(model)), cfg.eval.batch_size,
+                                       cfg.data.num_workers),
+        text_loader=build_eval_loader(CaptionView(ds, tokenizer), cfg.eval.batch_size, cfg.data.num_workers),
+        txt_to_img=torch.tensor(ds.txt_to_img),
+        twins=ds.twins,
+    )
+
+
+def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig, CaptionTokenizer]:
+    """Model (eval mode, CPU), config and tokenizer from a checkpoint; `overrides` (key=value) apply on top
+    of the stored config, e.g. a different data.root for evaluation."""
+    ckpt = load_checkpoint(path)
+    for key in ("config", "tokenizer"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} has no '{key}' entry (not written by crossmatch train)")
+    cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides or [])
+    tokenizer = CaptionTokenizer.from_str(ckpt["tokenizer"], cfg.data.max_words)
+    model = build_model(cfg, tokenizer)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit model {cfg.model['name']}: "
+                              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from err
+    return model.eval(), cfg, tokenizer

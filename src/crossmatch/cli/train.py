@@ -1,0 +1,105 @@
+"""`crossmatch train CONFIG [--run-dir DIR] [--resume] [key=value ...]`: config -> data, tokenizer,
+task, optimiser, checkpointer, logger -> Trainer.fit()."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crossmatch.cli.common import build_eval_data, build_model, needs_boxes, open_split
+from crossmatch.config import RunConfig, config_from_dict, config_to_dict, save_config
+from crossmatch.data.datasets import PairView
+from crossmatch.data.loaders import build_train_loader
+from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.data.transforms import build_image_transform
+from crossmatch.engine.checkpoint import Checkpointer
+from crossmatch.engine.distributed import DistInfo, init_distributed
+from crossmatch.engine.logging import MetricLogger, setup_logging
+from crossmatch.engine.optim import create_optimizer, create_scheduler
+from crossmatch.engine.trainer import Trainer, TrainState
+from crossmatch.errors import DataError
+from crossmatch.evaluation.evaluate import evaluate_retrieval
+from crossmatch.tasks import build_task
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: CaptionTokenizer | None = None) -> Trainer:
+    """Everything a run needs, built from the config. The tokenizer is trained on the train captions
+    unless given (a resumed run reuses the saved one)."""
+    seed_everything(cfg.train.seed)
+    train_ds = open_split(cfg, cfg.data.train_split)
+    if tokenizer is None:
+        tokenizer = CaptionTokenizer.train(train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
+    model = build_model(cfg, tokenizer).to(dist.device)
+    task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
+    transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
+    pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model))
+    loader = build_train_loader(pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank,
+                                dist.world_size)
+    if len(loader) == 0:
+        raise DataError(f"the train split has {len(pairs)} captions, fewer than one batch "
+                        f"(train.batch_size={cfg.train.batch_size})")
+    optimizer = create_optimizer(task, cfg.train)
+    steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
+    scheduler = create_scheduler(optimizer, cfg.train, steps)
+    val_data = build_eval_data(cfg, open_split(cfg, cfg.data.val_split), tokenizer, model)
+
+    def evaluator(m):
+        return evaluate_retrieval(m, val_data, dist.device, cfg.eval.chunk_size)
+
+    extra = {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()}
+    return Trainer(task, optimizer, scheduler, loader, evaluator, Checkpointer(run_dir, cfg.checkpoint.keep_last,
+                   dist.is_main), MetricLogger(run_dir, enabled=dist.is_main), cfg.train, dist, extra,
+                   metric=cfg.eval.metric, eval_every=cfg.eval.every_epochs)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} -> {b}")
+    return out
+
+
+def run_train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> TrainState:
+    """Train `cfg` in `run_dir`; with `resume`, continue from the newest readable checkpoint there."""
+    run_dir = Path(run_dir)
+    dist = init_distributed()
+    setup_logging(run_dir, dist.is_main)
+    latest = Checkpointer(run_dir).load_latest() if resume else None
+    if resume and latest is None:
+        log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+    if latest is not None:
+        changed = _diff(config_to_dict(config_from_dict(latest[0]["config"])), config_to_dict(cfg))
+        if changed:
+            log.warning("resuming with a config that differs from %s: %s", latest[1], "; ".join(changed))
+    tokenizer = CaptionTokenizer.from_str(latest[0]["tokenizer"], cfg.data.max_words) if latest else None
+    trainer = build_trainer(cfg, run_dir, dist, tokenizer)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        CaptionTokenizer.from_str(trainer.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
+    if latest is not None:
+        trainer.load_state_dict(latest[0])
+        log.info("resumed from %s at epoch %d, step %d", latest[1], trainer.state.epoch + 1,
+                 trainer.state.step_in_epoch)
+    log.info("training %s: %d epochs x %d steps, run dir %s", cfg.model["name"], cfg.train.epochs,
+             trainer.steps_per_epoch, run_dir)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.metric_logger.close()

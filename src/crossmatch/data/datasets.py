@@ -1,0 +1,163 @@
+"""Image–caption datasets in the Karpathy-split JSON format of Flickr30K and COCO (also written by
+`crossmatch data shapes`), with explicit image <-> caption maps for evaluation.
+
+A split is read once into `ImageCaptionDataset` (records only, no pixels). Three torch Dataset views
+feed the loaders: `PairView` (one item per caption, for training), `ImageView` (one item per image) and
+`CaptionView` (one item per caption), so evaluation encodes every image and every caption exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.data.transforms import apply_transform, load_image
+from crossmatch.errors import DataError
+
+
+@dataclass
+class ImageRecord:
+    path: Path  # image file
+    imgid: int | str  # id in the dataset file
+    caption_ids: list[int] = field(default_factory=list)  # indices into ImageCaptionDataset.captions
+    boxes: list[list[float]] | None = None  # (K, 4) xyxy pixels, when the dataset records objects
+
+
+def read_karpathy_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise DataError(f"dataset file not found: {path}") from err
+    except json.JSONDecodeError as err:
+        raise DataError(f"dataset file {path} is not valid JSON: {err.msg} at line {err.lineno}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"dataset file {path} has no 'images' list (expected the Karpathy-split format)")
+    return data
+
+
+class ImageCaptionDataset:
+    """One split of a Karpathy-split JSON dataset.
+
+    Attributes:
+        images: one ImageRecord per image of the split, in file order.
+        captions: every caption of the split (raw text).
+        txt_to_img: (n_txt,) index of each caption's image in `images`.
+        img_to_txt: per image, the indices of its captions (any number, not assumed contiguous).
+        twins: (i, j) index pairs of "twin" scenes (shapes data), each pair once.
+    """
+
+    def __init__(self, root: str | Path, split: str | list[str], image_dir: str | Path | None = None,
+                 json_name: str = "dataset.json"):
+        self.root = Path(root)
+        image_dir = Path(image_dir) if image_dir else self.root / "images"
+        splits = [split] if isinstance(split, str) else list(split)
+        data = read_karpathy_json(self.root / json_name)
+        self.images: list[ImageRecord] = []
+        self.captions: list[str] = []
+        self.txt_to_img: list[int] = []
+        id_to_index: dict = {}
+        twin_of: dict = {}
+        for entry in data["images"]:
+            if entry.get("split") not in splits:
+                continue
+            rec = self._record(entry, image_dir)
+            i = len(self.images)
+            for sent in entry.get("sentences", []):
+                raw = sent.get("raw") if isinstance(sent, dict) else sent
+                if not isinstance(raw, str) or not raw.strip():
+                    raise DataError(f"empty caption for image {rec.path.name} (imgid {rec.imgid}) in {json_name}")
+                rec.caption_ids.append(len(self.captions))
+                self.captions.append(raw.strip())
+                self.txt_to_img.append(i)
+            if not rec.caption_ids:
+                raise DataError(f"image {rec.path.name} (imgid {rec.imgid}) has no captions in {json_name}")
+            if rec.imgid in id_to_index:
+                raise DataError(f"duplicate imgid {rec.imgid} in {json_name}")
+            id_to_index[rec.imgid] = i
+            if "twin" in entry:
+                twin_of[i] = entry["twin"]
+            self.images.append(rec)
+        if not self.images:
+            raise DataError(f"split {'+'.join(splits)!r} of {self.root / json_name} has no images")
+        missing = [r.path for r in self.images if not r.path.is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} image file(s) of split {'+'.join(splits)} missing, first: {missing[0]}")
+        self.twins = sorted({tuple(sorted((i, id_to_index[t]))) for i, t in twin_of.items() if t in id_to_index})
+
+    @staticmethod
+    def _record(entry: dict, image_dir: Path) -> ImageRecord:
+        if "filename" not in entry:
+            raise DataError(f"image entry without 'filename': {str(entry)[:80]}")
+        # COCO's Karpathy file stores the folder (train2014/val2014) in "filepath".
+        path = image_dir / entry.get("filepath", "") / entry["filename"]
+        return ImageRecord(path=path, imgid=entry.get("imgid", entry.get("cocoid", entry["filename"])),
+                           boxes=entry.get("boxes"))
+
+    @property
+    def img_to_txt(self) -> list[list[int]]:
+        return [r.caption_ids for r in self.images]
+
+    def __repr__(self) -> str:
+        return f"ImageCaptionDataset({self.root}, {len(self.images)} images, {len(self.captions)} captions)"
+
+
+class ImageView(Dataset):
+    """Item i: {"image": (3, S, S), "image_idx": i[, "boxes": (K, 4)]}."""
+
+    def __init__(self, ds: ImageCaptionDataset, transform, max_boxes: int = 0):
+        self.ds, self.transform, self.max_boxes = ds, transform, max_boxes
+
+    def __len__(self) -> int:
+        return len(self.ds.images)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.ds.images[i]
+        boxes = rec.boxes[: self.max_boxes] if (self.max_boxes and rec.boxes) else None
+        image, boxes = apply_transform(self.transform, load_image(rec.path), boxes)
+        item = {"image": image, "image_idx": i}
+        if self.max_boxes:
+            item["boxes"] = boxes if boxes is not None else torch.zeros(0, 4)
+        return item
+
+
+class CaptionView(Dataset):
+    """Item t: {"input_ids": list[int], "text_idx": t, "image_idx": its image}."""
+
+    def __init__(self, ds: ImageCaptionDataset, tokenizer: CaptionTokenizer):
+        self.ds = ds
+        self.ids = tokenizer.encode_batch(ds.captions)  # tokenised once: captions are tiny
+
+    def __len__(self) -> int:
+        return len(self.ds.captions)
+
+    def __getitem__(self, t: int) -> dict:
+        return {"input_ids": self.ids[t], "text_idx": t, "image_idx": self.ds.txt_to_img[t]}
+
+
+class PairView(Dataset):
+    """Training pairs, one per caption: the image item and the caption item merged.
+
+    Indices may come as (t, seed) from `EpochSampler`: the augmentation of that item then draws from
+    its own generator, so a run resumed mid-epoch or with other worker counts sees identical crops.
+    """
+
+    def __init__(self, ds: ImageCaptionDataset, tokenizer: CaptionTokenizer, transform, max_boxes: int = 0):
+        self.images = ImageView(ds, transform, max_boxes)
+        self.captions = CaptionView(ds, tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        t, seed = index if isinstance(index, tuple) else (index, None)
+        cap = self.captions[t]
+        if seed is None:
+            return {**self.images[cap["image_idx"]], **cap}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return {**self.images[cap["image_idx"]], **cap}

@@ -1,0 +1,62 @@
+"""Word-level caption tokenizer (Hugging Face `tokenizers`), trained on the training captions and saved
+with every run as tokenizer.json, so a checkpoint carries the exact vocabulary it was trained with.
+
+Ids: 0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], 4 [MASK]; words start at 5. Encoded captions hold words only:
+models that want a [CLS] token prepend it themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
+
+
+class CaptionTokenizer:
+    """Lower-cases, splits words from punctuation, maps words to ids; truncates to `max_words`."""
+
+    def __init__(self, tokenizer: Tokenizer, max_words: int = 32):
+        self.tokenizer = tokenizer
+        self.max_words = max_words
+
+    @classmethod
+    def train(cls, captions: Iterable[str], min_freq: int = 1, max_words: int = 32) -> CaptionTokenizer:
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation as separate tokens
+        trainer = trainers.WordLevelTrainer(min_frequency=min_freq, special_tokens=SPECIAL_TOKENS, show_progress=False)
+        tok.train_from_iterator(captions, trainer=trainer)
+        return cls(tok, max_words)
+
+    @classmethod
+    def from_str(cls, json_str: str, max_words: int = 32) -> CaptionTokenizer:
+        return cls(Tokenizer.from_str(json_str), max_words)
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_words: int = 32) -> CaptionTokenizer:
+        return cls(Tokenizer.from_file(str(path)), max_words)
+
+    def to_str(self) -> str:
+        return self.tokenizer.to_str()
+
+    def save(self, path: str | Path) -> None:
+        self.tokenizer.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """One caption -> word ids (at least one: an empty string maps to [UNK])."""
+        ids = self.tokenizer.encode(text).ids[: self.max_words]
+        return ids or [UNK_ID]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [(e.ids[: self.max_words] or [UNK_ID]) for e in self.tokenizer.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i != PAD_ID])

@@ -1,0 +1,50 @@
+"""Image loading and torchvision transforms v2 pipelines for training and evaluation.
+
+Boxes travel with the image as `tv_tensors.BoundingBoxes`, so crops and resizes move them too.
+There is no horizontal flip: captions say "left of" and "right of".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from crossmatch.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Decode an image file to a (3, H, W) uint8 RGB tensor; a missing or corrupt file is a DataError."""
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except FileNotFoundError as err:
+        raise DataError(f"image not found: {path}") from err
+    except (RuntimeError, ValueError) as err:
+        raise DataError(f"cannot decode image {path}: {str(err).splitlines()[0] if str(err) else 'corrupt'}") from err
+
+
+def build_image_transform(image_size: int, train: bool, augment: bool = True) -> v2.Compose:
+    """(3, H, W) uint8 [+ boxes] -> (3, S, S) float normalised [+ boxes in the new pixel frame]."""
+    if train and augment:
+        # Mild crops only: a large crop could cut an object out of the scene its caption describes.
+        geometry = [v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)]
+    else:
+        geometry = [v2.Resize((image_size, image_size), antialias=True)]
+    return v2.Compose(
+        [*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+
+
+def apply_transform(transform: v2.Compose, image: torch.Tensor, boxes: list[list[float]] | None):
+    """Run `transform` on an image and its (K, 4) xyxy pixel boxes together. Returns (image, boxes or None)."""
+    if not boxes:
+        return transform(image), None
+    bb = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
+    out_image, out_boxes = transform(image, bb)
+    return out_image, out_boxes.as_subclass(torch.Tensor).float()

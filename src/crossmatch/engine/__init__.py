@@ -1,0 +1,1 @@
+"""Training engine: Trainer loop, checkpoints, optimisers, logging, distributed helpers."""

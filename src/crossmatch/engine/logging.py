@@ -1,0 +1,66 @@
+"""Two logging channels: text through `logging` (console + the run's train.log, quiet on non-main
+ranks) and scalars through `MetricLogger` (TensorBoard, one writer per split so that train and val
+curves of the same tag share a chart, plus a metrics.jsonl file)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(run_dir: str | Path | None = None, is_main: bool = True, level: int = logging.INFO) -> None:
+    """Console + `run_dir/train.log` on the main rank; warnings only elsewhere."""
+    root = logging.getLogger("crossmatch")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.setLevel(level if is_main else logging.WARNING)
+    root.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if run_dir is not None and is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(run_dir) / "train.log")
+        fh.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(fh)
+
+
+class MetricLogger:
+    """`log(metrics, step, split)` -> TensorBoard `run_dir/tb/{split}` and `run_dir/metrics.jsonl`."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.tensorboard = tensorboard
+        self._writers: dict = {}
+
+    def _writer(self, split: str):
+        if split not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[split] = SummaryWriter(str(self.run_dir / "tb" / split))
+        return self._writers[split]
+
+    def log(self, metrics: dict[str, float], step: int, split: str = "train") -> None:
+        if not self.enabled:
+            return
+        if self.tensorboard:
+            w = self._writer(split)
+            for k, v in metrics.items():
+                w.add_scalar(k, v, step)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"split": split, "step": step, **metrics}) + "\n")
+
+    def flush(self) -> None:
+        for w in self._writers.values():
+            w.flush()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()

@@ -1,0 +1,1 @@
+"""Retrieval evaluation: encode, score all pairs in chunks, measure; galleries."""

@@ -1,0 +1,40 @@
+"""Hinge triplet ranking loss of VSE++ (Faghri et al., BMVC 2018), also used by SCAN.
+
+Given the batch score matrix S (B_img, B_txt) of images against captions, with `positive[i, t]` True
+where caption t describes image i:
+    cost_txt[i, t] = clamp(margin + S[i, t] - S_pos(t), 0)   image i as a negative for caption t
+    cost_img[i, t] = clamp(margin + S[i, t] - S_pos(i), 0)   caption t as a negative for image i
+with positives masked out (several captions of one image in a batch are not negatives of each other).
+The loss sums all violations, or with max_violation keeps only the hardest negative of each query.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class TripletLoss(nn.Module):
+    def __init__(self, margin: float = 0.2, max_violation: bool = True):
+        super().__init__()
+        self.margin = margin
+        self.max_violation = max_violation
+
+    def forward(self, scores: Tensor, image_ids: Tensor) -> Tensor:
+        """Hinge loss for a batch of B (image, caption) pairs.
+
+        Args:
+            scores: (B, B) score of image i (row) with caption t (column); pair b is (image b, caption b).
+            image_ids: (B,) dataset index of each pair's image; pairs with the same id are positives.
+        Returns:
+            Scalar loss, summed over the batch (the VSE++ convention).
+        """
+        pos = scores.diagonal()  # (B,) score of each pair
+        positive = image_ids[:, None] == image_ids[None, :]  # (B, B) True where row and column share an image
+        # Caption t against every image i: violation if a wrong image beats t's own image.
+        cost_img = (self.margin + scores - pos[None, :]).clamp(min=0).masked_fill(positive, 0)  # (B, B)
+        # Image i against every caption t: violation if a wrong caption beats i's own caption.
+        cost_txt = (self.margin + scores - pos[:, None]).clamp(min=0).masked_fill(positive, 0)  # (B, B)
+        if self.max_violation:
+            return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum()
+        return cost_img.sum() + cost_txt.sum()
+

@@ -1,0 +1,94 @@
+"""VSE++ dual encoder (Faghri et al., BMVC 2018): an image tower and a GRU text tower that map both
+modalities to one l2-normalised embedding space; the score of a pair is the cosine of its embeddings.
+
+Legend: B batch, C channels, L tokens, D GRU width, E embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
+from crossmatch.models.registry import build_config, register_model
+
+
+@dataclass
+class DualEncoderConfig:
+    vocab_size: int = 1000  # set at build time from the tokenizer
+    image_tower: str = "cnn"  # cnn (the classic small CNN) | resnet18 | resnet50
+    pretrained: bool = False  # ImageNet weights for the ResNet towers (needs internet the first time)
+    cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN conv widths
+    image_size: int = 64  # input side; fixes the SmallCNN flatten size
+    word_dim: int = 300  # word embedding width
+    text_hidden: int = 1024  # GRU width
+    bidirectional: bool = False  # bi-GRU (the two directions are averaged)
+    embed_dim: int = 1024  # joint embedding width E
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers to l2-normalised (B, E) embeddings; score = cosine similarity."""
+
+    def __init__(self, cfg: DualEncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.image_tower = build_image_tower(cfg.image_tower, cfg.pretrained, cfg.cnn_channels)
+        if cfg.image_tower == "cnn":
+            # The classic toy setup flattens the whole last map; its size follows from the input side.
+            with torch.no_grad():
+                n_flat = self.image_tower(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).numel()
+            self.image_pool = nn.Flatten(1)
+        else:
+            n_flat = self.image_tower.out_channels
+            self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.image_proj = nn.Linear(n_flat, cfg.embed_dim)
+        self.text_tower = GRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.text_hidden, cfg.bidirectional)
+        self.text_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim)
+
+    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["image"] (B, 3, H, W) -> {"embed": (B, E)} l2-normalised."""
+        fmap = self.image_tower(batch["image"])  # (B, C, h, w)
+        return {"embed": l2norm(self.image_proj(self.image_pool(fmap)))}  # (B, E)
+
+    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
+        _, sentence = self.text_tower(batch["input_ids"], batch["attention_mask"])  # (B, D)
+        return {"embed": l2norm(self.text_proj(sentence))}  # (B, E)
+
+    def similarity(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
+        """All pairs: (N_img, E) x (N_txt, E) -> (N_img, N_txt) cosine scores."""
+        return img["embed"] @ txt["embed"].t()
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        img, txt = self.encode_image(batch), self.encode_text(batch)
+        return {"image_embed": img["embed"], "text_embed": txt["embed"], "scores": self.similarity(img, txt)}
+
+
+def _dual(defaults: dict, overrides: dict) -> DualEncoder:
+    return DualEncoder(build_config(DualEncoderConfig, defaults, overrides))
+
+
+@register_model
+def vse_cnn(**overrides) -> DualEncoder:
+    """VSE++ with the classic small CNN and a GRU: the default for the shapes dataset on CPU."""
+    return _dual({"text_hidden": 512, "embed_dim": 512}, overrides)
+
+
+@register_model
+def vse_resnet18(**overrides) -> DualEncoder:
+    return _dual({"image_tower": "resnet18"}, overrides)
+
+
+@register_model
+def vse_resnet50(**overrides) -> DualEncoder:
+    """The VSE++ paper's ResNet-152 setting, with the ResNet-50 torchvision ships."""
+    return _dual({"image_tower": "resnet50"}, overrides)
+
+
+@register_model
+def tiny_vse(**overrides) -> DualEncoder:
+    """A few thousand parameters, for tests."""
+    return _dual({"cnn_channels": (4, 4, 8), "image_size": 32, "word_dim": 8, "text_hidden": 16, "embed_dim": 16},
+                 overrides)

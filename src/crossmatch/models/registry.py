@@ -1,0 +1,55 @@
+"""Model registry: `@register_model` on a function that returns `Model(Config(...))`, and one short
+`create_model(name, **overrides)` that builds any registered variant."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from crossmatch.errors import ModelError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register `fn(**overrides) -> nn.Module` under its function name."""
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"model {fn.__name__!r} is registered twice")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Sorted names of the registered models that contain `pattern`."""
+    _import_families()
+    return sorted(n for n in _MODELS if pattern in n)
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the registered model `name`; `overrides` replace fields of its config (None is ignored).
+
+    Raises:
+        ModelError: unknown name, or an override that is not a field of the model's config.
+    """
+    _import_families()
+    if name not in _MODELS:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return _MODELS[name](**overrides)
+
+
+def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str, Any]):
+    """`config_cls(**defaults)` with `overrides` applied; unknown keys raise a ModelError naming them."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ModelError(f"unknown key(s) for {config_cls.__name__}: {', '.join('model.' + k for k in unknown)}")
+    return config_cls(**{**defaults, **overrides})
+
+
+def _import_families() -> None:
+    # Importing the family modules runs their @register_model decorators.
+    import crossmatch.models  # noqa: F401
