@@ -68,6 +68,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     keep_last: int = 3  # per-epoch checkpoints kept besides last.pt and best.pt
+    every_steps: int = 0  # also refresh last.pt every this many optimizer steps (0: only at epoch ends)
 
 
 @dataclass

@@ -30,8 +30,14 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join([*rows, tail])
 
 
-def run_evaluate(checkpoint: str, split: str = "test", json_path: str | None = None, overrides=(),
-                 folds: int = 1, progress: bool = True) -> dict[str, float]:
+def run_evaluate(
+    checkpoint: str,
+    split: str = "test",
+    json_path: str | None = None,
+    overrides=(),
+    folds: int = 1,
+    progress: bool = True,
+) -> dict[str, float]:
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     dist = init_distributed()
     model.to(dist.device)
@@ -48,8 +54,15 @@ def run_evaluate(checkpoint: str, split: str = "test", json_path: str | None = N
 
 
 @torch.no_grad()
-def run_search(checkpoint: str, query: str | None = None, image: str | None = None, top_k: int = 10,
-               out: str | None = None, split: str = "test", overrides=()) -> list[tuple[int, float]]:
+def run_search(
+    checkpoint: str,
+    query: str | None = None,
+    image: str | None = None,
+    top_k: int = 10,
+    out: str | None = None,
+    split: str = "test",
+    overrides=(),
+) -> list[tuple[int, float]]:
     """Text -> the split's images (and a gallery PNG with --out), or an image file -> the split's captions."""
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     dist = init_distributed()

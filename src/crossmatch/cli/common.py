@@ -43,8 +43,9 @@ def needs_boxes(model: nn.Module) -> int:
 def build_eval_data(cfg: RunConfig, ds: ImageCaptionDataset, tokenizer: CaptionTokenizer, model: nn.Module) -> EvalData:
     transform = build_image_transform(cfg.data.image_size, train=False)
     return EvalData(
-        image_loader=build_eval_loader(ImageView(ds, transform, needs_boxes(model)), cfg.eval.batch_size,
-                                       cfg.data.num_workers),
+        image_loader=build_eval_loader(
+            ImageView(ds, transform, needs_boxes(model)), cfg.eval.batch_size, cfg.data.num_workers
+        ),
         text_loader=build_eval_loader(CaptionView(ds, tokenizer), cfg.eval.batch_size, cfg.data.num_workers),
         txt_to_img=torch.tensor(ds.txt_to_img),
         twins=ds.twins,
@@ -64,6 +65,8 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.M
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit model {cfg.model['name']}: "
-                              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from err
+        raise CheckpointError(
+            f"{path}: weights do not fit model {cfg.model['name']}: "
+            f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
+        ) from err
     return model.eval(), cfg, tokenizer

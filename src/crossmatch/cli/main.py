@@ -12,6 +12,7 @@ from pathlib import Path
 
 from crossmatch.errors import CrossmatchError
 
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossmatch", description="Image-text matching: train, evaluate, search.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,8 +60,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "data":
         from crossmatch.data.shapes import generate_shapes
 
-        path = generate_shapes(args.out, args.train, args.val, args.test, seed=args.seed, size=args.size,
-                               progress=sys.stderr.isatty())
+        path = generate_shapes(
+            args.out, args.train, args.val, args.test, seed=args.seed, size=args.size, progress=sys.stderr.isatty()
+        )
         print(f"wrote {path}")
     elif args.command == "train":
         from crossmatch.cli.train import run_train
@@ -69,8 +71,10 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
         state = run_train(cfg, run_dir, resume=args.resume)
-        print(f"done: best val {cfg.eval.metric} {state.best_metric:.2f} at epoch {state.best_epoch}; "
-              f"checkpoints in {Path(run_dir) / 'checkpoints'}")
+        print(
+            f"done: best val {cfg.eval.metric} {state.best_metric:.2f} at epoch {state.best_epoch}; "
+            f"checkpoints in {Path(run_dir) / 'checkpoints'}"
+        )
     elif args.command == "evaluate":
         from crossmatch.cli.commands import run_evaluate
 

@@ -45,11 +45,13 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
     pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model))
-    loader = build_train_loader(pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank,
-                                dist.world_size)
+    loader = build_train_loader(
+        pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
+    )
     if len(loader) == 0:
-        raise DataError(f"the train split has {len(pairs)} captions, fewer than one batch "
-                        f"(train.batch_size={cfg.train.batch_size})")
+        raise DataError(
+            f"the train split has {len(pairs)} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
+        )
     optimizer = create_optimizer(task, cfg.train)
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
     scheduler = create_scheduler(optimizer, cfg.train, steps)
@@ -59,9 +61,21 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
         return evaluate_retrieval(m, val_data, dist.device, cfg.eval.chunk_size)
 
     extra = {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()}
-    return Trainer(task, optimizer, scheduler, loader, evaluator, Checkpointer(run_dir, cfg.checkpoint.keep_last,
-                   dist.is_main), MetricLogger(run_dir, enabled=dist.is_main), cfg.train, dist, extra,
-                   metric=cfg.eval.metric, eval_every=cfg.eval.every_epochs)
+    return Trainer(
+        task,
+        optimizer,
+        scheduler,
+        loader,
+        evaluator,
+        Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main),
+        MetricLogger(run_dir, enabled=dist.is_main),
+        cfg.train,
+        dist,
+        extra,
+        metric=cfg.eval.metric,
+        eval_every=cfg.eval.every_epochs,
+        save_every_steps=cfg.checkpoint.every_steps,
+    )
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -95,10 +109,16 @@ def run_train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Trai
         CaptionTokenizer.from_str(trainer.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
     if latest is not None:
         trainer.load_state_dict(latest[0])
-        log.info("resumed from %s at epoch %d, step %d", latest[1], trainer.state.epoch + 1,
-                 trainer.state.step_in_epoch)
-    log.info("training %s: %d epochs x %d steps, run dir %s", cfg.model["name"], cfg.train.epochs,
-             trainer.steps_per_epoch, run_dir)
+        log.info(
+            "resumed from %s at epoch %d, step %d", latest[1], trainer.state.epoch + 1, trainer.state.step_in_epoch
+        )
+    log.info(
+        "training %s: %d epochs x %d steps, run dir %s",
+        cfg.model["name"],
+        cfg.train.epochs,
+        trainer.steps_per_epoch,
+        run_dir,
+    )
     try:
         return trainer.fit()
     finally:

@@ -51,8 +51,13 @@ class ImageCaptionDataset:
         twins: (i, j) index pairs of "twin" scenes (shapes data), each pair once.
     """
 
-    def __init__(self, root: str | Path, split: str | list[str], image_dir: str | Path | None = None,
-                 json_name: str = "dataset.json"):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | list[str],
+        image_dir: str | Path | None = None,
+        json_name: str = "dataset.json",
+    ):
         self.root = Path(root)
         image_dir = Path(image_dir) if image_dir else self.root / "images"
         splits = [split] if isinstance(split, str) else list(split)
@@ -95,8 +100,9 @@ class ImageCaptionDataset:
             raise DataError(f"image entry without 'filename': {str(entry)[:80]}")
         # COCO's Karpathy file stores the folder (train2014/val2014) in "filepath".
         path = image_dir / entry.get("filepath", "") / entry["filename"]
-        return ImageRecord(path=path, imgid=entry.get("imgid", entry.get("cocoid", entry["filename"])),
-                           boxes=entry.get("boxes"))
+        return ImageRecord(
+            path=path, imgid=entry.get("imgid", entry.get("cocoid", entry["filename"])), boxes=entry.get("boxes")
+        )
 
     @property
     def img_to_txt(self) -> list[list[int]]:

@@ -71,12 +71,22 @@ class EpochSampler(Sampler):
             yield mine[pos], base + pos * self.world_size + self.rank
 
 
-def build_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0,
-                       world_size: int = 1) -> DataLoader:
+def build_train_loader(
+    dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1
+) -> DataLoader:
     """Per-rank batches of `batch_size`; the last incomplete batch is dropped (hinge losses need negatives)."""
     sampler = EpochSampler(len(dataset), seed, rank, world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
-                      num_workers=num_workers, persistent_workers=False)
+    # A private generator: creating an iterator must not consume the global torch RNG, whose state the
+    # checkpoint restores (a resumed run creates its iterator at another moment than the original).
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        drop_last=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from crossmatch.errors import DataError
 
@@ -22,10 +23,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def load_image(path: str | Path) -> torch.Tensor:
     """Decode an image file to a (3, H, W) uint8 RGB tensor; a missing or corrupt file is a DataError."""
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        with Image.open(path) as im:
+            return pil_to_tensor(im.convert("RGB"))
     except FileNotFoundError as err:
         raise DataError(f"image not found: {path}") from err
-    except (RuntimeError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot decode image {path}: {str(err).splitlines()[0] if str(err) else 'corrupt'}") from err
 
 
@@ -36,9 +38,7 @@ def build_image_transform(image_size: int, train: bool, augment: bool = True) ->
         geometry = [v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)]
     else:
         geometry = [v2.Resize((image_size, image_size), antialias=True)]
-    return v2.Compose(
-        [*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+    return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def apply_transform(transform: v2.Compose, image: torch.Tensor, boxes: list[list[float]] | None):

@@ -39,8 +39,9 @@ def init_distributed(device: str = "auto", timeout_s: int = 300) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
     return DistInfo(rank, local_rank, world_size, dev)
 
 

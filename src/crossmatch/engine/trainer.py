@@ -23,8 +23,8 @@ from crossmatch.config import TrainConfig
 from crossmatch.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
-from crossmatch.evaluation.evaluate import to_device
 from crossmatch.errors import CrossmatchError
+from crossmatch.evaluation.evaluate import to_device
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,27 @@ class TrainState:
 class Trainer:
     """fit() = for each epoch: train (train mode), validate (eval mode, no grad), checkpoint."""
 
-    def __init__(self, task: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, train_loader: DataLoader,
-                 evaluator: Callable[[nn.Module], dict[str, float]] | None, checkpointer: Checkpointer,
-                 metric_logger: MetricLogger, cfg: TrainConfig, dist: DistInfo, extra_state: dict | None = None,
-                 metric: str = "rsum", eval_every: int = 1):
+    def __init__(
+        self,
+        task: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        train_loader: DataLoader,
+        evaluator: Callable[[nn.Module], dict[str, float]] | None,
+        checkpointer: Checkpointer,
+        metric_logger: MetricLogger,
+        cfg: TrainConfig,
+        dist: DistInfo,
+        extra_state: dict | None = None,
+        metric: str = "rsum",
+        eval_every: int = 1,
+        save_every_steps: int = 0,
+    ):
         self.task, self.optimizer, self.scheduler = task, optimizer, scheduler
         self.train_loader, self.evaluator = train_loader, evaluator
         self.checkpointer, self.metric_logger = checkpointer, metric_logger
         self.cfg, self.dist, self.metric, self.eval_every = cfg, dist, metric, eval_every
+        self.save_every_steps = save_every_steps  # 0: checkpoints at epoch ends only
         self.extra_state = extra_state or {}  # config, tokenizer: saved with every checkpoint
         self.state = TrainState()
         self.model = task.model
@@ -95,23 +108,34 @@ class Trainer:
         sampler = self.train_loader.sampler
         sampler.set_epoch(s.epoch, start=s.step_in_epoch * self.train_loader.batch_size)
         n_steps = self.steps_per_epoch
-        bar = tqdm(total=n_steps, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}/{self.cfg.epochs}",
-                   disable=not (self.dist.is_main and _isatty()), leave=False)
+        bar = tqdm(
+            total=n_steps,
+            initial=s.step_in_epoch,
+            desc=f"epoch {s.epoch + 1}/{self.cfg.epochs}",
+            disable=not (self.dist.is_main and _isatty()),
+            leave=False,
+        )
         t0 = time.perf_counter()
-        for batch in self.train_loader:
-            if s.step_in_epoch >= n_steps:
-                break
-            logs = self.train_step(batch)
+        batches = iter(self.train_loader)
+        while s.step_in_epoch < n_steps:
+            logs = self.train_step(next(batches))
             s.step_in_epoch += 1
             s.global_step += 1
+            if self.save_every_steps and s.global_step % self.save_every_steps == 0 and s.step_in_epoch < n_steps:
+                self.checkpointer.save(self.state_dict())  # mid-epoch: last.pt only
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
             if s.global_step % self.cfg.log_every == 0 or s.step_in_epoch == n_steps:
                 logs["lr"] = self.optimizer.param_groups[0]["lr"]
                 logs["steps_per_s"] = s.step_in_epoch / max(1e-9, time.perf_counter() - t0)
                 self.metric_logger.log(logs, s.global_step, "train")
-                log.info("epoch %d step %d/%d %s", s.epoch + 1, s.step_in_epoch, n_steps,
-                         " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+                log.info(
+                    "epoch %d step %d/%d %s",
+                    s.epoch + 1,
+                    s.step_in_epoch,
+                    n_steps,
+                    " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
+                )
         bar.close()
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -121,8 +145,10 @@ class Trainer:
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(f"non-finite loss at epoch {self.state.epoch + 1} step "
-                                     f"{self.state.step_in_epoch + 1} ({terms}); last good checkpoint kept")
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {self.state.epoch + 1} step "
+                f"{self.state.step_in_epoch + 1} ({terms}); last good checkpoint kept"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
@@ -143,8 +169,14 @@ class Trainer:
             if is_best:
                 s.best_metric, s.best_epoch = value, s.epoch + 1
             self.metric_logger.log(metrics, s.global_step, "val")
-            log.info("epoch %d val %s=%.2f (best %.2f at epoch %d)", s.epoch + 1, self.metric, value,
-                     s.best_metric, s.best_epoch)
+            log.info(
+                "epoch %d val %s=%.2f (best %.2f at epoch %d)",
+                s.epoch + 1,
+                self.metric,
+                value,
+                s.best_metric,
+                s.best_epoch,
+            )
         epoch_done = s.epoch + 1
         s.epoch, s.step_in_epoch = epoch_done, 0
         self.checkpointer.save(self.state_dict(), epoch_tag=epoch_done, is_best=is_best)

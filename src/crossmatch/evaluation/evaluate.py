@@ -57,8 +57,9 @@ def slice_features(feats: dict[str, Tensor], index: slice | Tensor) -> dict[str,
 
 
 @torch.no_grad()
-def score_all_pairs(model: nn.Module, img: dict[str, Tensor], txt: dict[str, Tensor], chunk_size: int = 512,
-                    progress: bool = False) -> Tensor:
+def score_all_pairs(
+    model: nn.Module, img: dict[str, Tensor], txt: dict[str, Tensor], chunk_size: int = 512, progress: bool = False
+) -> Tensor:
     """(N_img, N_txt) float32 score matrix on the CPU, computed in blocks of `chunk_size` images so
     that only one (chunk, N_txt) block of model-side intermediates lives at a time."""
     n_img = next(iter(img.values())).shape[0]
@@ -70,8 +71,9 @@ def score_all_pairs(model: nn.Module, img: dict[str, Tensor], txt: dict[str, Ten
 
 
 @torch.no_grad()
-def compute_scores(model: nn.Module, data: EvalData, device: torch.device, chunk_size: int = 512,
-                   progress: bool = False) -> Tensor:
+def compute_scores(
+    model: nn.Module, data: EvalData, device: torch.device, chunk_size: int = 512, progress: bool = False
+) -> Tensor:
     """Encode the split and score every pair: (N_img, N_txt)."""
     was_training = model.training
     model.eval()
@@ -91,8 +93,14 @@ def metrics_from_scores(scores: Tensor, data: EvalData, folds: int = 1) -> dict[
     return metrics
 
 
-def evaluate_retrieval(model: nn.Module, data: EvalData, device: torch.device, chunk_size: int = 512,
-                       folds: int = 1, progress: bool = False) -> dict[str, float]:
+def evaluate_retrieval(
+    model: nn.Module,
+    data: EvalData,
+    device: torch.device,
+    chunk_size: int = 512,
+    folds: int = 1,
+    progress: bool = False,
+) -> dict[str, float]:
     """Encode, score and measure one split. Returns the dict of `crossmatch.metrics.retrieval_metrics`
     (plus `twin_acc` when the split has twins)."""
     scores = compute_scores(model, data, device, chunk_size, progress)

@@ -15,8 +15,9 @@ THUMB = 128  # thumbnail side in pixels
 LABEL_H = 18  # caption strip under each thumbnail
 
 
-def draw_gallery(query: str, images: list[torch.Tensor], scores: list[float], is_match: list[bool],
-                 out: str | Path, ncol: int = 5) -> Path:
+def draw_gallery(
+    query: str, images: list[torch.Tensor], scores: list[float], is_match: list[bool], out: str | Path, ncol: int = 5
+) -> Path:
     """Write the gallery PNG.
 
     Args:

@@ -37,4 +37,3 @@ class TripletLoss(nn.Module):
         if self.max_violation:
             return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum()
         return cost_img.sum() + cost_txt.sum()
-

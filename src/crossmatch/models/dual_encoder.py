@@ -90,5 +90,6 @@ def vse_resnet50(**overrides) -> DualEncoder:
 @register_model
 def tiny_vse(**overrides) -> DualEncoder:
     """A few thousand parameters, for tests."""
-    return _dual({"cnn_channels": (4, 4, 8), "image_size": 32, "word_dim": 8, "text_hidden": 16, "embed_dim": 16},
-                 overrides)
+    return _dual(
+        {"cnn_channels": (4, 4, 8), "image_size": 32, "word_dim": 8, "text_hidden": 16, "embed_dim": 16}, overrides
+    )

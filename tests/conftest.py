@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny shapes dataset generated once per session, and CPU-only, single-thread torch
+(the CI machine has 2 cores; tiny models run faster without thread hand-offs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """40 train / 12 val / 12 test images at 32 px, 5 captions each."""
+    from crossmatch.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, n_train=40, n_val=12, n_test=12, seed=1, size=32, workers=1)
+    return root
+
+
+@pytest.fixture
+def shapes_copy(shapes_root, tmp_path) -> Path:
+    """A private copy that a test may damage."""
+    dst = tmp_path / "shapes"
+    shutil.copytree(shapes_root, dst)
+    return dst
+
+
+def write_karpathy(root: Path, entries: list[dict], size: int = 16) -> Path:
+    """A hand-made Karpathy-split dataset: entries are {"split", "captions"} dicts; images are flat colours."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, sentid = [], 0
+    for i, e in enumerate(entries):
+        name = f"{i:03d}.png"
+        Image.new("RGB", (size, size), (10 * i % 255, 80, 160)).save(root / "images" / name)
+        sents = [{"raw": c, "tokens": c.split(), "imgid": i, "sentid": sentid + k} for k, c in enumerate(e["captions"])]
+        sentid += len(sents)
+        images.append(
+            {
+                "filename": name,
+                "imgid": i,
+                "split": e["split"],
+                "sentences": sents,
+                "sentids": [s["sentid"] for s in sents],
+                **({"twin": e["twin"]} if "twin" in e else {}),
+            }
+        )
+    (root / "dataset.json").write_text(json.dumps({"dataset": "hand", "images": images}))
+    return root

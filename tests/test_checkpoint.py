@@ -1,0 +1,115 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from crossmatch.cli.train import run_train
+from crossmatch.config import load_config
+from crossmatch.engine.checkpoint import Checkpointer, atomic_save, load_checkpoint, rng_state, set_rng_state
+from crossmatch.errors import CheckpointError
+
+
+def tiny_cfg(root, *extra):
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.image_size=32",
+            "model.name=tiny_vse",
+            "train.batch_size=16",
+            "train.max_steps_per_epoch=4",
+            "train.log_every=2",
+            "eval.batch_size=32",
+            *extra,
+        ],
+    )
+
+
+def weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def test_atomic_save_round_trip_and_rng(tmp_path):
+    state = {"model": {"w": torch.arange(3.0)}, "rng": rng_state(), "note": "x"}
+    atomic_save(state, tmp_path / "a.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp file left behind
+    back = load_checkpoint(tmp_path / "a.pt")
+    assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["note"] == "x"
+    expected = torch.rand(3)
+    set_rng_state(back["rng"])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_truncated_checkpoint_is_reported_and_older_one_used(tmp_path, caplog):
+    ck = Checkpointer(tmp_path, keep_last=2)
+    ck.save({"model": {"w": torch.ones(2)}}, epoch_tag=1)
+    ck.save({"model": {"w": torch.full((2,), 2.0)}}, epoch_tag=2)
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])  # a crash that truncated the newest file
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(last)
+    ckpt, path = ck.load_latest()
+    assert path.name == "epoch_0002.pt" and ckpt["model"]["w"].tolist() == [2.0, 2.0]
+    assert "truncated or corrupt" in caplog.text
+
+
+def test_keep_last_prunes_epoch_files(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2)
+    for e in range(1, 5):
+        ck.save({"model": {}}, epoch_tag=e, is_best=e == 2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best.pt", "epoch_0003.pt", "epoch_0004.pt", "last.pt"]
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Boom()}, path)  # pickles os.system
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+    path.write_bytes(pickle.dumps({"model": Boom()}))  # a plain pickle, not even a torch zip
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_an_epoch_gives_identical_weights(shapes_root, tmp_path):
+    run_train(tiny_cfg(shapes_root, "train.epochs=2"), tmp_path / "full")
+    run_train(tiny_cfg(shapes_root, "train.epochs=1"), tmp_path / "split")
+    state = run_train(tiny_cfg(shapes_root, "train.epochs=2"), tmp_path / "split", resume=True)
+    assert state.epoch == 2 and state.global_step == 8 and len(state.history) == 2
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_hist = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["trainer"]["history"]
+    assert full_hist == state.history
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_gives_identical_weights(shapes_root, tmp_path, monkeypatch):
+    run_train(tiny_cfg(shapes_root, "train.epochs=1"), tmp_path / "full")
+    from crossmatch.engine import trainer as trainer_mod
+
+    real_step, calls = trainer_mod.Trainer.train_step, []
+
+    def crash_after_three(self, batch):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for a kill between steps 3 and 4
+        calls.append(1)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1"), tmp_path / "cut")
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]["step_in_epoch"] == 3
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    run_train(tiny_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1"), tmp_path / "cut", resume=True)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)

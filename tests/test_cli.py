@@ -1,0 +1,122 @@
+"""The command line end to end on a tiny dataset: data -> train -> evaluate -> search, and clean errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from crossmatch.cli.main import main
+
+KEYS = "i2t_r1 i2t_r5 i2t_r10 i2t_medr i2t_meanr t2i_r1 t2i_r5 t2i_r10 t2i_medr t2i_meanr rsum".split()
+
+
+def train_args(root, run_dir, *extra):
+    return [
+        "train",
+        "configs/vse_shapes.yaml",
+        "--run-dir",
+        str(run_dir),
+        f"data.root={root}",
+        "data.image_size=32",
+        "model.name=tiny_vse",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.max_steps_per_epoch=3",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    root = tmp / "data"
+    assert (
+        main(["data", "shapes", "--out", str(root), "--train", "30", "--val", "10", "--test", "10", "--size", "32"])
+        == 0
+    )
+    assert main(train_args(root, tmp / "run")) == 0
+    return root, tmp / "run"
+
+
+@pytest.mark.slow
+def test_train_writes_the_run_folder(trained):
+    _, run = trained
+    for name in (
+        "config.yaml",
+        "tokenizer.json",
+        "train.log",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "checkpoints/epoch_0001.pt",
+        "checkpoints/epoch_0002.pt",
+    ):
+        assert (run / name).is_file(), name
+    assert {p.name for p in (run / "tb").iterdir()} == {"train", "val"}  # one writer per split, same tags
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert "val rsum=" in (run / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_evaluate_prints_a_table_and_writes_the_metrics(trained, tmp_path, capsys):
+    _, run = trained
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(run / "checkpoints" / "best.pt"), "--split", "test", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert KEYS == [k for k in metrics if k != "twin_acc"] and "twin_acc" in metrics
+    assert metrics["rsum"] == pytest.approx(sum(metrics[k] for k in KEYS if "_r" in k and "medr" not in k))
+    printed = capsys.readouterr().out
+    assert "R@1" in printed and f"rsum {metrics['rsum']:.2f}" in printed
+
+
+@pytest.mark.slow
+def test_search_both_directions_and_gallery(trained, tmp_path, capsys):
+    root, run = trained
+    caption = json.loads((root / "dataset.json").read_text())["images"][-1]["sentences"][0]["raw"]
+    gallery = tmp_path / "g.png"
+    assert (
+        main(
+            ["search", str(run / "checkpoints" / "best.pt"), "--query", caption, "--top-k", "4", "--out", str(gallery)]
+        )
+        == 0
+    )
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(lines) == 4
+    from PIL import Image
+
+    assert Image.open(gallery).size[0] > 4 * 128
+    image = sorted((root / "images").iterdir())[0]
+    assert main(["search", str(run / "checkpoints" / "best.pt"), "--image", str(image), "--top-k", "3"]) == 0
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["train.lrr=1"], "train.lrr"),
+        (["model.name=nope"], "unknown model 'nope'"),
+        (["model.embed_dimm=3"], "model.embed_dimm"),
+        (["data.root=/does/not/exist"], "dataset file not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, args, culprit):
+    root, _ = trained
+    assert main(train_args(root, tmp_path / "bad", *args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("crossmatch: error:") and culprit in err[0]
+
+
+def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["evaluate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x.pt" in err[0]
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "crossmatch", "--help"], capture_output=True, text=True, check=True)
+    assert all(cmd in out.stdout for cmd in ("data", "train", "evaluate", "search", "demo"))

@@ -1,0 +1,36 @@
+import pytest
+
+from crossmatch.config import apply_overrides, config_from_dict, config_to_dict, load_config
+from crossmatch.errors import ConfigError
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\nmodel:\n  name: tiny_vse\n  embed_dim: 8\n")
+    cfg = load_config(path, ["train.lr=0.01", "model.bidirectional=true", "data.root=/x"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.01 and cfg.data.root == "/x"
+    assert cfg.model == {"name": "tiny_vse", "embed_dim": 8, "bidirectional": True}
+    assert cfg.train.batch_size == 128  # untouched default
+
+
+@pytest.mark.parametrize(
+    "override, culprit", [("train.lrr=1", "train.lrr"), ("trian.lr=1", "trian"), ("train.epochs=many", "train.epochs")]
+)
+def test_bad_keys_and_types_name_the_culprit(override, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        load_config(None, [override])
+
+
+def test_override_without_equals_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_round_trip_through_a_plain_dict():
+    cfg = load_config(None, ["train.epochs=7", "model.name=tiny_vse"])
+    d = config_to_dict(cfg)
+    assert isinstance(d, dict) and d["train"]["epochs"] == 7
+    assert config_from_dict(d) == cfg
+    assert apply_overrides(cfg, ["train.epochs=2"]).train.epochs == 2 and cfg.train.epochs == 7
