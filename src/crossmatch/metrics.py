@@ -1,0 +1,287 @@
+"""Retrieval metrics as pure functions on score matrices.
+
+Protocols implemented (see FIELD.md, "Retrieval protocol"):
+
+- Image-text retrieval (Flickr30K, COCO 5K): i2t and t2i R@1/5/10, median and mean rank, rsum, with any
+  number of captions per image, given by an explicit `txt_to_img` map (`retrieval_metrics`).
+- COCO 1K: every metric averaged over consecutive image folds, rsum of the averages (`fold_metrics`).
+- Twin accuracy: does an image prefer its own captions to those of a near-duplicate twin (`twin_accuracy`).
+- Text-based person search (CUHK-PEDES, ICFG-PEDES, RSTPReid): CMC R@K, mAP and mINP with relevance by
+  identity (`person_search_metrics`).
+
+Ties are pessimistic everywhere: a non-matching candidate whose score equals the best positive is ranked
+ahead of it, so a model that outputs constant scores gets the worst rank, never a perfect one. Ranks are
+0-based. Inputs may be torch tensors or numpy arrays; work is done in torch on the scores' device, in
+chunks of rows or columns, so no extra memory of the size of the full matrix is needed.
+
+Legend: I images, T captions (texts), Q queries, G gallery items, C rows or columns in one chunk.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+Array = torch.Tensor | np.ndarray | Sequence
+DEFAULT_CHUNK = 256  # rows (i2t, person search) or columns (t2i) scored at once
+
+
+def _scores(scores: Array) -> torch.Tensor:
+    s = torch.as_tensor(scores).detach()
+    if s.ndim != 2:
+        raise ValueError(f"scores must be 2-D, got shape {tuple(s.shape)}")
+    if not s.is_floating_point():
+        s = s.double()  # masked_fill(-inf) needs a float dtype; float64 keeps integer scores exact
+    return s
+
+
+def _check_no_nan(block: torch.Tensor) -> None:
+    if torch.isnan(block).any():
+        raise ValueError("scores contain NaN; ranks would be undefined")
+
+
+def _txt_to_img(txt_to_img: Array, n_img: int, n_txt: int, device: torch.device) -> torch.Tensor:
+    t2i = torch.as_tensor(txt_to_img, device=device).long().reshape(-1)
+    if t2i.numel() != n_txt:
+        raise ValueError(f"txt_to_img has {t2i.numel()} entries but scores have {n_txt} captions (columns)")
+    if n_txt and (t2i.min() < 0 or t2i.max() >= n_img):
+        raise ValueError(f"txt_to_img holds image indices outside [0, {n_img})")
+    counts = torch.bincount(t2i, minlength=n_img)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten()[:10].tolist()
+        raise ValueError(f"{int((counts == 0).sum())} image(s) have no caption, e.g. {missing}; every image needs one")
+    return t2i
+
+
+def ranks_i2t(scores: Array, txt_to_img: Array, *, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Pessimistic 0-based rank of each image's best caption.
+
+    rank_i = #{captions k not of image i : s_ik >= max over captions j of image i of s_ij}.
+
+    Args:
+        scores: similarity matrix, shape (I, T).
+        txt_to_img: image index of each caption, shape (T,).
+        chunk_size: image rows processed at once.
+
+    Returns:
+        Long tensor of ranks, shape (I,).
+    """
+    s = _scores(scores)
+    n_img, n_txt = s.shape
+    t2i = _txt_to_img(txt_to_img, n_img, n_txt, s.device)
+    out = []
+    for i0 in range(0, n_img, chunk_size):
+        block = s[i0 : i0 + chunk_size]  # (C, T)
+        _check_no_nan(block)
+        rows = torch.arange(i0, i0 + block.shape[0], device=s.device)
+        pos = t2i[None, :] == rows[:, None]  # (C, T) caption belongs to the row's image
+        best = block.masked_fill(~pos, float("-inf")).amax(dim=1)  # (C,)
+        out.append(((block >= best[:, None]) & ~pos).sum(dim=1))  # (C,)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=s.device)
+
+
+def ranks_t2i(scores: Array, txt_to_img: Array, *, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Pessimistic 0-based rank of each caption's image.
+
+    rank_t = #{images i != gt(t) : s_it >= s_gt(t),t}.
+
+    Args:
+        scores: similarity matrix, shape (I, T).
+        txt_to_img: image index of each caption, shape (T,).
+        chunk_size: caption columns processed at once.
+
+    Returns:
+        Long tensor of ranks, shape (T,).
+    """
+    s = _scores(scores)
+    n_img, n_txt = s.shape
+    t2i = _txt_to_img(txt_to_img, n_img, n_txt, s.device)
+    out = []
+    for j0 in range(0, n_txt, chunk_size):
+        block = s[:, j0 : j0 + chunk_size]  # (I, C)
+        _check_no_nan(block)
+        gt = block.gather(0, t2i[None, j0 : j0 + block.shape[1]])  # (1, C) score of the true image
+        out.append((block >= gt).sum(dim=0) - 1)  # (C,) minus the true image itself
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=s.device)
+
+
+def recall_summary(ranks: torch.Tensor, prefix: str, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@K, median rank and mean rank from 0-based ranks.
+
+    R@K = 100 * fraction of ranks < K; medr = floor(median rank) + 1 (the median of an even count is the
+    mean of the two middle ranks, as numpy computes it); meanr = mean rank + 1.
+
+    Args:
+        ranks: 0-based ranks, shape (N,), N >= 1.
+        prefix: key prefix, e.g. "i2t" gives "i2t_r1"; "" gives "r1".
+        ks: cut-offs for R@K.
+
+    Returns:
+        Dict with keys `{prefix}_r{k}` for each k, `{prefix}_medr` and `{prefix}_meanr`.
+    """
+    r = torch.as_tensor(ranks).detach().reshape(-1).long().cpu()
+    if r.numel() == 0:
+        raise ValueError("recall_summary needs at least one rank")
+    p = f"{prefix}_" if prefix else ""
+    out = {f"{p}r{k}": 100.0 * (r < k).double().mean().item() for k in ks}
+    srt, n = r.sort().values, r.numel()
+    mid2 = int(srt[n // 2]) * 2 if n % 2 else int(srt[n // 2 - 1]) + int(srt[n // 2])  # twice the median
+    out[f"{p}medr"] = float(mid2 // 2 + 1)
+    out[f"{p}meanr"] = r.double().mean().item() + 1.0
+    return out
+
+
+def retrieval_metrics(scores: Array, txt_to_img: Array, *, chunk_size: int = DEFAULT_CHUNK) -> dict[str, float]:
+    """Image-to-text and text-to-image retrieval metrics with pessimistic ties.
+
+    Args:
+        scores: similarity matrix, shape (I, T); higher means more similar.
+        txt_to_img: image index of each caption, shape (T,); any number (>= 1) of captions per image, in
+            any order.
+        chunk_size: rows or columns processed at once (bounds the extra memory).
+
+    Returns:
+        Dict with keys i2t_r1 i2t_r5 i2t_r10 i2t_medr i2t_meanr t2i_r1 t2i_r5 t2i_r10 t2i_medr t2i_meanr
+        rsum; recalls in percent, ranks 1-based.
+
+    Raises:
+        ValueError: bad shapes, out-of-range indices, an image without captions, or NaN scores.
+    """
+    out = recall_summary(ranks_i2t(scores, txt_to_img, chunk_size=chunk_size), "i2t")
+    out |= recall_summary(ranks_t2i(scores, txt_to_img, chunk_size=chunk_size), "t2i")
+    out["rsum"] = _rsum(out)
+    return out
+
+
+def _rsum(m: dict[str, float]) -> float:
+    return sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+
+
+def fold_metrics(
+    scores: Array, txt_to_img: Array, n_folds: int, *, chunk_size: int = DEFAULT_CHUNK
+) -> dict[str, float]:
+    """COCO 1K protocol: `retrieval_metrics` on consecutive image folds, every metric averaged.
+
+    Fold f holds images [f*I/n_folds, (f+1)*I/n_folds) and their captions; scores across folds are
+    ignored. rsum is the sum of the averaged recalls (not the mean of anything printed per fold).
+
+    Args:
+        scores: similarity matrix, shape (I, T).
+        txt_to_img: image index of each caption, shape (T,).
+        n_folds: number of folds; must divide I (5 for COCO 1K).
+        chunk_size: see `retrieval_metrics`.
+
+    Returns:
+        Same keys as `retrieval_metrics`.
+    """
+    s = _scores(scores)
+    n_img, n_txt = s.shape
+    t2i = _txt_to_img(txt_to_img, n_img, n_txt, s.device)
+    if n_folds < 1 or n_img % n_folds:
+        raise ValueError(f"n_folds={n_folds} must be >= 1 and divide the number of images ({n_img})")
+    size = n_img // n_folds
+    folds = []
+    for f in range(n_folds):
+        caps = torch.nonzero((t2i >= f * size) & (t2i < (f + 1) * size)).flatten()  # (T_f,)
+        sub = s[f * size : (f + 1) * size].index_select(1, caps)  # (I/n_folds, T_f)
+        folds.append(retrieval_metrics(sub, t2i[caps] - f * size, chunk_size=chunk_size))
+    out = {k: sum(m[k] for m in folds) / n_folds for k in folds[0]}
+    out["rsum"] = _rsum(out)
+    return out
+
+
+def twin_accuracy(scores: Array, txt_to_img: Array, twins: Sequence[tuple[int, int]]) -> float:
+    """How often an image prefers its own captions to its twin's.
+
+    For every pair (a, b) in `twins` and both directions (x, y) = (a, b) and (b, a), every own caption c of
+    x and every caption c' of y give one case; it succeeds when s(x, c) > s(x, c') strictly (ties fail).
+    Cases are pooled over all pairs, so pairs with more captions weigh more.
+
+    Args:
+        scores: similarity matrix, shape (I, T).
+        txt_to_img: image index of each caption, shape (T,).
+        twins: (img_a, img_b) index pairs, each pair listed once.
+
+    Returns:
+        Percentage (0-100) of successful cases.
+    """
+    s = _scores(scores)
+    n_img, n_txt = s.shape
+    t2i = torch.as_tensor(txt_to_img, device=s.device).long().reshape(-1)
+    if t2i.numel() != n_txt:
+        raise ValueError(f"txt_to_img has {t2i.numel()} entries but scores have {n_txt} captions (columns)")
+    if len(twins) == 0:
+        raise ValueError("twins is empty")
+    wins = total = 0
+    for a, b in twins:
+        if not (0 <= a < n_img and 0 <= b < n_img) or a == b:
+            raise ValueError(f"bad twin pair ({a}, {b}) for {n_img} images")
+        for x, y in ((a, b), (b, a)):
+            own, other = torch.nonzero(t2i == x).flatten(), torch.nonzero(t2i == y).flatten()
+            if own.numel() == 0 or other.numel() == 0:
+                raise ValueError(f"twin pair ({a}, {b}): every twin image needs at least one caption")
+            _check_no_nan(s[x])
+            cmp = s[x, own][:, None] > s[x, other][None, :]  # (n_own, n_other)
+            wins += int(cmp.sum())
+            total += cmp.numel()
+    return 100.0 * wins / total
+
+
+def person_search_metrics(
+    scores: Array,
+    query_ids: Array,
+    gallery_ids: Array,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> dict[str, float]:
+    """Text-to-image person search: CMC R@K, mAP and mINP, relevance by identity.
+
+    Each gallery row is sorted by descending score; among equal scores, non-relevant items come before
+    relevant ones (pessimistic and deterministic). With 1-based positions p_1 < ... < p_n of the n relevant
+    items: AP = mean_j (j / p_j); INP = n / p_n; a query hits R@K when p_1 <= K.
+
+    Args:
+        scores: similarity matrix, shape (Q, G).
+        query_ids: identity of each query, shape (Q,).
+        gallery_ids: identity of each gallery item, shape (G,).
+        ks: cut-offs for R@K.
+        chunk_size: query rows processed at once.
+
+    Returns:
+        Dict with `r{k}` for each k, `mAP` and `mINP`, all percentages.
+
+    Raises:
+        ValueError: bad shapes, NaN scores, or a query with no relevant gallery item.
+    """
+    s = _scores(scores)
+    n_q, n_g = s.shape
+    qid = torch.as_tensor(query_ids, device=s.device).reshape(-1)
+    gid = torch.as_tensor(gallery_ids, device=s.device).reshape(-1)
+    if qid.numel() != n_q or gid.numel() != n_g:
+        raise ValueError(f"ids of length {qid.numel()}/{gid.numel()} do not match scores of shape {(n_q, n_g)}")
+    if n_q == 0:
+        raise ValueError("person_search_metrics needs at least one query")
+    first, ap, inp = [], [], []
+    pos = torch.arange(1, n_g + 1, device=s.device, dtype=torch.float64)  # (G,) 1-based positions
+    for q0 in range(0, n_q, chunk_size):
+        block = s[q0 : q0 + chunk_size]  # (C, G)
+        _check_no_nan(block)
+        rel = qid[q0 : q0 + block.shape[0], None] == gid[None, :]  # (C, G)
+        n_rel = rel.sum(dim=1)  # (C,)
+        if (n_rel == 0).any():
+            bad = q0 + int(torch.nonzero(n_rel == 0)[0])
+            raise ValueError(f"query {bad} has no relevant gallery item")
+        # Two stable sorts: non-relevant first, then by score, so ties put relevant items last.
+        by_rel = torch.argsort(rel.to(torch.uint8), dim=1, stable=True)  # (C, G)
+        by_score = torch.argsort(block.gather(1, by_rel), dim=1, descending=True, stable=True)  # (C, G)
+        hit = rel.gather(1, by_rel.gather(1, by_score))  # (C, G) relevance in ranked order
+        cum = hit.cumsum(dim=1).double()  # (C, G) relevant items up to each position
+        ap.append((cum / pos * hit).sum(dim=1) / n_rel)  # (C,)
+        last = (pos * hit).amax(dim=1)  # (C,) 1-based position of the last relevant item
+        inp.append(n_rel / last)
+        first.append(hit.to(torch.uint8).argmax(dim=1))  # (C,) 0-based position of the first relevant
+    out = {k: v for k, v in recall_summary(torch.cat(first), "", ks).items() if k.startswith("r")}
+    out["mAP"] = 100.0 * torch.cat(ap).mean().item()
+    out["mINP"] = 100.0 * torch.cat(inp).mean().item()
+    return out
