@@ -1,0 +1,167 @@
+"""Image-text contrastive (ITC) and image-text matching (ITM) losses of ALBEF (Li et al., NeurIPS 2021),
+with hard negatives for ITM drawn from the ITC similarities, and ViLT's (Kim et al., ICML 2021) random
+negatives for its ranking loss.
+
+Positives are defined by `image_idx`: every caption of the same image is a positive of that image, so
+the ITC target of a row is the normalised positive mask, never the identity.
+
+Distributed: `ItcLoss` gathers the features of all ranks (with gradient) and scores its local rows
+against every rank's columns. Negative sampling for ITM stays local to each rank's batch.
+
+Legend: B batch (rows of this rank), N columns (all ranks' batches, plus a queue), E embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gather(x: Tensor, world_size: int) -> Tensor:
+    """Concatenate `x` (B, ...) of every rank along dim 0 -> (world_size * B, ...); gradients flow back
+    for floating tensors. A no-op when world_size == 1."""
+    if world_size == 1:
+        return x
+    if x.is_floating_point():
+        return torch.cat(torch.distributed.nn.functional.all_gather(x), 0)
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, 0)
+
+
+def positive_targets(row_idx: Tensor, col_idx: Tensor) -> Tensor:
+    """Soft targets from image ids: row_idx (B,), col_idx (N,) -> (B, N), each row's positives share 1.
+
+    A row without any positive column (cannot happen when the batch itself is among the columns) is all 0.
+    """
+    pos = (row_idx[:, None] == col_idx[None, :]).float()  # (B, N)
+    return pos / pos.sum(1, keepdim=True).clamp(min=1)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of -sum_j targets[i, j] * log_softmax(logits)[i, j]: (B, N), (B, N) -> scalar."""
+    return -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
+
+
+@dataclass
+class MomentumBank:
+    """What momentum distillation adds to ITC: the momentum features of this batch and the queues."""
+
+    image_feat: Tensor  # (B, E) momentum image features of this rank's batch, l2-normalised
+    text_feat: Tensor  # (B, E) momentum text features of this rank's batch, l2-normalised
+    image_queue: Tensor  # (Q, E) momentum image features of earlier batches
+    text_queue: Tensor  # (Q, E) momentum text features of earlier batches
+    idx_queue: Tensor  # (Q,) image_idx of the queued items (-1 for never-filled slots)
+
+
+class ItcLoss(nn.Module):
+    """ALBEF's image-text contrastive loss, (i2t + t2i) / 2, with several positives per row.
+
+    Without a bank: rows are this rank's features, columns every rank's features, targets the normalised
+    positive mask. With a `MomentumBank`: columns are the momentum features of every rank plus the queue,
+    and targets are alpha * softmax(momentum sims) + (1 - alpha) * positive mask (momentum distillation).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def forward(
+        self,
+        image_feat: Tensor,
+        text_feat: Tensor,
+        image_idx: Tensor,
+        temp: Tensor,
+        bank: MomentumBank | None = None,
+        alpha: float = 0.0,
+    ) -> Tensor:
+        """image_feat, text_feat (B, E) l2-normalised, image_idx (B,), temp scalar -> scalar loss."""
+        idx_all = gather(image_idx, self.world_size)  # (N,)
+        if bank is None:
+            img_cols, txt_cols = gather(image_feat, self.world_size), gather(text_feat, self.world_size)  # (N, E)
+        else:
+            with torch.no_grad():
+                img_cols = torch.cat([gather(bank.image_feat, self.world_size), bank.image_queue], 0)  # (N+Q, E)
+                txt_cols = torch.cat([gather(bank.text_feat, self.world_size), bank.text_queue], 0)  # (N+Q, E)
+                idx_all = torch.cat([idx_all, bank.idx_queue], 0)  # (N+Q,)
+        hard = positive_targets(image_idx, idx_all)  # (B, N[+Q]); the relation is symmetric in i2t and t2i
+        t_i2t, t_t2i = hard, hard
+        if bank is not None and alpha > 0:
+            with torch.no_grad():
+                t_i2t = alpha * F.softmax(bank.image_feat @ txt_cols.t() / temp, 1) + (1 - alpha) * hard
+                t_t2i = alpha * F.softmax(bank.text_feat @ img_cols.t() / temp, 1) + (1 - alpha) * hard
+        sim_i2t = image_feat @ txt_cols.t() / temp  # (B, N[+Q])
+        sim_t2i = text_feat @ img_cols.t() / temp  # (B, N[+Q])
+        return (soft_cross_entropy(sim_i2t, t_i2t) + soft_cross_entropy(sim_t2i, t_t2i)) / 2
+
+
+def _draw(sim: Tensor, positive: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One column per row with probability softmax(sim) restricted to the non-positive columns; -1 where a
+    row has no negative. sim, positive (B, N) -> (B,) long."""
+    has_neg = (~positive).any(1, keepdim=True)  # (B, 1)
+    # Masking before the softmax (instead of zeroing after it) keeps every row with a negative non-zero even
+    # when exp() would underflow; a row without negatives draws uniformly and is then discarded.
+    logits = sim.float().masked_fill(positive, float("-inf")).masked_fill(~has_neg, 0.0)  # (B, N)
+    weights = F.softmax(logits, dim=1)  # (B, N)
+    draw = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
+    return draw.masked_fill(~has_neg.squeeze(1), -1)
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    sim_i2t: Tensor, sim_t2i: Tensor, image_idx: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """ALBEF's hard negatives: for each image a caption of another image, for each caption an image of
+    another caption, drawn with probability softmax(ITC similarity) over the negatives.
+
+    Args:
+        sim_i2t: (B, B) ITC logits of image row i against caption column t (the batch's own pairs).
+        sim_t2i: (B, B) ITC logits of caption row t against image column i.
+        image_idx: (B,) image id of each pair; columns with the row's image id are positives, never drawn.
+        generator: optional torch.Generator for reproducible draws.
+    Returns:
+        neg_txt_for_img (B,): index of the negative caption of each image; neg_img_for_txt (B,): index of
+        the negative image of each caption. -1 where a row has no negative (every pair of the batch shows
+        the same image); callers drop those rows.
+    """
+    positive = image_idx[:, None] == image_idx[None, :]  # (B, B)
+    return _draw(sim_i2t, positive, generator), _draw(sim_t2i, positive, generator)
+
+
+@torch.no_grad()
+def sample_random_negatives(
+    image_idx: Tensor, n: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """ViLT's negatives: for each pair, n distinct captions of other images, uniformly without replacement.
+
+    Args:
+        image_idx: (B,) image id of each pair.
+        n: negatives per row; at most B - 1 are drawn.
+        generator: optional torch.Generator for reproducible draws.
+    Returns:
+        neg (B, k) caption indices with k = min(n, B - 1), and valid (B, k) bool: False where the row had
+        fewer than k negatives (the index there is a positive and must be ignored).
+    """
+    B = image_idx.shape[0]
+    positive = image_idx[:, None] == image_idx[None, :]  # (B, B)
+    keys = torch.rand(B, B, generator=generator, device=image_idx.device)  # (B, B) random keys in [0, 1)
+    keys = keys.masked_fill(positive, -1.0)  # positives sort last
+    top, neg = keys.topk(min(n, B - 1), dim=1)  # (B, k): the k largest random keys = a uniform k-subset
+    return neg, top >= 0
+
+
+class ItmLoss(nn.Module):
+    """Two-way image-text matching: cross-entropy of positive pairs (label 1) and negative pairs (label 0).
+
+    Purely local (no communication), so it needs no rank or world size.
+    """
+
+    def forward(self, pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
+        """pos_logits (P, 2), neg_logits (N, 2) -> scalar mean cross-entropy over the P + N pairs."""
+        logits = torch.cat([pos_logits, neg_logits], 0)  # (P+N, 2)
+        labels = torch.cat([pos_logits.new_ones(len(pos_logits)), neg_logits.new_zeros(len(neg_logits))]).long()
+        return F.cross_entropy(logits, labels)

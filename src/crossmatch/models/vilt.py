@@ -1,0 +1,178 @@
+"""ViLT, "Vision-and-Language Transformer Without Convolution or Region Supervision" (Kim et al., ICML 2021),
+for image-text retrieval.
+
+One transformer reads the concatenation [text tokens; image tokens], each with its own position and a
+modality-type embedding; the pooled first token ([CLS] of the text) feeds a 2-way ITM head. The joint
+pass costs one transformer run per (image, caption) pair, so retrieval needs a cheap first stage: the
+same transformer run on the image alone and on the text alone, [CLS]-pooled, projected and l2-normalised
+(trained with an ITC loss). `similarity` is that cosine; `score_pairs` re-ranks with the ITM logit.
+
+Training (ViltTask): ranking loss (cross-entropy over one positive and n_negatives random captions of
+other images, as in ViLT's retrieval fine-tuning) + ITM loss + ITC loss for the cheap head.
+
+Legend: B batch, R image patches, L tokens (with [CLS]), D width, E embedding, H heads, K negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crossmatch.config import LossConfig
+from crossmatch.losses.itm import ItcLoss, ItmLoss, sample_random_negatives
+from crossmatch.models.layers import l2norm
+from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.transformer import Encoder, ImageEmbedding, PatchEmbed, TextEmbedding, prepend_cls
+from crossmatch.tasks.base import Task
+
+TEXT_TYPE, IMAGE_TYPE = 0, 1  # rows of the modality-type embedding
+
+
+@dataclass
+class ViltConfig:
+    vocab_size: int = 1000  # set at build time from the tokenizer
+    image_size: int = 64  # input side; fixes the number of patches R
+    patch_size: int = 8  # patch side (32 in the paper, at 384 px)
+    width: int = 256  # transformer width D
+    heads: int = 4  # attention heads H
+    layers: int = 4  # transformer blocks (12 in the paper)
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
+    dropout: float = 0.1  # dropout in embeddings, attention and MLPs
+    max_text_len: int = 64  # positions of the text embedding, [CLS] included
+    embed_dim: int = 256  # E of the cheap first-stage embedding head
+    temp: float = 0.07  # initial ITC temperature of the cheap head (learned, clamped to [0.001, 0.5])
+    n_negatives: int = 15  # random negative captions per positive for the ranking loss (at most B - 1)
+    rank_weight: float = 1.0  # weight of rank_loss
+    itm_weight: float = 1.0  # weight of itm_loss
+    itc_weight: float = 1.0  # weight of itc_loss (the cheap head)
+
+
+class ViLT(nn.Module):
+    """Single-stream transformer over [text; image] tokens with an ITM head and a cheap embedding head."""
+
+    def __init__(self, cfg: ViltConfig):
+        super().__init__()
+        self.config = cfg
+        D = cfg.width
+        self.image_embed = ImageEmbedding(PatchEmbed(cfg.patch_size, D), cfg.image_size, D, cfg.dropout)
+        self.text_embed = TextEmbedding(cfg.vocab_size, cfg.max_text_len, D, cfg.dropout)
+        self.type_embed = nn.Embedding(2, D)  # modality type: 0 text, 1 image
+        self.encoder = Encoder(D, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.pooler = nn.Sequential(nn.Linear(D, D), nn.Tanh())  # BERT's pooler on the first token
+        self.itm_head = nn.Linear(D, 2)
+        self.image_proj, self.text_proj = nn.Linear(D, cfg.embed_dim), nn.Linear(D, cfg.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        nn.init.normal_(self.type_embed.weight, std=0.02)
+
+    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["image"] (B, 3, H, W) -> {"embed": (B, E) cheap-head embedding, "tokens": (B, 1+R, D)
+        embedded patches (input of the joint pass), "mask": (B, 1+R)}."""
+        tokens = self.image_embed(batch["image"]) + self.type_embed.weight[IMAGE_TYPE]  # (B, 1+R, D)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, 1+R)
+        pooled = self.encoder(tokens, mask)[:, 0]  # (B, D): image-only pass, image [CLS]
+        return {"embed": l2norm(self.image_proj(pooled)), "tokens": tokens, "mask": mask}
+
+    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E), "tokens": (B, 1+L, D)
+        embedded words with a [CLS] prepended, "mask": (B, 1+L)}."""
+        ids, mask = prepend_cls(batch["input_ids"], batch["attention_mask"])  # (B, 1+L)
+        tokens = self.text_embed(ids) + self.type_embed.weight[TEXT_TYPE]  # (B, 1+L, D)
+        pooled = self.encoder(tokens, mask)[:, 0]  # (B, D): text-only pass, text [CLS]
+        return {"embed": l2norm(self.text_proj(pooled)), "tokens": tokens, "mask": mask}
+
+    def itm_logits(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
+        """Row-aligned pairs -> (B, 2) ITM logits (index 1 = match) from the joint pass."""
+        x = torch.cat([txt["tokens"], img["tokens"]], 1)  # (B, 1+L + 1+R, D)
+        mask = torch.cat([txt["mask"], img["mask"]], 1)  # (B, 1+L + 1+R)
+        pooled = self.pooler(self.encoder(x, mask)[:, 0])  # (B, D): the text [CLS] after joint attention
+        return self.itm_head(pooled)  # (B, 2)
+
+    def similarity(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
+        """Stage 1, all pairs: (N_img, E) x (N_txt, E) -> (N_img, N_txt) cosine of the cheap head."""
+        return img["embed"] @ txt["embed"].t()
+
+    def score_pairs(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
+        """Stage 2, row-aligned pairs (image row b with caption row b) -> (B,) ITM positive logit."""
+        return self.itm_logits(img, txt)[:, 1]
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        img, txt = self.encode_image(batch), self.encode_text(batch)
+        return {
+            "image_embed": img["embed"],
+            "text_embed": txt["embed"],
+            "scores": self.similarity(img, txt),
+            "itm_logits": self.itm_logits(img, txt),
+        }
+
+
+class ViltTask(Task):
+    """rank_loss + itm_loss + itc_loss; settings in ViltConfig (the generic LossConfig is not used).
+
+    rank_loss: for each pair b, cross-entropy over the ITM positive logits of [caption b; K random captions
+    of other images] with caption b as the target. itm_loss: 2-way cross-entropy over the B positives and,
+    to keep the classes balanced, the first random negative of each row.
+    """
+
+    def __init__(self, model: ViLT, cfg: LossConfig | None = None, rank: int = 0, world_size: int = 1):
+        super().__init__(model)
+        self.itc, self.itm = ItcLoss(rank, world_size), ItmLoss()
+
+    def training_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        m, cfg, idx = self.model, self.model.config, batch["image_idx"]
+        with torch.no_grad():
+            m.temp.clamp_(0.001, 0.5)
+        img, txt = m.encode_image(batch), m.encode_text(batch)
+        B = len(idx)
+        neg, valid = sample_random_negatives(idx, cfg.n_negatives)  # (B, K), (B, K)
+        K = neg.shape[1]
+        txt_rows = torch.cat([torch.arange(B, device=idx.device)[:, None], neg], 1)  # (B, 1+K): positive first
+        img_rows = torch.arange(B, device=idx.device)[:, None].expand(B, 1 + K)  # (B, 1+K)
+        logits = m.itm_logits(
+            {k: v[img_rows.flatten()] for k, v in img.items()}, {k: v[txt_rows.flatten()] for k, v in txt.items()}
+        ).view(B, 1 + K, 2)
+        ok = torch.cat([valid.new_ones(B, 1), valid], 1)  # (B, 1+K): a row short of negatives masks its rest
+        scores = logits[..., 1].masked_fill(~ok, float("-inf"))  # (B, 1+K)
+        rank = F.cross_entropy(scores, scores.new_zeros(B, dtype=torch.long))
+        itm = self.itm(logits[:, 0], logits[:, 1:2][valid[:, :1]])  # (B, 2) positives, (<=B, 2) negatives
+        losses = {
+            "rank_loss": cfg.rank_weight * rank,
+            "itm_loss": cfg.itm_weight * itm,
+            "itc_loss": cfg.itc_weight * self.itc(img["embed"], txt["embed"], idx, m.temp),
+        }
+        return losses, {"temp": m.temp.item()}
+
+
+ViLT.task_class = ViltTask  # build_task(model, ...) constructs the model's own task
+
+
+def _vilt(defaults: dict, overrides: dict) -> ViLT:
+    return ViLT(build_config(ViltConfig, defaults, overrides))
+
+
+@register_model
+def vilt_small(**overrides) -> ViLT:
+    """Patch 16 on 64 px (16 patches), width 256, 4 layers, 7 negatives: every negative costs one joint pass
+    over [text; image], so the sequence is kept short enough to train on CPU."""
+    return _vilt({"patch_size": 16, "n_negatives": 7}, overrides)
+
+
+@register_model
+def tiny_vilt(**overrides) -> ViLT:
+    """A few thousand parameters (plus vocab_size * 16 word embeddings), for tests."""
+    return _vilt(
+        {
+            "image_size": 32,
+            "patch_size": 8,
+            "width": 16,
+            "heads": 2,
+            "layers": 1,
+            "mlp_ratio": 2.0,
+            "max_text_len": 16,
+            "embed_dim": 8,
+            "n_negatives": 3,
+        },
+        overrides,
+    )
