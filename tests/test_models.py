@@ -80,3 +80,10 @@ def test_vse_config_round_trips_and_overrides_apply():
     m = create_model("tiny_vse", vocab_size=50, embed_dim=12, bidirectional=True)
     assert m.config.embed_dim == 12 and m.config.bidirectional and m.config.vocab_size == 50
     assert m.encode_text(tiny_batch())["embed"].shape == (4, 12)
+
+
+def test_data_defaults_fill_only_fields_the_model_has():
+    m = create_model("tiny_vse", data_defaults={"vocab_size": 77, "max_text_len": 9}, embed_dim=10)
+    assert m.config.vocab_size == 77 and m.config.embed_dim == 10  # max_text_len is not a VSE field: ignored
+    m = create_model("tiny_vse", data_defaults={"vocab_size": 77}, vocab_size=5)
+    assert m.config.vocab_size == 5  # explicit overrides win

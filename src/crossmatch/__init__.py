@@ -1,7 +1,19 @@
-"""crossmatch: train, evaluate and use image-text matching models."""
+"""crossmatch: train, evaluate and use image-text matching models.
 
-from crossmatch.metrics import retrieval_metrics
-from crossmatch.models.registry import create_model, list_models
+The public API is imported lazily, so that `crossmatch data shapes` starts without loading torch.
+"""
 
-__all__ = ["create_model", "list_models", "retrieval_metrics"]
 __version__ = "0.1.0"
+__all__ = ["create_model", "list_models", "retrieval_metrics"]
+
+
+def __getattr__(name: str):
+    if name in ("create_model", "list_models"):
+        from crossmatch.models import registry
+
+        return getattr(registry, name)
+    if name == "retrieval_metrics":
+        from crossmatch.metrics import retrieval_metrics
+
+        return retrieval_metrics
+    raise AttributeError(f"module 'crossmatch' has no attribute {name!r}")

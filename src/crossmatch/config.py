@@ -63,6 +63,10 @@ class EvalConfig:
     chunk_size: int = 512  # rows (images) per block of the all-pairs score matrix
     every_epochs: int = 1  # validate every this many epochs
     metric: str = "rsum"  # key of the metrics dict that selects best.pt (higher is better)
+    folds: int = 1  # mean over this many consecutive image folds (COCO 1K protocol: 5 folds of 1000)
+    rerank_k: int = 0  # fusion models: re-score each query's top-k stage-1 candidates (0: stage 1 only)
+    rerank_batch: int = 128  # pairs per score_pairs call when re-ranking
+    first_stage: str = ""  # checkpoint of a dual encoder whose scores replace the model's own stage 1
 
 
 @dataclass

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 
-from crossmatch.cli.common import build_eval_data, load_run, open_split
+from crossmatch.cli.common import build_eval_data, load_run, make_evaluator, open_split
 from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.engine.distributed import init_distributed
-from crossmatch.evaluation.evaluate import compute_scores, encode_all, metrics_from_scores, to_device
+from crossmatch.evaluation.evaluate import encode_all, to_device
 from crossmatch.evaluation.gallery import draw_gallery
 
 log = logging.getLogger(__name__)
@@ -30,22 +31,23 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join([*rows, tail])
 
 
+def split_name(cfg, split: str) -> str:
+    """val/test/train map to the config's split names; anything else is a split name of the dataset."""
+    return {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(split, split)
+
+
 def run_evaluate(
-    checkpoint: str,
-    split: str = "test",
-    json_path: str | None = None,
-    overrides=(),
-    folds: int = 1,
-    progress: bool = True,
+    checkpoint: str, split: str = "test", json_path: str | None = None, overrides=(), progress: bool = True
 ) -> dict[str, float]:
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     dist = init_distributed()
-    model.to(dist.device)
-    name = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(split, split)
-    data = build_eval_data(cfg, open_split(cfg, name), tokenizer, model)
-    scores = compute_scores(model, data, dist.device, cfg.eval.chunk_size, progress)
-    metrics = metrics_from_scores(scores, data, folds)
-    print(f"{cfg.model['name']} on {cfg.data.root} [{name}]: {scores.shape[0]} images, {scores.shape[1]} captions")
+    name = split_name(cfg, split)
+    evaluator = make_evaluator(cfg, name, tokenizer, model, dist.device, progress)
+    t0 = time.perf_counter()
+    metrics = evaluator(model.to(dist.device))
+    protocol = f"{cfg.eval.folds} folds, " if cfg.eval.folds > 1 else ""
+    protocol += f"re-ranking top-{cfg.eval.rerank_k}" if cfg.eval.rerank_k and hasattr(model, "score_pairs") else ""
+    print(f"{cfg.model['name']} on {cfg.data.root} [{name}] {protocol} ({time.perf_counter() - t0:.1f} s)")
     print(format_table(metrics))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +69,7 @@ def run_search(
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     dist = init_distributed()
     model.to(dist.device)
-    name = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(split, split)
-    ds = open_split(cfg, name)
+    ds = open_split(cfg, split_name(cfg, split))
     data = build_eval_data(cfg, ds, tokenizer, model)
     if query is not None:
         ids = torch.tensor([tokenizer.encode(query)])

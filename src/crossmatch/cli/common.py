@@ -15,7 +15,7 @@ from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import build_image_transform
 from crossmatch.engine.checkpoint import load_checkpoint
 from crossmatch.errors import CheckpointError, ConfigError
-from crossmatch.evaluation.evaluate import EvalData
+from crossmatch.evaluation.evaluate import EvalData, compute_scores, evaluate_retrieval
 from crossmatch.models.registry import create_model
 
 MAX_BOXES = 8  # object boxes read per image for box-region models
@@ -28,12 +28,15 @@ def open_split(cfg: RunConfig, split: str) -> ImageCaptionDataset:
 
 
 def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer) -> nn.Module:
-    """The registered model `model.name` with the config's overrides; vocabulary and image size come
-    from the tokenizer and the data config unless the model section sets them."""
+    """The registered model `model.name` with the config's overrides. The vocabulary size, image side
+    and caption length come from the tokenizer and data config, for models whose config has them."""
     overrides = {k: v for k, v in cfg.model.items() if k != "name"}
-    overrides.setdefault("vocab_size", tokenizer.vocab_size)
-    overrides.setdefault("image_size", cfg.data.image_size)
-    return create_model(cfg.model["name"], **overrides)
+    data = {
+        "vocab_size": tokenizer.vocab_size,
+        "image_size": cfg.data.image_size,
+        "max_text_len": cfg.data.max_words + 1,
+    }  # + a [CLS] for transformer text towers
+    return create_model(cfg.model["name"], data_defaults=data, **overrides)
 
 
 def needs_boxes(model: nn.Module) -> int:
@@ -70,3 +73,36 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.M
             f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
         ) from err
     return model.eval(), cfg, tokenizer
+
+
+def make_evaluator(
+    cfg: RunConfig,
+    split: str,
+    tokenizer: CaptionTokenizer,
+    model: nn.Module,
+    device: torch.device,
+    progress: bool = False,
+):
+    """`evaluator(model) -> metrics` for one split with the config's protocol (folds, re-ranking, and a
+    first-stage model from `eval.first_stage`, scored once and reused)."""
+    data = build_eval_data(cfg, open_split(cfg, split), tokenizer, model)
+    cache: dict[str, torch.Tensor] = {}
+
+    def evaluator(m: nn.Module) -> dict[str, float]:
+        if cfg.eval.first_stage and "stage1" not in cache:
+            first, first_cfg, first_tok = load_run(cfg.eval.first_stage, [f"data.root={cfg.data.root}"])
+            first_data = build_eval_data(first_cfg, open_split(first_cfg, split), first_tok, first)
+            cache["stage1"] = compute_scores(first.to(device), first_data, device, cfg.eval.chunk_size, progress)
+        return evaluate_retrieval(
+            m,
+            data,
+            device,
+            cfg.eval.chunk_size,
+            cfg.eval.folds,
+            cfg.eval.rerank_k,
+            cfg.eval.rerank_batch,
+            cache.get("stage1"),
+            progress,
+        )
+
+    return evaluator

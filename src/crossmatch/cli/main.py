@@ -36,8 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint")
     ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
     ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
-    ev.add_argument("--folds", type=int, default=1, help="mean over N image folds (COCO 1K protocol: 5)")
-    ev.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.root=other/dir")
+    ev.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.rerank_k=64 eval.folds=5")
 
     se = sub.add_parser("search", help="rank a split's images for a sentence (or captions for an image)")
     se.add_argument("checkpoint")
@@ -78,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         from crossmatch.cli.commands import run_evaluate
 
-        run_evaluate(args.checkpoint, args.split, args.json, args.overrides, args.folds)
+        run_evaluate(args.checkpoint, args.split, args.json, args.overrides)
     elif args.command == "search":
         from crossmatch.cli.commands import run_search
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossmatch.cli.common import build_eval_data, build_model, needs_boxes, open_split
+from crossmatch.cli.common import build_model, make_evaluator, needs_boxes, open_split
 from crossmatch.config import RunConfig, config_from_dict, config_to_dict, save_config
 from crossmatch.data.datasets import PairView
 from crossmatch.data.loaders import build_train_loader
@@ -22,7 +22,6 @@ from crossmatch.engine.logging import MetricLogger, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
 from crossmatch.engine.trainer import Trainer, TrainState
 from crossmatch.errors import DataError
-from crossmatch.evaluation.evaluate import evaluate_retrieval
 from crossmatch.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -55,10 +54,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     optimizer = create_optimizer(task, cfg.train)
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
     scheduler = create_scheduler(optimizer, cfg.train, steps)
-    val_data = build_eval_data(cfg, open_split(cfg, cfg.data.val_split), tokenizer, model)
-
-    def evaluator(m):
-        return evaluate_retrieval(m, val_data, dist.device, cfg.eval.chunk_size)
+    evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device)
 
     extra = {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()}
     return Trainer(

@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from crossmatch.metrics import fold_metrics, twin_accuracy
+from crossmatch.errors import ConfigError
+from crossmatch.evaluation.rerank import rerank
+from crossmatch.metrics import ranks_i2t, ranks_t2i, recall_summary, twin_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -71,37 +73,87 @@ def score_all_pairs(
 
 
 @torch.no_grad()
-def compute_scores(
-    model: nn.Module, data: EvalData, device: torch.device, chunk_size: int = 512, progress: bool = False
-) -> Tensor:
-    """Encode the split and score every pair: (N_img, N_txt)."""
+def encode_split(model: nn.Module, data: EvalData, device: torch.device, progress: bool = False):
+    """Every image and caption of the split encoded once, in eval mode: (img feats, txt feats)."""
     was_training = model.training
     model.eval()
     try:
         img = encode_all(model.encode_image, data.image_loader, device, "encode images", progress)
         txt = encode_all(model.encode_text, data.text_loader, device, "encode captions", progress)
-        return score_all_pairs(model, img, txt, chunk_size, progress)
+        return img, txt
     finally:
         model.train(was_training)
 
 
-def metrics_from_scores(scores: Tensor, data: EvalData, folds: int = 1) -> dict[str, float]:
-    """Retrieval metrics (mean over `folds` consecutive image folds, e.g. COCO 1K) plus twin_acc."""
-    metrics = fold_metrics(scores, data.txt_to_img, folds)
-    if data.twins:
-        metrics["twin_acc"] = twin_accuracy(scores, data.txt_to_img, data.twins)
-    return metrics
+@torch.no_grad()
+def compute_scores(
+    model: nn.Module, data: EvalData, device: torch.device, chunk_size: int = 512, progress: bool = False
+) -> Tensor:
+    """Encode the split and score every pair with the model's cheap all-pairs score: (N_img, N_txt)."""
+    img, txt = encode_split(model, data, device, progress)
+    return score_all_pairs(model.eval(), img, txt, chunk_size, progress)
 
 
+def split_metrics(s_i2t: Tensor, s_t2i: Tensor, txt_to_img: Tensor, twins=()) -> dict[str, float]:
+    """Metrics when i2t and t2i are ranked from their own matrices (they differ after re-ranking)."""
+    m = {**recall_summary(ranks_i2t(s_i2t, txt_to_img), "i2t"), **recall_summary(ranks_t2i(s_t2i, txt_to_img), "t2i")}
+    m["rsum"] = sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    if twins:
+        m["twin_acc"] = twin_accuracy(s_i2t, txt_to_img, twins)
+    return m
+
+
+def fold_indices(txt_to_img: Tensor, folds: int) -> list[tuple[Tensor, Tensor]]:
+    """Consecutive image folds (COCO 1K protocol): per fold, (image indices, caption indices)."""
+    n_img = int(txt_to_img.max()) + 1
+    if n_img % folds:
+        raise ConfigError(f"eval.folds={folds} does not divide the {n_img} images of the split")
+    size = n_img // folds
+    return [
+        (torch.arange(f * size, (f + 1) * size), torch.nonzero(txt_to_img // size == f).flatten()) for f in range(folds)
+    ]
+
+
+@torch.no_grad()
 def evaluate_retrieval(
     model: nn.Module,
     data: EvalData,
     device: torch.device,
     chunk_size: int = 512,
     folds: int = 1,
+    rerank_k: int = 0,
+    rerank_batch: int = 256,
+    stage1: Tensor | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Encode, score and measure one split. Returns the dict of `crossmatch.metrics.retrieval_metrics`
-    (plus `twin_acc` when the split has twins)."""
-    scores = compute_scores(model, data, device, chunk_size, progress)
-    return metrics_from_scores(scores, data, folds)
+    """Encode, score and measure one split; returns the dict of `crossmatch.metrics.retrieval_metrics`
+    (plus `twin_acc` when the split has twins).
+
+    Args:
+        folds: mean of every metric over this many consecutive image folds (COCO 1K: 5), rsum of the means.
+        rerank_k: > 0 re-scores each query's top-k stage-1 candidates with `model.score_pairs` (fusion models).
+        stage1: (N_img, N_txt) stage-1 scores from another model; default: the model's own `similarity`.
+    """
+    img, txt = encode_split(model, data, device, progress)
+    model.eval()
+    scores = stage1 if stage1 is not None else score_all_pairs(model, img, txt, chunk_size, progress)
+    per_fold = []
+    for img_ids, txt_ids in fold_indices(data.txt_to_img, folds):
+        sub = scores[img_ids][:, txt_ids]  # (fold images, fold captions)
+        t2i = data.txt_to_img[txt_ids] - img_ids[0]
+        twins = [
+            (a - int(img_ids[0]), b - int(img_ids[0]))
+            for a, b in data.twins
+            if img_ids[0] <= a <= img_ids[-1] and img_ids[0] <= b <= img_ids[-1]
+        ]
+        if rerank_k > 0 and hasattr(model, "score_pairs"):
+            ix_i, ix_t = img_ids.to(device), txt_ids.to(device)
+            s_i2t, s_t2i = rerank(
+                model, sub, slice_features(img, ix_i), slice_features(txt, ix_t), rerank_k, rerank_batch, progress
+            )
+        else:
+            s_i2t = s_t2i = sub
+        per_fold.append(split_metrics(s_i2t, s_t2i, t2i, twins))
+    metrics = {k: sum(m[k] for m in per_fold) / len(per_fold) for k in per_fold[0]}
+    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))  # of the means
+    return metrics

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,9 @@ from torch import nn
 from crossmatch.errors import ModelError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+# Facts about the data (vocabulary size, image side, caption length) that a model config may need;
+# set for the duration of one create_model call and applied only to configs that have such fields.
+_DATA_DEFAULTS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("data_defaults", default={})
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -28,8 +32,11 @@ def list_models(pattern: str = "") -> list[str]:
     return sorted(n for n in _MODELS if pattern in n)
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(name: str, *, data_defaults: dict[str, Any] | None = None, **overrides: Any) -> nn.Module:
     """Build the registered model `name`; `overrides` replace fields of its config (None is ignored).
+
+    `data_defaults` (e.g. vocab_size, image_size, max_text_len) fill the config fields of those names
+    that the model has, below the explicit overrides; keys the model does not have are ignored.
 
     Raises:
         ModelError: unknown name, or an override that is not a field of the model's config.
@@ -38,16 +45,22 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if name not in _MODELS:
         raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return _MODELS[name](**overrides)
+    token = _DATA_DEFAULTS.set(data_defaults or {})
+    try:
+        return _MODELS[name](**overrides)
+    finally:
+        _DATA_DEFAULTS.reset(token)
 
 
 def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str, Any]):
-    """`config_cls(**defaults)` with `overrides` applied; unknown keys raise a ModelError naming them."""
+    """`config_cls(**defaults)` with the data defaults of create_model, then `overrides`, applied.
+    Unknown override keys raise a ModelError naming them."""
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ModelError(f"unknown key(s) for {config_cls.__name__}: {', '.join('model.' + k for k in unknown)}")
-    return config_cls(**{**defaults, **overrides})
+    data = {k: v for k, v in _DATA_DEFAULTS.get().items() if k in names}
+    return config_cls(**{**defaults, **data, **overrides})
 
 
 def _import_families() -> None:

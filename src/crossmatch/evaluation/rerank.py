@@ -1,0 +1,68 @@
+"""Two-stage retrieval: a cheap all-pairs score (stage 1) picks the top-k candidates of every query,
+and the expensive pair scorer `model.score_pairs` (ALBEF/ViLT ITM, stage 2) re-scores only those.
+
+As in ALBEF's evaluation, i2t and t2i get their own matrices: row i of `i2t` holds stage-2 scores for
+image i's top-k captions, column t of `t2i` for caption t's top-k images; every other entry is -inf,
+so it ranks below the candidates (and, with pessimistic ties, a true match left out ranks last).
+Pairs chosen by both directions are scored once. With k >= the number of candidates the result is
+exactly the full stage-2 matrix.
+
+Legend: N_img images, N_txt captions, k candidates per query, P distinct candidate pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+
+def candidate_pairs(scores: Tensor, k: int) -> Tensor:
+    """Distinct (image, caption) pairs in the top-k of some row or column: (P, 2) long, sorted by image
+    so that a batch of pairs reads few distinct images."""
+    n_img, n_txt = scores.shape
+    k_i2t, k_t2i = min(k, n_txt), min(k, n_img)
+    top_t = scores.topk(k_i2t, dim=1).indices  # (N_img, k) captions per image
+    top_i = scores.topk(k_t2i, dim=0).indices  # (k, N_txt) images per caption
+    flat = torch.cat(
+        [
+            torch.arange(n_img)[:, None].mul(n_txt).add(top_t).flatten(),  # (N_img*k,) as image*N_txt + caption
+            top_i.mul(n_txt).add(torch.arange(n_txt)[None, :]).flatten(),  # (k*N_txt,)
+        ]
+    ).unique()  # sorted, deduplicated
+    return torch.stack([flat // n_txt, flat % n_txt], dim=1)  # (P, 2)
+
+
+@torch.no_grad()
+def rerank(
+    model: nn.Module,
+    scores: Tensor,
+    img: dict[str, Tensor],
+    txt: dict[str, Tensor],
+    k: int,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Re-score the top-k candidates of every query with `model.score_pairs`.
+
+    Args:
+        scores: (N_img, N_txt) stage-1 scores (any model, CPU).
+        img, txt: encoded features of all images / captions (leading dim N_img / N_txt), on the model's device.
+    Returns:
+        (i2t, t2i): two (N_img, N_txt) float32 CPU matrices, -inf outside each direction's candidates.
+    """
+    n_img, n_txt = scores.shape
+    pairs = candidate_pairs(scores, k)  # (P, 2)
+    fused = torch.empty(len(pairs))
+    device = next(iter(img.values())).device
+    for start in tqdm(range(0, len(pairs), batch_size), desc=f"re-rank top-{k}", disable=not progress, leave=False):
+        i, t = pairs[start : start + batch_size].to(device).unbind(1)  # (b,), (b,)
+        rows_img = {name: v[i] for name, v in img.items()}  # each image's tokens were encoded once
+        rows_txt = {name: v[t] for name, v in txt.items()}
+        fused[start : start + batch_size] = model.score_pairs(rows_img, rows_txt).float().cpu()
+    full = torch.full((n_img, n_txt), float("-inf"))
+    full[pairs[:, 0], pairs[:, 1]] = fused  # stage-2 score of every candidate pair
+    in_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, scores.topk(min(k, n_txt), dim=1).indices, True)
+    in_t2i = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(0, scores.topk(min(k, n_img), dim=0).indices, True)
+    neg_inf = torch.tensor(float("-inf"))
+    return torch.where(in_i2t, full, neg_inf), torch.where(in_t2i, full, neg_inf)

@@ -1,0 +1,257 @@
+"""SCAN's cross-attention score for every image-caption pair, batched, masked and chunked.
+
+Stacked Cross Attention (Lee et al., "Stacked Cross Attention for Image-Text Matching", ECCV 2018).
+The reference (kuanghuei/SCAN `xattn_score_t2i` / `xattn_score_i2t`) loops over captions in Python and
+builds one D-dimensional attended vector per (image, caption, query item). We never do: with raw scores
+s = context . query^T and attention a (a function of s alone), the attended vector c = sum_k a_k x_k of the
+context items x_k only enters the score through
+
+    query . c = sum_k a_k s_k          and          ||c||^2 = a^T G a,  G = X X^T (the context's Gram),
+
+so every pair comes from one large GEMM plus small per-item Grams. Both directions share one core written
+in terms of a *context* (attended over, softmax axis) and a *query* (its items are scored and pooled):
+
+    t2i: context = image regions, query = caption words  ->  core output (n_img, n_txt)
+    i2t: context = caption words, query = image regions  ->  core output (n_txt, n_img), transposed
+
+Padded words are zeroed on entry (padded positions may hold garbage), masked out of the normalisation
+across words, the softmax over words (i2t) and the pooling (t2i), so the numbers equal the reference's
+per-caption loop that cuts each caption to its length.
+
+Speed: the work besides the GEMM is a handful of elementwise passes over the raw (C, Lc, Q, Lq) tensor.
+We run them chunk by chunk on chunks small enough to stay in cache, into two reused buffers, in place
+when no gradient is needed; see `benchmarks/scan_scoring.py` for the figures.
+
+Legend: C context items in a chunk (images for t2i, captions for i2t), Lc items per context (R regions or
+W words), Q query items in a chunk, Lq items per query, D width, R regions, W words (padded length).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RAW_FEATURE_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm")
+AGG_FUNCS = ("LogSumExp", "Max", "Sum", "Mean")
+DIRECTIONS = ("t2i", "i2t")
+
+EPS = 1e-8  # the reference's eps in l1norm, l2norm and cosine_similarity
+LEAKY_SLOPE = 0.1  # the reference's nn.LeakyReLU(0.1) in the clipped_* norms
+# Every norm but clipped/no_norm maps raw scores into [-1, 1], so exp(lambda * x) cannot overflow in float32
+# (nor can its square in a^T G a) when |lambda| stays below this; beyond it we subtract the max first.
+_MAX_UNSHIFTED_LAMBDA = 30.0
+# Default chunk size, in elements of the raw (C, Lc, Q, Lq) tensor: 16 MiB per buffer (two are live), so the
+# elementwise passes after the GEMM mostly hit the L3 cache, and the chunk's GEMM stays large and efficient.
+_CHUNK_ELEMS = 1 << 22
+_MIN_GEMM_ROWS = 256
+
+
+def scan_similarity(
+    images: Tensor,
+    captions: Tensor,
+    cap_lens: Tensor,
+    direction: str = "t2i",
+    raw_feature_norm: str = "clipped_l2norm",
+    agg_func: str = "LogSumExp",
+    lambda_softmax: float = 9.0,
+    lambda_lse: float = 6.0,
+    *,
+    img_chunk: int | None = None,
+    txt_chunk: int | None = None,
+) -> Tensor:
+    """SCAN similarity of every image with every caption.
+
+    Args:
+        images: region features (n_img, R, D), used as given (SCAN l2-normalises them first).
+        captions: word features (n_txt, W, D); positions at or after a caption's length are ignored and
+            may hold anything.
+        cap_lens: (n_txt,) true caption lengths, each in [1, W].
+        direction: "t2i" (words attend to regions, pool over words) or "i2t" (regions attend to words,
+            pool over regions).
+        raw_feature_norm: normalisation of the raw scores across the query axis: one of
+            `RAW_FEATURE_NORMS`.
+        agg_func: pooling of the per-item relevances: "LogSumExp", "Max", "Sum" or "Mean".
+        lambda_softmax: inverse temperature of the softmax over the context axis.
+        lambda_lse: inverse temperature of LogSumExp pooling.
+        img_chunk: images per chunk (default: sized so one raw chunk holds about 1M elements).
+        txt_chunk: captions per chunk (default: likewise). Memory stays bounded by the chunk, whatever
+            n_img x n_txt; without gradients, two raw-chunk buffers are reused across all chunks.
+
+    Returns:
+        (n_img, n_txt) scores, differentiable with respect to `images` and `captions`.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if raw_feature_norm not in RAW_FEATURE_NORMS:
+        raise ValueError(f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {raw_feature_norm!r}")
+    if agg_func not in AGG_FUNCS:
+        raise ValueError(f"agg_func must be one of {AGG_FUNCS}, got {agg_func!r}")
+    n_img, R, D = images.shape
+    n_txt, W, Dt = captions.shape
+    if Dt != D or cap_lens.shape != (n_txt,):
+        raise ValueError(
+            f"shapes disagree: images {tuple(images.shape)}, captions {tuple(captions.shape)}, "
+            f"cap_lens {tuple(cap_lens.shape)}"
+        )
+    if n_txt and (int(cap_lens.min()) < 1 or int(cap_lens.max()) > W):
+        raise ValueError(f"cap_lens must lie in [1, {W}]")
+
+    word_mask = torch.arange(W, device=captions.device) < cap_lens.to(captions.device)[:, None]  # (n_txt, W)
+    # Zero the padding (garbage, maybe NaN) so padded words give exactly zero raw scores and Gram entries.
+    captions = torch.where(word_mask[..., None], captions, captions.new_zeros(()))  # (n_txt, W, D)
+
+    if direction == "t2i":
+        ctx, ctx_mask, qry, qry_mask = images, None, captions, word_mask  # regions are all real
+        ctx_chunk, qry_chunk = img_chunk, txt_chunk
+    else:
+        region_mask = torch.ones(n_img, R, dtype=torch.bool, device=images.device)  # (n_img, R)
+        ctx, ctx_mask, qry, qry_mask = captions, word_mask, images, region_mask
+        ctx_chunk, qry_chunk = txt_chunk, img_chunk
+    C, Lc = ctx.shape[:2]
+    Q, Lq = qry.shape[:2]
+    ctx_chunk, qry_chunk = _chunk_sizes(C, Lc, Q, Lq, ctx_chunk, qry_chunk)
+
+    gram = torch.bmm(ctx, ctx.transpose(1, 2))  # (C, Lc, Lc)
+    qry_norm = torch.linalg.vector_norm(qry, dim=-1)  # (Q, Lq)
+    inplace = not (torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad))
+    buffers = None
+    if inplace:
+        n = min(ctx_chunk, C) * Lc * min(qry_chunk, Q) * Lq
+        buffers = (ctx.new_empty(n), ctx.new_empty(n))  # reused by every chunk: no page faults, warm cache
+
+    rows = []
+    for c0 in range(0, C, ctx_chunk):
+        cs = slice(c0, c0 + ctx_chunk)
+        ctx_flat = ctx[cs].reshape(-1, D)  # (C*Lc, D)
+        cols = []
+        for q0 in range(0, Q, qry_chunk):
+            qs = slice(q0, q0 + qry_chunk)
+            rel = _relevance(
+                ctx_flat,
+                gram[cs],
+                None if ctx_mask is None else ctx_mask[cs],
+                qry[qs],
+                qry_norm[qs],
+                qry_mask[qs],
+                raw_feature_norm,
+                lambda_softmax,
+                buffers,
+            )  # (C, Q, Lq)
+            cols.append(_pool(rel, qry_mask[qs], agg_func, lambda_lse))  # (C, Q)
+        rows.append(torch.cat(cols, dim=1))
+    scores = torch.cat(rows, dim=0) if rows else ctx.new_zeros(C, Q)  # (C, Q)
+    return scores if direction == "t2i" else scores.t()  # (n_img, n_txt)
+
+
+def _chunk_sizes(C: int, Lc: int, Q: int, Lq: int, ctx_chunk: int | None, qry_chunk: int | None) -> tuple[int, int]:
+    """Chunk sizes (context items, query items) for a raw chunk of about `_CHUNK_ELEMS` elements.
+
+    The query side is made as wide as the budget allows with at least `_MIN_GEMM_ROWS` context rows, since
+    the chunk's GEMM is (C*Lc, D) @ (D, Q*Lq) and a wide, not too short, GEMM runs near full speed.
+    """
+    if qry_chunk is None:
+        rows = ctx_chunk * Lc if ctx_chunk is not None else min(C * Lc, _MIN_GEMM_ROWS)
+        qry_chunk = _CHUNK_ELEMS // (rows * Lq)
+    qry_chunk = max(1, min(Q, qry_chunk))
+    if ctx_chunk is None:
+        ctx_chunk = _CHUNK_ELEMS // (Lc * Lq * qry_chunk)
+    return max(1, min(C, ctx_chunk)), qry_chunk
+
+
+def _relevance(
+    ctx_flat: Tensor,
+    gram: Tensor,
+    ctx_mask: Tensor | None,
+    qry: Tensor,
+    qry_norm: Tensor,
+    qry_mask: Tensor,
+    raw_feature_norm: str,
+    lambda_softmax: float,
+    buffers: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """Cosine between every query item and its attended context vector, for one chunk of pairs.
+
+    Args:
+        ctx_flat: (C*Lc, D) context items of C contexts, padding zeroed.
+        gram: (C, Lc, Lc) their Grams.
+        ctx_mask: (C, Lc) true for real context items, or None when all are real.
+        qry: (Q, Lq, D) query items, padding zeroed.
+        qry_norm: (Q, Lq) their l2 norms.
+        qry_mask: (Q, Lq) true for real query items.
+        raw_feature_norm: see `scan_similarity`.
+        lambda_softmax: see `scan_similarity`.
+        buffers: two flat scratch buffers of at least C*Lc*Q*Lq elements, or None to work out of place
+            (needed when autograd records the graph).
+
+    Returns:
+        (C, Q, Lq) relevances; entries of padded query items are meaningless.
+    """
+    C, Lc = gram.shape[:2]
+    Q, Lq, D = qry.shape
+    n = C * Lc * Q * Lq
+    inplace = buffers is not None
+    shape4 = (C, Lc, Q, Lq)
+
+    s_out = buffers[0][:n].view(C * Lc, Q * Lq) if inplace else None
+    s = torch.mm(ctx_flat, qry.reshape(Q * Lq, D).t(), out=s_out).view(shape4)  # (C, Lc, Q, Lq) raw scores
+
+    # Normalise across the query axis (innermost: contiguous) for each context item, giving x; then the
+    # softmax across the context axis (dim 1) is e = exp(lambda * x - shift), a = e / z. lambda rides along
+    # with the normalising scale so that each step is one pass.
+    e = buffers[1][:n].view(shape4) if inplace else None
+    if raw_feature_norm.startswith("clipped"):
+        e = torch.ops.aten.leaky_relu.out(s, LEAKY_SLOPE, out=e) if inplace else F.leaky_relu(s, LEAKY_SLOPE)
+    elif raw_feature_norm == "softmax":
+        pad = ~qry_mask  # (Q, Lq): padded words must not share the softmax across words
+        e = e.copy_(s).masked_fill_(pad, -math.inf) if inplace else s.masked_fill(pad, -math.inf)
+        e = _softmax_last(e, inplace)
+    else:
+        e = e.copy_(s) if inplace else s  # keep s: the dot product below needs the raw scores
+    if raw_feature_norm.endswith("l2norm"):
+        scale = lambda_softmax / (torch.linalg.vector_norm(e, dim=-1, keepdim=True) + EPS)  # (C, Lc, Q, 1)
+    elif raw_feature_norm.endswith("l1norm"):
+        scale = lambda_softmax / (torch.linalg.vector_norm(e, ord=1, dim=-1, keepdim=True) + EPS)  # (C, Lc, Q, 1)
+    else:
+        scale = lambda_softmax
+    e = e.mul_(scale) if inplace else e * scale  # (C, Lc, Q, Lq) lambda * x
+    if ctx_mask is not None:
+        pad = ~ctx_mask[:, :, None, None]  # (C, Lc, 1, 1): padded context words get zero attention (i2t)
+        e = e.masked_fill_(pad, -math.inf) if inplace else e.masked_fill(pad, -math.inf)
+    bounded = raw_feature_norm not in ("clipped", "no_norm")  # |x| <= 1
+    if not bounded or abs(lambda_softmax) > _MAX_UNSHIFTED_LAMBDA:
+        shift = e.amax(dim=1, keepdim=True)  # (C, 1, Q, Lq)
+        e = e.sub_(shift) if inplace else e - shift
+    e = e.exp_() if inplace else e.exp()  # (C, Lc, Q, Lq) unnormalised attention
+    z = e.sum(dim=1)  # (C, Q, Lq)
+
+    # query . c = sum_k a_k s_k, and ||c||^2 = a^T G a; both scaled by z here, divided out below.
+    dot = torch.linalg.vecdot(e, s, dim=1)  # (C, Q, Lq)
+    ge_out = buffers[0][:n].view(C, Lc, Q * Lq) if inplace else None  # s is no longer needed
+    ge = torch.bmm(gram, e.view(C, Lc, Q * Lq), out=ge_out).view(shape4)  # (C, Lc, Q, Lq)
+    quad = torch.linalg.vecdot(e, ge, dim=1)  # (C, Q, Lq)
+
+    # Reference cosine: w12 / (w1 * w2).clamp(min=eps) with w1 = ||query item||, w2 = ||c||.
+    c_norm = quad.clamp_min(0).sqrt() / z  # (C, Q, Lq)
+    return (dot / z) / (qry_norm * c_norm).clamp_min(EPS)  # (C, Q, Lq)
+
+
+def _softmax_last(x: Tensor, inplace: bool) -> Tensor:
+    """Softmax over the last dim, in place when allowed; rows hold at least one finite entry."""
+    if not inplace:
+        return torch.softmax(x, dim=-1)
+    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+    return x.div_(x.sum(dim=-1, keepdim=True))
+
+
+def _pool(rel: Tensor, qry_mask: Tensor, agg_func: str, lambda_lse: float) -> Tensor:
+    """Pool relevances (C, Q, Lq) over the real query items into (C, Q)."""
+    pad = ~qry_mask  # (Q, Lq)
+    if agg_func == "LogSumExp":
+        return torch.logsumexp((rel * lambda_lse).masked_fill(pad, -math.inf), dim=-1) / lambda_lse
+    if agg_func == "Max":
+        return rel.masked_fill(pad, -math.inf).amax(dim=-1)
+    total = rel.masked_fill(pad, 0.0).sum(dim=-1)  # (C, Q)
+    return total if agg_func == "Sum" else total / qry_mask.sum(dim=-1)
