@@ -206,3 +206,5 @@ def test_public_reexport_and_errors():
         scan_similarity(images, captions, cap_lens, agg_func="Median")
     with pytest.raises(ValueError, match="cap_lens"):
         scan_similarity(images, captions, torch.tensor([0, 3]))
+    assert scan_similarity(images[:0], captions, cap_lens).shape == (0, 2)
+    assert scan_similarity(images, captions[:0], cap_lens[:0], direction="i2t").shape == (2, 0)

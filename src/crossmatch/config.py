@@ -21,7 +21,10 @@ from crossmatch.errors import ConfigError
 @dataclass
 class DataConfig:
     root: str = "data/shapes"  # dataset folder: dataset.json + images/ (karpathy) or {split}_ims.npy (scan)
-    format: str = "karpathy"  # karpathy | scan_precomputed
+    format: str = "karpathy"  # see crossmatch.data.formats (karpathy, ...)
+    json_name: str = ""  # karpathy: the JSON file in root (default dataset.json; dataset_coco.json for COCO)
+    image_dir: str = ""  # karpathy: image folder (default {root}/images)
+    restval: bool = False  # karpathy COCO: fold the "restval" split into train
     image_size: int = 64  # square side the image transform resizes to
     train_split: str = "train"  # split names as written in the dataset file
     val_split: str = "val"

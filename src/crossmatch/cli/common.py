@@ -9,22 +9,21 @@ import torch
 from torch import nn
 
 from crossmatch.config import RunConfig, apply_overrides, config_from_dict
-from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, ImageView
+from crossmatch.data import formats
+from crossmatch.data.datasets import CaptionView, ImageCaptionDataset
 from crossmatch.data.loaders import build_eval_loader
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import build_image_transform
 from crossmatch.engine.checkpoint import load_checkpoint
-from crossmatch.errors import CheckpointError, ConfigError
+from crossmatch.errors import CheckpointError
 from crossmatch.evaluation.evaluate import EvalData, compute_scores, evaluate_retrieval
 from crossmatch.models.registry import create_model
 
 MAX_BOXES = 8  # object boxes read per image for box-region models
 
 
-def open_split(cfg: RunConfig, split: str) -> ImageCaptionDataset:
-    if cfg.data.format != "karpathy":
-        raise ConfigError(f"unknown data.format {cfg.data.format!r}; known: karpathy")
-    return ImageCaptionDataset(cfg.data.root, split)
+def open_split(cfg: RunConfig, split: str):
+    return formats.open_split(cfg.data, split)
 
 
 def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer) -> nn.Module:
@@ -47,7 +46,7 @@ def build_eval_data(cfg: RunConfig, ds: ImageCaptionDataset, tokenizer: CaptionT
     transform = build_image_transform(cfg.data.image_size, train=False)
     return EvalData(
         image_loader=build_eval_loader(
-            ImageView(ds, transform, needs_boxes(model)), cfg.eval.batch_size, cfg.data.num_workers
+            ds.image_view(transform, needs_boxes(model)), cfg.eval.batch_size, cfg.data.num_workers
         ),
         text_loader=build_eval_loader(CaptionView(ds, tokenizer), cfg.eval.batch_size, cfg.data.num_workers),
         txt_to_img=torch.tensor(ds.txt_to_img),

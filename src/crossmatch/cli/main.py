@@ -6,11 +6,17 @@ Errors in the user's input (CrossmatchError) print one line naming the culprit a
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
 
 from crossmatch.errors import CrossmatchError
+
+# Modules that add commands: each has `add_parsers(sub, data_sub)` (argparse sub-parser groups of
+# `crossmatch` and of `crossmatch data`) and `run(args) -> bool` (True when it handled the command).
+# They are imported when the parser is built, so keep their top-level imports light (no torch).
+COMMAND_MODULES: list[str] = []
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,11 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default="data/shapes", help="dataset folder (generated when missing)")
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("overrides", nargs="*", help="dotted config overrides for the demo run")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parsers(sub, data)
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "data":
+    for name in COMMAND_MODULES:
+        if importlib.import_module(name).run(args):
+            return 0
+    if args.command == "data" and args.data_command == "shapes":
         from crossmatch.data.shapes import generate_shapes
 
         path = generate_shapes(

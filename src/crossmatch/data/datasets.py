@@ -104,6 +104,10 @@ class ImageCaptionDataset:
             path=path, imgid=entry.get("imgid", entry.get("cocoid", entry["filename"])), boxes=entry.get("boxes")
         )
 
+    def image_view(self, transform, max_boxes: int = 0) -> Dataset:
+        """The per-image torch Dataset of this split (formats with precomputed features return theirs)."""
+        return ImageView(self, transform, max_boxes)
+
     @property
     def img_to_txt(self) -> list[list[int]]:
         return [r.caption_ids for r in self.images]
@@ -153,7 +157,7 @@ class PairView(Dataset):
     """
 
     def __init__(self, ds: ImageCaptionDataset, tokenizer: CaptionTokenizer, transform, max_boxes: int = 0):
-        self.images = ImageView(ds, transform, max_boxes)
+        self.images = ds.image_view(transform, max_boxes)
         self.captions = CaptionView(ds, tokenizer)
 
     def __len__(self) -> int:

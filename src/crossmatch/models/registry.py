@@ -15,7 +15,7 @@ from crossmatch.errors import ModelError
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # Facts about the data (vocabulary size, image side, caption length) that a model config may need;
 # set for the duration of one create_model call and applied only to configs that have such fields.
-_DATA_DEFAULTS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("data_defaults", default={})
+_DATA_DEFAULTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("data_defaults", default=None)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -59,7 +59,7 @@ def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ModelError(f"unknown key(s) for {config_cls.__name__}: {', '.join('model.' + k for k in unknown)}")
-    data = {k: v for k, v in _DATA_DEFAULTS.get().items() if k in names}
+    data = {k: v for k, v in (_DATA_DEFAULTS.get() or {}).items() if k in names}
     return config_cls(**{**defaults, **data, **overrides})
 
 

@@ -76,9 +76,10 @@ def scan_similarity(
         agg_func: pooling of the per-item relevances: "LogSumExp", "Max", "Sum" or "Mean".
         lambda_softmax: inverse temperature of the softmax over the context axis.
         lambda_lse: inverse temperature of LogSumExp pooling.
-        img_chunk: images per chunk (default: sized so one raw chunk holds about 1M elements).
+        img_chunk: images per chunk (default: sized so one raw chunk holds about 4M elements, 16 MiB).
         txt_chunk: captions per chunk (default: likewise). Memory stays bounded by the chunk, whatever
-            n_img x n_txt; without gradients, two raw-chunk buffers are reused across all chunks.
+            n_img x n_txt: without gradients, two raw-chunk buffers are reused across all chunks (with
+            gradients, autograd keeps each chunk's intermediates, a few times n_img x R x n_txt x W).
 
     Returns:
         (n_img, n_txt) scores, differentiable with respect to `images` and `captions`.
@@ -98,6 +99,8 @@ def scan_similarity(
         )
     if n_txt and (int(cap_lens.min()) < 1 or int(cap_lens.max()) > W):
         raise ValueError(f"cap_lens must lie in [1, {W}]")
+    if n_img == 0 or n_txt == 0:
+        return images.new_zeros(n_img, n_txt)
 
     word_mask = torch.arange(W, device=captions.device) < cap_lens.to(captions.device)[:, None]  # (n_txt, W)
     # Zero the padding (garbage, maybe NaN) so padded words give exactly zero raw scores and Gram entries.
@@ -115,12 +118,17 @@ def scan_similarity(
     ctx_chunk, qry_chunk = _chunk_sizes(C, Lc, Q, Lq, ctx_chunk, qry_chunk)
 
     gram = torch.bmm(ctx, ctx.transpose(1, 2))  # (C, Lc, Lc)
+    # One extra row, the context mask, makes the Gram product also return the softmax's sum over real
+    # context items: z = mask^T e, for free instead of one more pass over the raw tensor.
+    ones = torch.ones(C, Lc, dtype=ctx.dtype, device=ctx.device) if ctx_mask is None else ctx_mask.to(ctx.dtype)
+    gram = torch.cat([gram, ones[:, None, :]], dim=1)  # (C, Lc+1, Lc)
     qry_norm = torch.linalg.vector_norm(qry, dim=-1)  # (Q, Lq)
     inplace = not (torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad))
     buffers = None
     if inplace:
         n = min(ctx_chunk, C) * Lc * min(qry_chunk, Q) * Lq
-        buffers = (ctx.new_empty(n), ctx.new_empty(n))  # reused by every chunk: no page faults, warm cache
+        n_aug = n // Lc * (Lc + 1)  # the first buffer also takes the Gram product and its extra row
+        buffers = (ctx.new_empty(n_aug), ctx.new_empty(n))  # reused by every chunk: no page faults, warm cache
 
     rows = []
     for c0 in range(0, C, ctx_chunk):
@@ -142,7 +150,7 @@ def scan_similarity(
             )  # (C, Q, Lq)
             cols.append(_pool(rel, qry_mask[qs], agg_func, lambda_lse))  # (C, Q)
         rows.append(torch.cat(cols, dim=1))
-    scores = torch.cat(rows, dim=0) if rows else ctx.new_zeros(C, Q)  # (C, Q)
+    scores = torch.cat(rows, dim=0)  # (C, Q)
     return scores if direction == "t2i" else scores.t()  # (n_img, n_txt)
 
 
@@ -176,20 +184,20 @@ def _relevance(
 
     Args:
         ctx_flat: (C*Lc, D) context items of C contexts, padding zeroed.
-        gram: (C, Lc, Lc) their Grams.
+        gram: (C, Lc+1, Lc) their Grams, with the context mask appended as a last row.
         ctx_mask: (C, Lc) true for real context items, or None when all are real.
         qry: (Q, Lq, D) query items, padding zeroed.
         qry_norm: (Q, Lq) their l2 norms.
         qry_mask: (Q, Lq) true for real query items.
         raw_feature_norm: see `scan_similarity`.
         lambda_softmax: see `scan_similarity`.
-        buffers: two flat scratch buffers of at least C*Lc*Q*Lq elements, or None to work out of place
+        buffers: two flat scratch buffers of at least C*(Lc+1)*Q*Lq and C*Lc*Q*Lq elements, or None to work out of place
             (needed when autograd records the graph).
 
     Returns:
         (C, Q, Lq) relevances; entries of padded query items are meaningless.
     """
-    C, Lc = gram.shape[:2]
+    C, Lc = gram.shape[0], gram.shape[2]
     Q, Lq, D = qry.shape
     n = C * Lc * Q * Lq
     inplace = buffers is not None
@@ -217,21 +225,28 @@ def _relevance(
     else:
         scale = lambda_softmax
     e = e.mul_(scale) if inplace else e * scale  # (C, Lc, Q, Lq) lambda * x
-    if ctx_mask is not None:
-        pad = ~ctx_mask[:, :, None, None]  # (C, Lc, 1, 1): padded context words get zero attention (i2t)
-        e = e.masked_fill_(pad, -math.inf) if inplace else e.masked_fill(pad, -math.inf)
     bounded = raw_feature_norm not in ("clipped", "no_norm")  # |x| <= 1
-    if not bounded or abs(lambda_softmax) > _MAX_UNSHIFTED_LAMBDA:
+    shifted = not bounded or abs(lambda_softmax) > _MAX_UNSHIFTED_LAMBDA
+    if ctx_mask is not None and shifted:
+        pad = ~ctx_mask[:, :, None, None]  # (C, Lc, 1, 1): padded context words must not set the max (i2t)
+        e = e.masked_fill_(pad, -math.inf) if inplace else e.masked_fill(pad, -math.inf)
+    if shifted:
         shift = e.amax(dim=1, keepdim=True)  # (C, 1, Q, Lq)
         e = e.sub_(shift) if inplace else e - shift
     e = e.exp_() if inplace else e.exp()  # (C, Lc, Q, Lq) unnormalised attention
-    z = e.sum(dim=1)  # (C, Q, Lq)
+    N = Q * Lq
 
-    # query . c = sum_k a_k s_k, and ||c||^2 = a^T G a; both scaled by z here, divided out below.
-    dot = torch.linalg.vecdot(e, s, dim=1)  # (C, Q, Lq)
-    ge_out = buffers[0][:n].view(C, Lc, Q * Lq) if inplace else None  # s is no longer needed
-    ge = torch.bmm(gram, e.view(C, Lc, Q * Lq), out=ge_out).view(shape4)  # (C, Lc, Q, Lq)
-    quad = torch.linalg.vecdot(e, ge, dim=1)  # (C, Q, Lq)
+    # query . c = sum_k a_k s_k, and ||c||^2 = a^T G a, here times z and z^2 (divided out below). Padded
+    # context words have s = 0 and zero Gram rows and columns, so whatever their e, they add nothing.
+    if inplace:  # s is not needed after the dot product: its buffer takes the Gram product, no temporaries
+        dot = s.mul_(e).sum(dim=1)  # (C, Q, Lq)
+        ge_z = torch.bmm(gram, e.view(C, Lc, N), out=buffers[0][: C * (Lc + 1) * N].view(C, Lc + 1, N))
+    else:
+        dot = torch.linalg.vecdot(e, s, dim=1)  # (C, Q, Lq)
+        ge_z = torch.bmm(gram, e.view(C, Lc, N))  # (C, Lc+1, N)
+    ge = ge_z[:, :Lc].view(shape4)  # (C, Lc, Q, Lq) G e
+    z = ge_z[:, Lc].view(C, Q, Lq)  # (C, Q, Lq) softmax denominators, over real context items only
+    quad = ge.mul_(e).sum(dim=1) if inplace else torch.linalg.vecdot(e, ge, dim=1)  # (C, Q, Lq)
 
     # Reference cosine: w12 / (w1 * w2).clamp(min=eps) with w1 = ||query item||, w2 = ||c||.
     c_norm = quad.clamp_min(0).sqrt() / z  # (C, Q, Lq)

@@ -1,0 +1,40 @@
+"""Dataset formats by name (`data.format`): each reader opens one split of a dataset folder and returns
+an object with the `ImageCaptionDataset` interface (captions, txt_to_img, img_to_txt, twins, images,
+image_view(transform, max_boxes))."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from crossmatch.config import DataConfig
+from crossmatch.data.datasets import ImageCaptionDataset
+from crossmatch.errors import ConfigError
+
+_FORMATS: dict[str, Callable[[DataConfig, str], ImageCaptionDataset]] = {}
+
+
+def register_format(name: str):
+    """Decorator: `@register_format("jsonl")` on `reader(cfg: DataConfig, split: str) -> dataset`."""
+
+    def wrap(fn):
+        _FORMATS[name] = fn
+        return fn
+
+    return wrap
+
+
+def open_split(cfg: DataConfig, split: str):
+    """One split of the dataset described by `cfg` (data.root, data.format)."""
+    if cfg.format not in _FORMATS:
+        raise ConfigError(f"unknown data.format {cfg.format!r}; known: {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[cfg.format](cfg, split)
+
+
+@register_format("karpathy")
+def karpathy(cfg: DataConfig, split: str) -> ImageCaptionDataset:
+    """Karpathy-split JSON (Flickr30K, COCO, the shapes data): {root}/dataset.json + {root}/images/."""
+    json_name = cfg.json_name or "dataset.json"
+    image_dir = Path(cfg.image_dir) if cfg.image_dir else None
+    splits = [split, "restval"] if (cfg.restval and split == cfg.train_split) else split
+    return ImageCaptionDataset(cfg.root, splits, image_dir=image_dir, json_name=json_name)
