@@ -30,6 +30,7 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     augment: bool = True  # random resized crop + flip (flip is off: captions name left and right)
+    tokenizer: str = "word"  # word: train a word-level vocabulary; else a tokenizer.json (or its folder)
     min_word_freq: int = 1  # words seen fewer times in train captions map to [UNK]
     max_words: int = 32  # captions are cut to this many tokens
     num_workers: int = 0  # DataLoader workers; 0 keeps everything in the main process

@@ -14,7 +14,7 @@ from crossmatch.cli.common import build_model, make_evaluator, needs_boxes, open
 from crossmatch.config import RunConfig, config_from_dict, config_to_dict, save_config
 from crossmatch.data.datasets import PairView
 from crossmatch.data.loaders import build_train_loader
-from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import build_image_transform
 from crossmatch.engine.checkpoint import Checkpointer
 from crossmatch.engine.distributed import DistInfo, init_distributed
@@ -39,7 +39,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     seed_everything(cfg.train.seed)
     train_ds = open_split(cfg, cfg.data.train_split)
     if tokenizer is None:
-        tokenizer = CaptionTokenizer.train(train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
+        tokenizer = build_tokenizer(cfg.data.tokenizer, train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
     model = build_model(cfg, tokenizer).to(dist.device)
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)

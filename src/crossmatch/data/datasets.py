@@ -26,6 +26,7 @@ class ImageRecord:
     imgid: int | str  # id in the dataset file
     caption_ids: list[int] = field(default_factory=list)  # indices into ImageCaptionDataset.captions
     boxes: list[list[float]] | None = None  # (K, 4) xyxy pixels, when the dataset records objects
+    pid: int | None = None  # person identity (person-search datasets): relevance is by identity
 
 
 def read_karpathy_json(path: Path) -> dict:
@@ -130,6 +131,8 @@ class ImageView(Dataset):
         boxes = rec.boxes[: self.max_boxes] if (self.max_boxes and rec.boxes) else None
         image, boxes = apply_transform(self.transform, load_image(rec.path), boxes)
         item = {"image": image, "image_idx": i}
+        if rec.pid is not None:
+            item["pid"] = rec.pid
         if self.max_boxes:
             item["boxes"] = boxes if boxes is not None else torch.zeros(0, 4)
         return item

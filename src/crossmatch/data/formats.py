@@ -4,6 +4,7 @@ image_view(transform, max_boxes))."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from crossmatch.data.datasets import ImageCaptionDataset
 from crossmatch.errors import ConfigError
 
 _FORMATS: dict[str, Callable[[DataConfig, str], ImageCaptionDataset]] = {}
+# Modules that register more formats when imported (imported on first use of open_split).
+FORMAT_MODULES: list[str] = []
 
 
 def register_format(name: str):
@@ -26,6 +29,8 @@ def register_format(name: str):
 
 def open_split(cfg: DataConfig, split: str):
     """One split of the dataset described by `cfg` (data.root, data.format)."""
+    for name in FORMAT_MODULES:
+        importlib.import_module(name)
     if cfg.format not in _FORMATS:
         raise ConfigError(f"unknown data.format {cfg.format!r}; known: {', '.join(sorted(_FORMATS))}")
     return _FORMATS[cfg.format](cfg, split)

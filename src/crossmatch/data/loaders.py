@@ -1,7 +1,7 @@
 """Batching: the collate function, a resumable seeded sampler, and the DataLoader builders.
 
 Batch dict (B items): image (B, 3, S, S) float; input_ids (B, L) long, 0-padded; attention_mask (B, L)
-bool; image_idx, text_idx (B,) long; boxes (B, K, 4) and box_mask (B, K) when box regions are used.
+bool; image_idx, text_idx (B,) long; pid (B,) long person identities when the dataset has them; boxes (B, K, 4) and box_mask (B, K) when box regions are used.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, S, S)
     if "input_ids" in first:
         batch["input_ids"], batch["attention_mask"] = pad_sequences([it["input_ids"] for it in items])  # (B, L)
-    for key in ("image_idx", "text_idx"):
+    for key in ("image_idx", "text_idx", "pid"):
         if key in first:
             batch[key] = torch.tensor([it[key] for it in items], dtype=torch.long)  # (B,)
     if "boxes" in first:

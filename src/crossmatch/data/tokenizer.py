@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+from crossmatch.errors import ConfigError
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 
@@ -60,3 +62,15 @@ class CaptionTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i != PAD_ID])
+
+
+def build_tokenizer(name: str, captions: Iterable[str], min_freq: int = 1, max_words: int = 32) -> CaptionTokenizer:
+    """`word`: a word-level vocabulary trained on `captions`; otherwise a tokenizer.json file, or a folder
+    holding one (a pretrained text tower's own tokenizer)."""
+    if name == "word":
+        return CaptionTokenizer.train(captions, min_freq, max_words)
+    path = Path(name)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer {name!r}: no tokenizer.json there (use 'word' to train a vocabulary)")
+    return CaptionTokenizer.from_file(path, max_words)
