@@ -1,7 +1,8 @@
 """Batching: the collate function, a resumable seeded sampler, and the DataLoader builders.
 
 Batch dict (B items): image (B, 3, S, S) float; input_ids (B, L) long, 0-padded; attention_mask (B, L)
-bool; image_idx, text_idx (B,) long; pid (B,) long person identities when the dataset has them; boxes (B, K, 4) and box_mask (B, K) when box regions are used.
+bool; image_idx, text_idx (B,) long; pid (B,) long person identities when the dataset has them;
+boxes (B, K, 4) and box_mask (B, K) when box regions are used.
 """
 
 from __future__ import annotations
