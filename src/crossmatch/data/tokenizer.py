@@ -66,11 +66,23 @@ class CaptionTokenizer:
 
 def build_tokenizer(name: str, captions: Iterable[str], min_freq: int = 1, max_words: int = 32) -> CaptionTokenizer:
     """`word`: a word-level vocabulary trained on `captions`; otherwise a tokenizer.json file, or a folder
-    holding one (a pretrained text tower's own tokenizer)."""
+    holding one (a pretrained text tower's own tokenizer), or a packaged name such as `minilm`.
+
+    A loaded tokenizer is set to truncate to `max_words` ids itself (so a [CLS] ... [SEP] template keeps
+    its [SEP]) and not to pad: `collate` pads with 0 ([PAD] of BERT vocabularies and of ours) and builds
+    the attention mask from the true lengths. These settings travel with the saved tokenizer.json.
+    """
     if name == "word":
         return CaptionTokenizer.train(captions, min_freq, max_words)
-    path = Path(name)
+    from crossmatch.weights import resolve_text_checkpoint
+
+    path = Path(resolve_text_checkpoint(name))
     path = path / "tokenizer.json" if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"data.tokenizer {name!r}: no tokenizer.json there (use 'word' to train a vocabulary)")
-    return CaptionTokenizer.from_file(path, max_words)
+    tok = Tokenizer.from_file(str(path))
+    if tok.token_to_id("[PAD]") not in (None, PAD_ID):
+        raise ConfigError(f"data.tokenizer {name!r}: [PAD] has id {tok.token_to_id('[PAD]')}, collate pads with 0")
+    tok.no_padding()  # tokenizer.json files of BERT checkpoints often pad every caption to 128
+    tok.enable_truncation(max_length=max_words)
+    return CaptionTokenizer(tok, max_words)
