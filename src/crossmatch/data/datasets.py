@@ -157,11 +157,21 @@ class PairView(Dataset):
 
     Indices may come as (t, seed) from `EpochSampler`: the augmentation of that item then draws from
     its own generator, so a run resumed mid-epoch or with other worker counts sees identical crops.
+    With `skip_bad`, an unreadable image yields {"skipped": reason} instead of raising; `collate`
+    drops it and the Trainer counts it against `data.max_bad_samples`.
     """
 
-    def __init__(self, ds: ImageCaptionDataset, tokenizer: CaptionTokenizer, transform, max_boxes: int = 0):
+    def __init__(
+        self,
+        ds: ImageCaptionDataset,
+        tokenizer: CaptionTokenizer,
+        transform,
+        max_boxes: int = 0,
+        skip_bad: bool = False,
+    ):
         self.images = ds.image_view(transform, max_boxes)
         self.captions = CaptionView(ds, tokenizer)
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -169,8 +179,64 @@ class PairView(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         t, seed = index if isinstance(index, tuple) else (index, None)
         cap = self.captions[t]
-        if seed is None:
-            return {**self.images[cap["image_idx"]], **cap}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return {**self.images[cap["image_idx"]], **cap}
+        try:
+            if seed is None:
+                return {**self.images[cap["image_idx"]], **cap}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return {**self.images[cap["image_idx"]], **cap}
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            return {"skipped": str(err)}
+
+
+def dataset_from_entries(
+    entries: list[dict], split: str | list[str], image_dir: str | Path, source: str | Path, root: str | Path = ""
+) -> ImageCaptionDataset:
+    """One split of a dataset given as canonical entries, the lines of the JSONL format (crossmatch.data.jsonl):
+    {"image": path relative to `image_dir`, "captions": [str, ...], "split": str, "id"?: any, "pid"?: int,
+    "boxes"?: (K, 4), "twin"?: id}. Checks as the Karpathy reader does and raises on the first problem.
+
+    Args:
+        entries: every entry of the dataset file, in file order (other splits are skipped).
+        split: split name(s) to keep.
+        image_dir: folder the "image" paths are relative to.
+        source: the dataset file, named in error messages.
+        root: dataset folder (ImageCaptionDataset.root).
+    Raises:
+        DataError: an empty caption, an image without captions, a duplicate id, an empty split, missing files.
+    """
+    splits = [split] if isinstance(split, str) else list(split)
+    ds = ImageCaptionDataset.__new__(ImageCaptionDataset)  # the constructor reads a Karpathy file: bypass it
+    ds.root, image_dir, name = Path(root), Path(image_dir), Path(source).name
+    ds.images, ds.captions, ds.txt_to_img = [], [], []
+    id_to_index: dict = {}
+    twin_of: dict = {}
+    for entry in entries:
+        if entry.get("split") not in splits:
+            continue
+        image_id = entry.get("id", entry["image"])
+        pid = None if entry.get("pid") is None else int(entry["pid"])
+        rec = ImageRecord(image_dir / entry["image"], image_id, boxes=entry.get("boxes"), pid=pid)
+        for raw in entry.get("captions", []):
+            if not isinstance(raw, str) or not raw.strip():
+                raise DataError(f"empty caption for image {entry['image']} (id {image_id}) in {name}")
+            rec.caption_ids.append(len(ds.captions))
+            ds.captions.append(raw.strip())
+            ds.txt_to_img.append(len(ds.images))
+        if not rec.caption_ids:
+            raise DataError(f"image {entry['image']} (id {image_id}) has no captions in {name}")
+        if image_id in id_to_index:
+            raise DataError(f"duplicate image id {image_id} in {name}")
+        id_to_index[image_id] = len(ds.images)
+        if "twin" in entry:
+            twin_of[len(ds.images)] = entry["twin"]
+        ds.images.append(rec)
+    if not ds.images:
+        raise DataError(f"split {'+'.join(splits)!r} of {source} has no images")
+    missing = [r.path for r in ds.images if not r.path.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} image file(s) of split {'+'.join(splits)} missing, first: {missing[0]}")
+    ds.twins = sorted({tuple(sorted((i, id_to_index[t]))) for i, t in twin_of.items() if t in id_to_index})
+    return ds

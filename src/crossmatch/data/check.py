@@ -1,0 +1,175 @@
+"""Validation and conversion of dataset files, format by format, without the fail-fast checks of the readers:
+`check_entries` scans a whole file and reports every problem (missing or undecodable images, empty captions,
+images without captions, duplicate ids, entries without a split) with per-split statistics.
+
+Formats: Karpathy-split JSON (Flickr30K, COCO), JSONL (crossmatch.data.jsonl), and the person-search files
+of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes). All are read into canonical entries
+{"image", "captions", "split", "id"?, "pid"?}, which is also what conversion writes out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from crossmatch.data.jsonl import entries_to_karpathy, read_jsonl, read_karpathy_entries, write_jsonl
+from crossmatch.data.pedes import IMAGE_DIR as PEDES_IMAGE_DIR
+from crossmatch.data.pedes import PEDES, read_pedes
+from crossmatch.data.transforms import load_image
+from crossmatch.errors import ConfigError, DataError
+
+# format -> (default annotation file, default image folder), both relative to the dataset root.
+DEFAULTS: dict[str, tuple[str, str]] = {
+    "karpathy": ("dataset.json", "images"),
+    "jsonl": ("dataset.jsonl", "images"),
+    **{fmt: (spec.file, PEDES_IMAGE_DIR) for fmt, spec in PEDES.items()},
+}
+EXAMPLES = 3  # culprits printed per kind of problem
+
+
+@dataclass
+class Source:
+    """A dataset file and how to read it."""
+
+    fmt: str  # a key of DEFAULTS
+    file: Path  # the annotation file
+    image_dir: Path  # folder the image paths are relative to
+
+
+def guess_format(file: Path) -> str:
+    """The format of an annotation file from its name: *.jsonl, the person-search names, else Karpathy."""
+    if file.suffix == ".jsonl":
+        return "jsonl"
+    return next((fmt for fmt, spec in PEDES.items() if spec.file == file.name), "karpathy")
+
+
+def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = "", image_dir: str = "") -> Source:
+    """PATH (a dataset folder or its annotation file) + optional format, file name and image folder -> Source.
+
+    Raises:
+        ConfigError: unknown format, or a folder holding no known annotation file.
+    """
+    path = Path(path)
+    if fmt is not None and fmt not in DEFAULTS:
+        raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(DEFAULTS)}")
+    if path.is_file():
+        file = path
+    elif json_name:
+        file = path / json_name
+    else:
+        names = [DEFAULTS[fmt][0]] if fmt else [name for name, _ in DEFAULTS.values()]
+        found = [path / n for n in names if (path / n).is_file()] + sorted(path.glob("dataset_*.json"))
+        if not found:
+            raise ConfigError(f"no dataset file in {path} (looked for {', '.join(names)}); pass --json-name")
+        file = found[0]
+    fmt = fmt or guess_format(file)
+    return Source(fmt, file, Path(image_dir) if image_dir else file.parent / DEFAULTS[fmt][1])
+
+
+def read_entries(src: Source) -> list[dict]:
+    """Every canonical entry of the source file, in file order (structure checked, content not)."""
+    if src.fmt == "jsonl":
+        return read_jsonl(src.file)
+    if src.fmt in PEDES:
+        return read_pedes(src.file, src.fmt)
+    return read_karpathy_entries(src.file)
+
+
+@dataclass
+class Report:
+    """What `check_entries` found: culprits per kind of problem, and per-split statistics."""
+
+    problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    captions_per_image: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    pids: dict[str, set] = field(default_factory=lambda: defaultdict(set))
+
+    @property
+    def n_problems(self) -> int:
+        return sum(len(v) for v in self.problems.values())
+
+
+def check_entries(entries: list[dict], image_dir: Path, progress: bool = False) -> Report:
+    """Scan every entry: split and id bookkeeping first, then decode each image once (with a progress bar)."""
+    report, seen = Report(), Counter()
+    for e in entries:
+        split, name = e.get("split"), e["image"]
+        if not isinstance(split, str) or not split:
+            report.problems["no split"].append(name)
+        caps = e.get("captions", [])
+        report.captions_per_image[str(split)].append(len(caps))
+        if e.get("pid") is not None:
+            report.pids[str(split)].add(e["pid"])
+        if not caps:
+            report.problems["image without captions"].append(name)
+        bad = [k for k, c in enumerate(caps) if not isinstance(c, str) or not c.strip()]
+        report.problems["empty caption"] += [f"{name} (caption {k})" for k in bad]
+        key = json.dumps(e.get("id", name), sort_keys=True)  # ids may be ints or strings: compare exactly
+        seen[key] += 1
+        if seen[key] == 2:
+            report.problems["duplicate id"].append(f"{key} ({name})")
+    paths = list(dict.fromkeys(e["image"] for e in entries))
+    for name in tqdm(paths, desc="decode images", unit="img", disable=not progress):
+        file = image_dir / name
+        if not file.is_file():
+            report.problems["missing image"].append(str(file))
+            continue
+        try:
+            load_image(file)
+        except DataError as err:
+            report.problems["unreadable image"].append(str(err).removeprefix("cannot decode image "))
+    return report
+
+
+def format_report(src: Source, report: Report) -> str:
+    """The summary table: per split images, captions, captions per image (min/mean/max), identities;
+    then every kind of problem with its count and first culprits."""
+    lines = [f"{src.file} (format {src.fmt}, images under {src.image_dir})"]
+    lines.append(f"{'split':10}{'images':>9}{'captions':>10}{'cap/img min':>13}{'mean':>7}{'max':>5}{'ids':>8}")
+    for split, counts in report.captions_per_image.items():
+        ids = len(report.pids[split]) if report.pids[split] else "-"
+        lines.append(
+            f"{split:10}{len(counts):9d}{sum(counts):10d}{min(counts):13d}"
+            f"{statistics.mean(counts):7.2f}{max(counts):5d}{ids:>8}"
+        )
+    if not report.n_problems:
+        lines.append("no problems found")
+        return "\n".join(lines)
+    lines.append(f"{report.n_problems} problem(s):")
+    for kind, culprits in report.problems.items():
+        if culprits:
+            more = f" (+{len(culprits) - EXAMPLES} more)" if len(culprits) > EXAMPLES else ""
+            lines.append(f"  {kind:24}{len(culprits):6d}  e.g. {'; '.join(culprits[:EXAMPLES])}{more}")
+    return "\n".join(lines)
+
+
+def first_problem(report: Report) -> str:
+    kind, culprits = next((k, v) for k, v in report.problems.items() if v)
+    return f"{kind}: {culprits[0]}"
+
+
+def convert(src: Source, dst: str | Path, to: str) -> Path:
+    """Write the entries of `src` to `dst` as `to` (karpathy | jsonl); image paths stay relative to
+    `src.image_dir`. Returns the written path.
+
+    Raises:
+        ConfigError: unknown target format, or `dst` is the source file itself.
+    """
+    dst = Path(dst)
+    if to not in ("karpathy", "jsonl"):
+        raise ConfigError(f"--to {to!r}: choose karpathy or jsonl")
+    if dst.resolve() == src.file.resolve():
+        raise ConfigError(f"{dst} is the source file; choose another output path")
+    entries = read_entries(src)
+    if to == "jsonl":
+        return write_jsonl(entries, dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_text(json.dumps(entries_to_karpathy(entries, dataset=src.file.stem), ensure_ascii=False))
+    os.replace(tmp, dst)
+    return dst

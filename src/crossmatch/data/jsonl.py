@@ -1,0 +1,125 @@
+"""JSONL image-caption datasets (one JSON object per line), and conversion to and from the Karpathy-split
+JSON of Flickr30K and COCO (Karpathy & Fei-Fei, CVPR 2015).
+
+A line is one image, the *canonical entry* every format converts to:
+
+    {"image": "rel/path.jpg", "captions": ["...", ...], "split": "train", "id": 17, "pid": 3}
+
+`image` is relative to `data.image_dir` (default `{root}/images`); `id` (default: the image path) must be
+unique; `pid` (person identity) is optional and makes relevance identity-based in person search. Other
+keys (e.g. `boxes`, `twin`) travel through conversions unchanged. The file is
+`{root}/{data.json_name or 'dataset.jsonl'}`; blank lines are allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path, PurePosixPath
+
+from crossmatch.config import DataConfig
+from crossmatch.data.datasets import ImageCaptionDataset, dataset_from_entries, read_karpathy_json
+from crossmatch.data.formats import register_format
+from crossmatch.errors import DataError
+
+DEFAULT_NAME = "dataset.jsonl"
+ENTRY_KEYS = ("image", "captions", "split", "id", "pid")
+# Karpathy image keys that the entry represents in its own way (everything else is copied through).
+KARPATHY_KEYS = ("filename", "filepath", "sentences", "sentids", "imgid", "split")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every entry of a JSONL dataset file, checked for structure only (captions and files are not checked).
+
+    Raises:
+        DataError: missing file, a line that is not a JSON object, or an entry without "image"/"captions".
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError as err:
+        raise DataError(f"dataset file not found: {path}") from err
+    entries = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {n} is not valid JSON: {err.msg}") from err
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise DataError(f"{path} line {n} has no 'image' path (expected {{'image': ..., 'captions': [...]}})")
+        if not isinstance(entry.get("captions"), list):
+            raise DataError(f"{path} line {n} ({entry['image']}) has no 'captions' list")
+        entries.append(entry)
+    return entries
+
+
+def write_jsonl(entries: list[dict], path: str | Path) -> Path:
+    """Write entries one per line, atomically (a temporary file renamed onto `path`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    os.replace(tmp, path)
+    return path
+
+
+def karpathy_to_entries(data: dict) -> list[dict]:
+    """Karpathy-split JSON ({"images": [...]}) -> canonical entries, in file order.
+
+    The image path is `filepath/filename` (COCO keeps train2014/val2014 in `filepath`); the id is `imgid`
+    (else `cocoid`, else the file name), as `ImageCaptionDataset` reads it.
+    """
+    entries = []
+    for img in data["images"]:
+        if "filename" not in img:
+            raise DataError(f"image entry without 'filename': {str(img)[:80]}")
+        image = str(PurePosixPath(img.get("filepath", ""), img["filename"]))
+        sents = img.get("sentences", [])
+        captions = [s.get("raw") if isinstance(s, dict) else s for s in sents]
+        entry = {"image": image, "captions": captions, "split": img.get("split")}
+        entry["id"] = img.get("imgid", img.get("cocoid", img["filename"]))
+        entry.update({k: v for k, v in img.items() if k not in KARPATHY_KEYS})  # pid, boxes, twin, cocoid, ...
+        entries.append(entry)
+    return entries
+
+
+def entries_to_karpathy(entries: list[dict], dataset: str = "converted") -> dict:
+    """Canonical entries -> Karpathy-split JSON; sentence ids run over all captions in order."""
+    images, sentid = [], 0
+    for i, e in enumerate(entries):
+        path = PurePosixPath(e["image"])
+        imgid = e.get("id", i)
+        sents = []
+        for raw in e["captions"]:
+            tokens = re.findall(r"\w+", raw.lower()) if isinstance(raw, str) else []
+            sents.append({"raw": raw, "tokens": tokens, "imgid": imgid, "sentid": sentid})
+            sentid += 1
+        img = {"filename": path.name, "imgid": imgid, "split": e.get("split")}
+        if str(path.parent) != ".":
+            img["filepath"] = str(path.parent)
+        img.update({"sentids": [s["sentid"] for s in sents], "sentences": sents})
+        img.update({k: v for k, v in e.items() if k not in ENTRY_KEYS or k == "pid"})
+        images.append(img)
+    return {"dataset": dataset, "images": images}
+
+
+def read_karpathy_entries(path: str | Path) -> list[dict]:
+    """A Karpathy-split JSON file -> canonical entries."""
+    return karpathy_to_entries(read_karpathy_json(Path(path)))
+
+
+def train_splits(cfg: DataConfig, split: str) -> list[str]:
+    """The split names to read: COCO's "restval" joins train when data.restval is set."""
+    return [split, "restval"] if (cfg.restval and split == cfg.train_split) else [split]
+
+
+@register_format("jsonl")
+def jsonl(cfg: DataConfig, split: str) -> ImageCaptionDataset:
+    """{root}/{json_name or dataset.jsonl}, images under data.image_dir or {root}/images."""
+    root = Path(cfg.root)
+    path = root / (cfg.json_name or DEFAULT_NAME)
+    image_dir = Path(cfg.image_dir) if cfg.image_dir else root / "images"
+    return dataset_from_entries(read_jsonl(path), train_splits(cfg, split), image_dir, path, root)

@@ -1,0 +1,61 @@
+"""Text-based person search evaluation (CUHK-PEDES protocol, Li et al., CVPR 2017; mAP and mINP as in
+IRRA, Jiang & Ye, CVPR 2023): every caption of the split queries the split's image gallery, and an image is
+relevant when it shows the caption's person (same identity), not only when it is the caption's own image.
+
+Metrics (from `crossmatch.metrics.person_search_metrics`, pessimistic ties), keys prefixed `t2i_` since
+only the text-to-image direction is measured: t2i_r1, t2i_r5, t2i_r10 (CMC), t2i_mAP, t2i_mINP, in percent.
+Note that `t2i_r1` here is identity-level, while `evaluate_retrieval`'s `t2i_r1` is instance-level.
+
+Legend: N_img images (the gallery), N_txt captions (the queries).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from crossmatch.evaluation.evaluate import EvalData, compute_scores
+from crossmatch.metrics import person_search_metrics
+
+KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "t2i_mAP", "t2i_mINP")
+
+
+def image_pids(ds) -> Tensor | None:
+    """(N_img,) person identity of each image of a split, or None when any image has none."""
+    pids = [rec.pid for rec in ds.images]
+    return None if any(p is None for p in pids) else torch.tensor(pids, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate_person_search(
+    model: nn.Module,
+    data: EvalData,
+    image_pids: Tensor,
+    device: torch.device,
+    chunk_size: int = 512,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Text -> image person search on one split.
+
+    Args:
+        model: any model with the retrieval interface (encode_image, encode_text, similarity).
+        data: the split's loaders and `txt_to_img` (N_txt,).
+        image_pids: (N_img,) identity of each image; a caption's identity is that of its image.
+        chunk_size: images per block of the (N_img, N_txt) score matrix.
+    Returns:
+        {t2i_r1, t2i_r5, t2i_r10, t2i_mAP, t2i_mINP}, percentages.
+    """
+    image_pids = torch.as_tensor(image_pids, dtype=torch.long).cpu()
+    scores = compute_scores(model, data, device, chunk_size, progress)  # (N_img, N_txt)
+    if image_pids.numel() != scores.shape[0]:
+        raise ValueError(f"{image_pids.numel()} image pids for a split of {scores.shape[0]} images")
+    query_pids = image_pids[data.txt_to_img.cpu()]  # (N_txt,)
+    metrics = person_search_metrics(scores.t(), query_pids, image_pids, chunk_size=chunk_size)  # queries = texts
+    return {f"t2i_{k}": v for k, v in metrics.items()}
+
+
+def format_person_table(metrics: dict[str, float]) -> str:
+    """One-row table: text -> image R@1/5/10, mAP, mINP."""
+    head = f"{'':5}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mAP':>8}{'mINP':>8}"
+    row = f"{'t2i':5}" + "".join(f"{metrics[k]:8.2f}" for k in KEYS)
+    return f"{head}\n{row}"
