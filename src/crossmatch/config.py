@@ -59,6 +59,9 @@ class TrainConfig:
     seed: int = 0
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 cuts epochs short (smoke tests, demos)
     log_every: int = 20  # steps between scalar logs
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    accum_steps: int = 1  # micro-batches per optimizer step (each micro-batch has its own negatives)
+    compile: bool = False  # torch.compile the training step
 
 
 @dataclass
@@ -71,6 +74,10 @@ class EvalConfig:
     rerank_k: int = 0  # fusion models: re-score each query's top-k stage-1 candidates (0: stage 1 only)
     rerank_batch: int = 128  # pairs per score_pairs call when re-ranking
     first_stage: str = ""  # checkpoint of a dual encoder whose scores replace the model's own stage 1
+    precision: str = "fp32"  # fp32 | same (the train.precision autocast) | bf16 | fp16
+
+    def precision_for(self, train_precision: str) -> str:
+        return train_precision if self.precision == "same" else self.precision
 
 
 @dataclass

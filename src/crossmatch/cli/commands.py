@@ -14,6 +14,7 @@ from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.engine.distributed import init_distributed
 from crossmatch.evaluation.evaluate import encode_all, to_device
 from crossmatch.evaluation.gallery import draw_gallery
+from crossmatch.evaluation.person import format_person_table
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def run_evaluate(
     protocol = f"{cfg.eval.folds} folds, " if cfg.eval.folds > 1 else ""
     protocol += f"re-ranking top-{cfg.eval.rerank_k}" if cfg.eval.rerank_k and hasattr(model, "score_pairs") else ""
     print(f"{cfg.model['name']} on {cfg.data.root} [{name}] {protocol} ({time.perf_counter() - t0:.1f} s)")
-    print(format_table(metrics))
+    print(format_person_table(metrics) if "t2i_mAP" in metrics else format_table(metrics))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(metrics, indent=2))

@@ -17,6 +17,7 @@ from crossmatch.data.transforms import build_image_transform
 from crossmatch.engine.checkpoint import load_checkpoint
 from crossmatch.errors import CheckpointError
 from crossmatch.evaluation.evaluate import EvalData, compute_scores, evaluate_retrieval
+from crossmatch.evaluation.person import evaluate_person_search, image_pids
 from crossmatch.models.registry import create_model
 
 MAX_BOXES = 8  # object boxes read per image for box-region models
@@ -84,10 +85,14 @@ def make_evaluator(
 ):
     """`evaluator(model) -> metrics` for one split with the config's protocol (folds, re-ranking, and a
     first-stage model from `eval.first_stage`, scored once and reused)."""
-    data = build_eval_data(cfg, open_split(cfg, split), tokenizer, model)
+    ds = open_split(cfg, split)
+    data = build_eval_data(cfg, ds, tokenizer, model)
+    pids = image_pids(ds)  # person-search datasets: relevance by identity
     cache: dict[str, torch.Tensor] = {}
 
     def evaluator(m: nn.Module) -> dict[str, float]:
+        if pids is not None:
+            return evaluate_person_search(m, data, pids, device, cfg.eval.chunk_size, progress)
         if cfg.eval.first_stage and "stage1" not in cache:
             first, first_cfg, first_tok = load_run(cfg.eval.first_stage, [f"data.root={cfg.data.root}"])
             first_data = build_eval_data(first_cfg, open_split(first_cfg, split), first_tok, first)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from crossmatch.errors import CrossmatchError
 # Modules that add commands: each has `add_parsers(sub, data_sub)` (argparse sub-parser groups of
 # `crossmatch` and of `crossmatch data`) and `run(args) -> bool` (True when it handled the command).
 # They are imported when the parser is built, so keep their top-level imports light (no torch).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["crossmatch.cli.data_tools", "crossmatch.cli.features"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,10 +82,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
         state = run_train(cfg, run_dir, resume=args.resume)
-        print(
-            f"done: best val {cfg.eval.metric} {state.best_metric:.2f} at epoch {state.best_epoch}; "
-            f"checkpoints in {Path(run_dir) / 'checkpoints'}"
-        )
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"done: best val {cfg.eval.metric} {state.best_metric:.2f} at epoch {state.best_epoch}; "
+                f"checkpoints in {Path(run_dir) / 'checkpoints'}"
+            )
     elif args.command == "evaluate":
         from crossmatch.cli.commands import run_evaluate
 

@@ -20,7 +20,7 @@ from crossmatch.engine.checkpoint import Checkpointer
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
-from crossmatch.engine.trainer import Trainer, TrainState
+from crossmatch.engine.trainer import RunSinks, Trainer, TrainState
 from crossmatch.errors import DataError
 from crossmatch.tasks import build_task
 
@@ -41,9 +41,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg.data.tokenizer, train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
     model = build_model(cfg, tokenizer).to(dist.device)
+    if dist.distributed and dist.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
-    pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model))
+    pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
     loader = build_train_loader(
         pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
     )
@@ -56,22 +58,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     scheduler = create_scheduler(optimizer, cfg.train, steps)
     evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device)
 
-    extra = {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()}
-    return Trainer(
-        task,
-        optimizer,
-        scheduler,
-        loader,
-        evaluator,
+    sinks = RunSinks(
         Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main),
         MetricLogger(run_dir, enabled=dist.is_main),
-        cfg.train,
-        dist,
-        extra,
-        metric=cfg.eval.metric,
-        eval_every=cfg.eval.every_epochs,
-        save_every_steps=cfg.checkpoint.every_steps,
+        {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()},
     )
+    return Trainer(task, optimizer, scheduler, loader, evaluator, sinks, cfg, dist)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -102,7 +94,7 @@ def run_train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Trai
     trainer = build_trainer(cfg, run_dir, dist, tokenizer)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
-        CaptionTokenizer.from_str(trainer.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
+        CaptionTokenizer.from_str(trainer.sinks.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
     if latest is not None:
         trainer.load_state_dict(latest[0])
         log.info(
@@ -118,4 +110,4 @@ def run_train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Trai
     try:
         return trainer.fit()
     finally:
-        trainer.metric_logger.close()
+        trainer.sinks.metric_logger.close()

@@ -26,6 +26,10 @@ def pad_sequences(seqs: list[list[int]], pad: int = PAD_ID) -> tuple[torch.Tenso
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    skipped = [it["skipped"] for it in items if "skipped" in it]  # unreadable images (PairView skip_bad)
+    items = [it for it in items if "skipped" not in it]
+    if skipped:
+        return {"skipped": skipped, **(collate(items) if items else {})}
     first, batch = items[0], {}
     if "image" in first:
         batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, S, S)

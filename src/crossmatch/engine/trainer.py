@@ -1,14 +1,18 @@
-"""The training loop. It receives built objects (task, optimiser, scheduler, loader, evaluator,
-checkpointer, metric logger, DistInfo) and never branches on the model family.
+"""The training loop. It receives built objects (task, optimiser and schedule, loader, evaluator, output
+sinks, config, DistInfo) and never branches on the model family.
 
-Resume is exact: the batch stream is a pure function of (seed, epoch, position) (see EpochSampler),
-and a checkpoint holds the model, optimiser, scheduler, RNG states and the position within the epoch.
+Resume is exact: the batch stream is a pure function of (seed, epoch, position) (see EpochSampler), and
+a checkpoint holds model, optimiser, scheduler, AMP scaler, RNG states and the position in the epoch.
+Under torchrun the Task is wrapped in DistributedDataParallel: `Task.forward` is its training step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,17 +20,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from crossmatch.config import TrainConfig
+from crossmatch.config import RunConfig
 from crossmatch.engine.checkpoint import Checkpointer, rng_state, set_rng_state
-from crossmatch.engine.distributed import DistInfo
+from crossmatch.engine.distributed import DistInfo, all_reduce_max
 from crossmatch.engine.logging import MetricLogger
-from crossmatch.errors import CrossmatchError
+from crossmatch.errors import CrossmatchError, DataError
 from crossmatch.evaluation.evaluate import to_device
 
 log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(CrossmatchError):
@@ -40,7 +46,31 @@ class TrainState:
     global_step: int = 0  # optimizer steps done in total
     best_metric: float = -math.inf  # best validation metric so far
     best_epoch: int = -1
+    skipped_samples: int = 0  # unreadable training images skipped so far
     history: list[dict[str, float]] = field(default_factory=list)  # validation metrics per epoch
+
+
+@dataclass
+class RunSinks:
+    """Where a run writes: checkpoints, scalar metrics, and what every checkpoint carries besides state."""
+
+    checkpointer: Checkpointer
+    metric_logger: MetricLogger
+    extra_state: dict[str, Any] = field(default_factory=dict)  # config, tokenizer
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision context for fp16/bf16; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the process's peak resident memory on CPU, in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
 
 
 class Trainer:
@@ -53,28 +83,32 @@ class Trainer:
         scheduler: Any,
         train_loader: DataLoader,
         evaluator: Callable[[nn.Module], dict[str, float]] | None,
-        checkpointer: Checkpointer,
-        metric_logger: MetricLogger,
-        cfg: TrainConfig,
+        sinks: RunSinks,
+        cfg: RunConfig,
         dist: DistInfo,
-        extra_state: dict | None = None,
-        metric: str = "rsum",
-        eval_every: int = 1,
-        save_every_steps: int = 0,
     ):
-        self.task, self.optimizer, self.scheduler = task, optimizer, scheduler
-        self.train_loader, self.evaluator = train_loader, evaluator
-        self.checkpointer, self.metric_logger = checkpointer, metric_logger
-        self.cfg, self.dist, self.metric, self.eval_every = cfg, dist, metric, eval_every
-        self.save_every_steps = save_every_steps  # 0: checkpoints at epoch ends only
-        self.extra_state = extra_state or {}  # config, tokenizer: saved with every checkpoint
+        self.task, self.model = task, task.model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.evaluator, self.sinks = train_loader, evaluator, sinks
+        self.cfg, self.tcfg, self.dist = cfg, cfg.train, dist
+        if self.tcfg.precision not in DTYPES:
+            raise CrossmatchError(f"unknown train.precision {self.tcfg.precision!r}; known: fp32, bf16, fp16")
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.tcfg.precision == "fp16")
+        step_module: nn.Module = task
+        if dist.distributed:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            step_module = DistributedDataParallel(task, device_ids=ids)
+        self.step_module = torch.compile(step_module) if self.tcfg.compile else step_module
         self.state = TrainState()
-        self.model = task.model
+
+    @property
+    def micro_batches(self) -> int:
+        return max(1, self.tcfg.accum_steps)
 
     @property
     def steps_per_epoch(self) -> int:
-        n = len(self.train_loader.sampler) // self.train_loader.batch_size
-        return min(n, self.cfg.max_steps_per_epoch) if self.cfg.max_steps_per_epoch > 0 else n
+        n = len(self.train_loader.sampler) // (self.train_loader.batch_size * self.micro_batches)
+        return min(n, self.tcfg.max_steps_per_epoch) if self.tcfg.max_steps_per_epoch > 0 else n
 
     # ---- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -82,113 +116,145 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "trainer": asdict(self.state),
             "rng": rng_state(),
-            **self.extra_state,
+            **self.sinks.extra_state,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])  # moves state tensors to the params' device
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["trainer"])
         set_rng_state(ckpt["rng"])
 
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
-        while self.state.epoch < self.cfg.epochs:
+        while self.state.epoch < self.tcfg.epochs:
             self.train_epoch()
             self.end_epoch()
         return self.state
 
     def train_epoch(self) -> None:
-        s = self.state
+        s, n_steps = self.state, self.steps_per_epoch
         self.task.train()
         self.task.on_epoch_start(s.epoch)
-        sampler = self.train_loader.sampler
-        sampler.set_epoch(s.epoch, start=s.step_in_epoch * self.train_loader.batch_size)
-        n_steps = self.steps_per_epoch
+        per_step = self.train_loader.batch_size * self.micro_batches
+        self.train_loader.sampler.set_epoch(s.epoch, start=s.step_in_epoch * per_step)
+        show = self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(
             total=n_steps,
             initial=s.step_in_epoch,
-            desc=f"epoch {s.epoch + 1}/{self.cfg.epochs}",
-            disable=not (self.dist.is_main and _isatty()),
+            desc=f"epoch {s.epoch + 1}/{self.tcfg.epochs}",
+            disable=not show,
             leave=False,
         )
-        t0 = time.perf_counter()
+        t0, done0 = time.perf_counter(), s.step_in_epoch
         batches = iter(self.train_loader)
         while s.step_in_epoch < n_steps:
-            logs = self.train_step(next(batches))
+            logs = self.train_step([next(batches) for _ in range(self.micro_batches)])
             s.step_in_epoch += 1
             s.global_step += 1
-            if self.save_every_steps and s.global_step % self.save_every_steps == 0 and s.step_in_epoch < n_steps:
-                self.checkpointer.save(self.state_dict())  # mid-epoch: last.pt only
+            every = self.cfg.checkpoint.every_steps
+            if every and s.global_step % every == 0 and s.step_in_epoch < n_steps:
+                self.sinks.checkpointer.save(self.state_dict())  # mid-epoch: last.pt only
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
-            if s.global_step % self.cfg.log_every == 0 or s.step_in_epoch == n_steps:
+            if s.global_step % self.tcfg.log_every == 0 or s.step_in_epoch == n_steps:
                 logs["lr"] = self.optimizer.param_groups[0]["lr"]
-                logs["steps_per_s"] = s.step_in_epoch / max(1e-9, time.perf_counter() - t0)
-                self.metric_logger.log(logs, s.global_step, "train")
-                log.info(
-                    "epoch %d step %d/%d %s",
-                    s.epoch + 1,
-                    s.step_in_epoch,
-                    n_steps,
-                    " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
-                )
+                logs["steps_per_s"] = (s.step_in_epoch - done0) / max(1e-9, time.perf_counter() - t0)
+                self.sinks.metric_logger.log(logs, s.global_step, "train")
+                text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                log.info("epoch %d step %d/%d %s", s.epoch + 1, s.step_in_epoch, n_steps, text)
         bar.close()
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Forward, backward, clip, step. Returns the step's scalar logs."""
-        batch = to_device(batch, self.dist.device)
-        losses, logs = self.task.training_step(batch)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over `accum_steps` micro-batches: forward (autocast), backward (scaled),
+        unscale, clip, step. Returns the step's scalar logs (loss terms averaged over micro-batches)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for k, batch in enumerate(batches):
+            self._count_skipped(batch)
+            if "image_idx" not in batch:
+                continue  # every item of this micro-batch was unreadable
+            batch = to_device(batch, self.dist.device)
+            last = k == len(batches) - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.distributed) else self.step_module.no_sync()
+            with sync:
+                with autocast(self.dist.device, self.tcfg.precision):
+                    losses, logs = self.step_module(batch)
+                loss = sum(losses.values())
+                self._check_finite(loss, losses)
+                self.scaler.scale(loss / len(batches)).backward()
+            for name, v in {"loss": loss, **losses, **logs}.items():
+                totals[name] = totals.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
+        if self.tcfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return totals
+
+    def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        # Every rank must agree, or the healthy ones would wait forever in the next collective.
+        bad = all_reduce_max(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device))
+        if bad > 0:
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {self.state.epoch + 1} step "
-                f"{self.state.step_in_epoch + 1} ({terms}); last good checkpoint kept"
+                f"{self.state.step_in_epoch + 1} on some rank (here: {terms}); "
+                "stopping with the last good checkpoint intact"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
-        self.optimizer.step()
-        self.scheduler.step()
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, **logs}
+
+    def _count_skipped(self, batch: dict) -> None:
+        skipped = batch.pop("skipped", [])
+        if not skipped:
+            return
+        self.state.skipped_samples += len(skipped)
+        log.warning(
+            "skipped %d unreadable image(s), %d so far: %s", len(skipped), self.state.skipped_samples, skipped[0]
+        )
+        if self.state.skipped_samples > self.cfg.data.max_bad_samples:
+            raise DataError(
+                f"{self.state.skipped_samples} unreadable training images, more than "
+                f"data.max_bad_samples={self.cfg.data.max_bad_samples}; first: {skipped[0]}"
+            )
 
     def end_epoch(self) -> None:
         """Validate, record, checkpoint (last, per-epoch, best)."""
         s = self.state
-        metrics = self.evaluate() if (s.epoch + 1) % self.eval_every == 0 or s.epoch + 1 == self.cfg.epochs else {}
+        due = (s.epoch + 1) % self.cfg.eval.every_epochs == 0 or s.epoch + 1 == self.tcfg.epochs
+        metrics = self.evaluate() if due else {}
         is_best = False
         if metrics:
             s.history.append({"epoch": s.epoch + 1, **metrics})
-            value = metrics[self.metric]
+            value = metrics[self.cfg.eval.metric]
             is_best = value > s.best_metric
             if is_best:
                 s.best_metric, s.best_epoch = value, s.epoch + 1
-            self.metric_logger.log(metrics, s.global_step, "val")
+            self.sinks.metric_logger.log(metrics, s.global_step, "val")
             log.info(
-                "epoch %d val %s=%.2f (best %.2f at epoch %d)",
+                "epoch %d val %s=%.2f (best %.2f at epoch %d), peak memory %.0f MB",
                 s.epoch + 1,
-                self.metric,
+                self.cfg.eval.metric,
                 value,
                 s.best_metric,
                 s.best_epoch,
+                peak_memory_mb(self.dist.device),
             )
-        epoch_done = s.epoch + 1
-        s.epoch, s.step_in_epoch = epoch_done, 0
-        self.checkpointer.save(self.state_dict(), epoch_tag=epoch_done, is_best=is_best)
-        self.metric_logger.flush()
+        s.epoch, s.step_in_epoch = s.epoch + 1, 0
+        self.sinks.checkpointer.save(self.state_dict(), epoch_tag=s.epoch, is_best=is_best)
+        self.sinks.metric_logger.flush()
 
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
             return {}
-        return self.evaluator(self.model)
-
-
-def _isatty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
+        with torch.no_grad(), autocast(self.dist.device, self.cfg.eval.precision_for(self.tcfg.precision)):
+            metrics = self.evaluator(self.model)
+        if self.dist.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the evaluation's cached blocks back before training resumes
+        return metrics

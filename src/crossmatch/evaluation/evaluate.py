@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from crossmatch.engine.distributed import all_gather_varlen, get_rank, get_world_size, rank_range
 from crossmatch.errors import ConfigError
 from crossmatch.evaluation.rerank import rerank
 from crossmatch.metrics import ranks_i2t, ranks_t2i, recall_summary, twin_accuracy
@@ -49,9 +50,28 @@ def cat_features(chunks: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def encode_all(encode, loader: DataLoader, device: torch.device, desc: str, progress: bool) -> dict[str, Tensor]:
-    """Run `encode(batch) -> dict` over a loader; features are kept on `device`."""
+    """Run `encode(batch) -> dict` over a loader; features are kept on `device`.
+
+    Under torchrun each rank encodes every world_size-th item and the shards are gathered back into
+    dataset order: each item exactly once (no padded duplicates as with a DistributedSampler)."""
+    ws, rank = get_world_size(), get_rank()
+    if ws > 1:
+        shard = Subset(loader.dataset, range(rank, len(loader.dataset), ws))
+        loader = DataLoader(
+            shard, batch_size=loader.batch_size, collate_fn=loader.collate_fn, num_workers=loader.num_workers
+        )
     chunks = [encode(to_device(b, device)) for b in tqdm(loader, desc=desc, disable=not progress, leave=False)]
-    return cat_features(chunks)
+    feats = cat_features(chunks)
+    if ws == 1:
+        return feats
+    out = {}
+    for key, value in feats.items():
+        parts = all_gather_varlen(value)  # rank r holds items r, r + ws, r + 2 ws, ...
+        full = parts[0].new_zeros((sum(len(p) for p in parts), *parts[0].shape[1:]))
+        for r, p in enumerate(parts):
+            full[r::ws] = p
+        out[key] = full
+    return out
 
 
 def slice_features(feats: dict[str, Tensor], index: slice | Tensor) -> dict[str, Tensor]:
@@ -63,13 +83,15 @@ def score_all_pairs(
     model: nn.Module, img: dict[str, Tensor], txt: dict[str, Tensor], chunk_size: int = 512, progress: bool = False
 ) -> Tensor:
     """(N_img, N_txt) float32 score matrix on the CPU, computed in blocks of `chunk_size` images so
-    that only one (chunk, N_txt) block of model-side intermediates lives at a time."""
+    that only one (chunk, N_txt) block of model-side intermediates lives at a time. Under torchrun each
+    rank scores a contiguous share of the images and the blocks are gathered."""
     n_img = next(iter(img.values())).shape[0]
-    blocks = []
-    for start in tqdm(range(0, n_img, chunk_size), desc="score", disable=not progress, leave=False):
-        block = model.similarity(slice_features(img, slice(start, start + chunk_size)), txt)  # (chunk, N_txt)
-        blocks.append(block.float().cpu())
-    return torch.cat(blocks)
+    mine = rank_range(n_img)
+    blocks = [torch.zeros(0, next(iter(txt.values())).shape[0])]
+    for start in tqdm(range(mine.start, mine.stop, chunk_size), desc="score", disable=not progress, leave=False):
+        rows = slice(start, min(start + chunk_size, mine.stop))
+        blocks.append(model.similarity(slice_features(img, rows), txt).float().cpu())  # (chunk, N_txt)
+    return torch.cat(all_gather_varlen(torch.cat(blocks)))
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from crossmatch.engine.distributed import all_gather_varlen, rank_range
+
 
 def candidate_pairs(scores: Tensor, k: int) -> Tensor:
     """Distinct (image, caption) pairs in the top-k of some row or column: (P, 2) long, sorted by image
@@ -53,13 +55,17 @@ def rerank(
     """
     n_img, n_txt = scores.shape
     pairs = candidate_pairs(scores, k)  # (P, 2)
-    fused = torch.empty(len(pairs))
     device = next(iter(img.values())).device
-    for start in tqdm(range(0, len(pairs), batch_size), desc=f"re-rank top-{k}", disable=not progress, leave=False):
-        i, t = pairs[start : start + batch_size].to(device).unbind(1)  # (b,), (b,)
+    mine = rank_range(len(pairs))  # under torchrun each rank re-scores a contiguous share of the pairs
+    parts = [torch.zeros(0)]
+    for start in tqdm(
+        range(mine.start, mine.stop, batch_size), desc=f"re-rank top-{k}", disable=not progress, leave=False
+    ):
+        i, t = pairs[start : min(start + batch_size, mine.stop)].to(device).unbind(1)  # (b,), (b,)
         rows_img = {name: v[i] for name, v in img.items()}  # each image's tokens were encoded once
         rows_txt = {name: v[t] for name, v in txt.items()}
-        fused[start : start + batch_size] = model.score_pairs(rows_img, rows_txt).float().cpu()
+        parts.append(model.score_pairs(rows_img, rows_txt).float().cpu())
+    fused = torch.cat(all_gather_varlen(torch.cat(parts)))  # (P,)
     full = torch.full((n_img, n_txt), float("-inf"))
     full[pairs[:, 0], pairs[:, 1]] = fused  # stage-2 score of every candidate pair
     in_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, scores.topk(min(k, n_txt), dim=1).indices, True)

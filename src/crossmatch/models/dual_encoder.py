@@ -21,6 +21,7 @@ class DualEncoderConfig:
     image_tower: str = "cnn"  # cnn (the classic small CNN) | resnet18 | resnet50
     pretrained: bool = False  # ImageNet weights for the ResNet towers (needs internet the first time)
     cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN conv widths
+    batch_norm: bool = True  # BatchNorm after each SmallCNN conv (SyncBatchNorm under multi-GPU DDP)
     image_size: int = 64  # input side; fixes the SmallCNN flatten size
     word_dim: int = 300  # word embedding width
     text_hidden: int = 1024  # GRU width
@@ -34,7 +35,7 @@ class DualEncoder(nn.Module):
     def __init__(self, cfg: DualEncoderConfig):
         super().__init__()
         self.config = cfg
-        self.image_tower = build_image_tower(cfg.image_tower, cfg.pretrained, cfg.cnn_channels)
+        self.image_tower = build_image_tower(cfg.image_tower, cfg.pretrained, cfg.cnn_channels, cfg.batch_norm)
         if cfg.image_tower == "cnn":
             # The classic toy setup flattens the whole last map; its size follows from the input side.
             with torch.no_grad():

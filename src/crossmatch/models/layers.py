@@ -23,11 +23,12 @@ def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
 class SmallCNN(nn.Module):
     """The classic small CNN of the VSE++ toy setups: 3 x (conv5x5 -> ReLU -> maxpool 2) -> (B, C, h, w)."""
 
-    def __init__(self, channels: tuple[int, ...] = (32, 32, 64)):
+    def __init__(self, channels: tuple[int, ...] = (32, 32, 64), batch_norm: bool = True):
         super().__init__()
         layers, c_in = [], 3
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 5, padding=2), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            norm = nn.BatchNorm2d(c) if batch_norm else nn.Identity()
+            layers += [nn.Conv2d(c_in, c, 5, padding=2), norm, nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             c_in = c
         self.body = nn.Sequential(*layers)
         self.out_channels = c_in
@@ -50,10 +51,12 @@ class ResNetTower(nn.Module):
         return self.body(x)
 
 
-def build_image_tower(name: str, pretrained: bool = False, cnn_channels: tuple[int, ...] = (32, 32, 64)) -> nn.Module:
+def build_image_tower(
+    name: str, pretrained: bool = False, cnn_channels: tuple[int, ...] = (32, 32, 64), batch_norm: bool = True
+) -> nn.Module:
     """Image backbone by name: `cnn` (SmallCNN), `resnet18`, `resnet50`. Output: a (B, C, h, w) map."""
     if name == "cnn":
-        return SmallCNN(tuple(cnn_channels))
+        return SmallCNN(tuple(cnn_channels), batch_norm)
     if name in ("resnet18", "resnet50"):
         return ResNetTower(name, pretrained)
     raise ModelError(f"unknown image tower {name!r}; known: cnn, resnet18, resnet50")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
+from crossmatch.engine.distributed import gather_batch_with_grad
 from crossmatch.losses.triplet import TripletLoss
 
 
@@ -27,13 +28,17 @@ class Task(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for schedules that change with the epoch (e.g. hardest-negative warm-up)."""
 
+    def forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        # The training step is the forward pass, so DistributedDataParallel(task) syncs its gradients.
+        return self.training_step(batch)
+
 
 class TripletTask(Task):
     """VSE++ / SCAN: hinge triplet loss on the batch score matrix `model.similarity(img, txt)`."""
 
     def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
-        self.cfg = cfg
+        self.cfg, self.world_size = cfg, world_size
         self.loss = TripletLoss(cfg.margin, cfg.max_violation)
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -42,8 +47,13 @@ class TripletTask(Task):
 
     def training_step(self, batch):
         img, txt = self.model.encode_image(batch), self.model.encode_text(batch)
-        scores = self.model.similarity(img, txt)  # (B, B)
-        loss = self.loss(scores, batch["image_idx"])
+        if self.world_size > 1:
+            # Every rank scores the global batch, so hardest negatives come from all ranks and the
+            # DDP-averaged gradient equals the single-process gradient of the same global batch.
+            img, txt = gather_batch_with_grad(img), gather_batch_with_grad(txt)
+        image_idx = gather_batch_with_grad({"i": batch["image_idx"]})["i"]  # (B_global,)
+        scores = self.model.similarity(img, txt)  # (B_global, B_global)
+        loss = self.loss(scores, image_idx)
         return {"triplet_loss": loss}, {"hardest": float(self.loss.max_violation)}
 
 
