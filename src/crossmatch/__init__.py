@@ -4,7 +4,19 @@ The public API is imported lazily, so that `crossmatch data shapes` starts witho
 """
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "retrieval_metrics"]
+__all__ = ["create_model", "list_models", "load", "retrieval_metrics"]
+
+
+def load(path: str):
+    """Rebuild a trained model from a crossmatch checkpoint (.pt) or safetensors export.
+
+    Returns the model in eval mode, with `.tokenizer` (encode captions) and `.run_config` attached.
+    """
+    from crossmatch.cli.common import load_run
+
+    model, cfg, tokenizer = load_run(path)
+    model.tokenizer, model.run_config = tokenizer, cfg
+    return model
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ from crossmatch.data.datasets import CaptionView, ImageCaptionDataset
 from crossmatch.data.loaders import build_eval_loader
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import build_image_transform
-from crossmatch.engine.checkpoint import load_checkpoint
+from crossmatch.engine.checkpoint import read_weights
 from crossmatch.errors import CheckpointError
 from crossmatch.evaluation.evaluate import EvalData, compute_scores, evaluate_retrieval
 from crossmatch.evaluation.person import evaluate_person_search, image_pids
@@ -56,9 +56,9 @@ def build_eval_data(cfg: RunConfig, ds: ImageCaptionDataset, tokenizer: CaptionT
 
 
 def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig, CaptionTokenizer]:
-    """Model (eval mode, CPU), config and tokenizer from a checkpoint; `overrides` (key=value) apply on top
-    of the stored config, e.g. a different data.root for evaluation."""
-    ckpt = load_checkpoint(path)
+    """Model (eval mode, CPU), config and tokenizer from a .pt checkpoint or a .safetensors export;
+    `overrides` (key=value) apply on top of the stored config, e.g. a different data.root."""
+    ckpt = read_weights(path)
     for key in ("config", "tokenizer"):
         if key not in ckpt:
             raise CheckpointError(f"{path} has no '{key}' entry (not written by crossmatch train)")
@@ -68,10 +68,9 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.M
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise CheckpointError(
-            f"{path}: weights do not fit model {cfg.model['name']}: "
-            f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
-        ) from err
+        lines = str(err).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(err)
+        raise CheckpointError(f"{path}: weights do not fit model {cfg.model['name']}: {detail}") from err
     return model.eval(), cfg, tokenizer
 
 

@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config (see configs/)")
     train.add_argument("--run-dir", default=None, help="output folder (default runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    train.add_argument("--init-from", default=None, help="fine-tune: load matching weights of a .pt/.safetensors")
     train.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=5")
 
     ev = sub.add_parser("evaluate", help="retrieval metrics of a checkpoint on a split")
@@ -81,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.config, args.overrides)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-        state = run_train(cfg, run_dir, resume=args.resume)
+        state = run_train(cfg, run_dir, resume=args.resume, init_from=args.init_from)
         if os.environ.get("RANK", "0") == "0":
             print(
                 f"done: best val {cfg.eval.metric} {state.best_metric:.2f} at epoch {state.best_epoch}; "

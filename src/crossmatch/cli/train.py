@@ -16,7 +16,7 @@ from crossmatch.data.datasets import PairView
 from crossmatch.data.loaders import build_train_loader
 from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import build_image_transform
-from crossmatch.engine.checkpoint import Checkpointer
+from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
@@ -78,8 +78,9 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run_train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> TrainState:
-    """Train `cfg` in `run_dir`; with `resume`, continue from the newest readable checkpoint there."""
+def run_train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, init_from: str | None = None) -> TrainState:
+    """Train `cfg` in `run_dir`; with `resume`, continue from the newest readable checkpoint there.
+    `init_from` (fine-tuning) loads the weights of another run whose names and shapes match."""
     run_dir = Path(run_dir)
     dist = init_distributed()
     setup_logging(run_dir, dist.is_main)
@@ -95,6 +96,18 @@ def run_train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Trai
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
         CaptionTokenizer.from_str(trainer.sinks.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
+    if init_from and latest is None:
+        report = partial_load(trainer.model, read_weights(init_from)["model"])
+        log.info("initialised %d tensors from %s", len(report["loaded"]), init_from)
+        for kind in ("missing", "mismatched", "unexpected"):
+            if report[kind]:
+                log.warning(
+                    "--init-from %s: %d %s tensor(s) not loaded: %s",
+                    init_from,
+                    len(report[kind]),
+                    kind,
+                    ", ".join(report[kind]),
+                )
     if latest is not None:
         trainer.load_state_dict(latest[0])
         log.info(

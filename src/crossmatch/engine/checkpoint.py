@@ -8,6 +8,7 @@ a truncated or corrupt newest file is reported and the newest readable one is us
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -105,6 +106,72 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def export_safetensors(state: dict[str, Any], path: str | Path) -> None:
+    """The model weights as safetensors, with the config and tokenizer (JSON) in its metadata, so that
+    `crossmatch.load(path)` rebuilds the model without unpickling anything."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state["model"].items()}  # no shared storage
+    metadata = {
+        "format": "crossmatch",
+        "config": json.dumps(state.get("config", {})),
+        "tokenizer": state.get("tokenizer", ""),
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_safetensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors export read back into the checkpoint layout: {model, config, tokenizer}."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            model = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from err
+    if meta.get("format") != "crossmatch":
+        return {"model": model}  # plain weights (e.g. for --init-from)
+    return {"model": model, "config": json.loads(meta["config"]), "tokenizer": meta["tokenizer"]}
+
+
+def read_weights(path: str | Path) -> dict[str, Any]:
+    """A .pt checkpoint or a .safetensors export, in the checkpoint layout."""
+    return read_safetensors(path) if str(path).endswith(".safetensors") else load_checkpoint(path)
+
+
+def partial_load(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Load the tensors whose name and shape match; report the rest (never drop them silently).
+
+    Returns:
+        {"loaded": [...], "missing": model keys absent from `weights`, "mismatched": "key: ckpt -> model"
+        shapes, "unexpected": `weights` keys the model does not have}.
+    """
+    own = model.state_dict()
+    report: dict[str, list[str]] = {"loaded": [], "missing": [], "mismatched": [], "unexpected": []}
+    take = {}
+    for k, v in weights.items():
+        if k not in own:
+            report["unexpected"].append(k)
+        elif own[k].shape != v.shape:
+            report["mismatched"].append(f"{k}: {tuple(v.shape)} -> {tuple(own[k].shape)}")
+        else:
+            take[k] = v
+            report["loaded"].append(k)
+    report["missing"] = [k for k in own if k not in weights]
+    model.load_state_dict(take, strict=False)
+    return report
+
+
 class Checkpointer:
     """Saves and finds the checkpoints of one run directory."""
 
@@ -114,15 +181,18 @@ class Checkpointer:
         self.enabled = enabled  # False on non-main ranks
 
     def save(self, state: dict[str, Any], epoch_tag: int | None = None, is_best: bool = False) -> None:
-        """Write last.pt (always), epoch_XXXX.pt when `epoch_tag` is given, best.pt when `is_best`."""
+        """Write last.pt (always), epoch_XXXX.pt when `epoch_tag` is given, best.pt when `is_best`.
+        At epoch ends the weights are also exported as last.safetensors (and best.safetensors)."""
         if not self.enabled:
             return
         atomic_save(state, self.dir / "last.pt")
         if epoch_tag is not None:
             atomic_save(state, self.dir / f"epoch_{epoch_tag:04d}.pt")
+            export_safetensors(state, self.dir / "last.safetensors")
             self._prune()
         if is_best:
             atomic_save(state, self.dir / "best.pt")
+            export_safetensors(state, self.dir / "best.safetensors")
 
     def _prune(self) -> None:
         epochs = sorted(self.dir.glob("epoch_*.pt"))

@@ -1,0 +1,124 @@
+"""Engine promises: safetensors export and crossmatch.load, --init-from partial loading with a report,
+NaN stop with the last good checkpoint intact, unreadable-image skipping, precision and accumulation."""
+
+import math
+
+import pytest
+import torch
+
+import crossmatch
+from crossmatch.cli.main import main
+from crossmatch.engine.checkpoint import load_checkpoint, partial_load
+from crossmatch.models import create_model
+
+
+def train(root, run_dir, *extra):
+    return main(
+        [
+            "train",
+            "configs/vse_shapes.yaml",
+            "--run-dir",
+            str(run_dir),
+            f"data.root={root}",
+            "data.image_size=32",
+            "model.name=tiny_vse",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.max_steps_per_epoch=3",
+            "train.log_every=1",
+            "eval.batch_size=16",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_safetensors_export_rebuilds_the_same_model(shapes_root, tmp_path):
+    assert train(shapes_root, tmp_path / "run") == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    from_pt, from_st = crossmatch.load(str(ckpts / "best.pt")), crossmatch.load(str(ckpts / "best.safetensors"))
+    a, b = from_pt.state_dict(), from_st.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([from_st.tokenizer.encode("a small red circle")])
+    emb = from_st.encode_text({"input_ids": ids, "attention_mask": ids != 0})["embed"]
+    assert emb.shape == (1, 16) and from_st.run_config.model["name"] == "tiny_vse"
+
+
+def test_partial_load_reports_everything_it_skips():
+    src = create_model("tiny_vse", vocab_size=50, embed_dim=16)
+    dst = create_model("tiny_vse", vocab_size=60, embed_dim=16)
+    weights = {**src.state_dict(), "extra.weight": torch.ones(2)}
+    del weights["text_proj.bias"]
+    report = partial_load(dst, weights)
+    assert report["unexpected"] == ["extra.weight"]
+    assert report["missing"] == ["text_proj.bias"]
+    assert report["mismatched"] == ["text_tower.embed.weight: (50, 8) -> (60, 8)"]
+    assert torch.equal(dst.state_dict()["image_proj.weight"], src.state_dict()["image_proj.weight"])
+    assert len(report["loaded"]) == len(src.state_dict()) - 2
+
+
+@pytest.mark.slow
+def test_init_from_logs_what_it_could_not_load(shapes_root, tmp_path):
+    assert train(shapes_root, tmp_path / "a") == 0
+    assert (
+        train(
+            shapes_root,
+            tmp_path / "b",
+            "model.embed_dim=12",
+            "--init-from",
+            str(tmp_path / "a" / "checkpoints" / "best.safetensors"),
+        )
+        == 0
+    )
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "4 mismatched tensor(s) not loaded" in log and "image_proj.weight: (16, 128) -> (12, 128)" in log
+    assert "initialised" in log
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shapes_root, tmp_path, monkeypatch, capsys):
+    from crossmatch.losses.triplet import TripletLoss
+
+    real, calls = TripletLoss.forward, []
+
+    def nan_at_third_step(self, scores, ids):
+        calls.append(1)
+        loss = real(self, scores, ids)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(TripletLoss, "forward", nan_at_third_step)
+    assert train(shapes_root, tmp_path / "run", "checkpoint.every_steps=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite loss at epoch 1 step 3" in err and "triplet_loss=nan" in err
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["trainer"]["global_step"] == 2  # the state before the bad step
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_unreadable_images_fail_or_are_skipped_and_counted(shapes_copy, tmp_path, capsys):
+    bad = sorted((shapes_copy / "images").iterdir())[0]  # imgid 0 is a train image
+    bad.write_bytes(b"not a png")
+    assert train(shapes_copy, tmp_path / "strict", "train.max_steps_per_epoch=0") == 2
+    assert bad.name in capsys.readouterr().err
+    assert train(shapes_copy, tmp_path / "lenient", "train.max_steps_per_epoch=0", "data.max_bad_samples=10") == 0
+    log = (tmp_path / "lenient" / "train.log").read_text()
+    assert "skipped 1 unreadable image(s)" in log
+    state = load_checkpoint(tmp_path / "lenient" / "checkpoints" / "last.pt")["trainer"]
+    assert state["skipped_samples"] == 5  # 5 captions of the broken image, each skipped once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_saves_the_scaler(shapes_root, tmp_path, precision):
+    assert train(shapes_root, tmp_path / precision, f"train.precision={precision}", "eval.precision=same") == 0
+    ckpt = load_checkpoint(tmp_path / precision / "checkpoints" / "last.pt")
+    assert math.isfinite(ckpt["trainer"]["history"][0]["rsum"])
+    assert bool(ckpt["scaler"]) == (precision == "fp16")
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_consumes_micro_batches(shapes_root, tmp_path):
+    assert train(shapes_root, tmp_path / "acc", "train.accum_steps=2", "train.max_steps_per_epoch=0") == 0
+    state = load_checkpoint(tmp_path / "acc" / "checkpoints" / "last.pt")["trainer"]
+    assert state["global_step"] == 200 // (8 * 2)  # 200 train captions, 16 per optimizer step
