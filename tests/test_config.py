@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from crossmatch.config import apply_overrides, config_from_dict, config_to_dict, load_config
@@ -34,3 +36,14 @@ def test_round_trip_through_a_plain_dict():
     assert isinstance(d, dict) and d["train"]["epochs"] == 7
     assert config_from_dict(d) == cfg
     assert apply_overrides(cfg, ["train.epochs=2"]).train.epochs == 2 and cfg.train.epochs == 7
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_names_a_registered_model(path):
+    from crossmatch.models import list_models
+
+    cfg = load_config(path)
+    assert cfg.model["name"] in list_models()

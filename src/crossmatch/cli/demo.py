@@ -12,11 +12,11 @@ from crossmatch.config import load_config
 # VSE++ (small CNN + GRU) on 64 px shapes; the epoch is cut to fit a few minutes on 2 CPU cores.
 DEMO_OVERRIDES = [
     "model.name=vse_cnn",
-    "train.epochs=6",
+    "train.epochs=4",
     "train.batch_size=128",
-    "train.lr=2e-4",
-    "train.max_steps_per_epoch=200",
-    "train.lr_step_epochs=4",
+    "train.lr=5e-4",
+    "train.max_steps_per_epoch=100",
+    "train.lr_step_epochs=3",
     "loss.warmup_epochs=1",
 ]
 
