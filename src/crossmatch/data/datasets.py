@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch.utils.data import Dataset
@@ -41,6 +41,30 @@ def read_karpathy_json(path: Path) -> dict:
     return data
 
 
+# Karpathy image keys that the canonical entry represents in its own way (everything else is copied through).
+KARPATHY_KEYS = ("filename", "filepath", "sentences", "sentids", "imgid", "split")
+
+
+def karpathy_to_entries(data: dict) -> list[dict]:
+    """Karpathy-split JSON ({"images": [...]}) -> canonical entries, in file order:
+    {"image": filepath/filename, "captions": [raw, ...], "split", "id": imgid (else cocoid, else the file
+    name), and every other key (boxes, twin, pid, ...) copied through}."""
+    entries = []
+    for img in data["images"]:
+        if "filename" not in img:
+            raise DataError(f"image entry without 'filename': {str(img)[:80]}")
+        sents = img.get("sentences", [])
+        entry = {
+            "image": str(PurePosixPath(img.get("filepath", ""), img["filename"])),
+            "captions": [s.get("raw") if isinstance(s, dict) else s for s in sents],
+            "split": img.get("split"),
+            "id": img.get("imgid", img.get("cocoid", img["filename"])),
+        }
+        entry.update({k: v for k, v in img.items() if k not in KARPATHY_KEYS})
+        entries.append(entry)
+    return entries
+
+
 class ImageCaptionDataset:
     """One split of a Karpathy-split JSON dataset.
 
@@ -60,50 +84,41 @@ class ImageCaptionDataset:
         json_name: str = "dataset.json",
     ):
         self.root = Path(root)
-        image_dir = Path(image_dir) if image_dir else self.root / "images"
-        splits = [split] if isinstance(split, str) else list(split)
-        data = read_karpathy_json(self.root / json_name)
-        self.images: list[ImageRecord] = []
-        self.captions: list[str] = []
-        self.txt_to_img: list[int] = []
+        entries = karpathy_to_entries(read_karpathy_json(self.root / json_name))
+        self._load(entries, split, Path(image_dir) if image_dir else self.root / "images", json_name)
+
+    def _load(self, entries: list[dict], split: str | list[str], image_dir: Path, source: str | Path) -> None:
+        """Fill the split from canonical entries (see `karpathy_to_entries`), checking as it goes."""
+        splits, name = ([split] if isinstance(split, str) else list(split)), Path(source).name
+        self.images, self.captions, self.txt_to_img = [], [], []
         id_to_index: dict = {}
         twin_of: dict = {}
-        for entry in data["images"]:
+        for entry in entries:
             if entry.get("split") not in splits:
                 continue
-            rec = self._record(entry, image_dir)
-            i = len(self.images)
-            for sent in entry.get("sentences", []):
-                raw = sent.get("raw") if isinstance(sent, dict) else sent
+            image_id = entry.get("id", entry["image"])
+            pid = None if entry.get("pid") is None else int(entry["pid"])
+            rec = ImageRecord(image_dir / entry["image"], image_id, boxes=entry.get("boxes"), pid=pid)
+            for raw in entry.get("captions", []):
                 if not isinstance(raw, str) or not raw.strip():
-                    raise DataError(f"empty caption for image {rec.path.name} (imgid {rec.imgid}) in {json_name}")
+                    raise DataError(f"empty caption for image {entry['image']} (id {image_id}) in {name}")
                 rec.caption_ids.append(len(self.captions))
                 self.captions.append(raw.strip())
-                self.txt_to_img.append(i)
+                self.txt_to_img.append(len(self.images))
             if not rec.caption_ids:
-                raise DataError(f"image {rec.path.name} (imgid {rec.imgid}) has no captions in {json_name}")
-            if rec.imgid in id_to_index:
-                raise DataError(f"duplicate imgid {rec.imgid} in {json_name}")
-            id_to_index[rec.imgid] = i
+                raise DataError(f"image {entry['image']} (id {image_id}) has no captions in {name}")
+            if image_id in id_to_index:
+                raise DataError(f"duplicate image id {image_id} in {name}")
+            id_to_index[image_id] = len(self.images)
             if "twin" in entry:
-                twin_of[i] = entry["twin"]
+                twin_of[len(self.images)] = entry["twin"]
             self.images.append(rec)
         if not self.images:
-            raise DataError(f"split {'+'.join(splits)!r} of {self.root / json_name} has no images")
+            raise DataError(f"split {'+'.join(splits)!r} of {source} has no images")
         missing = [r.path for r in self.images if not r.path.is_file()]
         if missing:
             raise DataError(f"{len(missing)} image file(s) of split {'+'.join(splits)} missing, first: {missing[0]}")
         self.twins = sorted({tuple(sorted((i, id_to_index[t]))) for i, t in twin_of.items() if t in id_to_index})
-
-    @staticmethod
-    def _record(entry: dict, image_dir: Path) -> ImageRecord:
-        if "filename" not in entry:
-            raise DataError(f"image entry without 'filename': {str(entry)[:80]}")
-        # COCO's Karpathy file stores the folder (train2014/val2014) in "filepath".
-        path = image_dir / entry.get("filepath", "") / entry["filename"]
-        return ImageRecord(
-            path=path, imgid=entry.get("imgid", entry.get("cocoid", entry["filename"])), boxes=entry.get("boxes")
-        )
 
     def image_view(self, transform, max_boxes: int = 0) -> Dataset:
         """The per-image torch Dataset of this split (formats with precomputed features return theirs)."""
@@ -207,36 +222,7 @@ def dataset_from_entries(
     Raises:
         DataError: an empty caption, an image without captions, a duplicate id, an empty split, missing files.
     """
-    splits = [split] if isinstance(split, str) else list(split)
     ds = ImageCaptionDataset.__new__(ImageCaptionDataset)  # the constructor reads a Karpathy file: bypass it
-    ds.root, image_dir, name = Path(root), Path(image_dir), Path(source).name
-    ds.images, ds.captions, ds.txt_to_img = [], [], []
-    id_to_index: dict = {}
-    twin_of: dict = {}
-    for entry in entries:
-        if entry.get("split") not in splits:
-            continue
-        image_id = entry.get("id", entry["image"])
-        pid = None if entry.get("pid") is None else int(entry["pid"])
-        rec = ImageRecord(image_dir / entry["image"], image_id, boxes=entry.get("boxes"), pid=pid)
-        for raw in entry.get("captions", []):
-            if not isinstance(raw, str) or not raw.strip():
-                raise DataError(f"empty caption for image {entry['image']} (id {image_id}) in {name}")
-            rec.caption_ids.append(len(ds.captions))
-            ds.captions.append(raw.strip())
-            ds.txt_to_img.append(len(ds.images))
-        if not rec.caption_ids:
-            raise DataError(f"image {entry['image']} (id {image_id}) has no captions in {name}")
-        if image_id in id_to_index:
-            raise DataError(f"duplicate image id {image_id} in {name}")
-        id_to_index[image_id] = len(ds.images)
-        if "twin" in entry:
-            twin_of[len(ds.images)] = entry["twin"]
-        ds.images.append(rec)
-    if not ds.images:
-        raise DataError(f"split {'+'.join(splits)!r} of {source} has no images")
-    missing = [r.path for r in ds.images if not r.path.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} image file(s) of split {'+'.join(splits)} missing, first: {missing[0]}")
-    ds.twins = sorted({tuple(sorted((i, id_to_index[t]))) for i, t in twin_of.items() if t in id_to_index})
+    ds.root = Path(root)
+    ds._load(entries, split, Path(image_dir), source)
     return ds

@@ -19,14 +19,17 @@ import re
 from pathlib import Path, PurePosixPath
 
 from crossmatch.config import DataConfig
-from crossmatch.data.datasets import ImageCaptionDataset, dataset_from_entries, read_karpathy_json
+from crossmatch.data.datasets import (  # noqa: F401  (karpathy_to_entries is re-exported)
+    ImageCaptionDataset,
+    dataset_from_entries,
+    karpathy_to_entries,
+    read_karpathy_json,
+)
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
 
 DEFAULT_NAME = "dataset.jsonl"
 ENTRY_KEYS = ("image", "captions", "split", "id", "pid")
-# Karpathy image keys that the entry represents in its own way (everything else is copied through).
-KARPATHY_KEYS = ("filename", "filepath", "sentences", "sentids", "imgid", "split")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -64,26 +67,6 @@ def write_jsonl(entries: list[dict], path: str | Path) -> Path:
     tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
     os.replace(tmp, path)
     return path
-
-
-def karpathy_to_entries(data: dict) -> list[dict]:
-    """Karpathy-split JSON ({"images": [...]}) -> canonical entries, in file order.
-
-    The image path is `filepath/filename` (COCO keeps train2014/val2014 in `filepath`); the id is `imgid`
-    (else `cocoid`, else the file name), as `ImageCaptionDataset` reads it.
-    """
-    entries = []
-    for img in data["images"]:
-        if "filename" not in img:
-            raise DataError(f"image entry without 'filename': {str(img)[:80]}")
-        image = str(PurePosixPath(img.get("filepath", ""), img["filename"]))
-        sents = img.get("sentences", [])
-        captions = [s.get("raw") if isinstance(s, dict) else s for s in sents]
-        entry = {"image": image, "captions": captions, "split": img.get("split")}
-        entry["id"] = img.get("imgid", img.get("cocoid", img["filename"]))
-        entry.update({k: v for k, v in img.items() if k not in KARPATHY_KEYS})  # pid, boxes, twin, cocoid, ...
-        entries.append(entry)
-    return entries
 
 
 def entries_to_karpathy(entries: list[dict], dataset: str = "converted") -> dict:
