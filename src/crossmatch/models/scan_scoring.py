@@ -47,6 +47,7 @@ _MAX_UNSHIFTED_LAMBDA = 30.0
 # elementwise passes after the GEMM mostly hit the L3 cache, and the chunk's GEMM stays large and efficient.
 _CHUNK_ELEMS = 1 << 22
 _MIN_GEMM_ROWS = 256
+_LOG2_E = math.log2(math.e)
 
 
 def scan_similarity(
@@ -218,12 +219,14 @@ def _relevance(
         e = _softmax_last(e, inplace)
     else:
         e = e.copy_(s) if inplace else s  # keep s: the dot product below needs the raw scores
+    # exp(lambda * x) = 2^(lambda * log2(e) * x): exp2 is a third cheaper than exp, and the factor is free.
+    lam = lambda_softmax * _LOG2_E
     if raw_feature_norm.endswith("l2norm"):
-        scale = lambda_softmax / (torch.linalg.vector_norm(e, dim=-1, keepdim=True) + EPS)  # (C, Lc, Q, 1)
+        scale = lam / (torch.linalg.vector_norm(e, dim=-1, keepdim=True) + EPS)  # (C, Lc, Q, 1)
     elif raw_feature_norm.endswith("l1norm"):
-        scale = lambda_softmax / (torch.linalg.vector_norm(e, ord=1, dim=-1, keepdim=True) + EPS)  # (C, Lc, Q, 1)
+        scale = lam / (torch.linalg.vector_norm(e, ord=1, dim=-1, keepdim=True) + EPS)  # (C, Lc, Q, 1)
     else:
-        scale = lambda_softmax
+        scale = lam
     e = e.mul_(scale) if inplace else e * scale  # (C, Lc, Q, Lq) lambda * x
     bounded = raw_feature_norm not in ("clipped", "no_norm")  # |x| <= 1
     shifted = not bounded or abs(lambda_softmax) > _MAX_UNSHIFTED_LAMBDA
@@ -233,7 +236,7 @@ def _relevance(
     if shifted:
         shift = e.amax(dim=1, keepdim=True)  # (C, 1, Q, Lq)
         e = e.sub_(shift) if inplace else e - shift
-    e = e.exp_() if inplace else e.exp()  # (C, Lc, Q, Lq) unnormalised attention
+    e = e.exp2_() if inplace else e.exp2()  # (C, Lc, Q, Lq) unnormalised attention
     N = Q * Lq
 
     # query . c = sum_k a_k s_k, and ||c||^2 = a^T G a, here times z and z^2 (divided out below). Padded
