@@ -59,7 +59,7 @@ def test_keep_last_prunes_epoch_files(tmp_path):
     for e in range(1, 5):
         ck.save({"model": {}}, epoch_tag=e, is_best=e == 2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["best.pt", "epoch_0003.pt", "epoch_0004.pt", "last.pt"]
+    assert names == ["best.pt", "best.safetensors", "epoch_0003.pt", "epoch_0004.pt", "last.pt", "last.safetensors"]
 
 
 class Boom:

@@ -3,6 +3,7 @@ checkpoint -> the model, config and tokenizer it was trained with."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -37,6 +38,15 @@ def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer) -> nn.Module:
         "max_text_len": cfg.data.max_words + 1,
     }  # + a [CLS] for transformer text towers
     return create_model(cfg.model["name"], data_defaults=data, **overrides)
+
+
+def resolved_model_section(name: str, model: nn.Module) -> dict:
+    """`model` config section with every field of the built model's config, so a checkpoint rebuilds the
+    same architecture even if the registered defaults change later."""
+    if not dataclasses.is_dataclass(getattr(model, "config", None)):
+        return {"name": name}
+    fields = dataclasses.asdict(model.config)
+    return {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
 def needs_boxes(model: nn.Module) -> int:

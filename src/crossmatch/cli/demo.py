@@ -15,7 +15,7 @@ DEMO_OVERRIDES = [
     "train.epochs=4",
     "train.batch_size=128",
     "train.lr=5e-4",
-    "train.max_steps_per_epoch=100",
+    "train.max_steps_per_epoch=70",
     "train.lr_step_epochs=3",
     "loss.warmup_epochs=1",
 ]

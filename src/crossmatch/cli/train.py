@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossmatch.cli.common import build_model, make_evaluator, needs_boxes, open_split
+from crossmatch.cli.common import build_model, make_evaluator, needs_boxes, open_split, resolved_model_section
 from crossmatch.config import RunConfig, config_from_dict, config_to_dict, save_config
 from crossmatch.data.datasets import PairView
 from crossmatch.data.loaders import build_train_loader
@@ -41,6 +41,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg.data.tokenizer, train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
     model = build_model(cfg, tokenizer).to(dist.device)
+    cfg.model = resolved_model_section(cfg.model["name"], model)  # saved in config.yaml and every checkpoint
     if dist.distributed and dist.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
