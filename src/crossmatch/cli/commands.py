@@ -12,7 +12,9 @@ import torch
 from crossmatch.cli.common import build_eval_data, load_run, make_evaluator, open_split
 from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.engine.distributed import init_distributed
+from crossmatch.errors import ModelError
 from crossmatch.evaluation.evaluate import encode_all, to_device
+from crossmatch.evaluation.explain import explain_path, explain_search
 from crossmatch.evaluation.gallery import draw_gallery
 from crossmatch.evaluation.person import format_person_table
 
@@ -65,9 +67,13 @@ def run_search(
     out: str | None = None,
     split: str = "test",
     overrides=(),
+    explain: bool = False,
 ) -> list[tuple[int, float]]:
-    """Text -> the split's images (and a gallery PNG with --out), or an image file -> the split's captions."""
+    """Text -> the split's images (and a gallery PNG with --out), or an image file -> the split's captions.
+    With `explain` (text queries), also draw each word's attention over the top images (SCAN models)."""
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    if explain and not hasattr(model, "word_attention"):
+        raise ModelError(f"model {cfg.model['name']} has no word attention to explain")
     dist = init_distributed()
     model.to(dist.device)
     ds = open_split(cfg, split_name(cfg, split))
@@ -87,6 +93,10 @@ def run_search(
             pics = [load_image(ds.images[i].path) for i, _ in results]
             draw_gallery(query, pics, [s for _, s in results], [i in matches for i, _ in results], out)
             print(f"gallery written to {out}")
+        if explain:
+            words = [tokenizer.decode([t]) for t in ids[0].tolist()]
+            path = explain_search(model, data.image_loader.dataset, ds, (img, txt), words, results, explain_path(out))
+            print(f"word attention written to {path}")
         return results
     transform = build_image_transform(cfg.data.image_size, train=False)
     pic = transform(load_image(image))[None]

@@ -17,7 +17,7 @@ from crossmatch.errors import CrossmatchError
 # Modules that add commands: each has `add_parsers(sub, data_sub)` (argparse sub-parser groups of
 # `crossmatch` and of `crossmatch data`) and `run(args) -> bool` (True when it handled the command).
 # They are imported when the parser is built, so keep their top-level imports light (no torch).
-COMMAND_MODULES: list[str] = ["crossmatch.cli.data_tools", "crossmatch.cli.features"]
+COMMAND_MODULES: list[str] = ["crossmatch.cli.data_tools", "crossmatch.cli.features", "crossmatch.cli.index"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--image", help="image file to search captions for")
     se.add_argument("--top-k", type=int, default=10)
     se.add_argument("--out", default=None, help="write a gallery PNG (text queries)")
+    se.add_argument(
+        "--explain", action="store_true", help="SCAN: draw each word's attention over the top images (OUT_explain.png)"
+    )
     se.add_argument("--split", default="test")
     se.add_argument("overrides", nargs="*", help="dotted config overrides")
 
@@ -95,7 +98,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "search":
         from crossmatch.cli.commands import run_search
 
-        run_search(args.checkpoint, args.query, args.image, args.top_k, args.out, args.split, args.overrides)
+        run_search(
+            args.checkpoint, args.query, args.image, args.top_k, args.out, args.split, args.overrides, args.explain
+        )
     elif args.command == "demo":
         from crossmatch.cli.demo import run_demo
 
