@@ -120,3 +120,15 @@ def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "crossmatch", "--help"], capture_output=True, text=True, check=True)
     assert all(cmd in out.stdout for cmd in ("data", "train", "evaluate", "search", "demo"))
+
+
+@pytest.mark.slow
+def test_html_reports_from_evaluate_and_search(trained, tmp_path):
+    root, run = trained
+    best = str(run / "checkpoints" / "best.pt")
+    assert main(["evaluate", best, "--html", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64") >= 5 and "<html" in page.lower()
+    caption = json.loads((root / "dataset.json").read_text())["images"][-1]["sentences"][0]["raw"]
+    assert main(["search", best, "--query", caption, "--top-k", "3", "--out", str(tmp_path / "s.html")]) == 0
+    assert caption in (tmp_path / "s.html").read_text()

@@ -40,7 +40,12 @@ def split_name(cfg, split: str) -> str:
 
 
 def run_evaluate(
-    checkpoint: str, split: str = "test", json_path: str | None = None, overrides=(), progress: bool = True
+    checkpoint: str,
+    split: str = "test",
+    json_path: str | None = None,
+    overrides=(),
+    progress: bool = True,
+    html_path: str | None = None,
 ) -> dict[str, float]:
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     dist = init_distributed()
@@ -55,7 +60,32 @@ def run_evaluate(
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(metrics, indent=2))
+    if html_path:
+        write_failure_report(model, cfg, tokenizer, name, dist, html_path)
     return metrics
+
+
+def write_failure_report(model, cfg, tokenizer, split: str, dist, html_path: str) -> None:
+    """An HTML page of the worst-ranked text queries of the split (stage-1 scores, before any re-ranking)."""
+    from crossmatch.evaluation.evaluate import compute_scores
+    from crossmatch.evaluation.report import report_from_scores
+
+    ds = open_split(cfg, split)
+    scores = compute_scores(model, build_eval_data(cfg, ds, tokenizer, model), dist.device, cfg.eval.chunk_size)
+    if dist.is_main:
+        title = f"{cfg.model['name']} on {cfg.data.root} [{split}]"
+        report_from_scores(
+            html_path,
+            scores,
+            ds.captions,
+            [r.path for r in ds.images],
+            ds.txt_to_img,
+            top_k=5,
+            max_queries=50,
+            sort="worst",
+            title=title,
+        )
+        print(f"report written to {html_path}")
 
 
 @torch.no_grad()
@@ -89,7 +119,17 @@ def run_search(
         results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
         for rank, (i, s) in enumerate(results, 1):
             print(f"{rank:3d}  {s:7.4f}  {ds.images[i].path.name}{'  <- match' if i in matches else ''}")
-        if out:
+        if out and Path(out).suffix.lower() in (".html", ".htm"):
+            from crossmatch.evaluation.report import write_html_report
+
+            rows = [[(ds.images[i].path, s, i in matches) for i, s in results]]
+            wrong = torch.ones(len(scores), dtype=torch.bool)
+            wrong[list(matches)] = False
+            # 1-based, ties pessimistic: every wrong image scoring at least as high ranks ahead
+            ranks = [min(int((scores[wrong] >= scores[m]).sum()) + 1 for m in matches)] if matches else None
+            write_html_report(out, [query], rows, ranks, f"{cfg.model['name']} search [{split}]")
+            print(f"report written to {out}")
+        elif out:
             pics = [load_image(ds.images[i].path) for i, _ in results]
             draw_gallery(query, pics, [s for _, s in results], [i in matches for i, _ in results], out)
             print(f"gallery written to {out}")

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint")
     ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
     ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
+    ev.add_argument(
+        "--html", default=None, help="also write an HTML report of the worst-ranked text queries (stage-1 scores)"
+    )
     ev.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.rerank_k=64 eval.folds=5")
 
     se = sub.add_parser("search", help="rank a split's images for a sentence (or captions for an image)")
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--query", help="sentence to search images for")
     group.add_argument("--image", help="image file to search captions for")
     se.add_argument("--top-k", type=int, default=10)
-    se.add_argument("--out", default=None, help="write a gallery PNG (text queries)")
+    se.add_argument("--out", default=None, help="write a gallery: FILE.png, or FILE.html (text queries)")
     se.add_argument(
         "--explain", action="store_true", help="SCAN: draw each word's attention over the top images (OUT_explain.png)"
     )
@@ -94,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         from crossmatch.cli.commands import run_evaluate
 
-        run_evaluate(args.checkpoint, args.split, args.json, args.overrides)
+        run_evaluate(args.checkpoint, args.split, args.json, args.overrides, html_path=args.html)
     elif args.command == "search":
         from crossmatch.cli.commands import run_search
 
