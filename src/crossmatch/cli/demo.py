@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from crossmatch.cli.commands import run_evaluate, run_search
+from crossmatch.cli.common import open_split
 from crossmatch.cli.train import run_train
 from crossmatch.config import load_config
 
@@ -36,7 +37,9 @@ def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrid
     best = Path(run_dir) / "checkpoints" / "best.pt"
     print(f"[3/4] evaluating {best} on the test split:", flush=True)
     run_evaluate(str(best), "test", str(Path(run_dir) / "test_metrics.json"), progress=False)
-    query = "a red circle left of a blue square"
+    # A test caption whose image has a twin: the gallery shows whether the model tells the pair apart.
+    test = open_split(cfg, cfg.data.test_split)
+    query = test.captions[test.images[test.twins[0][0]].caption_ids[0]] if test.twins else test.captions[0]
     gallery = Path(run_dir) / "gallery.png"
     print(f"[4/4] searching the test images for {query!r}:", flush=True)
     run_search(str(best), query=query, top_k=10, out=str(gallery))
