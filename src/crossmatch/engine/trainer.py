@@ -181,6 +181,7 @@ class Trainer:
             if "image_idx" not in batch:
                 continue  # every item of this micro-batch was unreadable
             batch = to_device(batch, self.dist.device)
+            batch["epoch_progress"] = self.state.step_in_epoch / max(1, self.steps_per_epoch)  # for ramps (ALBEF α)
             last = k == len(batches) - 1
             sync = contextlib.nullcontext() if (last or not self.dist.distributed) else self.step_module.no_sync()
             with sync:
