@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -44,9 +45,10 @@ def run_evaluate(
     split: str = "test",
     json_path: str | None = None,
     overrides=(),
-    progress: bool = True,
+    progress: bool | None = None,
     html_path: str | None = None,
 ) -> dict[str, float]:
+    progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     dist = init_distributed()
     name = split_name(cfg, split)
