@@ -29,7 +29,7 @@ def draw_gallery(
     for img, match in zip(images, is_match, strict=True):
         thumb = torch.nn.functional.interpolate(img[None].float(), size=(THUMB, THUMB), mode="nearest")[0]
         colour = torch.tensor([40.0, 200.0, 60.0] if match else [160.0, 160.0, 160.0])[:, None, None]
-        framed = colour.expand(3, THUMB + 8, THUMB + 8 + LABEL_H).clone()
+        framed = colour.expand(3, THUMB + 8 + LABEL_H, THUMB + 8).clone()  # (3, H, W): label strip below
         framed[:, 4 : 4 + THUMB, 4 : 4 + THUMB] = thumb
         frames.append(framed.to(torch.uint8))
     grid = make_grid(frames, nrow=ncol, padding=6, pad_value=255)  # (3, Hg, Wg)
