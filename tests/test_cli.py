@@ -132,3 +132,14 @@ def test_html_reports_from_evaluate_and_search(trained, tmp_path):
     caption = json.loads((root / "dataset.json").read_text())["images"][-1]["sentences"][0]["raw"]
     assert main(["search", best, "--query", caption, "--top-k", "3", "--out", str(tmp_path / "s.html")]) == 0
     assert caption in (tmp_path / "s.html").read_text()
+
+
+@pytest.mark.slow
+def test_search_reranks_with_a_fusion_model(trained, tmp_path, capsys):
+    root, _ = trained
+    run = tmp_path / "albef"
+    assert main(train_args(root, run, "model.name=tiny_albef", "train.epochs=1", "eval.rerank_k=3")) == 0
+    capsys.readouterr()
+    assert main(["search", str(run / "checkpoints" / "best.pt"), "--query", "a red circle", "--top-k", "5"]) == 0
+    scores = [float(ln.split()[1]) for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(scores) == 5 and all(s > float("-inf") for s in scores[:3]) and scores[3:] == [float("-inf")] * 2

@@ -91,6 +91,17 @@ def write_failure_report(model, cfg, tokenizer, split: str, dist, html_path: str
 
 
 @torch.no_grad()
+def rerank_query(model, scores: torch.Tensor, img: dict, txt: dict, k: int) -> torch.Tensor:
+    """One text query: re-score its top-k images with `model.score_pairs`; the rest rank below (-inf)."""
+    cand = scores.topk(min(k, len(scores))).indices  # (k,)
+    rows_img = {name: v[cand.to(v.device)] for name, v in img.items()}
+    rows_txt = {name: v.expand(len(cand), *v.shape[1:]) for name, v in txt.items()}  # the query, k times
+    out = torch.full_like(scores, float("-inf"))
+    out[cand] = model.score_pairs(rows_img, rows_txt).float().cpu()
+    return out
+
+
+@torch.no_grad()
 def run_search(
     checkpoint: str,
     query: str | None = None,
@@ -114,7 +125,9 @@ def run_search(
         ids = torch.tensor([tokenizer.encode(query)])
         txt = model.encode_text(to_device({"input_ids": ids, "attention_mask": ids != 0}, dist.device))
         img = encode_all(model.encode_image, data.image_loader, dist.device, "encode images", False)
-        scores = model.similarity(img, txt)[:, 0].float().cpu()  # (N_img,)
+        scores = model.similarity(img, txt)[:, 0].float().cpu()  # (N_img,) stage 1
+        if cfg.eval.rerank_k > 0 and hasattr(model, "score_pairs"):  # fusion models: re-rank the top-k
+            scores = rerank_query(model, scores, img, txt, cfg.eval.rerank_k)
         top = scores.topk(min(top_k, len(scores)))
         wanted = query.strip().lower()
         matches = {ds.txt_to_img[t] for t, c in enumerate(ds.captions) if c.lower() == wanted}
