@@ -29,7 +29,25 @@ class DualEncoderConfig:
     embed_dim: int = 1024  # joint embedding width E
 
 
-class DualEncoder(nn.Module):
+class JointEmbedding(nn.Module):
+    """What every dual encoder shares: a `text_tower` returning (words, sentence), a `text_proj`, cosine
+    scores of l2-normalised embeddings. Subclasses build the towers and implement `encode_image`."""
+
+    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
+        _, sentence = self.text_tower(batch["input_ids"], batch["attention_mask"])  # (B, D)
+        return {"embed": l2norm(self.text_proj(sentence))}  # (B, E)
+
+    def similarity(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
+        """All pairs: (N_img, E) x (N_txt, E) -> (N_img, N_txt) cosine scores."""
+        return img["embed"] @ txt["embed"].t()
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        img, txt = self.encode_image(batch), self.encode_text(batch)
+        return {"image_embed": img["embed"], "text_embed": txt["embed"], "scores": self.similarity(img, txt)}
+
+
+class DualEncoder(JointEmbedding):
     """Image and text towers to l2-normalised (B, E) embeddings; score = cosine similarity."""
 
     def __init__(self, cfg: DualEncoderConfig):
@@ -53,18 +71,7 @@ class DualEncoder(nn.Module):
         fmap = self.image_tower(batch["image"])  # (B, C, h, w)
         return {"embed": l2norm(self.image_proj(self.image_pool(fmap)))}  # (B, E)
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
-        _, sentence = self.text_tower(batch["input_ids"], batch["attention_mask"])  # (B, D)
-        return {"embed": l2norm(self.text_proj(sentence))}  # (B, E)
-
-    def similarity(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
-        """All pairs: (N_img, E) x (N_txt, E) -> (N_img, N_txt) cosine scores."""
-        return img["embed"] @ txt["embed"].t()
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        img, txt = self.encode_image(batch), self.encode_text(batch)
-        return {"image_embed": img["embed"], "text_embed": txt["embed"], "scores": self.similarity(img, txt)}
+    # encode_text, similarity and forward come from JointEmbedding.
 
 
 def _dual(defaults: dict, overrides: dict) -> DualEncoder:

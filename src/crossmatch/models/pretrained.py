@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from crossmatch.errors import ModelError
+from crossmatch.models.dual_encoder import JointEmbedding
 from crossmatch.models.layers import ResNetTower, l2norm
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.weights import INSTALL_HINT, efficientnet_lite0_file, resolve_text_checkpoint
@@ -207,7 +208,7 @@ class PretrainedDualConfig:
     vocab_size: int = 0  # set at build time from the tokenizer; must be the text tower's (0: unchecked)
 
 
-class PretrainedDualEncoder(nn.Module):
+class PretrainedDualEncoder(JointEmbedding):
     """Pretrained image and text towers + linear projections to l2-normalised (B, E); score = cosine."""
 
     def __init__(self, cfg: PretrainedDualConfig):
@@ -228,18 +229,7 @@ class PretrainedDualEncoder(nn.Module):
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E)} l2-normalised."""
         return {"embed": l2norm(self.image_proj(self.image_tower(batch["image"])))}  # (B, E)
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
-        _, sentence = self.text_tower(batch["input_ids"], batch["attention_mask"])  # (B, D)
-        return {"embed": l2norm(self.text_proj(sentence))}  # (B, E)
-
-    def similarity(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
-        """All pairs: (N_img, E) x (N_txt, E) -> (N_img, N_txt) cosine scores."""
-        return img["embed"] @ txt["embed"].t()
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        img, txt = self.encode_image(batch), self.encode_text(batch)
-        return {"image_embed": img["embed"], "text_embed": txt["embed"], "scores": self.similarity(img, txt)}
+    # encode_text, similarity and forward come from JointEmbedding.
 
 
 @register_model
