@@ -14,7 +14,7 @@ from crossmatch.evaluation.evaluate import (
     score_all_pairs,
     split_metrics,
 )
-from crossmatch.evaluation.rerank import candidate_pairs, rerank
+from crossmatch.evaluation.rerank import below_candidates, candidate_pairs, rerank
 from crossmatch.metrics import fold_metrics, retrieval_metrics, twin_accuracy
 from crossmatch.models import create_model
 
@@ -72,15 +72,24 @@ def test_rerank_with_k_covering_everything_is_exactly_full_scoring(split, name):
         full = torch.stack([model.score_pairs({k: v[[i] * n_txt] for k, v in img.items()}, txt) for i in range(n_img)])
     stage1 = score_all_pairs(model, img, txt)
     s_i2t, s_t2i = rerank(model, stage1, img, txt, k=n_txt, batch_size=7)
-    torch.testing.assert_close(s_i2t, full)
-    torch.testing.assert_close(s_t2i, full)
+    torch.testing.assert_close(s_i2t, full.double())
+    torch.testing.assert_close(s_t2i, full.double())
     got = evaluate_retrieval(model, data, torch.device("cpu"), rerank_k=n_txt, rerank_batch=7)
     assert got == pytest.approx(
         {**retrieval_metrics(full, ds.txt_to_img), "twin_acc": twin_accuracy(full, ds.txt_to_img, ds.twins)}
     )
 
 
-def test_rerank_keeps_outside_candidates_below(split):
+def test_below_candidates_by_hand():
+    stage2 = torch.tensor([5.0, 0.0, 1.0])  # the middle entry is not a candidate: its stage-2 value is unused
+    stage1 = torch.tensor([0.9, 0.8, 0.1])
+    got = below_candidates(stage2, stage1, torch.tensor([True, False, True]))
+    # shift = min candidate stage-2 (1.0) - max stage-1 (0.9) - 1 = -0.9, so the non-candidate gets 0.8 - 0.9
+    torch.testing.assert_close(got, torch.tensor([5.0, -0.1, 1.0], dtype=torch.float64))
+    assert got.argsort(descending=True).tolist() == [0, 2, 1]
+
+
+def test_rerank_keeps_outside_candidates_below_in_stage1_order(split):
     cfg, ds, tok = split
     model = create_model(
         "tiny_albef", data_defaults={"vocab_size": tok.vocab_size, "image_size": 32, "max_text_len": 33}
@@ -88,9 +97,19 @@ def test_rerank_keeps_outside_candidates_below(split):
     img, txt = encode_split(model, build_eval_data(cfg, ds, tok, model), torch.device("cpu"))
     stage1 = score_all_pairs(model, img, txt)
     s_i2t, s_t2i = rerank(model, stage1, img, txt, k=3)
-    assert (torch.isfinite(s_i2t).sum(1) == 3).all() and (torch.isfinite(s_t2i).sum(0) == 3).all()
-    top3 = stage1.topk(3, dim=1).indices
-    assert torch.isfinite(s_i2t.gather(1, top3)).all()
+    for got, dim in ((s_i2t, 1), (s_t2i, 0)):
+        cand = torch.zeros_like(stage1, dtype=torch.bool).scatter_(dim, stage1.topk(3, dim=dim).indices, True)
+        assert (cand.sum(dim) == 3).all()
+        with torch.no_grad():  # candidates carry exactly the stage-2 score of their pair
+            i, t = cand.nonzero().unbind(1)
+            pair = model.score_pairs({k: v[i] for k, v in img.items()}, {k: v[t] for k, v in txt.items()})
+        torch.testing.assert_close(got[i, t], pair.double())
+        # every non-candidate below every candidate of its query, and in stage-1 order (a constant shift)
+        worst_cand = got.masked_fill(~cand, float("inf")).amin(dim, keepdim=True)
+        best_rest = got.masked_fill(cand, float("-inf")).amax(dim, keepdim=True)
+        assert (best_rest < worst_cand).all()
+        shift = (got - stage1.double())[~cand]
+        torch.testing.assert_close(shift, shift[:1].expand_as(shift))
 
 
 def test_split_metrics_with_one_matrix_is_retrieval_metrics():

@@ -18,6 +18,7 @@ from crossmatch.evaluation.evaluate import encode_all, to_device
 from crossmatch.evaluation.explain import explain_path, explain_search
 from crossmatch.evaluation.gallery import draw_gallery
 from crossmatch.evaluation.person import format_person_table
+from crossmatch.evaluation.rerank import below_candidates
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,15 @@ def write_failure_report(model, cfg, tokenizer, split: str, dist, html_path: str
 
 @torch.no_grad()
 def rerank_query(model, scores: torch.Tensor, img: dict, txt: dict, k: int) -> torch.Tensor:
-    """One text query: re-score its top-k images with `model.score_pairs`; the rest rank below (-inf)."""
+    """One text query: re-score its top-k images with `model.score_pairs`; the rest rank below them in
+    stage-1 order. scores (N_img,) -> (N_img,) float64."""
     cand = scores.topk(min(k, len(scores))).indices  # (k,)
     rows_img = {name: v[cand.to(v.device)] for name, v in img.items()}
     rows_txt = {name: v.expand(len(cand), *v.shape[1:]) for name, v in txt.items()}  # the query, k times
-    out = torch.full_like(scores, float("-inf"))
-    out[cand] = model.score_pairs(rows_img, rows_txt).float().cpu()
-    return out
+    stage2 = torch.zeros(len(scores))
+    stage2[cand] = model.score_pairs(rows_img, rows_txt).float().cpu()
+    is_cand = torch.zeros(len(scores), dtype=torch.bool).index_fill_(0, cand.cpu(), True)  # (N_img,)
+    return below_candidates(stage2, scores.float().cpu(), is_cand)
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 and the expensive pair scorer `model.score_pairs` (ALBEF/ViLT ITM, stage 2) re-scores only those.
 
 As in ALBEF's evaluation, i2t and t2i get their own matrices: row i of `i2t` holds stage-2 scores for
-image i's top-k captions, column t of `t2i` for caption t's top-k images; every other entry is -inf,
-so it ranks below the candidates (and, with pessimistic ties, a true match left out ranks last).
+image i's top-k captions, column t of `t2i` for caption t's top-k images. Every other entry ranks below
+all candidates and, among themselves, in stage-1 order (what a two-stage system returns past its top-k),
+so median/mean rank and the twin test stay meaningful for matches the first stage missed.
 Pairs chosen by both directions are scored once. With k >= the number of candidates the result is
 exactly the full stage-2 matrix.
 
@@ -17,6 +18,19 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from crossmatch.engine.distributed import all_gather_varlen, rank_range
+
+
+def below_candidates(stage2: Tensor, stage1: Tensor, candidate: Tensor) -> Tensor:
+    """Merge two stages into one ranking score: stage-2 scores on candidates, stage-1 scores shifted below
+    every candidate elsewhere. stage2, stage1 (...) float, candidate (...) bool -> (...) float64.
+
+    float64 keeps the shifted stage-1 scores as finely ordered as before the shift.
+    """
+    stage2, stage1 = stage2.double(), stage1.double()
+    if not candidate.any():
+        return stage1
+    shift = stage2[candidate].min() - stage1.max() - 1.0  # stage1 + shift < every candidate's stage-2 score
+    return torch.where(candidate, stage2, stage1 + shift)
 
 
 def candidate_pairs(scores: Tensor, k: int) -> Tensor:
@@ -51,7 +65,8 @@ def rerank(
         scores: (N_img, N_txt) stage-1 scores (any model, CPU).
         img, txt: encoded features of all images / captions (leading dim N_img / N_txt), on the model's device.
     Returns:
-        (i2t, t2i): two (N_img, N_txt) float32 CPU matrices, -inf outside each direction's candidates.
+        (i2t, t2i): two (N_img, N_txt) float64 CPU matrices: stage-2 scores on each direction's candidates,
+        stage-1 scores below them elsewhere (`below_candidates`).
     """
     n_img, n_txt = scores.shape
     pairs = candidate_pairs(scores, k)  # (P, 2)
@@ -66,9 +81,9 @@ def rerank(
         rows_txt = {name: v[t] for name, v in txt.items()}
         parts.append(model.score_pairs(rows_img, rows_txt).float().cpu())
     fused = torch.cat(all_gather_varlen(torch.cat(parts)))  # (P,)
-    full = torch.full((n_img, n_txt), float("-inf"))
-    full[pairs[:, 0], pairs[:, 1]] = fused  # stage-2 score of every candidate pair
-    in_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, scores.topk(min(k, n_txt), dim=1).indices, True)
-    in_t2i = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(0, scores.topk(min(k, n_img), dim=0).indices, True)
-    neg_inf = torch.tensor(float("-inf"))
-    return torch.where(in_i2t, full, neg_inf), torch.where(in_t2i, full, neg_inf)
+    full = torch.zeros(n_img, n_txt)
+    full[pairs[:, 0], pairs[:, 1]] = fused  # stage-2 score of every candidate pair (0 elsewhere, never read)
+    stage1 = scores.float().cpu()
+    in_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, stage1.topk(min(k, n_txt), dim=1).indices, True)
+    in_t2i = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(0, stage1.topk(min(k, n_img), dim=0).indices, True)
+    return below_candidates(full, stage1, in_i2t), below_candidates(full, stage1, in_t2i)
