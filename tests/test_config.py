@@ -47,3 +47,19 @@ def test_every_shipped_config_loads_and_names_a_registered_model(path):
 
     cfg = load_config(path)
     assert cfg.model["name"] in list_models()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_builds_its_model(path):
+    """Every model key of a shipped config is a real field of that model (ImageNet downloads switched off)."""
+    from crossmatch.data.tokenizer import build_tokenizer
+    from crossmatch.models.registry import create_model
+
+    cfg = load_config(path)
+    vocab = build_tokenizer(cfg.data.tokenizer, ["a red circle"], 1, cfg.data.max_words).vocab_size
+    overrides = {k: v for k, v in cfg.model.items() if k != "name"}
+    if "pretrained" in overrides:
+        overrides["pretrained"] = False  # no network in tests; the architecture is the same
+    data = {"vocab_size": vocab, "image_size": cfg.data.image_size, "max_text_len": cfg.data.max_words + 1}
+    model = create_model(cfg.model["name"], data_defaults=data, **overrides)
+    assert sum(p.numel() for p in model.parameters()) > 0
