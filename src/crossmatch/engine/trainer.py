@@ -195,9 +195,11 @@ class Trainer:
         if self.tcfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip))
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # fp16 only
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if scale is None or self.scaler.get_scale() >= scale:
+            self.scheduler.step()  # fp16: a step the scaler skipped (inf/NaN gradients) keeps the lr where it is
         return totals
 
     def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
