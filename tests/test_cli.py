@@ -144,3 +144,15 @@ def test_search_reranks_with_a_fusion_model(trained, tmp_path, capsys):
     scores = [float(ln.split()[1]) for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]
     # the top 3 are re-scored by ITM; ranks 4-5 follow in stage-1 order, below every re-scored image
     assert len(scores) == 5 and scores == sorted(scores, reverse=True) and max(scores[3:]) < min(scores[:3])
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(shapes_root, tmp_path, capsys):
+    run = tmp_path / "demo"
+    small = ["data.image_size=32", "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=3"]
+    assert main(["demo", "--data", str(shapes_root), "--run-dir", str(run), *small]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{k}/4]" in out for k in range(1, 5)) and "<- match" in out
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert 0 <= metrics["rsum"] <= 600 and "twin_acc" in metrics
+    assert (run / "gallery.png").stat().st_size > 0 and (run / "checkpoints" / "best.pt").is_file()
