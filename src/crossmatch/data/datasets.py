@@ -29,13 +29,18 @@ class ImageRecord:
     pid: int | None = None  # person identity (person-search datasets): relevance is by identity
 
 
-def read_karpathy_json(path: Path) -> dict:
+def load_json(path: Path, what: str):
+    """Parse a JSON file; a missing or malformed one raises a one-line DataError naming `what` and the path."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError as err:
-        raise DataError(f"dataset file not found: {path}") from err
+        raise DataError(f"{what} not found: {path}") from err
     except json.JSONDecodeError as err:
-        raise DataError(f"dataset file {path} is not valid JSON: {err.msg} at line {err.lineno}") from err
+        raise DataError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}") from err
+
+
+def read_karpathy_json(path: Path) -> dict:
+    data = load_json(path, "dataset file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"dataset file {path} has no 'images' list (expected the Karpathy-split format)")
     return data

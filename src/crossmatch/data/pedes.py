@@ -15,12 +15,11 @@ start at 1; evaluation only compares them).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from crossmatch.config import DataConfig
-from crossmatch.data.datasets import ImageCaptionDataset, dataset_from_entries
+from crossmatch.data.datasets import ImageCaptionDataset, dataset_from_entries, load_json
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
 
@@ -70,13 +69,7 @@ def pedes_to_entries(records: list, spec: PedesSpec, source: str | Path = "") ->
 def read_pedes(path: str | Path, fmt: str) -> list[dict]:
     """The annotation file of format `fmt` (a key of PEDES) -> canonical entries."""
     path, spec = Path(path), PEDES[fmt]
-    try:
-        records = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise DataError(f"{spec.title} annotation file not found: {path}") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{spec.title} file {path} is not valid JSON: {err.msg} at line {err.lineno}") from err
-    return pedes_to_entries(records, spec, path)
+    return pedes_to_entries(load_json(path, f"{spec.title} annotation file"), spec, path)
 
 
 def _reader(fmt: str):
