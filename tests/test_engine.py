@@ -11,26 +11,13 @@ import crossmatch
 from crossmatch.cli.main import main
 from crossmatch.engine.checkpoint import load_checkpoint, partial_load
 from crossmatch.models import create_model
+from tests.test_cli import train_args
 
 
 def train(root, run_dir, *extra):
-    return main(
-        [
-            "train",
-            "configs/vse_shapes.yaml",
-            "--run-dir",
-            str(run_dir),
-            f"data.root={root}",
-            "data.image_size=32",
-            "model.name=tiny_vse",
-            "train.epochs=1",
-            "train.batch_size=8",
-            "train.max_steps_per_epoch=3",
-            "train.log_every=1",
-            "eval.batch_size=16",
-            *extra,
-        ]
-    )
+    # test_cli's tiny run, cut to one epoch of batch 8 with a log line every step
+    small = ["train.epochs=1", "train.batch_size=8", "train.log_every=1", "eval.batch_size=16"]
+    return main(train_args(root, run_dir, *small, *extra))
 
 
 @pytest.mark.slow
