@@ -14,7 +14,7 @@ from crossmatch.evaluation.evaluate import (
     score_all_pairs,
     split_metrics,
 )
-from crossmatch.evaluation.rerank import below_candidates, candidate_pairs, rerank
+from crossmatch.evaluation.rerank import below_candidates, candidate_pairs, rerank, topk_masks
 from crossmatch.metrics import fold_metrics, retrieval_metrics, twin_accuracy
 from crossmatch.models import create_model
 
@@ -53,7 +53,7 @@ def test_chunked_scores_equal_one_matmul_and_metrics_match(split):
 
 def test_candidate_pairs_are_the_union_of_both_directions():
     s = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0]])
-    pairs = {tuple(p) for p in candidate_pairs(s, 1).tolist()}
+    pairs = {tuple(p) for p in candidate_pairs(*topk_masks(s, 1)).tolist()}
     # i2t top-1: (0,0), (1,1); t2i top-1 per column: (0,0), (1,1), (1,2)
     assert pairs == {(0, 0), (1, 1), (1, 2)}
 

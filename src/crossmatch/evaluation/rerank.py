@@ -33,20 +33,19 @@ def below_candidates(stage2: Tensor, stage1: Tensor, candidate: Tensor) -> Tenso
     return torch.where(candidate, stage2, stage1 + shift)
 
 
-def candidate_pairs(scores: Tensor, k: int) -> Tensor:
-    """Distinct (image, caption) pairs in the top-k of some row or column: (P, 2) long, sorted by image
-    so that a batch of pairs reads few distinct images."""
+def topk_masks(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Which pairs each direction re-scores: (N_img, N_txt) scores -> (in_i2t, in_t2i), two bool
+    (N_img, N_txt) masks of every image's top-k captions and every caption's top-k images."""
     n_img, n_txt = scores.shape
-    k_i2t, k_t2i = min(k, n_txt), min(k, n_img)
-    top_t = scores.topk(k_i2t, dim=1).indices  # (N_img, k) captions per image
-    top_i = scores.topk(k_t2i, dim=0).indices  # (k, N_txt) images per caption
-    flat = torch.cat(
-        [
-            torch.arange(n_img)[:, None].mul(n_txt).add(top_t).flatten(),  # (N_img*k,) as image*N_txt + caption
-            top_i.mul(n_txt).add(torch.arange(n_txt)[None, :]).flatten(),  # (k*N_txt,)
-        ]
-    ).unique()  # sorted, deduplicated
-    return torch.stack([flat // n_txt, flat % n_txt], dim=1)  # (P, 2)
+    in_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, scores.topk(min(k, n_txt), dim=1).indices, True)
+    in_t2i = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(0, scores.topk(min(k, n_img), dim=0).indices, True)
+    return in_i2t, in_t2i
+
+
+def candidate_pairs(in_i2t: Tensor, in_t2i: Tensor) -> Tensor:
+    """Distinct (image, caption) pairs chosen by either direction: (P, 2) long, sorted by image (row-major)
+    so that a batch of pairs reads few distinct images."""
+    return (in_i2t | in_t2i).nonzero()
 
 
 @torch.no_grad()
@@ -69,7 +68,9 @@ def rerank(
         stage-1 scores below them elsewhere (`below_candidates`).
     """
     n_img, n_txt = scores.shape
-    pairs = candidate_pairs(scores, k)  # (P, 2)
+    stage1 = scores.float().cpu()
+    in_i2t, in_t2i = topk_masks(stage1, k)  # (N_img, N_txt) each
+    pairs = candidate_pairs(in_i2t, in_t2i)  # (P, 2)
     device = next(iter(img.values())).device
     mine = rank_range(len(pairs))  # under torchrun each rank re-scores a contiguous share of the pairs
     parts = [torch.zeros(0)]
@@ -83,7 +84,4 @@ def rerank(
     fused = torch.cat(all_gather_varlen(torch.cat(parts)))  # (P,)
     full = torch.zeros(n_img, n_txt)
     full[pairs[:, 0], pairs[:, 1]] = fused  # stage-2 score of every candidate pair (0 elsewhere, never read)
-    stage1 = scores.float().cpu()
-    in_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(1, stage1.topk(min(k, n_txt), dim=1).indices, True)
-    in_t2i = torch.zeros(n_img, n_txt, dtype=torch.bool).scatter_(0, stage1.topk(min(k, n_img), dim=0).indices, True)
     return below_candidates(full, stage1, in_i2t), below_candidates(full, stage1, in_t2i)
