@@ -10,7 +10,6 @@ of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes). All are read int
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from crossmatch.data.pedes import IMAGE_DIR as PEDES_IMAGE_DIR
 from crossmatch.data.pedes import PEDES, read_pedes
 from crossmatch.data.transforms import load_image
 from crossmatch.errors import ConfigError, DataError
+from crossmatch.files import write_text
 
 # format -> (default annotation file, default image folder), both relative to the dataset root.
 DEFAULTS: dict[str, tuple[str, str]] = {
@@ -168,8 +168,4 @@ def convert(src: Source, dst: str | Path, to: str) -> Path:
     entries = read_entries(src)
     if to == "jsonl":
         return write_jsonl(entries, dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_text(json.dumps(entries_to_karpathy(entries, dataset=src.file.stem), ensure_ascii=False))
-    os.replace(tmp, dst)
-    return dst
+    return write_text(dst, json.dumps(entries_to_karpathy(entries, dataset=src.file.stem), ensure_ascii=False))

@@ -14,7 +14,6 @@ keys (e.g. `boxes`, `twin`) travel through conversions unchanged. The file is
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +26,7 @@ from crossmatch.data.datasets import (  # noqa: F401  (karpathy_to_entries is re
 )
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
+from crossmatch.files import write_text
 
 DEFAULT_NAME = "dataset.jsonl"
 ENTRY_KEYS = ("image", "captions", "split", "id", "pid")
@@ -61,12 +61,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def write_jsonl(entries: list[dict], path: str | Path) -> Path:
     """Write entries one per line, atomically (a temporary file renamed onto `path`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
 
 
 def entries_to_karpathy(entries: list[dict], dataset: str = "converted") -> dict:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from crossmatch.files import write_text
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -415,9 +417,8 @@ def generate_shapes(
         _collect(map(_work, jobs), images, offsets, len(jobs), progress)
 
     json_path = out / "dataset.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"dataset": "shapes", "images": [images[i] for i in range(len(images))]}))
-    os.replace(tmp, json_path)  # the json appears only once every image is written
+    # the json appears only once every image is written
+    write_text(json_path, json.dumps({"dataset": "shapes", "images": [images[i] for i in range(len(images))]}))
     logger.info("shapes: %d images at %d px in %.1fs with %d workers -> %s", len(images), size,
                 time.perf_counter() - t0, workers, json_path)  # fmt: skip
     return json_path

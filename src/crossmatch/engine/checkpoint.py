@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from crossmatch.errors import CheckpointError
+from crossmatch.files import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -68,22 +68,7 @@ def _to_tuple(x):
 
 def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
     """torch.save to `path` so that readers only ever see a complete file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -109,7 +94,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def export_safetensors(state: dict[str, Any], path: str | Path) -> None:
     """The model weights as safetensors, with the config and tokenizer (JSON) in its metadata, so that
     `crossmatch.load(path)` rebuilds the model without unpickling anything."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state["model"].items()}  # no shared storage
@@ -118,12 +103,7 @@ def export_safetensors(state: dict[str, Any], path: str | Path) -> None:
         "config": json.dumps(state.get("config", {})),
         "tokenizer": state.get("tokenizer", ""),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))
 
 
 def read_safetensors(path: str | Path) -> dict[str, Any]:

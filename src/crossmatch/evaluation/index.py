@@ -36,6 +36,7 @@ from tqdm import tqdm
 from crossmatch.data.loaders import build_eval_loader, pad_sequences
 from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.errors import ConfigError, DataError, ModelError
+from crossmatch.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,7 @@ class _ImageFiles(Dataset):
 
 def _write_json(path: Path, obj: Any) -> None:
     """Write-then-rename, so a reader (or a resumed build) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def _fingerprint(checkpoint: Path, root: Path, rel: list[str]) -> str:
