@@ -1,16 +1,20 @@
 """Shared fixtures: a tiny shapes dataset generated once per session, and CPU-only, single-thread torch
-(the CI machine has 2 cores; tiny models run faster without thread hand-offs)."""
+(the CI machine has 2 cores; tiny models run faster without thread hand-offs).
+
+`CROSSMATCH_TEST_THREADS=2 make test` runs the suite with another thread count: every float comparison of
+values computed through different batch shapes or threads must hold either way."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("CROSSMATCH_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

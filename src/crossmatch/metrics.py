@@ -5,7 +5,8 @@ Protocols implemented (see FIELD.md, "Retrieval protocol"):
 - Image-text retrieval (Flickr30K, COCO 5K): i2t and t2i R@1/5/10, median and mean rank, rsum, with any
   number of captions per image, given by an explicit `txt_to_img` map (`retrieval_metrics`).
 - COCO 1K: every metric averaged over consecutive image folds, rsum of the averages (`fold_metrics`).
-- Twin accuracy: does an image prefer its own captions to those of a near-duplicate twin (`twin_accuracy`).
+- Twin accuracy: does an image prefer its own captions to those of a near-duplicate twin (`twin_accuracy`);
+  under folds, cases are pooled over the twin pairs whose two images share a fold (`twin_counts`).
 - Text-based person search (CUHK-PEDES, ICFG-PEDES, RSTPReid): CMC R@K, mAP and mINP with relevance by
   identity (`person_search_metrics`).
 
@@ -157,6 +158,54 @@ def _rsum(m: dict[str, float]) -> float:
     return sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
 
 
+def image_folds(txt_to_img: Array, n_folds: int) -> list[tuple[slice, torch.Tensor]]:
+    """COCO 1K folds: consecutive image ranges and their captions.
+
+    Fold f holds images [f*I/n_folds, (f+1)*I/n_folds) and every caption of those images.
+
+    Args:
+        txt_to_img: image index of each caption, shape (T,); I = max + 1.
+        n_folds: number of folds; must divide I.
+
+    Returns:
+        Per fold, (image slice, caption indices (T_f,) in caption order).
+
+    Raises:
+        ValueError: n_folds < 1 or not a divisor of the number of images.
+    """
+    t2i = torch.as_tensor(txt_to_img).long().reshape(-1)
+    n_img = int(t2i.max()) + 1 if t2i.numel() else 0
+    if n_folds < 1 or n_img % n_folds:
+        raise ValueError(f"n_folds={n_folds} must be >= 1 and divide the number of images ({n_img})")
+    size = n_img // n_folds
+    return [
+        (slice(f * size, (f + 1) * size), torch.nonzero((t2i >= f * size) & (t2i < (f + 1) * size)).flatten())
+        for f in range(n_folds)
+    ]
+
+
+def twins_in_fold(twins: Sequence[tuple[int, int]], images: slice) -> list[tuple[int, int]]:
+    """The twin pairs with both images in `images`, re-indexed from the fold's first image."""
+    lo, hi = images.start, images.stop
+    return [(a - lo, b - lo) for a, b in twins if lo <= a < hi and lo <= b < hi]
+
+
+def mean_over_folds(per_fold: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Every recall/rank metric averaged over folds, rsum recomputed as the sum of the averaged recalls.
+
+    Keys are the union over folds (a key missing from a fold is averaged over the folds that have it);
+    `twin_acc` is not averaged: see `evaluate`-side pooling with `twin_counts`.
+    """
+    keys = list(dict.fromkeys(k for m in per_fold for k in m if k != "twin_acc"))
+    out = {}
+    for k in keys:
+        values = [m[k] for m in per_fold if k in m]
+        out[k] = sum(values) / len(values)
+    if all(f"{d}_r{k}" in out for d in ("i2t", "t2i") for k in (1, 5, 10)):
+        out["rsum"] = _rsum(out)
+    return out
+
+
 def fold_metrics(
     scores: Array, txt_to_img: Array, n_folds: int, *, chunk_size: int = DEFAULT_CHUNK
 ) -> dict[str, float]:
@@ -177,41 +226,21 @@ def fold_metrics(
     s = _scores(scores)
     n_img, n_txt = s.shape
     t2i = _txt_to_img(txt_to_img, n_img, n_txt, s.device)
-    if n_folds < 1 or n_img % n_folds:
-        raise ValueError(f"n_folds={n_folds} must be >= 1 and divide the number of images ({n_img})")
-    size = n_img // n_folds
     folds = []
-    for f in range(n_folds):
-        caps = torch.nonzero((t2i >= f * size) & (t2i < (f + 1) * size)).flatten()  # (T_f,)
-        sub = s[f * size : (f + 1) * size].index_select(1, caps)  # (I/n_folds, T_f)
-        folds.append(retrieval_metrics(sub, t2i[caps] - f * size, chunk_size=chunk_size))
-    out = {k: sum(m[k] for m in folds) / n_folds for k in folds[0]}
-    out["rsum"] = _rsum(out)
-    return out
+    for images, caps in image_folds(t2i.cpu(), n_folds):
+        caps = caps.to(s.device)
+        sub = s[images].index_select(1, caps)  # (I/n_folds, T_f)
+        folds.append(retrieval_metrics(sub, t2i[caps] - images.start, chunk_size=chunk_size))
+    return mean_over_folds(folds)
 
 
-def twin_accuracy(scores: Array, txt_to_img: Array, twins: Sequence[tuple[int, int]]) -> float:
-    """How often an image prefers its own captions to its twin's.
-
-    For every pair (a, b) in `twins` and both directions (x, y) = (a, b) and (b, a), every own caption c of
-    x and every caption c' of y give one case; it succeeds when s(x, c) > s(x, c') strictly (ties fail).
-    Cases are pooled over all pairs, so pairs with more captions weigh more.
-
-    Args:
-        scores: similarity matrix, shape (I, T).
-        txt_to_img: image index of each caption, shape (T,).
-        twins: (img_a, img_b) index pairs, each pair listed once.
-
-    Returns:
-        Percentage (0-100) of successful cases.
-    """
+def twin_counts(scores: Array, txt_to_img: Array, twins: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(successful cases, cases) of `twin_accuracy`; sums of these pool twin accuracy over folds."""
     s = _scores(scores)
     n_img, n_txt = s.shape
     t2i = torch.as_tensor(txt_to_img, device=s.device).long().reshape(-1)
     if t2i.numel() != n_txt:
         raise ValueError(f"txt_to_img has {t2i.numel()} entries but scores have {n_txt} captions (columns)")
-    if len(twins) == 0:
-        raise ValueError("twins is empty")
     wins = total = 0
     for a, b in twins:
         if not (0 <= a < n_img and 0 <= b < n_img) or a == b:
@@ -224,6 +253,28 @@ def twin_accuracy(scores: Array, txt_to_img: Array, twins: Sequence[tuple[int, i
             cmp = s[x, own][:, None] > s[x, other][None, :]  # (n_own, n_other)
             wins += int(cmp.sum())
             total += cmp.numel()
+    return wins, total
+
+
+def twin_accuracy(scores: Array, txt_to_img: Array, twins: Sequence[tuple[int, int]]) -> float:
+    """How often an image prefers its own captions to its twin's.
+
+    For every pair (a, b) in `twins` and both directions (x, y) = (a, b) and (b, a), every own caption c of
+    x and every caption c' of y give one case; it succeeds when s(x, c) > s(x, c') strictly (ties fail).
+    Cases are pooled over all pairs, so pairs with more captions weigh more. Under a fold protocol the
+    cases of every fold are pooled the same way (twin pairs split by a fold boundary are not scored).
+
+    Args:
+        scores: similarity matrix, shape (I, T).
+        txt_to_img: image index of each caption, shape (T,).
+        twins: (img_a, img_b) index pairs, each pair listed once.
+
+    Returns:
+        Percentage (0-100) of successful cases.
+    """
+    if len(twins) == 0:
+        raise ValueError("twins is empty")
+    wins, total = twin_counts(scores, txt_to_img, twins)
     return 100.0 * wins / total
 
 

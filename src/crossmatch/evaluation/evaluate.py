@@ -17,7 +17,16 @@ from tqdm import tqdm
 from crossmatch.engine.distributed import all_gather_varlen, get_rank, get_world_size, rank_range
 from crossmatch.errors import ConfigError
 from crossmatch.evaluation.rerank import rerank
-from crossmatch.metrics import ranks_i2t, ranks_t2i, recall_summary, twin_accuracy
+from crossmatch.metrics import (
+    image_folds,
+    mean_over_folds,
+    ranks_i2t,
+    ranks_t2i,
+    recall_summary,
+    twin_accuracy,
+    twin_counts,
+    twins_in_fold,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +134,6 @@ def split_metrics(s_i2t: Tensor, s_t2i: Tensor, txt_to_img: Tensor, twins=()) ->
     return m
 
 
-def fold_indices(txt_to_img: Tensor, folds: int) -> list[tuple[Tensor, Tensor]]:
-    """Consecutive image folds (COCO 1K protocol): per fold, (image indices, caption indices)."""
-    n_img = int(txt_to_img.max()) + 1
-    if n_img % folds:
-        raise ConfigError(f"eval.folds={folds} does not divide the {n_img} images of the split")
-    size = n_img // folds
-    return [
-        (torch.arange(f * size, (f + 1) * size), torch.nonzero(txt_to_img // size == f).flatten()) for f in range(folds)
-    ]
-
-
 @torch.no_grad()
 def evaluate_retrieval(
     model: nn.Module,
@@ -152,22 +150,24 @@ def evaluate_retrieval(
     (plus `twin_acc` when the split has twins).
 
     Args:
-        folds: mean of every metric over this many consecutive image folds (COCO 1K: 5), rsum of the means.
+        folds: mean of every metric over this many consecutive image folds (COCO 1K: 5), rsum of the means;
+            `twin_acc` pools the cases of every fold (twin pairs whose images fall in different folds are
+            not scored), exactly as `twin_accuracy` pools the pairs of one split.
         rerank_k: > 0 re-scores each query's top-k stage-1 candidates with `model.score_pairs` (fusion models).
         stage1: (N_img, N_txt) stage-1 scores from another model; default: the model's own `similarity`.
     """
+    try:
+        fold_list = image_folds(data.txt_to_img, folds)
+    except ValueError as err:
+        raise ConfigError(f"eval.folds={folds}: {err}") from err
     img, txt = encode_split(model, data, device, progress)
     model.eval()
     scores = stage1 if stage1 is not None else score_all_pairs(model, img, txt, chunk_size, progress)
-    per_fold = []
-    for img_ids, txt_ids in fold_indices(data.txt_to_img, folds):
-        sub = scores[img_ids][:, txt_ids]  # (fold images, fold captions)
-        t2i = data.txt_to_img[txt_ids] - img_ids[0]
-        twins = [
-            (a - int(img_ids[0]), b - int(img_ids[0]))
-            for a, b in data.twins
-            if img_ids[0] <= a <= img_ids[-1] and img_ids[0] <= b <= img_ids[-1]
-        ]
+    per_fold, wins, cases = [], 0, 0
+    for images, txt_ids in fold_list:
+        img_ids = torch.arange(images.start, images.stop)
+        sub = scores[images][:, txt_ids]  # (fold images, fold captions)
+        t2i = data.txt_to_img[txt_ids] - images.start
         if rerank_k > 0 and hasattr(model, "score_pairs"):
             ix_i, ix_t = img_ids.to(device), txt_ids.to(device)
             s_i2t, s_t2i = rerank(
@@ -175,7 +175,10 @@ def evaluate_retrieval(
             )
         else:
             s_i2t = s_t2i = sub
-        per_fold.append(split_metrics(s_i2t, s_t2i, t2i, twins))
-    metrics = {k: sum(m[k] for m in per_fold) / len(per_fold) for k in per_fold[0]}
-    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))  # of the means
+        per_fold.append(split_metrics(s_i2t, s_t2i, t2i))
+        w, c = twin_counts(s_i2t, t2i, twins_in_fold(data.twins, images))
+        wins, cases = wins + w, cases + c
+    metrics = mean_over_folds(per_fold)
+    if cases:
+        metrics["twin_acc"] = 100.0 * wins / cases
     return metrics
