@@ -60,6 +60,30 @@ def test_train_writes_the_run_folder(trained):
 
 
 @pytest.mark.slow
+def test_train_and_val_loss_share_a_tensorboard_chart(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = trained
+    tags = {}
+    for split in ("train", "val"):
+        acc = EventAccumulator(str(run / "tb" / split))
+        acc.Reload()
+        tags[split] = set(acc.Tags()["scalars"])
+    shared = tags["train"] & tags["val"]
+    assert {"loss", "triplet_loss"} <= shared  # the same tags: one chart holds both curves
+    assert {"train/lr", "train/grad_norm"} <= tags["train"] and {"retrieval/rsum", "retrieval/i2t_r1"} <= tags["val"]
+    assert shared == {"loss", "triplet_loss"}  # nothing else collides
+    acc = EventAccumulator(str(run / "tb" / "val"))
+    acc.Reload()
+    val_loss = [e.value for e in acc.Scalars("loss")]
+    assert len(val_loss) == 2 and all(v > 0 for v in val_loss)  # one per validated epoch
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val_rows = [r for r in rows if r["split"] == "val" and "loss" in r]
+    assert [r["loss"] for r in val_rows] == pytest.approx(val_loss)
+    assert all(r["triplet_loss"] == pytest.approx(r["loss"]) for r in val_rows)  # the only term of the sum
+
+
+@pytest.mark.slow
 def test_evaluate_prints_a_table_and_writes_the_metrics(trained, tmp_path, capsys):
     _, run = trained
     out = tmp_path / "m.json"

@@ -119,7 +119,14 @@ def test_albef_momentum_state_round_trips():
     model = build("tiny_albef").train()
     task = build_task(model, LossConfig())
     task.on_epoch_start(0)
-    batch = make_batch([0, 0, 1, 2, 3, 4]) | {"epoch_progress": 0.5}
+    task.on_step(0.5)
+    batch = make_batch([0, 0, 1, 2, 3, 4])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        val_losses, _ = task.validation_step(batch)  # same terms, and no EMA step or enqueue
+    assert set(val_losses) == {"itc_loss", "itm_loss"}
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
     losses, logs = task.training_step(batch)
     assert logs["alpha"] == pytest.approx(0.2)  # 0.4 ramped halfway through the first epoch
     assert all(torch.isfinite(v) for v in losses.values())  # the distillation path ran

@@ -69,6 +69,7 @@ class EvalConfig:
     batch_size: int = 256  # encoding batch size
     chunk_size: int = 512  # rows (images) per block of the all-pairs score matrix
     every_epochs: int = 1  # validate every this many epochs
+    loss_batches: int = 10  # batches of val pairs on which validation also computes the training loss (0: off)
     metric: str = "rsum"  # key of the metrics dict that selects best.pt (higher is better)
     folds: int = 1  # mean over this many consecutive image folds (COCO 1K protocol: 5 folds of 1000)
     rerank_k: int = 0  # fusion models: re-score each query's top-k stage-1 candidates (0: stage 1 only)

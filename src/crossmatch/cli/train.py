@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weight
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
-from crossmatch.engine.trainer import RunSinks, Trainer, TrainState
+from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainState
 from crossmatch.errors import DataError
 from crossmatch.tasks import build_task
 
@@ -57,14 +58,25 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     optimizer = create_optimizer(task, cfg.train)
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
     scheduler = create_scheduler(optimizer, cfg.train, steps)
-    evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device)
+    progress = dist.is_main and sys.stderr.isatty()
+    evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device, progress)
+    val_pairs = PairView(
+        open_split(cfg, cfg.data.val_split),
+        tokenizer,
+        build_image_transform(cfg.data.image_size, train=False),
+        needs_boxes(model),
+        skip_bad=cfg.data.max_bad_samples > 0,
+    )
+    val_loader = build_train_loader(
+        val_pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
+    )
 
     sinks = RunSinks(
         Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main),
         MetricLogger(run_dir, enabled=dist.is_main),
         {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()},
     )
-    return Trainer(task, optimizer, scheduler, loader, evaluator, sinks, cfg, dist)
+    return Trainer(task, optimizer, scheduler, RunLoaders(loader, val_loader), evaluator, sinks, cfg, dist)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

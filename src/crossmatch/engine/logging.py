@@ -1,6 +1,6 @@
 """Two logging channels: text through `logging` (console + the run's train.log, quiet on non-main
 ranks) and scalars through `MetricLogger` (TensorBoard, one writer per split so that train and val
-curves of the same tag share a chart, plus a metrics.jsonl file)."""
+curves of the same tag share a chart, plus a metrics.jsonl file with the plain keys)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def setup_logging(run_dir: str | Path | None = None, is_main: bool = True, level
         root.addHandler(fh)
 
 
+def tag(key: str, split: str) -> str:
+    """TensorBoard tag of a scalar: loss terms (`loss`, `*_loss`) keep their name in every split, so the
+    train and val writers draw them on one chart; the rest is grouped (`train/lr`, `retrieval/i2t_r1`)."""
+    if key == "loss" or key.endswith("_loss"):
+        return key
+    return f"retrieval/{key}" if split == "val" else f"{split}/{key}"
+
+
 class MetricLogger:
     """`log(metrics, step, split)` -> TensorBoard `run_dir/tb/{split}` and `run_dir/metrics.jsonl`."""
 
@@ -52,7 +60,7 @@ class MetricLogger:
         if self.tensorboard:
             w = self._writer(split)
             for k, v in metrics.items():
-                w.add_scalar(k, v, step)
+                w.add_scalar(tag(k, split), v, step)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"split": split, "step": step, **metrics}) + "\n")
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from crossmatch.config import RunConfig
 from crossmatch.engine.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -48,6 +49,14 @@ class TrainState:
     best_epoch: int = -1
     skipped_samples: int = 0  # unreadable training images skipped so far
     history: list[dict[str, float]] = field(default_factory=list)  # validation metrics per epoch
+
+
+@dataclass
+class RunLoaders:
+    """The batches a run reads: training pairs, and optionally validation pairs for the validation loss."""
+
+    train: DataLoader
+    val: DataLoader | None = None  # pairs of the val split (no augmentation), same batch size as training
 
 
 @dataclass
@@ -81,7 +90,7 @@ class Trainer:
         task: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
-        train_loader: DataLoader,
+        loaders: RunLoaders,
         evaluator: Callable[[nn.Module], dict[str, float]] | None,
         sinks: RunSinks,
         cfg: RunConfig,
@@ -89,7 +98,8 @@ class Trainer:
     ):
         self.task, self.model = task, task.model
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.train_loader, self.evaluator, self.sinks = train_loader, evaluator, sinks
+        self.train_loader, self.val_loader = loaders.train, loaders.val
+        self.evaluator, self.sinks = evaluator, sinks
         self.cfg, self.tcfg, self.dist = cfg, cfg.train, dist
         if self.tcfg.precision not in DTYPES:
             raise CrossmatchError(f"unknown train.precision {self.tcfg.precision!r}; known: fp32, bf16, fp16")
@@ -132,10 +142,16 @@ class Trainer:
         set_rng_state(ckpt["rng"])
 
     # ---- loop --------------------------------------------------------------------------------------
+    @property
+    def show_progress(self) -> bool:
+        return self.dist.is_main and sys.stderr.isatty()  # bars on a terminal only, never in logs
+
     def fit(self) -> TrainState:
-        while self.state.epoch < self.tcfg.epochs:
-            self.train_epoch()
-            self.end_epoch()
+        # Log lines go above the progress bars instead of into them.
+        with logging_redirect_tqdm(loggers=[logging.getLogger("crossmatch")]):
+            while self.state.epoch < self.tcfg.epochs:
+                self.train_epoch()
+                self.end_epoch()
         return self.state
 
     def train_epoch(self) -> None:
@@ -144,17 +160,17 @@ class Trainer:
         self.task.on_epoch_start(s.epoch)
         per_step = self.train_loader.batch_size * self.micro_batches
         self.train_loader.sampler.set_epoch(s.epoch, start=s.step_in_epoch * per_step)
-        show = self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(
             total=n_steps,
             initial=s.step_in_epoch,
             desc=f"epoch {s.epoch + 1}/{self.tcfg.epochs}",
-            disable=not show,
+            disable=not self.show_progress,
             leave=False,
         )
         t0, done0 = time.perf_counter(), s.step_in_epoch
         batches = iter(self.train_loader)
         while s.step_in_epoch < n_steps:
+            self.task.on_step(s.step_in_epoch / max(1, n_steps))  # for ramps within an epoch (ALBEF's alpha)
             logs = self.train_step([next(batches) for _ in range(self.micro_batches)])
             s.step_in_epoch += 1
             s.global_step += 1
@@ -181,7 +197,6 @@ class Trainer:
             if "image_idx" not in batch:
                 continue  # every item of this micro-batch was unreadable
             batch = to_device(batch, self.dist.device)
-            batch["epoch_progress"] = self.state.step_in_epoch / max(1, self.steps_per_epoch)  # for ramps (ALBEF α)
             last = k == len(batches) - 1
             sync = contextlib.nullcontext() if (last or not self.dist.distributed) else self.step_module.no_sync()
             with sync:
@@ -232,9 +247,13 @@ class Trainer:
         s = self.state
         due = (s.epoch + 1) % self.cfg.eval.every_epochs == 0 or s.epoch + 1 == self.tcfg.epochs
         metrics = self.evaluate() if due else {}
+        val_losses = self.validation_loss() if due else {}
+        if val_losses:
+            self.sinks.metric_logger.log(val_losses, s.global_step, "val")
+            log.info("epoch %d val %s", s.epoch + 1, " ".join(f"{k}={v:.4g}" for k, v in val_losses.items()))
         is_best = False
         if metrics:
-            s.history.append({"epoch": s.epoch + 1, **metrics})
+            s.history.append({"epoch": s.epoch + 1, **val_losses, **metrics})
             value = metrics[self.cfg.eval.metric]
             is_best = value > s.best_metric
             if is_best:
@@ -252,6 +271,34 @@ class Trainer:
         s.epoch, s.step_in_epoch = s.epoch + 1, 0
         self.sinks.checkpointer.save(self.state_dict(), epoch_tag=s.epoch, is_best=is_best)
         self.sinks.metric_logger.flush()
+
+    @torch.no_grad()
+    def validation_loss(self) -> dict[str, float]:
+        """The task's own objective on up to `eval.loss_batches` batches of validation pairs (eval mode, no
+        gradient): `loss` and every `*_loss` term, averaged over batches, logged under the training tags so
+        that TensorBoard draws train and val curves on one chart. The training RNG stream is untouched."""
+        n = min(len(self.val_loader), self.cfg.eval.loss_batches) if self.val_loader is not None else 0
+        if n <= 0:
+            return {}
+        self.val_loader.sampler.set_epoch(0)  # the same validation batches every time
+        was_training = self.task.training
+        self.task.eval()
+        totals: dict[str, float] = {}
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), autocast(self.dist.device, self.tcfg.precision):
+                batches = iter(self.val_loader)
+                for _ in tqdm(range(n), desc="val loss", disable=not self.show_progress, leave=False):
+                    batch = next(batches)
+                    batch.pop("skipped", None)
+                    if "image_idx" not in batch:
+                        continue
+                    losses, _ = self.task.validation_step(to_device(batch, self.dist.device))
+                    for name, v in {"loss": sum(losses.values()), **losses}.items():
+                        totals[name] = totals.get(name, 0.0) + float(v) / n
+        finally:
+            self.task.train(was_training)
+        return totals
 
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None:

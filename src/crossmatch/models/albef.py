@@ -140,10 +140,13 @@ class ALBEF(nn.Module):
         }
 
     @torch.no_grad()
-    def momentum_bank(self, batch: dict[str, Tensor]) -> MomentumBank:
-        """EMA-update the momentum copies, then encode the batch with them; returns features and queues."""
+    def momentum_bank(self, batch: dict[str, Tensor], update: bool = True) -> MomentumBank:
+        """EMA-update the momentum copies (unless `update` is False), then encode the batch with them;
+        returns features and queues."""
         m = self.config.momentum_decay
         for name in ("visual_encoder", "vision_proj", "text_encoder", "text_proj"):
+            if not update:
+                break
             for p, p_m in zip(getattr(self, name).parameters(), getattr(self, name + "_m").parameters(), strict=True):
                 p_m.lerp_(p, 1 - m)  # p_m = m * p_m + (1 - m) * p
         img_feat = l2norm(self.vision_proj_m(self.visual_encoder_m(batch["image"])[:, 0]))  # (B, E)
@@ -184,36 +187,45 @@ class AlbefTask(Task):
 
     Its settings live in AlbefConfig; the generic LossConfig (hinge margin etc.) is not used.
     Distillation weight: alpha = config.alpha * min(1, epoch + progress), where `epoch` comes from
-    `on_epoch_start` and progress from `batch["epoch_progress"]` (float in [0, 1), the fraction of the
-    current epoch done). Without that key alpha stays 0 in epoch 0 (no distillation from an untrained
-    teacher) and is config.alpha from epoch 1 on.
+    `on_epoch_start` and progress from `on_step` (float in [0, 1), the fraction of the current epoch
+    done), so alpha ramps over the first epoch and is config.alpha from epoch 1 on.
     """
 
     def __init__(self, model: ALBEF, cfg: LossConfig | None = None, rank: int = 0, world_size: int = 1):
         super().__init__(model)
-        self.world_size, self.epoch = world_size, 0
+        self.world_size, self.epoch, self.progress = world_size, 0, 0.0
         self.itc, self.itm = ItcLoss(rank, world_size), ItmLoss()
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.progress = epoch, 0.0
 
-    def alpha(self, batch: dict) -> float:
-        return self.model.config.alpha * min(1.0, self.epoch + float(batch.get("epoch_progress", 0.0)))
+    def on_step(self, progress: float) -> None:
+        self.progress = progress
+
+    def alpha(self) -> float:
+        return self.model.config.alpha * min(1.0, self.epoch + self.progress)
 
     def training_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        return self._step(batch, update=True)
+
+    def validation_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        return self._step(batch, update=False)  # no EMA update, no enqueue: training state stays as it was
+
+    def _step(self, batch: dict[str, Tensor], update: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
         m, cfg, idx = self.model, self.model.config, batch["image_idx"]
-        with torch.no_grad():
-            m.temp.clamp_(0.001, 0.5)
+        if update:
+            with torch.no_grad():
+                m.temp.clamp_(0.001, 0.5)
         img, txt = m.encode_image(batch), m.encode_text(batch)
-        bank = m.momentum_bank(batch) if cfg.momentum else None
-        alpha = self.alpha(batch) if cfg.momentum else 0.0
+        bank = m.momentum_bank(batch, update) if cfg.momentum else None
+        alpha = self.alpha() if cfg.momentum else 0.0
         losses = {
             "itc_loss": cfg.itc_weight * self.itc(img["embed"], txt["embed"], idx, m.temp, bank, alpha),
             "itm_loss": cfg.itm_weight * self._itm(img, txt, idx),
         }
         if cfg.mlm:
             losses["mlm_loss"] = cfg.mlm_weight * self._mlm(batch, img, txt["mask"])
-        if bank is not None:
+        if bank is not None and update:
             ws = self.world_size
             m.enqueue(gather(bank.image_feat, ws), gather(bank.text_feat, ws), gather(idx, ws))
         return losses, {"temp": m.temp.item(), "alpha": alpha}

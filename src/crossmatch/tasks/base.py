@@ -28,6 +28,14 @@ class Task(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for schedules that change with the epoch (e.g. hardest-negative warm-up)."""
 
+    def on_step(self, progress: float) -> None:
+        """Hook called before every training step with the fraction of the epoch done, in [0, 1)."""
+
+    def validation_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The same loss terms on held-out pairs, without changing any training state (the Trainer calls it
+        in eval mode under no_grad). Tasks whose step updates state (queues, EMA copies) override it."""
+        return self.training_step(batch)
+
     def forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
         # The training step is the forward pass, so DistributedDataParallel(task) syncs its gradients.
         return self.training_step(batch)
