@@ -51,7 +51,11 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_ro
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
     ma, mb = a["trainer"]["history"][0], b["trainer"]["history"][0]
-    assert ma.keys() == mb.keys() and all(abs(ma[k] - mb[k]) < 1e-6 for k in ma)
+    assert ma.keys() == mb.keys() and all(abs(ma[k] - mb[k]) < 1e-6 for k in ma if not k.endswith("loss"))
+    # the validation loss sums the same global batch in another order: float32 rounding of a sum of ~10
+    assert {k: mb[k] for k in mb if k.endswith("loss")} == pytest.approx(
+        {k: ma[k] for k in ma if k.endswith("loss")}, rel=1e-5
+    )
     assert not (tmp_path / "two" / "checkpoints" / "last.pt.tmp").exists()
 
 

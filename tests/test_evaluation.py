@@ -8,7 +8,6 @@ from crossmatch.config import load_config
 from crossmatch.data.datasets import ImageCaptionDataset
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.evaluation.evaluate import (
-    cat_features,
     encode_split,
     evaluate_retrieval,
     score_all_pairs,
@@ -17,6 +16,7 @@ from crossmatch.evaluation.evaluate import (
 from crossmatch.evaluation.rerank import below_candidates, candidate_pairs, rerank, topk_masks
 from crossmatch.metrics import fold_metrics, retrieval_metrics, twin_accuracy
 from crossmatch.models import create_model
+from crossmatch.tensors import cat_features
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ from crossmatch.cli.common import build_eval_data, load_run, make_evaluator, ope
 from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.engine.distributed import init_distributed
 from crossmatch.errors import ModelError
-from crossmatch.evaluation.evaluate import encode_all, to_device
+from crossmatch.evaluation.evaluate import encode_all
 from crossmatch.evaluation.explain import explain_path, explain_search
 from crossmatch.evaluation.gallery import draw_gallery
 from crossmatch.evaluation.person import format_person_table
 from crossmatch.evaluation.rerank import below_candidates
+from crossmatch.tensors import to_device
 
 log = logging.getLogger(__name__)
 

@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         print("crossmatch: interrupted", file=sys.stderr)
         return 130
     finally:
+        if "torch.distributed" in sys.modules:  # commands that never load torch skip this
+            from crossmatch.engine.distributed import teardown
+
+            teardown()  # a process group is never left behind, whatever happened
         logging.shutdown()
 
 

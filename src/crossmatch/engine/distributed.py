@@ -1,4 +1,5 @@
-"""Distributed setup that returns a value instead of mutating globals. Works without a process group."""
+"""Distributed setup that returns a value instead of mutating globals, and its teardown. Works without a
+process group. The collectives themselves live in `crossmatch.tensors`."""
 
 from __future__ import annotations
 
@@ -45,94 +46,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 300) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, dev)
 
 
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
-
-
-def all_reduce_max(x: torch.Tensor) -> float:
-    """Max of a scalar over ranks (the value itself when not distributed)."""
-    if get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return float(x)
-
-
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (same shape on every rank) from all ranks along dim 0, without gradient."""
-    if get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Like all_gather_cat, but gradients flow back to every rank's input (contrastive losses)."""
-    if get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()))
-
-
-def _comm_device() -> torch.device:
-    # nccl moves CUDA tensors only; gloo CPU tensors.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_gather_varlen(x: torch.Tensor) -> list[torch.Tensor]:
-    """Gather tensors of equal ndim whose shapes differ across ranks. Dims >= 1 are zero-padded to the
-    largest over ranks; dim 0 keeps each rank's own length. Returns one tensor per rank, on x's device."""
-    if get_world_size() == 1:
-        return [x]
-    dev, ws = _comm_device(), get_world_size()
-    shape = torch.tensor(x.shape, device=dev)
-    shapes = [torch.empty_like(shape) for _ in range(ws)]
-    dist.all_gather(shapes, shape)
-    top = torch.stack(shapes).max(0).values.tolist()
-    pad = []
-    for d in reversed(range(x.ndim)):  # F.pad lists the last dim first
-        pad += [0, top[d] - x.shape[d]]
-    is_bool = x.dtype == torch.bool
-    xp = torch.nn.functional.pad(x.to(dev, torch.uint8 if is_bool else x.dtype), pad)
-    out = [torch.empty_like(xp) for _ in range(ws)]
-    dist.all_gather(out, xp)
-    return [o[: int(sh[0])].to(x.device, torch.bool if is_bool else x.dtype) for o, sh in zip(out, shapes, strict=True)]
-
-
-def rank_range(n: int) -> range:
-    """This rank's contiguous share of n work items (all of them when not distributed)."""
-    ws, r = get_world_size(), get_rank()
-    per = -(-n // ws)
-    return range(min(n, r * per), min(n, (r + 1) * per))
-
-
-def gather_batch_with_grad(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """All ranks' feature dicts concatenated along dim 0 (rank order), gradients flowing back to each
-    rank's own rows; token dims (dim 1 of 3-D tensors) are padded to the longest over ranks first."""
-    if get_world_size() == 1:
-        return feats
-    out = {}
-    for key, x in feats.items():
-        if not x.is_floating_point():  # ids, masks, lengths: no gradient, dims padded by all_gather_varlen
-            out[key] = torch.cat(all_gather_varlen(x))
-            continue
-        if x.ndim == 3:  # (B, L, D) token features: pad L to the longest over ranks
-            width = int(all_reduce_max(torch.tensor(float(x.shape[1]), device=_comm_device())))
-            x = torch.nn.functional.pad(x, [0, 0, 0, width - x.shape[1]])
-        out[key] = all_gather_with_grad(x)
-    return out
-
-
-def cleanup() -> None:
+def teardown() -> None:
+    """Destroy the process group, if any (call in a `finally`, so a failed run leaves none behind)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

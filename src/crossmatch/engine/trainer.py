@@ -27,10 +27,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from crossmatch.config import RunConfig
 from crossmatch.engine.checkpoint import Checkpointer, rng_state, set_rng_state
-from crossmatch.engine.distributed import DistInfo, all_reduce_max
+from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.errors import CrossmatchError, DataError
-from crossmatch.evaluation.evaluate import to_device
+from crossmatch.tensors import all_reduce_max, to_device
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

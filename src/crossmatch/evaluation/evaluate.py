@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from crossmatch.engine.distributed import all_gather_varlen, get_rank, get_world_size, rank_range
 from crossmatch.errors import ConfigError
 from crossmatch.evaluation.rerank import rerank
 from crossmatch.metrics import (
@@ -26,6 +25,15 @@ from crossmatch.metrics import (
     twin_accuracy,
     twin_counts,
     twins_in_fold,
+)
+from crossmatch.tensors import (
+    all_gather_varlen,
+    cat_features,
+    get_rank,
+    get_world_size,
+    rank_range,
+    slice_features,
+    to_device,
 )
 
 log = logging.getLogger(__name__)
@@ -39,22 +47,6 @@ class EvalData:
     text_loader: DataLoader  # items of CaptionView, in index order
     txt_to_img: Tensor  # (N_txt,) image index of each caption
     twins: list[tuple[int, int]]  # twin image pairs (shapes data), possibly empty
-
-
-def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def cat_features(chunks: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Concatenate per-batch feature dicts along dim 0, zero-padding dim 1 of token features."""
-    out = {}
-    for key in chunks[0]:
-        parts = [c[key] for c in chunks]
-        if parts[0].ndim >= 2 and len({p.shape[1] for p in parts}) > 1:
-            width = max(p.shape[1] for p in parts)
-            parts = [nn.functional.pad(p, [0, 0] * (p.ndim - 2) + [0, width - p.shape[1]]) for p in parts]
-        out[key] = torch.cat(parts)
-    return out
 
 
 @torch.no_grad()
@@ -81,10 +73,6 @@ def encode_all(encode, loader: DataLoader, device: torch.device, desc: str, prog
             full[r::ws] = p
         out[key] = full
     return out
-
-
-def slice_features(feats: dict[str, Tensor], index: slice | Tensor) -> dict[str, Tensor]:
-    return {k: v[index] for k, v in feats.items()}
 
 
 @torch.no_grad()

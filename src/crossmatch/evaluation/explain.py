@@ -142,7 +142,7 @@ def explain_search(
     from crossmatch.data.loaders import collate
     from crossmatch.data.transforms import load_image
     from crossmatch.errors import DataError
-    from crossmatch.evaluation.evaluate import slice_features, to_device
+    from crossmatch.tensors import slice_features, to_device
 
     img, txt = feats
     device = next(model.parameters()).device

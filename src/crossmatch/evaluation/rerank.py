@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from crossmatch.engine.distributed import all_gather_varlen, rank_range
+from crossmatch.tensors import all_gather_varlen, rank_range
 
 
 def below_candidates(stage2: Tensor, stage1: Tensor, candidate: Tensor) -> Tensor:

@@ -1,1 +1,1 @@
-"""Losses: separate nn.Modules that take rank and world_size explicitly (see engine.distributed)."""
+"""Losses: separate nn.Modules that take rank and world_size explicitly (collectives in crossmatch.tensors)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossmatch.losses.itm import gather
+from crossmatch.tensors import gather
 
 EPS = 1e-8
 

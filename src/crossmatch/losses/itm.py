@@ -16,21 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def gather(x: Tensor, world_size: int) -> Tensor:
-    """Concatenate `x` (B, ...) of every rank along dim 0 -> (world_size * B, ...); gradients flow back
-    for floating tensors. A no-op when world_size == 1."""
-    if world_size == 1:
-        return x
-    if x.is_floating_point():
-        return torch.cat(torch.distributed.nn.functional.all_gather(x), 0)
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, 0)
+from crossmatch.tensors import gather
 
 
 def positive_targets(row_idx: Tensor, col_idx: Tensor) -> Tensor:

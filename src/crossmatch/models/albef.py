@@ -23,11 +23,12 @@ from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
 from crossmatch.errors import ModelError
-from crossmatch.losses.itm import ItcLoss, ItmLoss, MomentumBank, gather, sample_hard_negatives
+from crossmatch.losses.itm import ItcLoss, ItmLoss, MomentumBank, sample_hard_negatives
 from crossmatch.models.layers import l2norm
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import Encoder, TextTransformer, VisionTransformer, build_patch_stem, prepend_cls
 from crossmatch.tasks.base import Task
+from crossmatch.tensors import gather
 
 MASK_ID, FIRST_WORD_ID = 4, 5  # [MASK] and the first real word id of crossmatch's tokenizer
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
-from crossmatch.engine.distributed import gather_batch_with_grad
 from crossmatch.losses.triplet import TripletLoss
+from crossmatch.tensors import gather_features
 
 
 class Task(nn.Module):
@@ -58,8 +58,8 @@ class TripletTask(Task):
         if self.world_size > 1:
             # Every rank scores the global batch, so hardest negatives come from all ranks and the
             # DDP-averaged gradient equals the single-process gradient of the same global batch.
-            img, txt = gather_batch_with_grad(img), gather_batch_with_grad(txt)
-        image_idx = gather_batch_with_grad({"i": batch["image_idx"]})["i"]  # (B_global,)
+            img, txt = gather_features(img, self.world_size), gather_features(txt, self.world_size)
+        image_idx = gather_features({"i": batch["image_idx"]}, self.world_size)["i"]  # (B_global,)
         scores = self.model.similarity(img, txt)  # (B_global, B_global)
         loss = self.loss(scores, image_idx)
         return {"triplet_loss": loss}, {"hardest": float(self.loss.max_violation)}

@@ -1,0 +1,70 @@
+"""The package's imports follow its architecture: data -> models -> losses -> tasks -> engine -> retrieval
+-> runs -> search -> cli. A module may import its own layer and any layer below it, never one above; only
+the CLI (and `__main__`) imports `crossmatch.cli`. Function-level imports count too (walked with `ast`)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "crossmatch"
+# Lowest first. The base holds what every layer may use: errors, config schema, durable files, the pure
+# metrics, tensor/collective helpers, and where offline weights live.
+LAYERS = [
+    {"errors", "config", "files", "metrics", "tensors", "weights"},
+    {"data"},
+    {"models"},
+    {"losses"},
+    {"tasks"},
+    {"engine"},
+    {"retrieval"},
+    {"runs"},
+    {"search"},
+    {"cli", "__main__"},
+]
+LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def top_part(module: str) -> str:
+    """'crossmatch.data.shapes' -> 'data'."""
+    return module.split(".")[1]
+
+
+def imports_of(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("crossmatch."):
+            out.append(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.module == "crossmatch":
+            out += [f"crossmatch.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.startswith("crossmatch.")]
+    return out
+
+
+def modules():
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel == Path("__init__.py"):  # the public API facade imports lazily from every layer
+            continue
+        yield path, rel.parts[0].removesuffix(".py")
+
+
+def test_every_module_belongs_to_a_layer():
+    unknown = sorted({part for _, part in modules() if part not in LEVEL})
+    assert not unknown, f"modules outside the layer table: {unknown}"
+
+
+@pytest.mark.parametrize(
+    "path,part", list(modules()), ids=lambda x: str(x.relative_to(SRC)) if isinstance(x, Path) else ""
+)
+def test_no_import_from_a_higher_layer(path, part):
+    upward = [m for m in imports_of(path) if LEVEL.get(top_part(m), -1) > LEVEL[part]]
+    assert not upward, f"{path.relative_to(SRC)} ({part}) imports higher layers: {upward}"
+
+
+def test_the_layer_walk_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "m.py"
+    bad.write_text("def f():\n    from crossmatch.cli.main import main\n")
+    assert imports_of(bad) == ["crossmatch.cli.main"] and LEVEL["cli"] > LEVEL["models"]
