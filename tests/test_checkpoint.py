@@ -4,10 +4,10 @@ import pickle
 import pytest
 import torch
 
-from crossmatch.cli.train import run_train
 from crossmatch.config import load_config
 from crossmatch.engine.checkpoint import Checkpointer, atomic_save, load_checkpoint, rng_state, set_rng_state
 from crossmatch.errors import CheckpointError
+from crossmatch.runs import train as run_train
 
 
 def tiny_cfg(root, *extra):

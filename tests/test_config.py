@@ -62,4 +62,11 @@ def test_every_shipped_config_builds_its_model(path):
         overrides["pretrained"] = False  # no network in tests; the architecture is the same
     data = {"vocab_size": vocab, "image_size": cfg.data.image_size, "max_text_len": cfg.data.max_words + 1}
     model = create_model(cfg.model["name"], data_defaults=data, **overrides)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    for key, value in overrides.items():  # every key of the file reached the model's config
+        got = getattr(model.config, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+    assert model.config.vocab_size == vocab if hasattr(model.config, "vocab_size") else True
+    from crossmatch.tasks import build_task
+
+    task = build_task(model, cfg.loss)  # and its objective accepts the file's loss section
+    assert set(task.parameters()) >= set(model.parameters())

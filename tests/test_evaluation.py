@@ -3,19 +3,19 @@
 import pytest
 import torch
 
-from crossmatch.cli.common import build_eval_data
 from crossmatch.config import load_config
 from crossmatch.data.datasets import ImageCaptionDataset
 from crossmatch.data.tokenizer import CaptionTokenizer
-from crossmatch.evaluation.evaluate import (
+from crossmatch.metrics import fold_metrics, retrieval_metrics, twin_accuracy
+from crossmatch.models import create_model
+from crossmatch.retrieval.evaluate import (
     encode_split,
     evaluate_retrieval,
     score_all_pairs,
     split_metrics,
 )
-from crossmatch.evaluation.rerank import below_candidates, candidate_pairs, rerank, topk_masks
-from crossmatch.metrics import fold_metrics, retrieval_metrics, twin_accuracy
-from crossmatch.models import create_model
+from crossmatch.retrieval.rerank import below_candidates, candidate_pairs, rerank, topk_masks
+from crossmatch.runs import build_eval_data
 from crossmatch.tensors import cat_features
 
 
@@ -159,7 +159,7 @@ FOLD_SCORES = torch.tensor(
 
 def fold_data(twins):
     from crossmatch.data.loaders import build_eval_loader
-    from crossmatch.evaluation.evaluate import EvalData
+    from crossmatch.retrieval.evaluate import EvalData
 
     images = [{"image_idx": i} for i in range(4)]
     texts = [{"text_idx": t, "image_idx": int(FOLD_T2I[t])} for t in range(5)]

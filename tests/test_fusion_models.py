@@ -66,7 +66,7 @@ def test_retrieval_interface_shapes(name):
 def test_training_step_gives_every_parameter_a_gradient(name):
     model = build(name).train()
     task = build_task(model, LossConfig())
-    assert type(task) is type(model).task_class
+    assert type(task).__name__ == ("AlbefTask" if "albef" in name else "ViltTask")
     losses, logs = task.training_step(make_batch([0, 0, 0, 1, 1, 2, 3, 4]))
     assert losses and all(k.endswith("_loss") for k in losses)
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values()), losses

@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from crossmatch.cli.common import load_run
 from crossmatch.cli.main import main
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.errors import DataError, ModelError
-from crossmatch.evaluation.index import build_index, embed_dim_of, load_index
-from crossmatch.evaluation.report import report_from_scores, write_html_report
+from crossmatch.runs import load_run
+from crossmatch.search.index import build_index, embed_dim_of, load_index
+from crossmatch.search.report import report_from_scores, write_html_report
 
 QUERY = "a red circle left of a blue square"
 

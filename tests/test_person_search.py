@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from crossmatch.cli.common import build_eval_data, load_run, open_split
 from crossmatch.cli.main import main
-from crossmatch.config import LossConfig
+from crossmatch.config import IdentityLossConfig, LossConfig
 from crossmatch.data.loaders import build_eval_loader
-from crossmatch.evaluation.evaluate import EvalData
-from crossmatch.evaluation.person import KEYS, evaluate_person_search, format_person_table, image_pids
 from crossmatch.losses.identity import CmpmLoss, SdmLoss
 from crossmatch.metrics import person_search_metrics
 from crossmatch.models import create_model
+from crossmatch.retrieval.evaluate import EvalData
+from crossmatch.retrieval.person import KEYS, evaluate_person_search, format_person_table, image_pids
+from crossmatch.runs import build_eval_data, load_run, open_split
 from crossmatch.tasks import build_task
 from tests.test_formats import write_pedes
 from tests.test_models import tiny_batch
@@ -124,8 +124,8 @@ def test_cmpm_and_sdm_match_naive_loops():
 @pytest.mark.parametrize("loss", ["cmpm", "sdm"])
 def test_tiny_tipcb_task_loss_is_global_plus_mean_part_loss(loss):
     torch.manual_seed(0)
-    model = create_model("tiny_tipcb", vocab_size=50, loss=loss, temperature=0.5)
-    task = build_task(model, LossConfig())
+    model = create_model("tiny_tipcb", vocab_size=50)
+    task = build_task(model, LossConfig(identity=IdentityLossConfig(name=loss, temperature=0.5)))
     batch = {**tiny_batch(), "pid": torch.tensor([4, 4, 9, 2])}
     losses, logs = task.training_step(batch)
     assert list(losses) == [f"{loss}_loss"]

@@ -14,10 +14,10 @@ from crossmatch.config import DataConfig
 from crossmatch.data.formats import open_split
 from crossmatch.data.precomputed import PrecomputedFeatures
 from crossmatch.errors import DataError, ModelError
-from crossmatch.evaluation.explain import draw_attention
 from crossmatch.models import create_model
 from crossmatch.models.layers import pool_boxes
 from crossmatch.models.scan import scan_similarity
+from crossmatch.search.explain import draw_attention
 
 R_PRE, C_PRE = 7, 64  # precomputed regions and feature width in the tests
 
@@ -204,9 +204,10 @@ def test_train_with_box_regions_then_search_explain(shapes_root, tmp_path, capsy
     assert sizes[1][0] > sizes[0][0] and sizes[0][1] == sizes[1][1]  # a panel per word, a row per top image
 
     import crossmatch.cli.commands as commands
+    import crossmatch.runs as runs
 
-    _, cfg, tokenizer = commands.load_run(ckpt)
+    _, cfg, tokenizer = runs.load_run(ckpt)
     cfg.model = {"name": "tiny_vse"}
-    monkeypatch.setattr(commands, "load_run", lambda *a: (create_model("tiny_vse", vocab_size=50), cfg, tokenizer))
+    monkeypatch.setattr(runs, "load_run", lambda *a: (create_model("tiny_vse", vocab_size=50), cfg, tokenizer))
     with pytest.raises(ModelError, match="model tiny_vse has no word attention to explain"):
         commands.run_search(ckpt, "a circle", explain=True)

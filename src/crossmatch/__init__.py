@@ -12,7 +12,7 @@ def load(path: str):
 
     Returns the model in eval mode, with `.tokenizer` (encode captions) and `.run_config` attached.
     """
-    from crossmatch.cli.common import load_run
+    from crossmatch.runs import load_run
 
     model, cfg, tokenizer = load_run(path)
     model.tokenizer, model.run_config = tokenizer, cfg

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from crossmatch.errors import ConfigError
+from crossmatch.files import write_text
 
 
 @dataclass
@@ -38,10 +39,54 @@ class DataConfig:
 
 
 @dataclass
+class AlbefLossConfig:
+    """ALBEF's objective (crossmatch.tasks.albef); the momentum encoders and MLM head are model.* keys."""
+
+    itc_weight: float = 1.0  # weight of itc_loss
+    itm_weight: float = 1.0  # weight of itm_loss
+    mlm_weight: float = 1.0  # weight of mlm_loss (when model.mlm built the MLM head)
+    mlm_prob: float = 0.15  # fraction of real words masked (BERT's 80/10/10 replacement)
+    alpha: float = 0.4  # momentum distillation weight, ramped linearly from 0 over the first epoch
+
+
+@dataclass
+class ViltLossConfig:
+    """ViLT's objective (crossmatch.tasks.vilt)."""
+
+    n_negatives: int = 15  # random negative captions per positive for the ranking loss (at most B - 1)
+    rank_weight: float = 1.0  # weight of rank_loss
+    itm_weight: float = 1.0  # weight of itm_loss
+    itc_weight: float = 1.0  # weight of itc_loss (the cheap first-stage head)
+
+
+@dataclass
+class IdentityLossConfig:
+    """Person search with part models (crossmatch.tasks.identity)."""
+
+    name: str = "sdm"  # sdm (IRRA) | cmpm (TIPCB)
+    temperature: float = 0.02  # SDM temperature tau (IRRA's value)
+
+
+@dataclass
 class LossConfig:
+    """The training objective. The top-level keys are the hinge loss of dual encoders and SCAN; the other
+    families read their own section (`loss.albef`, `loss.vilt`, `loss.identity`)."""
+
     margin: float = 0.2  # hinge margin (VSE++, SCAN)
     max_violation: bool = True  # hardest negative in the batch instead of the sum over negatives
     warmup_epochs: int = 0  # epochs with the sum of violations before switching to hardest negatives
+    albef: AlbefLossConfig = field(default_factory=AlbefLossConfig)
+    vilt: ViltLossConfig = field(default_factory=ViltLossConfig)
+    identity: IdentityLossConfig = field(default_factory=IdentityLossConfig)
+
+
+# Loss settings that 0.1.0 kept in the model section, by model config class: old key -> (loss section, key).
+# Configs and checkpoints written then still load: `move_legacy_loss_keys` moves them (with a warning).
+LEGACY_LOSS_KEYS: dict[str, tuple[str, dict[str, str]]] = {
+    "AlbefConfig": ("albef", {k: k for k in ("itc_weight", "itm_weight", "mlm_weight", "mlm_prob", "alpha")}),
+    "ViltConfig": ("vilt", {k: k for k in ("n_negatives", "rank_weight", "itm_weight", "itc_weight")}),
+    "TipcbConfig": ("identity", {"loss": "name", "temperature": "temperature"}),
+}
 
 
 @dataclass
@@ -62,6 +107,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
     accum_steps: int = 1  # micro-batches per optimizer step (each micro-batch has its own negatives)
     compile: bool = False  # torch.compile the training step
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -153,9 +199,19 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"stored config does not match this version: {_one_line(err)}") from err
 
 
+def move_legacy_loss_keys(cfg: RunConfig, config_class: str, keys: list[str]) -> tuple[RunConfig, list[str]] | None:
+    """A copy of `cfg` with 0.1.0's model-section loss keys of `config_class` moved into their loss section,
+    and what was moved ('model.itm_weight -> loss.albef.itm_weight'); None unless every key is such a key."""
+    section, table = LEGACY_LOSS_KEYS.get(config_class, ("", {}))
+    if not keys or any(k not in table for k in keys):
+        return None
+    model = {k: v for k, v in cfg.model.items() if k not in keys}
+    loss = dataclasses.replace(
+        cfg.loss, **{section: dataclasses.replace(getattr(cfg.loss, section), **{table[k]: cfg.model[k] for k in keys})}
+    )
+    moved = [f"model.{k} -> loss.{section}.{table[k]}" for k in keys]
+    return dataclasses.replace(cfg, model=model, loss=loss), moved
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-
-def as_omegaconf(cfg: RunConfig) -> DictConfig:
-    return OmegaConf.structured(cfg)
+    write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

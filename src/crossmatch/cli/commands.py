@@ -1,27 +1,96 @@
-"""`crossmatch evaluate`, `search` and `demo`: load a checkpoint, score a split, print or draw it."""
+"""`crossmatch evaluate`, `search` and `models`: load a checkpoint (or a run folder), score a split, print
+or draw it. The work is in the library (crossmatch.runs, crossmatch.retrieval, crossmatch.search); this
+module parses and prints. Top-level imports stay light (no torch).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
-import torch
+from crossmatch.cli.help import add_command
 
-from crossmatch.cli.common import build_eval_data, load_run, make_evaluator, open_split
-from crossmatch.data.transforms import build_image_transform, load_image
-from crossmatch.engine.distributed import init_distributed
-from crossmatch.errors import ModelError
-from crossmatch.evaluation.evaluate import encode_all
-from crossmatch.evaluation.explain import explain_path, explain_search
-from crossmatch.evaluation.gallery import draw_gallery
-from crossmatch.evaluation.person import format_person_table
-from crossmatch.evaluation.rerank import below_candidates
-from crossmatch.tensors import to_device
+GALLERY_SUFFIXES = (".png", ".html", ".htm")
+METRIC_DECIMALS = 4  # metrics JSON: 28.999999999999996 is written 29.0
 
-log = logging.getLogger(__name__)
+
+def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
+    ev = add_command(
+        sub,
+        "evaluate",
+        "retrieval metrics of a checkpoint (or a run folder's best.pt) on a split",
+        "crossmatch evaluate runs/vse --split test --json runs/vse/test.json",
+        "crossmatch evaluate runs/albef/checkpoints/best.pt eval.rerank_k=16 --html report.html",
+    )
+    ev.add_argument("checkpoint", help="a .pt or .safetensors file, or a run folder (uses checkpoints/best.pt)")
+    ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
+    ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
+    ev.add_argument("--html", default=None, help="also write an HTML report of the worst-ranked text queries")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ev.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.rerank_k=64 eval.folds=5")
+
+    se = add_command(
+        sub,
+        "search",
+        "rank a split's images for a sentence (or its captions for an image)",
+        'crossmatch search runs/vse --query "a red circle left of a blue square" --out gallery.png',
+        "crossmatch search runs/vse --image data/shapes/images/test_00001.png --out captions.html",
+    )
+    se.add_argument("checkpoint", help="a .pt or .safetensors file, or a run folder (uses checkpoints/best.pt)")
+    group = se.add_mutually_exclusive_group(required=True)
+    group.add_argument("--query", help="sentence to search images for")
+    group.add_argument("--image", help="image file to search captions for")
+    se.add_argument("--top-k", type=int, default=10, help="results to print and draw")
+    se.add_argument("--out", default=None, help="also write the results: FILE.png (gallery) or FILE.html (page)")
+    se.add_argument(
+        "--explain", action="store_true", help="SCAN: draw each word's attention over the top images (OUT_explain.png)"
+    )
+    se.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
+    se.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    se.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.rerank_k=16")
+
+    md = add_command(
+        sub,
+        "models",
+        "list the registered models with a one-line description",
+        "crossmatch models",
+        "crossmatch models scan",
+    )
+    md.add_argument("pattern", nargs="?", default="", help="only names containing this text")
+
+
+def run(args: argparse.Namespace) -> bool:
+    if args.command == "evaluate":
+        run_evaluate(args.checkpoint, args.split, args.json, args.overrides, html_path=args.html, device=args.device)
+    elif args.command == "search":
+        run_search(
+            args.checkpoint,
+            args.query,
+            args.image,
+            args.top_k,
+            args.out,
+            args.split,
+            args.overrides,
+            args.explain,
+            args.device,
+        )
+    elif args.command == "models":
+        run_models(args.pattern)
+    else:
+        return False
+    return True
+
+
+def run_models(pattern: str = "") -> None:
+    from crossmatch.models.registry import describe_models
+
+    rows = describe_models(pattern)
+    width = max((len(n) for n in rows), default=0)
+    for name, line in rows.items():
+        print(f"{name:{width}}  {line}")
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -42,6 +111,25 @@ def split_name(cfg, split: str) -> str:
     return {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(split, split)
 
 
+def _check_writable(path: str | None, flag: str) -> None:
+    """Fail before any work when an output file cannot be written (its folder is created if missing)."""
+    if path is None:
+        return
+    from crossmatch.errors import ConfigError
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder, not a file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot create its folder ({err.strerror})") from err
+    import os
+
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"{flag} {path}: not writable")
+
+
 def run_evaluate(
     checkpoint: str,
     split: str = "test",
@@ -49,63 +137,44 @@ def run_evaluate(
     overrides=(),
     progress: bool | None = None,
     html_path: str | None = None,
+    device: str = "auto",
 ) -> dict[str, float]:
+    from crossmatch.engine.distributed import init_distributed
+    from crossmatch.retrieval.person import format_person_table
+    from crossmatch.runs import load_run, make_evaluator
+
+    _check_writable(json_path, "--json")
+    _check_writable(html_path, "--html")
     progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
-    dist = init_distributed()
+    dist = init_distributed(device)
     name = split_name(cfg, split)
     evaluator = make_evaluator(cfg, name, tokenizer, model, dist.device, progress)
     t0 = time.perf_counter()
-    metrics = evaluator(model.to(dist.device))
+    metrics, scores = evaluator.evaluate(model.to(dist.device))
+    metrics = {k: round(v, METRIC_DECIMALS) for k, v in metrics.items()}
     protocol = f"{cfg.eval.folds} folds, " if cfg.eval.folds > 1 else ""
     protocol += f"re-ranking top-{cfg.eval.rerank_k}" if cfg.eval.rerank_k and hasattr(model, "score_pairs") else ""
     print(f"{cfg.model['name']} on {cfg.data.root} [{name}] {protocol} ({time.perf_counter() - t0:.1f} s)")
     print(format_person_table(metrics) if "t2i_mAP" in metrics else format_table(metrics))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(metrics, indent=2))
-    if html_path:
-        write_failure_report(model, cfg, tokenizer, name, dist, html_path)
+    if json_path and dist.is_main:
+        from crossmatch.files import write_text
+
+        write_text(json_path, json.dumps(metrics, indent=2))
+    if html_path and dist.is_main:
+        from crossmatch.runs import open_split
+        from crossmatch.search.report import report_from_scores
+
+        ds = open_split(cfg, name)
+        title = f"{cfg.model['name']} on {cfg.data.root} [{name}] (stage-1 scores)"
+        paths = [r.path for r in ds.images]
+        report_from_scores(
+            html_path, scores, ds.captions, paths, ds.txt_to_img, top_k=5, max_queries=50, title=title, metrics=metrics
+        )
+        print(f"report written to {html_path}")
     return metrics
 
 
-def write_failure_report(model, cfg, tokenizer, split: str, dist, html_path: str) -> None:
-    """An HTML page of the worst-ranked text queries of the split (stage-1 scores, before any re-ranking)."""
-    from crossmatch.evaluation.evaluate import compute_scores
-    from crossmatch.evaluation.report import report_from_scores
-
-    ds = open_split(cfg, split)
-    scores = compute_scores(model, build_eval_data(cfg, ds, tokenizer, model), dist.device, cfg.eval.chunk_size)
-    if dist.is_main:
-        title = f"{cfg.model['name']} on {cfg.data.root} [{split}]"
-        report_from_scores(
-            html_path,
-            scores,
-            ds.captions,
-            [r.path for r in ds.images],
-            ds.txt_to_img,
-            top_k=5,
-            max_queries=50,
-            sort="worst",
-            title=title,
-        )
-        print(f"report written to {html_path}")
-
-
-@torch.no_grad()
-def rerank_query(model, scores: torch.Tensor, img: dict, txt: dict, k: int) -> torch.Tensor:
-    """One text query: re-score its top-k images with `model.score_pairs`; the rest rank below them in
-    stage-1 order. scores (N_img,) -> (N_img,) float64."""
-    cand = scores.topk(min(k, len(scores))).indices  # (k,)
-    rows_img = {name: v[cand.to(v.device)] for name, v in img.items()}
-    rows_txt = {name: v.expand(len(cand), *v.shape[1:]) for name, v in txt.items()}  # the query, k times
-    stage2 = torch.zeros(len(scores))
-    stage2[cand] = model.score_pairs(rows_img, rows_txt).float().cpu()
-    is_cand = torch.zeros(len(scores), dtype=torch.bool).index_fill_(0, cand.cpu(), True)  # (N_img,)
-    return below_candidates(stage2, scores.float().cpu(), is_cand)
-
-
-@torch.no_grad()
 def run_search(
     checkpoint: str,
     query: str | None = None,
@@ -115,55 +184,112 @@ def run_search(
     split: str = "test",
     overrides=(),
     explain: bool = False,
+    device: str = "auto",
 ) -> list[tuple[int, float]]:
-    """Text -> the split's images (and a gallery PNG with --out), or an image file -> the split's captions.
-    With `explain` (text queries), also draw each word's attention over the top images (SCAN models)."""
+    """Text -> the split's images, or an image file -> the split's captions; printed, and drawn with --out
+    (a .png gallery or an .html page, both directions). With `explain` (text queries), also draw each
+    word's attention over the top images (SCAN models)."""
+    from crossmatch.errors import ConfigError, ModelError
+
+    if top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: must be at least 1")
+    if out and Path(out).suffix.lower() not in GALLERY_SUFFIXES:
+        raise ConfigError(f"--out {out}: write a .png gallery or an .html page ({', '.join(GALLERY_SUFFIXES)})")
+    _check_writable(out, "--out")
+
+    from crossmatch.engine.distributed import init_distributed
+    from crossmatch.runs import build_eval_data, load_run, open_split
+
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     if explain and not hasattr(model, "word_attention"):
         raise ModelError(f"model {cfg.model['name']} has no word attention to explain")
-    dist = init_distributed()
+    dist = init_distributed(device)
     model.to(dist.device)
     ds = open_split(cfg, split_name(cfg, split))
     data = build_eval_data(cfg, ds, tokenizer, model)
     if query is not None:
-        ids = torch.tensor([tokenizer.encode(query)])
-        txt = model.encode_text(to_device({"input_ids": ids, "attention_mask": ids != 0}, dist.device))
-        img = encode_all(model.encode_image, data.image_loader, dist.device, "encode images", False)
-        scores = model.similarity(img, txt)[:, 0].float().cpu()  # (N_img,) stage 1
-        if cfg.eval.rerank_k > 0 and hasattr(model, "score_pairs"):  # fusion models: re-rank the top-k
-            scores = rerank_query(model, scores, img, txt, cfg.eval.rerank_k)
-        top = scores.topk(min(top_k, len(scores)))
-        wanted = query.strip().lower()
-        matches = {ds.txt_to_img[t] for t, c in enumerate(ds.captions) if c.lower() == wanted}
-        results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-        for rank, (i, s) in enumerate(results, 1):
-            print(f"{rank:3d}  {s:7.4f}  {ds.images[i].path.name}{'  <- match' if i in matches else ''}")
-        if out and Path(out).suffix.lower() in (".html", ".htm"):
-            from crossmatch.evaluation.report import write_html_report
+        return _search_images(model, cfg, tokenizer, ds, data, query, top_k, out, split, explain, dist.device)
+    return _search_captions(model, cfg, ds, data, image, top_k, out, split, dist.device)
 
-            rows = [[(ds.images[i].path, s, i in matches) for i, s in results]]
-            wrong = torch.ones(len(scores), dtype=torch.bool)
-            wrong[list(matches)] = False
-            # 1-based, ties pessimistic: every wrong image scoring at least as high ranks ahead
-            ranks = [min(int((scores[wrong] >= scores[m]).sum()) + 1 for m in matches)] if matches else None
-            write_html_report(out, [query], rows, ranks, f"{cfg.model['name']} search [{split}]")
-            print(f"report written to {out}")
-        elif out:
-            pics = [load_image(ds.images[i].path) for i, _ in results]
-            draw_gallery(query, pics, [s for _, s in results], [i in matches for i, _ in results], out)
-            print(f"gallery written to {out}")
-        if explain:
-            words = [tokenizer.decode([t]) for t in ids[0].tolist()]
-            path = explain_search(model, data.image_loader.dataset, ds, (img, txt), words, results, explain_path(out))
-            print(f"word attention written to {path}")
-        return results
-    transform = build_image_transform(cfg.data.image_size, train=False)
-    pic = transform(load_image(image))[None]
-    img = model.encode_image(to_device({"image": pic}, dist.device))
-    txt = encode_all(model.encode_text, data.text_loader, dist.device, "encode captions", False)
-    scores = model.similarity(img, txt)[0].float().cpu()  # (N_txt,)
+
+def _search_images(model, cfg, tokenizer, ds, data, query, top_k, out, split, explain, device):
+    from crossmatch.data.transforms import load_image
+    from crossmatch.search.query import pessimistic_rank, text_query_scores
+
+    scores, img, txt = text_query_scores(model, tokenizer, data, query, device, cfg.eval.rerank_k)
     top = scores.topk(min(top_k, len(scores)))
+    wanted = query.strip().lower()
+    matches = {ds.txt_to_img[t] for t, c in enumerate(ds.captions) if c.lower() == wanted}
+    results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    for rank, (i, s) in enumerate(results, 1):
+        print(f"{rank:3d}  {s:7.4f}  {ds.images[i].path.name}{'  <- match' if i in matches else ''}")
+    rank = pessimistic_rank(scores, matches)
+    shown = {i for i, _ in results}
+    if rank is not None and not matches & shown:
+        print(f"true match at rank {rank}")
+    if out and Path(out).suffix.lower() in (".html", ".htm"):
+        from crossmatch.search.report import write_html_report
+
+        rows = [[(ds.images[i].path, s, i in matches) for i, s in results]]
+        missed = None
+        if matches and not matches & shown:
+            m = min(matches, key=lambda i: -float(scores[i]))
+            missed = [(ds.images[m].path, float(scores[m]))]
+        write_html_report(
+            out, [query], rows, [rank] if rank else None, f"{cfg.model['name']} search [{split}]", missed=missed
+        )
+        print(f"report written to {out}")
+    elif out:
+        from crossmatch.search.gallery import draw_gallery
+
+        pics = [load_image(ds.images[i].path) for i, _ in results]
+        names = [ds.images[i].path.name for i, _ in results]
+        outside = None
+        if matches and not matches & shown:
+            m = min(matches, key=lambda i: -float(scores[i]))
+            outside = (ds.images[m].path.name, rank)
+        is_match = [i in matches for i, _ in results]
+        draw_gallery(query, pics, [s for _, s in results], is_match, out, names=names, match_rank=outside)
+        print(f"gallery written to {out}")
+    if explain:
+        from crossmatch.search.explain import explain_path, explain_search
+
+        words = [tokenizer.decode([t]) for t in tokenizer.encode(query)]
+        path = explain_search(model, data.image_loader.dataset, ds, (img, txt), words, results, explain_path(out))
+        print(f"word attention written to {path}")
+    return results
+
+
+def _search_captions(model, cfg, ds, data, image, top_k, out, split, device):
+    from crossmatch.data.transforms import build_image_transform, load_image
+    from crossmatch.search.query import image_query_scores
+
+    pixels = load_image(image)
+    scores = image_query_scores(model, build_image_transform(cfg.data.image_size, train=False)(pixels), data, device)
+    top = scores.topk(min(top_k, len(scores)))
+    own = _own_captions(ds, image)
     results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
     for rank, (t, s) in enumerate(results, 1):
-        print(f"{rank:3d}  {s:7.4f}  {ds.captions[t]}")
+        print(f"{rank:3d}  {s:7.4f}  {ds.captions[t]}{'  <- match' if t in own else ''}")
+    if out and Path(out).suffix.lower() in (".html", ".htm"):
+        from crossmatch.search.report import write_caption_report
+
+        rows = [(ds.captions[t], s, t in own) for t, s in results]
+        write_caption_report(out, image, rows, f"{cfg.model['name']} search [{split}]")
+        print(f"report written to {out}")
+    elif out:
+        from crossmatch.search.gallery import draw_caption_gallery
+
+        caps = [ds.captions[t] for t, _ in results]
+        draw_caption_gallery(pixels, caps, [s for _, s in results], [t in own for t, _ in results], out)
+        print(f"gallery written to {out}")
     return results
+
+
+def _own_captions(ds, image: str) -> set[int]:
+    """Caption indices of the split image stored at the same path as the query image (none for new images)."""
+    target = Path(image).resolve()
+    for rec in ds.images:
+        if rec.path.resolve() == target:
+            return set(rec.caption_ids)
+    return set()

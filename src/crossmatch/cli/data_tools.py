@@ -1,6 +1,8 @@
-"""`crossmatch data validate` and `crossmatch data convert`: check a dataset file end to end (every image
-decoded, every caption and id checked, all problems reported) and convert between formats.
+"""`crossmatch data shapes | validate | convert`: render the synthetic shapes dataset, check a dataset file
+end to end (every image decoded, every caption and id checked, all problems reported) and convert between
+formats.
 
+    crossmatch data shapes --out DIR [--train N] [--val N] [--test N] [--seed S] [--size PX]
     crossmatch data validate PATH [--format F] [--json-name N] [--image-dir D]
     crossmatch data convert SRC DST --to karpathy|jsonl [--from F] [--json-name N]
 
@@ -13,29 +15,65 @@ from __future__ import annotations
 import argparse
 import sys
 
+from crossmatch.cli.help import add_command
+
 FORMATS = ("karpathy", "jsonl", "cuhk_pedes", "icfg_pedes", "rstpreid")
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
-    """Register `data validate` and `data convert` under `crossmatch data`."""
-    val = data_sub.add_parser("validate", help="check a dataset: images decode, captions, ids, split sizes")
+    """Register `data shapes`, `data validate` and `data convert` under `crossmatch data`."""
+    shapes = add_command(
+        data_sub,
+        "shapes",
+        "render the synthetic captioned-shapes dataset (Karpathy JSON + PNGs + object boxes)",
+        "crossmatch data shapes --out data/shapes",
+        "crossmatch data shapes --out data/tiny --train 200 --val 50 --test 50 --size 32",
+    )
+    shapes.add_argument("--out", required=True, help="output folder (dataset.json + images/)")
+    shapes.add_argument("--train", type=int, default=10000, help="train images")
+    shapes.add_argument("--val", type=int, default=1000, help="val images")
+    shapes.add_argument("--test", type=int, default=1000, help="test images")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (the dataset is a function of it)")
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
+
+    val = add_command(
+        data_sub,
+        "validate",
+        "check a dataset: images decode, captions, ids, split sizes",
+        "crossmatch data validate data/shapes",
+        "crossmatch data validate data/cuhk/reid_raw.json --format cuhk_pedes",
+    )
     val.add_argument("path", help="dataset folder or annotation file")
-    val.add_argument("--format", choices=FORMATS, default=None, help="default: guessed from the file name")
+    val.add_argument("--format", choices=FORMATS, default=None, help="guessed from the file name when not given")
     val.add_argument("--json-name", default="", help="annotation file name inside the folder")
     val.add_argument("--image-dir", default="", help="image folder (default {root}/images, or {root}/imgs)")
 
-    conv = data_sub.add_parser("convert", help="convert a dataset file to Karpathy JSON or JSONL")
+    conv = add_command(
+        data_sub,
+        "convert",
+        "convert a dataset file to Karpathy JSON or JSONL",
+        "crossmatch data convert data/shapes data/shapes.jsonl --to jsonl",
+        "crossmatch data convert data/cuhk/reid_raw.json data/cuhk/dataset.json --to karpathy",
+    )
     conv.add_argument("src", help="dataset folder or annotation file")
     conv.add_argument("dst", help="output file")
     conv.add_argument("--to", required=True, choices=("karpathy", "jsonl"))
-    conv.add_argument("--from", dest="from_format", choices=FORMATS, default=None, help="default: guessed")
+    conv.add_argument("--from", dest="from_format", choices=FORMATS, default=None, help="guessed when not given")
     conv.add_argument("--json-name", default="", help="annotation file name inside the SRC folder")
 
 
 def run(args: argparse.Namespace) -> bool:
-    """Handle `data validate` / `data convert`; False for any other command."""
-    if args.command != "data" or args.data_command not in ("validate", "convert"):
+    """Handle `data shapes | validate | convert`; False for any other command."""
+    if args.command != "data" or args.data_command not in ("shapes", "validate", "convert"):
         return False
+    if args.data_command == "shapes":
+        from crossmatch.data.shapes import generate_shapes
+
+        path = generate_shapes(
+            args.out, args.train, args.val, args.test, seed=args.seed, size=args.size, progress=sys.stderr.isatty()
+        )
+        print(f"wrote {path}")
+        return True
     from crossmatch.data.check import check_entries, convert, first_problem, format_report, read_entries, resolve_source
     from crossmatch.errors import DataError
 

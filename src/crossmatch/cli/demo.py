@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from crossmatch.cli.commands import run_evaluate, run_search
-from crossmatch.cli.common import open_split
-from crossmatch.cli.train import run_train
-from crossmatch.config import load_config
+from crossmatch.cli.help import add_command
 
 # VSE++ (small CNN + GRU) on 64 px shapes, the README's VSE++ row: epochs cut to 100 steps of 128 pairs.
 # The first epoch sums the violations (warm-up) before hardest negatives take over; with 70-step epochs
@@ -24,7 +22,31 @@ DEMO_OVERRIDES = [
 ]
 
 
+def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
+        "demo",
+        "generate the shapes data, train a model for a few minutes, evaluate it, draw a gallery",
+        "crossmatch demo",
+        "crossmatch demo --run-dir runs/demo2 train.epochs=2",
+    )
+    p.add_argument("--data", default="data/shapes", help="dataset folder (generated when missing)")
+    p.add_argument("--run-dir", default="runs/demo", help="run folder (an unfinished demo run resumes)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for the demo run")
+
+
+def run(args: argparse.Namespace) -> bool:
+    if args.command != "demo":
+        return False
+    run_demo(args.data, args.run_dir, args.overrides)
+    return True
+
+
 def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrides: list[str] = ()) -> None:
+    from crossmatch.cli.commands import run_evaluate, run_search
+    from crossmatch.config import load_config
+    from crossmatch.runs import open_split, train
+
     root = Path(data_root)
     if not (root / "dataset.json").is_file():
         from crossmatch.data.shapes import generate_shapes
@@ -35,7 +57,7 @@ def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrid
         print(f"[1/4] using the shapes dataset in {root}", flush=True)
     cfg = load_config(None, [*DEMO_OVERRIDES, f"data.root={root}", *overrides])
     print(f"[2/4] training {cfg.model['name']} into {run_dir} (progress in {run_dir}/train.log) ...", flush=True)
-    run_train(cfg, run_dir, resume=True)
+    train(cfg, run_dir, resume=True)
     best = Path(run_dir) / "checkpoints" / "best.pt"
     print(f"[3/4] evaluating {best} on the test split:", flush=True)
     run_evaluate(str(best), "test", str(Path(run_dir) / "test_metrics.json"), progress=False)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> bool:
 def load_tower(source: str, image_size: int) -> tuple[nn.Module, str, int]:
     """(frozen image tower in eval mode, its description, input side) from a checkpoint or a tower name."""
     if Path(source).is_file():
-        from crossmatch.cli.common import load_run
+        from crossmatch.runs import load_run
 
         model, cfg, _ = load_run(source)
         if not hasattr(model, "image_tower"):

@@ -5,7 +5,7 @@ faiss, Johnson et al., 2019).
     crossmatch index build CHECKPOINT IMAGE_DIR --out INDEX [--batch-size N] [--backend torch|faiss]
     crossmatch index query INDEX --query TEXT [--top-k K] [--out FILE.png|.html] [--backend torch|faiss]
 
-The index layout is documented in `crossmatch.evaluation.index`. An interrupted build resumes when run
+The index layout is documented in `crossmatch.search.index`. An interrupted build resumes when run
 again with the same arguments. Top-level imports stay light (no torch): this module is imported to build
 the parser of every command.
 """
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-BACKENDS = ("torch", "faiss")  # mirrors crossmatch.evaluation.index.BACKENDS, without importing torch here
+BACKENDS = ("torch", "faiss")  # mirrors crossmatch.search.index.BACKENDS, without importing torch here
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
@@ -58,9 +58,9 @@ def run_build(
     checkpoint: str, image_dir: str, out: str, batch_size: int = 64, backend: str = "torch", workers: int = 0
 ) -> dict:
     """Build (or finish building) the index; prints a one-line summary and the skipped files."""
-    from crossmatch.cli.common import load_run
     from crossmatch.errors import ConfigError
-    from crossmatch.evaluation.index import build_index
+    from crossmatch.runs import load_run
+    from crossmatch.search.index import build_index
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
@@ -95,9 +95,9 @@ def run_query(
     checkpoint: str | None = None,
 ) -> list[tuple[str, float]]:
     """Print rank, score and path of the top-k images for `query`; optionally draw them (.png / .html)."""
-    from crossmatch.cli.common import load_run
     from crossmatch.errors import ConfigError
-    from crossmatch.evaluation.index import encode_texts, load_index
+    from crossmatch.runs import load_run
+    from crossmatch.search.index import encode_texts, load_index
 
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be at least 1")
@@ -114,13 +114,13 @@ def run_query(
         print(f"{rank:3d}  {score:7.4f}  {path}")
     if out and suffix == ".png":
         from crossmatch.data.transforms import load_image
-        from crossmatch.evaluation.gallery import draw_gallery
+        from crossmatch.search.gallery import draw_gallery
 
         pics = [load_image(p) for p, _ in results]
         draw_gallery(query, pics, [s for _, s in results], [False] * len(results), out)
         print(f"gallery written to {out}")
     elif out:
-        from crossmatch.evaluation.report import write_html_report
+        from crossmatch.search.report import write_html_report
 
         rows = [[(p, s, False) for p, s in results]]  # free text: no ground truth to mark
         write_html_report(out, [query], rows, None, f"crossmatch index {index_dir}")

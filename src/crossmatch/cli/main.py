@@ -1,4 +1,9 @@
-"""The `crossmatch` command line: data | train | evaluate | search | demo.
+"""The `crossmatch` command line: data | train | evaluate | search | models | features | index | demo.
+
+Every command lives in a module of this package with `add_parsers(sub, data_sub)` (argparse sub-parser
+groups of `crossmatch` and of `crossmatch data`) and `run(args) -> bool` (True when it handled the
+command); `COMMAND_MODULES` lists them. Their top-level imports stay light (no torch), because every one
+is imported to build the parser.
 
 Errors in the user's input (CrossmatchError) print one line naming the culprit and exit with 2.
 """
@@ -8,64 +13,38 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
-from pathlib import Path
 
+from crossmatch import __version__
+from crossmatch.cli.help import HelpFormatter, examples
 from crossmatch.errors import CrossmatchError
 
-# Modules that add commands: each has `add_parsers(sub, data_sub)` (argparse sub-parser groups of
-# `crossmatch` and of `crossmatch data`) and `run(args) -> bool` (True when it handled the command).
-# They are imported when the parser is built, so keep their top-level imports light (no torch).
-COMMAND_MODULES: list[str] = ["crossmatch.cli.data_tools", "crossmatch.cli.features", "crossmatch.cli.index"]
+COMMAND_MODULES: list[str] = [
+    "crossmatch.cli.data_tools",
+    "crossmatch.cli.train",
+    "crossmatch.cli.commands",
+    "crossmatch.cli.features",
+    "crossmatch.cli.index",
+    "crossmatch.cli.demo",
+]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossmatch", description="Image-text matching: train, evaluate, search.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="create datasets").add_subparsers(dest="data_command", required=True)
-    shapes = data.add_parser("shapes", help="render the synthetic captioned-shapes dataset")
-    shapes.add_argument("--out", required=True, help="output folder (dataset.json + images/)")
-    shapes.add_argument("--train", type=int, default=10000, help="train images (default 10000)")
-    shapes.add_argument("--val", type=int, default=1000, help="val images (default 1000)")
-    shapes.add_argument("--test", type=int, default=1000, help="test images (default 1000)")
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-
-    train = sub.add_parser("train", help="train a model from a YAML config")
-    train.add_argument("config", help="YAML config (see configs/)")
-    train.add_argument("--run-dir", default=None, help="output folder (default runs/<config name>)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
-    train.add_argument("--init-from", default=None, help="fine-tune: load matching weights of a .pt/.safetensors")
-    train.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=5")
-
-    ev = sub.add_parser("evaluate", help="retrieval metrics of a checkpoint on a split")
-    ev.add_argument("checkpoint")
-    ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
-    ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
-    ev.add_argument(
-        "--html", default=None, help="also write an HTML report of the worst-ranked text queries (stage-1 scores)"
+    p = argparse.ArgumentParser(
+        prog="crossmatch",
+        description="Image-text matching: train, evaluate, search.",
+        formatter_class=HelpFormatter,
+        epilog=examples("crossmatch demo", "crossmatch train configs/vse_shapes.yaml --run-dir runs/vse"),
     )
-    ev.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.rerank_k=64 eval.folds=5")
-
-    se = sub.add_parser("search", help="rank a split's images for a sentence (or captions for an image)")
-    se.add_argument("checkpoint")
-    group = se.add_mutually_exclusive_group(required=True)
-    group.add_argument("--query", help="sentence to search images for")
-    group.add_argument("--image", help="image file to search captions for")
-    se.add_argument("--top-k", type=int, default=10)
-    se.add_argument("--out", default=None, help="write a gallery: FILE.png, or FILE.html (text queries)")
-    se.add_argument(
-        "--explain", action="store_true", help="SCAN: draw each word's attention over the top images (OUT_explain.png)"
-    )
-    se.add_argument("--split", default="test")
-    se.add_argument("overrides", nargs="*", help="dotted config overrides")
-
-    demo = sub.add_parser("demo", help="generate data, train VSE++ for a few minutes, evaluate, draw a gallery")
-    demo.add_argument("--data", default="data/shapes", help="dataset folder (generated when missing)")
-    demo.add_argument("--run-dir", default="runs/demo")
-    demo.add_argument("overrides", nargs="*", help="dotted config overrides for the demo run")
+    p.add_argument("--version", action="version", version=f"crossmatch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data = sub.add_parser(
+        "data",
+        help="create, check and convert datasets",
+        description="create, check and convert datasets",
+        formatter_class=HelpFormatter,
+        epilog=examples("crossmatch data shapes --out data/shapes", "crossmatch data validate data/shapes"),
+    ).add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parsers(sub, data)
     return p
@@ -75,40 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     for name in COMMAND_MODULES:
         if importlib.import_module(name).run(args):
             return 0
-    if args.command == "data" and args.data_command == "shapes":
-        from crossmatch.data.shapes import generate_shapes
-
-        path = generate_shapes(
-            args.out, args.train, args.val, args.test, seed=args.seed, size=args.size, progress=sys.stderr.isatty()
-        )
-        print(f"wrote {path}")
-    elif args.command == "train":
-        from crossmatch.cli.train import run_train
-        from crossmatch.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-        state = run_train(cfg, run_dir, resume=args.resume, init_from=args.init_from)
-        if os.environ.get("RANK", "0") == "0":
-            print(
-                f"done: best val {cfg.eval.metric} {state.best_metric:.2f} at epoch {state.best_epoch}; "
-                f"checkpoints in {Path(run_dir) / 'checkpoints'}"
-            )
-    elif args.command == "evaluate":
-        from crossmatch.cli.commands import run_evaluate
-
-        run_evaluate(args.checkpoint, args.split, args.json, args.overrides, html_path=args.html)
-    elif args.command == "search":
-        from crossmatch.cli.commands import run_search
-
-        run_search(
-            args.checkpoint, args.query, args.image, args.top_k, args.out, args.split, args.overrides, args.explain
-        )
-    elif args.command == "demo":
-        from crossmatch.cli.demo import run_demo
-
-        run_demo(args.data, args.run_dir, args.overrides)
-    return 0
+    raise AssertionError(f"no command module handles {args.command!r}")  # a parser without a runner
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,139 +1,49 @@
-"""`crossmatch train CONFIG [--run-dir DIR] [--resume] [key=value ...]`: config -> data, tokenizer,
-task, optimiser, checkpointer, logger -> Trainer.fit()."""
+"""`crossmatch train CONFIG [--run-dir DIR] [--resume | --overwrite] [--init-from CKPT] [key=value ...]`.
+
+The work is `crossmatch.runs.train`; this module parses and prints. Top-level imports stay light (no
+torch): every command module is imported to build the parser.
+"""
 
 from __future__ import annotations
 
-import logging
-import random
-import sys
+import argparse
+import os
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from crossmatch.cli.common import build_model, make_evaluator, needs_boxes, open_split, resolved_model_section
-from crossmatch.config import RunConfig, config_from_dict, config_to_dict, save_config
-from crossmatch.data.datasets import PairView
-from crossmatch.data.loaders import build_train_loader
-from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
-from crossmatch.data.transforms import build_image_transform
-from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
-from crossmatch.engine.distributed import DistInfo, init_distributed
-from crossmatch.engine.logging import MetricLogger, setup_logging
-from crossmatch.engine.optim import create_optimizer, create_scheduler
-from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainState
-from crossmatch.errors import DataError
-from crossmatch.tasks import build_task
-
-log = logging.getLogger(__name__)
+from crossmatch.cli.help import add_command
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: CaptionTokenizer | None = None) -> Trainer:
-    """Everything a run needs, built from the config. The tokenizer is trained on the train captions
-    unless given (a resumed run reuses the saved one)."""
-    seed_everything(cfg.train.seed)
-    train_ds = open_split(cfg, cfg.data.train_split)
-    if tokenizer is None:
-        tokenizer = build_tokenizer(cfg.data.tokenizer, train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
-    model = build_model(cfg, tokenizer).to(dist.device)
-    cfg.model = resolved_model_section(cfg.model["name"], model)  # saved in config.yaml and every checkpoint
-    if dist.distributed and dist.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
-    transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
-    pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
-    loader = build_train_loader(
-        pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
+def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
+        "train",
+        "train a model from a YAML config",
+        "crossmatch train configs/vse_shapes.yaml --run-dir runs/vse train.epochs=5",
+        "torchrun --nproc_per_node=2 -m crossmatch train configs/scan_shapes_boxes.yaml --resume",
     )
-    if len(loader) == 0:
-        raise DataError(
-            f"the train split has {len(pairs)} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--run-dir", default=None, help="output folder (default: runs/<config name>)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    mode.add_argument("--overwrite", action="store_true", help="delete the run dir's checkpoints and logs first")
+    p.add_argument("--init-from", default=None, help="fine-tune: load matching weights of a .pt/.safetensors")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: train.device, auto)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=5")
+
+
+def run(args: argparse.Namespace) -> bool:
+    if args.command != "train":
+        return False
+    from crossmatch.config import load_config
+    from crossmatch.runs import train
+
+    overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+    cfg = load_config(args.config, overrides)
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    state = train(cfg, run_dir, resume=args.resume, init_from=args.init_from, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"done: best val {cfg.eval.metric} {state.best_metric:.2f} at epoch {state.best_epoch}; "
+            f"checkpoints in {Path(run_dir) / 'checkpoints'}"
         )
-    optimizer = create_optimizer(task, cfg.train)
-    steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
-    scheduler = create_scheduler(optimizer, cfg.train, steps)
-    progress = dist.is_main and sys.stderr.isatty()
-    evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device, progress)
-    val_pairs = PairView(
-        open_split(cfg, cfg.data.val_split),
-        tokenizer,
-        build_image_transform(cfg.data.image_size, train=False),
-        needs_boxes(model),
-        skip_bad=cfg.data.max_bad_samples > 0,
-    )
-    val_loader = build_train_loader(
-        val_pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
-    )
-
-    sinks = RunSinks(
-        Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main),
-        MetricLogger(run_dir, enabled=dist.is_main),
-        {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()},
-    )
-    return Trainer(task, optimizer, scheduler, RunLoaders(loader, val_loader), evaluator, sinks, cfg, dist)
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a} -> {b}")
-    return out
-
-
-def run_train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, init_from: str | None = None) -> TrainState:
-    """Train `cfg` in `run_dir`; with `resume`, continue from the newest readable checkpoint there.
-    `init_from` (fine-tuning) loads the weights of another run whose names and shapes match."""
-    run_dir = Path(run_dir)
-    dist = init_distributed()
-    setup_logging(run_dir, dist.is_main)
-    latest = Checkpointer(run_dir).load_latest() if resume else None
-    if resume and latest is None:
-        log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
-    if latest is not None:
-        changed = _diff(config_to_dict(config_from_dict(latest[0]["config"])), config_to_dict(cfg))
-        if changed:
-            log.warning("resuming with a config that differs from %s: %s", latest[1], "; ".join(changed))
-    tokenizer = CaptionTokenizer.from_str(latest[0]["tokenizer"], cfg.data.max_words) if latest else None
-    trainer = build_trainer(cfg, run_dir, dist, tokenizer)
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        CaptionTokenizer.from_str(trainer.sinks.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
-    if init_from and latest is None:
-        report = partial_load(trainer.model, read_weights(init_from)["model"])
-        log.info("initialised %d tensors from %s", len(report["loaded"]), init_from)
-        for kind in ("missing", "mismatched", "unexpected"):
-            if report[kind]:
-                log.warning(
-                    "--init-from %s: %d %s tensor(s) not loaded: %s",
-                    init_from,
-                    len(report[kind]),
-                    kind,
-                    ", ".join(report[kind]),
-                )
-    if latest is not None:
-        trainer.load_state_dict(latest[0])
-        log.info(
-            "resumed from %s at epoch %d, step %d", latest[1], trainer.state.epoch + 1, trainer.state.step_in_epoch
-        )
-    log.info(
-        "training %s: %d epochs x %d steps, run dir %s",
-        cfg.model["name"],
-        cfg.train.epochs,
-        trainer.steps_per_epoch,
-        run_dir,
-    )
-    try:
-        return trainer.fit()
-    finally:
-        trainer.sinks.metric_logger.close()
+    return True

@@ -119,7 +119,10 @@ class ImageCaptionDataset:
                 twin_of[len(self.images)] = entry["twin"]
             self.images.append(rec)
         if not self.images:
-            raise DataError(f"split {'+'.join(splits)!r} of {source} has no images")
+            known = sorted({str(e.get("split")) for e in entries if e.get("split") is not None})
+            raise DataError(
+                f"split {'+'.join(splits)!r} of {source} has no images; its splits: {', '.join(known) or 'none'}"
+            )
         missing = [r.path for r in self.images if not r.path.is_file()]
         if missing:
             raise DataError(f"{len(missing)} image file(s) of split {'+'.join(splits)} missing, first: {missing[0]}")

@@ -13,9 +13,12 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from crossmatch.errors import ConfigError
+from crossmatch.files import write_text
 
+# The one token-id table: every tokenizer crossmatch builds or accepts puts these first, in this order.
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
+FIRST_WORD_ID = len(SPECIAL_TOKENS)  # ids from here on are words
 
 
 class CaptionTokenizer:
@@ -46,7 +49,12 @@ class CaptionTokenizer:
         return self.tokenizer.to_str()
 
     def save(self, path: str | Path) -> None:
-        self.tokenizer.save(str(path))
+        write_text(path, self.to_str())
+
+    def knows_any(self, ids: Iterable[int]) -> bool:
+        """True when some id is a real word (not [UNK]): a query of unknown words only cannot be ranked."""
+        unk = self.tokenizer.token_to_id("[UNK]")
+        return any(i != unk for i in ids)
 
     @property
     def vocab_size(self) -> int:

@@ -41,6 +41,15 @@ def build_image_transform(image_size: int, train: bool, augment: bool = True) ->
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def describe_transform(image_size: int, augment: bool = True) -> str:
+    """One line saying what `build_image_transform` does, for the run header."""
+    train = f"random resized crop (scale 0.8-1, ratio 0.9-1.1) to {image_size}x{image_size}" if augment else "as eval"
+    return (
+        f"RGB, resize to {image_size}x{image_size} (squash), ImageNet mean {IMAGENET_MEAN} / std {IMAGENET_STD};"
+        f" train: {train}, no flips"
+    )
+
+
 def apply_transform(transform: v2.Compose, image: torch.Tensor, boxes: list[list[float]] | None):
     """Run `transform` on an image and its (K, 4) xyxy pixel boxes together. Returns (image, boxes or None)."""
     if not boxes:

@@ -120,6 +120,10 @@ class Trainer:
         n = len(self.train_loader.sampler) // (self.train_loader.batch_size * self.micro_batches)
         return min(n, self.tcfg.max_steps_per_epoch) if self.tcfg.max_steps_per_epoch > 0 else n
 
+    def close(self) -> None:
+        """Flush and close the metric writers (TensorBoard, metrics.jsonl)."""
+        self.sinks.metric_logger.close()
+
     # ---- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

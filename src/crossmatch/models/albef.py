@@ -1,7 +1,8 @@
 """ALBEF, "Align before Fuse" (Li et al., NeurIPS 2021), for image-text retrieval.
 
 An image encoder (a small ViT from scratch, or a CNN/ResNet grid as a hybrid ViT), a text encoder, and
-a fusion encoder whose layers cross-attend from the text tokens to the image tokens. Training (AlbefTask):
+a fusion encoder whose layers cross-attend from the text tokens to the image tokens. Training
+(crossmatch.tasks.albef):
   - ITC: projected, l2-normalised [CLS] features, learnable temperature, all captions of an image are
     positives; optional momentum encoders with feature queues and momentum distillation.
   - ITM: a 2-way head on the fused [CLS], with hard negatives drawn from the in-batch ITC similarities.
@@ -18,19 +19,12 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossmatch.config import LossConfig
 from crossmatch.errors import ModelError
-from crossmatch.losses.itm import ItcLoss, ItmLoss, MomentumBank, sample_hard_negatives
 from crossmatch.models.layers import l2norm
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import Encoder, TextTransformer, VisionTransformer, build_patch_stem, prepend_cls
-from crossmatch.tasks.base import Task
-from crossmatch.tensors import gather
-
-MASK_ID, FIRST_WORD_ID = 4, 5  # [MASK] and the first real word id of crossmatch's tokenizer
 
 
 @dataclass
@@ -54,19 +48,14 @@ class AlbefConfig:
     momentum: bool = True  # momentum encoders, queues and momentum distillation
     momentum_decay: float = 0.995  # EMA factor of the momentum encoders
     queue_size: int = 4096  # momentum feature queue length Q (65,536 in the paper)
-    alpha: float = 0.4  # distillation weight, ramped linearly from 0 over the first epoch
-    itc_weight: float = 1.0  # weight of itc_loss
-    itm_weight: float = 1.0  # weight of itm_loss
-    mlm: bool = False  # add masked language modelling on the fusion output
-    mlm_prob: float = 0.15  # fraction of real words masked (BERT's 80/10/10 replacement)
-    mlm_weight: float = 1.0  # weight of mlm_loss
+    mlm: bool = False  # build the MLM head (the task then adds mlm_loss, see loss.albef)
     rerank_score: str = "itm"  # score_pairs: itm (ALBEF) | itm+itc (LAVIS/BLIP: ITM logit + ITC cosine)
 
 
 class ALBEF(nn.Module):
     """Unimodal encoders + fusion encoder; ITC projections, ITM head, optional momentum copies and queues.
 
-    Momentum copies (`*_m`) have requires_grad False and are updated by EMA in `momentum_bank`; the queues
+    Momentum copies (`*_m`) have requires_grad False and are updated by EMA in `momentum_features`; the queues
     (`image_queue`, `text_queue`, `idx_queue`, `queue_ptr`) are buffers, so they are in the state_dict.
     """
 
@@ -141,21 +130,19 @@ class ALBEF(nn.Module):
         }
 
     @torch.no_grad()
-    def momentum_bank(self, batch: dict[str, Tensor], update: bool = True) -> MomentumBank:
-        """EMA-update the momentum copies (unless `update` is False), then encode the batch with them;
-        returns features and queues."""
+    def momentum_features(self, batch: dict[str, Tensor], update: bool = True) -> tuple[Tensor, Tensor]:
+        """EMA-update the momentum copies (unless `update` is False), then encode the batch with them:
+        (B, E), (B, E) l2-normalised image and text features."""
         m = self.config.momentum_decay
-        for name in ("visual_encoder", "vision_proj", "text_encoder", "text_proj"):
-            if not update:
-                break
-            for p, p_m in zip(getattr(self, name).parameters(), getattr(self, name + "_m").parameters(), strict=True):
-                p_m.lerp_(p, 1 - m)  # p_m = m * p_m + (1 - m) * p
+        if update:
+            for name in ("visual_encoder", "vision_proj", "text_encoder", "text_proj"):
+                own, ema = getattr(self, name).parameters(), getattr(self, name + "_m").parameters()
+                for p, p_m in zip(own, ema, strict=True):
+                    p_m.lerp_(p, 1 - m)  # p_m = m * p_m + (1 - m) * p
         img_feat = l2norm(self.vision_proj_m(self.visual_encoder_m(batch["image"])[:, 0]))  # (B, E)
         ids, mask = prepend_cls(batch["input_ids"], batch["attention_mask"])  # (B, 1+L)
         txt_feat = l2norm(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]))  # (B, E)
-        return MomentumBank(
-            img_feat, txt_feat, self.image_queue.clone(), self.text_queue.clone(), self.idx_queue.clone()
-        )
+        return img_feat, txt_feat
 
     @torch.no_grad()
     def enqueue(self, image_feat: Tensor, text_feat: Tensor, image_idx: Tensor) -> None:
@@ -167,100 +154,6 @@ class ALBEF(nn.Module):
         self.text_queue[slots] = text_feat[-n:].to(self.text_queue.dtype)
         self.idx_queue[slots] = image_idx[-n:]
         self.queue_ptr.fill_((ptr + n) % Q)
-
-
-def mask_tokens(ids: Tensor, mask: Tensor, vocab_size: int, prob: float) -> tuple[Tensor, Tensor]:
-    """BERT masking of real words (never [CLS] at position 0 or padding): of the chosen `prob` fraction,
-    80% become [MASK], 10% a random word, 10% stay. ids, mask (B, L) -> masked ids (B, L), labels (B, L)
-    with -100 on the positions that are not predicted."""
-    chosen = (torch.rand(ids.shape, device=ids.device) < prob) & mask
-    chosen[:, 0] = False  # (B, L)
-    labels = ids.masked_fill(~chosen, -100)
-    u = torch.rand(ids.shape, device=ids.device)  # one draw decides mask / random / keep
-    out = ids.masked_fill(chosen & (u < 0.8), MASK_ID)
-    rand_words = torch.randint(FIRST_WORD_ID, vocab_size, ids.shape, device=ids.device)
-    swap = chosen & (u >= 0.8) & (u < 0.9)
-    return torch.where(swap, rand_words, out), labels
-
-
-class AlbefTask(Task):
-    """ALBEF's retrieval fine-tuning objective: itc_loss + itm_loss (+ mlm_loss).
-
-    Its settings live in AlbefConfig; the generic LossConfig (hinge margin etc.) is not used.
-    Distillation weight: alpha = config.alpha * min(1, epoch + progress), where `epoch` comes from
-    `on_epoch_start` and progress from `on_step` (float in [0, 1), the fraction of the current epoch
-    done), so alpha ramps over the first epoch and is config.alpha from epoch 1 on.
-    """
-
-    def __init__(self, model: ALBEF, cfg: LossConfig | None = None, rank: int = 0, world_size: int = 1):
-        super().__init__(model)
-        self.world_size, self.epoch, self.progress = world_size, 0, 0.0
-        self.itc, self.itm = ItcLoss(rank, world_size), ItmLoss()
-
-    def on_epoch_start(self, epoch: int) -> None:
-        self.epoch, self.progress = epoch, 0.0
-
-    def on_step(self, progress: float) -> None:
-        self.progress = progress
-
-    def alpha(self) -> float:
-        return self.model.config.alpha * min(1.0, self.epoch + self.progress)
-
-    def training_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        return self._step(batch, update=True)
-
-    def validation_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        return self._step(batch, update=False)  # no EMA update, no enqueue: training state stays as it was
-
-    def _step(self, batch: dict[str, Tensor], update: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
-        m, cfg, idx = self.model, self.model.config, batch["image_idx"]
-        if update:
-            with torch.no_grad():
-                m.temp.clamp_(0.001, 0.5)
-        img, txt = m.encode_image(batch), m.encode_text(batch)
-        bank = m.momentum_bank(batch, update) if cfg.momentum else None
-        alpha = self.alpha() if cfg.momentum else 0.0
-        losses = {
-            "itc_loss": cfg.itc_weight * self.itc(img["embed"], txt["embed"], idx, m.temp, bank, alpha),
-            "itm_loss": cfg.itm_weight * self._itm(img, txt, idx),
-        }
-        if cfg.mlm:
-            losses["mlm_loss"] = cfg.mlm_weight * self._mlm(batch, img, txt["mask"])
-        if bank is not None and update:
-            ws = self.world_size
-            m.enqueue(gather(bank.image_feat, ws), gather(bank.text_feat, ws), gather(idx, ws))
-        return losses, {"temp": m.temp.item(), "alpha": alpha}
-
-    def _itm(self, img: dict[str, Tensor], txt: dict[str, Tensor], idx: Tensor) -> Tensor:
-        """ITM over [positives; captions with a hard negative image; images with a hard negative caption]."""
-        with torch.no_grad():
-            sim = img["embed"] @ txt["embed"].t() / self.model.temp  # (B, B) image rows, caption columns
-        neg_txt, neg_img = sample_hard_negatives(sim, sim.t(), idx)  # (B,), (B,); -1: no negative
-        t_rows = (neg_img >= 0).nonzero().squeeze(1)  # captions that got a negative image
-        i_rows = (neg_txt >= 0).nonzero().squeeze(1)  # images that got a negative caption
-        B = len(idx)
-        all_rows = torch.arange(B, device=idx.device)
-        img_rows = torch.cat([all_rows, neg_img[t_rows], i_rows])  # (B + n_t + n_i,)
-        txt_rows = torch.cat([all_rows, t_rows, neg_txt[i_rows]])  # (B + n_t + n_i,)
-        logits = self.model.itm_logits(
-            {k: v[img_rows] for k, v in img.items()}, {k: v[txt_rows] for k, v in txt.items()}
-        )  # (B + n_t + n_i, 2)
-        return self.itm(logits[:B], logits[B:])
-
-    def _mlm(self, batch: dict[str, Tensor], img: dict[str, Tensor], mask: Tensor) -> Tensor:
-        """Predict masked words from the fusion output of the masked caption and its image."""
-        m = self.model
-        ids, _ = prepend_cls(batch["input_ids"], batch["attention_mask"])  # (B, 1+L)
-        masked, labels = mask_tokens(ids, mask, m.config.vocab_size, m.config.mlm_prob)
-        fused = m.fuse(img, m.text_encoder(masked, mask), mask)  # (B, 1+L, D)
-        chosen = labels != -100  # (B, 1+L)
-        if not chosen.any():  # nothing drawn: a zero loss that still reaches the head
-            return m.mlm_head(fused[:, 0]).sum() * 0.0
-        logits = m.mlm_head(fused[chosen])  # (n, V): only the predicted positions
-        return F.cross_entropy(logits, labels[chosen])
-
-
-ALBEF.task_class = AlbefTask  # build_task(model, ...) constructs the model's own task
 
 
 def _albef(defaults: dict, overrides: dict) -> ALBEF:

@@ -18,6 +18,14 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DATA_DEFAULTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("data_defaults", default=None)
 
 
+class UnknownModelKeysError(ModelError):
+    """`model.*` keys that the model's config class does not have."""
+
+    def __init__(self, config_class: str, keys: list[str]):
+        super().__init__(f"unknown key(s) for {config_class}: {', '.join('model.' + k for k in keys)}")
+        self.config_class, self.keys = config_class, keys
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register `fn(**overrides) -> nn.Module` under its function name."""
     if fn.__name__ in _MODELS:
@@ -30,6 +38,16 @@ def list_models(pattern: str = "") -> list[str]:
     """Sorted names of the registered models that contain `pattern`."""
     _import_families()
     return sorted(n for n in _MODELS if pattern in n)
+
+
+def describe_models(pattern: str = "") -> dict[str, str]:
+    """{name: the first line of its docstring} for the registered models whose name contains `pattern`."""
+    _import_families()
+    out = {}
+    for name in list_models(pattern):
+        doc = (_MODELS[name].__doc__ or "").strip()
+        out[name] = doc.splitlines()[0] if doc else ""
+    return out
 
 
 def create_model(name: str, *, data_defaults: dict[str, Any] | None = None, **overrides: Any) -> nn.Module:
@@ -58,7 +76,7 @@ def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ModelError(f"unknown key(s) for {config_cls.__name__}: {', '.join('model.' + k for k in unknown)}")
+        raise UnknownModelKeysError(config_cls.__name__, unknown)
     data = {k: v for k, v in (_DATA_DEFAULTS.get() or {}).items() if k in names}
     return config_cls(**{**defaults, **data, **overrides})
 

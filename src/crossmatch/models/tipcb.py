@@ -1,6 +1,6 @@
 """A part-based dual encoder for text-based person search in the spirit of TIPCB (Chen et al., "TIPCB: A
 Simple but Effective Part-based Convolutional Baseline for Text-based Person Search", Neurocomputing 2022),
-trained with CMPM (Zhang & Lu, ECCV 2018) or IRRA's SDM (Jiang & Ye, CVPR 2023); see losses/identity.py.
+trained with CMPM (Zhang & Lu, ECCV 2018) or IRRA's SDM (Jiang & Ye, CVPR 2023); see tasks/identity.py.
 
 Image branch: a backbone map -> a global feature (average pool) and K horizontal stripes (the map
 average-pooled into K rows: head, torso, legs, ...), each with its own projection to E.
@@ -24,14 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossmatch.config import LossConfig
 from crossmatch.errors import ModelError
-from crossmatch.losses.identity import CmpmLoss, SdmLoss
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
 from crossmatch.models.registry import build_config, register_model
-from crossmatch.tasks.base import Task
-
-LOSSES = ("sdm", "cmpm")
 
 
 @dataclass
@@ -45,8 +40,6 @@ class TipcbConfig:
     text_hidden: int = 1024  # bi-GRU width D (the two directions are averaged)
     embed_dim: int = 1024  # joint embedding width E (TIPCB: 2048)
     num_parts: int = 6  # K horizontal stripes / text parts (TIPCB: 6)
-    loss: str = "sdm"  # sdm (IRRA) | cmpm (TIPCB)
-    temperature: float = 0.02  # SDM temperature tau (IRRA's value)
 
 
 class PartProjection(nn.Module):
@@ -81,8 +74,6 @@ class Tipcb(nn.Module):
 
     def __init__(self, cfg: TipcbConfig):
         super().__init__()
-        if cfg.loss not in LOSSES:
-            raise ModelError(f"model.loss {cfg.loss!r} is not one of {', '.join(LOSSES)}")
         if cfg.num_parts < 1:
             raise ModelError(f"model.num_parts must be >= 1, got {cfg.num_parts}")
         self.config = cfg
@@ -135,30 +126,6 @@ class Tipcb(nn.Module):
             "text_parts": txt["parts"],
             "scores": self.similarity(img, txt),
         }
-
-
-class TipcbTask(Task):
-    """CMPM or SDM (model.loss) on the global features plus the mean over the K part features."""
-
-    def __init__(self, model: Tipcb, cfg: LossConfig, rank: int = 0, world_size: int = 1):
-        super().__init__(model)
-        name = model.config.loss
-        self.loss_name = f"{name}_loss"
-        if name == "sdm":
-            self.loss = SdmLoss(model.config.temperature, rank=rank, world_size=world_size)
-        else:
-            self.loss = CmpmLoss(rank=rank, world_size=world_size)
-
-    def training_step(self, batch):
-        ids = batch["pid"] if "pid" in batch else batch["image_idx"]  # (B,) relevance by identity
-        img_g, img_p = self.model.image_features(batch)  # (B, E), (B, K, E)
-        txt_g, txt_p = self.model.text_features(batch)
-        glob = self.loss(img_g, txt_g, ids)
-        parts = torch.stack([self.loss(img_p[:, k], txt_p[:, k], ids) for k in range(img_p.shape[1])]).mean()
-        return {self.loss_name: glob + parts}, {"global_loss": glob.item(), "part_loss": parts.item()}
-
-
-Tipcb.task_class = TipcbTask  # build_task(model, ...) constructs the model's own task
 
 
 def _tipcb(defaults: dict, overrides: dict) -> Tipcb:

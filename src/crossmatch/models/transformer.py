@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossmatch.data.tokenizer import CLS_ID
 from crossmatch.errors import ModelError
 from crossmatch.models.layers import build_image_tower, feature_map_to_regions
-
-CLS_ID = 2  # token id of [CLS] in crossmatch's tokenizer (0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], 4 [MASK])
 
 
 class Mlp(nn.Module):

@@ -7,7 +7,7 @@ pass costs one transformer run per (image, caption) pair, so retrieval needs a c
 same transformer run on the image alone and on the text alone, [CLS]-pooled, projected and l2-normalised
 (trained with an ITC loss). `similarity` is that cosine; `score_pairs` re-ranks with the ITM logit.
 
-Training (ViltTask): ranking loss (cross-entropy over one positive and n_negatives random captions of
+Training (crossmatch.tasks.vilt): ranking loss (cross-entropy over one positive and n_negatives random captions of
 other images, as in ViLT's retrieval fine-tuning) + ITM loss + ITC loss for the cheap head.
 
 Legend: B batch, R image patches, L tokens (with [CLS]), D width, E embedding, H heads, K negatives.
@@ -18,15 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossmatch.config import LossConfig
-from crossmatch.losses.itm import ItcLoss, ItmLoss, sample_random_negatives
 from crossmatch.models.layers import l2norm
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import Encoder, ImageEmbedding, PatchEmbed, TextEmbedding, prepend_cls
-from crossmatch.tasks.base import Task
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1  # rows of the modality-type embedding
 
@@ -44,10 +40,6 @@ class ViltConfig:
     max_text_len: int = 64  # positions of the text embedding, [CLS] included
     embed_dim: int = 256  # E of the cheap first-stage embedding head
     temp: float = 0.07  # initial ITC temperature of the cheap head (learned, clamped to [0.001, 0.5])
-    n_negatives: int = 15  # random negative captions per positive for the ranking loss (at most B - 1)
-    rank_weight: float = 1.0  # weight of rank_loss
-    itm_weight: float = 1.0  # weight of itm_loss
-    itc_weight: float = 1.0  # weight of itc_loss (the cheap head)
 
 
 class ViLT(nn.Module):
@@ -108,46 +100,6 @@ class ViLT(nn.Module):
         }
 
 
-class ViltTask(Task):
-    """rank_loss + itm_loss + itc_loss; settings in ViltConfig (the generic LossConfig is not used).
-
-    rank_loss: for each pair b, cross-entropy over the ITM positive logits of [caption b; K random captions
-    of other images] with caption b as the target. itm_loss: 2-way cross-entropy over the B positives and,
-    to keep the classes balanced, the first random negative of each row.
-    """
-
-    def __init__(self, model: ViLT, cfg: LossConfig | None = None, rank: int = 0, world_size: int = 1):
-        super().__init__(model)
-        self.itc, self.itm = ItcLoss(rank, world_size), ItmLoss()
-
-    def training_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        m, cfg, idx = self.model, self.model.config, batch["image_idx"]
-        with torch.no_grad():
-            m.temp.clamp_(0.001, 0.5)
-        img, txt = m.encode_image(batch), m.encode_text(batch)
-        B = len(idx)
-        neg, valid = sample_random_negatives(idx, cfg.n_negatives)  # (B, K), (B, K)
-        K = neg.shape[1]
-        txt_rows = torch.cat([torch.arange(B, device=idx.device)[:, None], neg], 1)  # (B, 1+K): positive first
-        img_rows = torch.arange(B, device=idx.device)[:, None].expand(B, 1 + K)  # (B, 1+K)
-        logits = m.itm_logits(
-            {k: v[img_rows.flatten()] for k, v in img.items()}, {k: v[txt_rows.flatten()] for k, v in txt.items()}
-        ).view(B, 1 + K, 2)
-        ok = torch.cat([valid.new_ones(B, 1), valid], 1)  # (B, 1+K): a row short of negatives masks its rest
-        scores = logits[..., 1].masked_fill(~ok, float("-inf"))  # (B, 1+K)
-        rank = F.cross_entropy(scores, scores.new_zeros(B, dtype=torch.long))
-        itm = self.itm(logits[:, 0], logits[:, 1:2][valid[:, :1]])  # (B, 2) positives, (<=B, 2) negatives
-        losses = {
-            "rank_loss": cfg.rank_weight * rank,
-            "itm_loss": cfg.itm_weight * itm,
-            "itc_loss": cfg.itc_weight * self.itc(img["embed"], txt["embed"], idx, m.temp),
-        }
-        return losses, {"temp": m.temp.item()}
-
-
-ViLT.task_class = ViltTask  # build_task(model, ...) constructs the model's own task
-
-
 def _vilt(defaults: dict, overrides: dict) -> ViLT:
     return ViLT(build_config(ViltConfig, defaults, overrides))
 
@@ -156,7 +108,7 @@ def _vilt(defaults: dict, overrides: dict) -> ViLT:
 def vilt_small(**overrides) -> ViLT:
     """Patch 16 on 64 px (16 patches), width 256, 4 layers, 7 negatives: every negative costs one joint pass
     over [text; image], so the sequence is kept short. configs/vilt_shapes.yaml trains it at width 64 on CPU."""
-    return _vilt({"patch_size": 16, "n_negatives": 7}, overrides)
+    return _vilt({"patch_size": 16}, overrides)
 
 
 @register_model
@@ -172,7 +124,6 @@ def tiny_vilt(**overrides) -> ViLT:
             "mlp_ratio": 2.0,
             "max_text_len": 16,
             "embed_dim": 8,
-            "n_negatives": 3,
         },
         overrides,
     )

@@ -1,7 +1,9 @@
 """The training interface between models and the engine.
 
 A Task owns the model and its losses. The Trainer calls `training_step(batch)` and sums the returned
-losses (every key ends in `_loss`); it never branches on the model family. Evaluation goes through
+losses (every key ends in `_loss`); it never branches on the model family. Each objective lives in its own
+module of this package and is registered for the model class it trains (`register_task`); its settings
+are a typed section of the run's `loss` config. Evaluation goes through
 the model's retrieval interface (`encode_image`, `encode_text`, `similarity`, optional `score_pairs`).
 """
 
@@ -10,8 +12,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
-from crossmatch.losses.triplet import TripletLoss
-from crossmatch.tensors import gather_features
 
 
 class Task(nn.Module):
@@ -41,31 +41,32 @@ class Task(nn.Module):
         return self.training_step(batch)
 
 
-class TripletTask(Task):
-    """VSE++ / SCAN: hinge triplet loss on the batch score matrix `model.similarity(img, txt)`."""
+_TASKS: dict[type, type[Task]] = {}  # model class -> the task it trains with
 
-    def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
-        super().__init__(model)
-        self.cfg, self.world_size = cfg, world_size
-        self.loss = TripletLoss(cfg.margin, cfg.max_violation)
 
-    def on_epoch_start(self, epoch: int) -> None:
-        # VSE-infinity style warm-up: sum over all negatives first, hardest negatives afterwards.
-        self.loss.max_violation = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
+def register_task(model_cls: type):
+    """Class decorator: `@register_task(ALBEF)` makes `build_task` train ALBEF models with this task."""
 
-    def training_step(self, batch):
-        img, txt = self.model.encode_image(batch), self.model.encode_text(batch)
-        if self.world_size > 1:
-            # Every rank scores the global batch, so hardest negatives come from all ranks and the
-            # DDP-averaged gradient equals the single-process gradient of the same global batch.
-            img, txt = gather_features(img, self.world_size), gather_features(txt, self.world_size)
-        image_idx = gather_features({"i": batch["image_idx"]}, self.world_size)["i"]  # (B_global,)
-        scores = self.model.similarity(img, txt)  # (B_global, B_global)
-        loss = self.loss(scores, image_idx)
-        return {"triplet_loss": loss}, {"hardest": float(self.loss.max_violation)}
+    def wrap(task_cls: type[Task]) -> type[Task]:
+        if model_cls in _TASKS:
+            raise ValueError(f"{model_cls.__name__} already trains with {_TASKS[model_cls].__name__}")
+        _TASKS[model_cls] = task_cls
+        return task_cls
+
+    return wrap
+
+
+def task_class(model: nn.Module) -> type[Task]:
+    """The task registered for the model's class (or a base class of it); the hinge triplet task otherwise."""
+    import crossmatch.tasks  # noqa: F401  (registers every task)
+    from crossmatch.tasks.triplet import TripletTask
+
+    for cls in type(model).__mro__:
+        if cls in _TASKS:
+            return _TASKS[cls]
+    return TripletTask
 
 
 def build_task(model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Task:
-    """The task a model trains with: its `task_class` attribute if it has one, else the triplet task."""
-    task_class = getattr(model, "task_class", TripletTask)
-    return task_class(model, cfg, rank=rank, world_size=world_size)
+    """The model's task (see `task_class`) with the run's loss config."""
+    return task_class(model)(model, cfg, rank=rank, world_size=world_size)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from crossmatch.evaluation.evaluate import EvalData, compute_scores
 from crossmatch.metrics import person_search_metrics
+from crossmatch.retrieval.evaluate import EvalData, compute_scores
 
 KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "t2i_mAP", "t2i_mINP")
 
@@ -45,11 +45,16 @@ def evaluate_person_search(
     Returns:
         {t2i_r1, t2i_r5, t2i_r10, t2i_mAP, t2i_mINP}, percentages.
     """
-    image_pids = torch.as_tensor(image_pids, dtype=torch.long).cpu()
     scores = compute_scores(model, data, device, chunk_size, progress)  # (N_img, N_txt)
+    return person_metrics(scores, data.txt_to_img, image_pids, chunk_size)
+
+
+def person_metrics(scores: Tensor, txt_to_img: Tensor, image_pids: Tensor, chunk_size: int = 512) -> dict[str, float]:
+    """Text -> image person-search metrics of a (N_img, N_txt) score matrix, relevance by identity."""
+    image_pids = torch.as_tensor(image_pids, dtype=torch.long).cpu()
     if image_pids.numel() != scores.shape[0]:
         raise ValueError(f"{image_pids.numel()} image pids for a split of {scores.shape[0]} images")
-    query_pids = image_pids[data.txt_to_img.cpu()]  # (N_txt,)
+    query_pids = image_pids[torch.as_tensor(txt_to_img).cpu()]  # (N_txt,)
     metrics = person_search_metrics(scores.t(), query_pids, image_pids, chunk_size=chunk_size)  # queries = texts
     return {f"t2i_{k}": v for k, v in metrics.items()}
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from crossmatch.errors import ConfigError
+from crossmatch.files import write_text
 
 THUMB = 128  # thumbnail side in pixels
 Result = tuple[str | Path, float, bool]  # (image path, score, is ground-truth match)
@@ -27,6 +28,8 @@ _CSS = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 section { border-top: 1px solid #ccc; padding: 0.6em 0; }
 .query { font-size: 1.1em; margin: 0.2em 0; }
+table.metrics { border-collapse: collapse; margin: 0.5em 0; }
+table.metrics th, table.metrics td { border: 1px solid #ccc; padding: 2px 6px; font-size: 0.85em; }
 .rank { color: #555; margin: 0.2em 0 0.5em; }
 .rank.miss { color: #b00; }
 .row { display: flex; flex-wrap: wrap; gap: 8px; }
@@ -87,6 +90,7 @@ def write_html_report(
     title: str = "crossmatch retrieval report",
     *,
     missed: list[tuple[str | Path, float] | None] | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> Path:
     """Write one self-contained HTML page with a section per query.
 
@@ -97,6 +101,7 @@ def write_html_report(
             None when there is no ground truth (free-text search).
         title: page title and heading.
         missed: per query, (path, score) of the true match, drawn after the top-k when it is not in it.
+        metrics: the split's metrics, shown as a table under the title.
 
     Returns:
         The path written.
@@ -104,10 +109,11 @@ def write_html_report(
     if len(results) != len(queries) or (ranks is not None and len(ranks) != len(queries)):
         raise ConfigError(f"report: {len(queries)} queries but {len(results)} result lists / ranks")
     n = len(queries)
-    head = f"<h1>{html.escape(title)}</h1><p>{n} quer{'y' if n == 1 else 'ies'}"
+    head = f"<h1>{html.escape(title)}</h1>{_metrics_table(metrics) if metrics else ''}<p>"
+    head += f"{n} quer{'y' if n == 1 else 'ies'}"
     if ranks:
         r = np.asarray(ranks)
-        head += f"; true match at rank 1 for {(r == 1).sum()}, median rank {float(np.median(r)):g}"
+        head += f"; true match at rank 1 for {(r == 1).sum()} of {n}, median rank {float(np.median(r)):g}"
     sections = [
         _section(q, queries[q], results[q], ranks[q] if ranks else None, missed[q] if missed else None)
         for q in range(n)
@@ -123,10 +129,36 @@ def write_html_report(
             "</body></html>",
         ]
     )
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_text(path, page)
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    cells = "".join(f"<th>{html.escape(k)}</th>" for k in metrics)
+    values = "".join(f"<td>{v:.2f}</td>" for v in metrics.values())
+    return f'<table class="metrics"><tr>{cells}</tr><tr>{values}</tr></table>'
+
+
+def write_caption_report(
+    path: str | Path, image: str | Path, results: list[tuple[str, float, bool]], title: str = "crossmatch search"
+) -> Path:
+    """An image query's page: the image, then its top-k captions (rank, score; the image's own captions
+    marked). results: (caption, score, is_match), best first."""
+    uri = thumbnail_data_uri(image)
+    img = f'<img src="{uri}" alt="{html.escape(Path(image).name)}">' if uri else html.escape(str(image))
+    rows = "".join(
+        f'<li class="{"match" if m else ""}">{s:.4f} {html.escape(c)}{" (match)" if m else ""}</li>'
+        for c, s, m in results
+    )
+    n_match = sum(m for _, _, m in results)
+    head = f"<h1>{html.escape(title)}</h1><p>query image {html.escape(Path(image).name)}; {n_match} of its own"
+    head += f" captions among the top {len(results)}</p>"
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS % (THUMB + 8, THUMB, THUMB)}"
+        " li.match { color: #1a7f37; }</style>"
+        f"</head><body>{head}<figure>{img}</figure><ol>{rows}</ol></body></html>"
+    )
+    return write_text(path, page)
 
 
 def report_from_scores(
@@ -139,9 +171,10 @@ def report_from_scores(
     max_queries: int = 50,
     sort: str = "worst",
     title: str = "crossmatch text-to-image retrieval",
+    metrics: dict[str, float] | None = None,
 ) -> Path:
     """Text-to-image report from a score matrix: picks `max_queries` captions as queries and draws their
-    top-k images.
+    top-k images (`metrics`, when given, are shown as a table under the title).
 
     Args:
         scores: (N_img, N_txt) similarity of every image with every caption.
@@ -174,5 +207,11 @@ def report_from_scores(
         results.append([(image_paths[i], v, i == gt) for i, v in hits])
         missed.append((image_paths[gt], float(s[gt, t])))
     return write_html_report(
-        path, [captions[t] for t in picked], results, [int(ranks[t]) for t in picked], title, missed=missed
+        path,
+        [captions[t] for t in picked],
+        results,
+        [int(ranks[t]) for t in picked],
+        title,
+        missed=missed,
+        metrics=metrics,
     )

@@ -12,11 +12,18 @@ from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import make_grid
 
 THUMB = 128  # thumbnail side in pixels
-LABEL_H = 18  # caption strip under each thumbnail
+LABEL_H = 28  # label strip under each thumbnail: rank and score, then the file name
 
 
 def draw_gallery(
-    query: str, images: list[torch.Tensor], scores: list[float], is_match: list[bool], out: str | Path, ncol: int = 5
+    query: str,
+    images: list[torch.Tensor],
+    scores: list[float],
+    is_match: list[bool],
+    out: str | Path,
+    ncol: int = 5,
+    names: list[str] | None = None,
+    match_rank: tuple[str, int] | None = None,
 ) -> Path:
     """Write the gallery PNG.
 
@@ -24,6 +31,8 @@ def draw_gallery(
         query: the sentence searched for.
         images: top-k images as (3, H, W) uint8 tensors, best first.
         scores: their scores; is_match: True where the image is a ground-truth match of the query.
+        names: file names drawn under each tile.
+        match_rank: (file name, 1-based rank) of the true match when it is not among the tiles.
     """
     frames = []
     for img, match in zip(images, is_match, strict=True):
@@ -41,13 +50,47 @@ def draw_gallery(
         x, y = 6 + (k % ncol) * step_x, 6 + (k // ncol) * step_y
         label = f"#{k + 1}  {score:.3f}" + ("  match" if match else "")
         draw.text((x + 5, y + THUMB + 9), label, fill=(0, 0, 0), font=font)
+        if names:
+            draw.text((x + 5, y + THUMB + 9 + 10), _fit(names[k], THUMB // 6), fill=(0, 0, 0), font=font)
     lines = textwrap.wrap(f"query: {query}", width=max(30, body.width // 7))
+    if match_rank is not None:
+        lines.append(f"true match {match_rank[0]} at rank {match_rank[1]} (not shown)")
     header_h = 10 + 14 * len(lines)
     canvas = Image.new("RGB", (body.width, body.height + header_h), "white")
     hd = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         hd.text((8, 6 + 14 * i), line, fill=(0, 0, 0), font=font)
     canvas.paste(body, (0, header_h))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def draw_caption_gallery(
+    image: torch.Tensor, captions: list[str], scores: list[float], is_match: list[bool], out: str | Path
+) -> Path:
+    """Write a PNG of an image query: the image on the left, its top-k captions (rank, score, a mark on
+    the image's own captions) on the right. image (3, H, W) uint8."""
+    thumb = torch.nn.functional.interpolate(image[None].float(), size=(THUMB, THUMB), mode="nearest")[0]
+    font = ImageFont.load_default()
+    rows = [
+        f"#{k + 1}  {s:.3f}  {'[match] ' if m else ''}{c}"
+        for k, (c, s, m) in enumerate(zip(captions, scores, is_match, strict=True))
+    ]
+    lines = [line for row in rows for line in textwrap.wrap(row, width=70, subsequent_indent="      ")]
+    canvas = Image.new("RGB", (THUMB + 16 + 7 * 72, max(THUMB + 16, 12 + 14 * len(lines))), "white")
+    canvas.paste(to_pil_image(thumb.to(torch.uint8)), (8, 8))
+    draw = ImageDraw.Draw(canvas)
+    y = 8
+    for line in lines:
+        colour = (20, 140, 40) if "[match]" in line else (0, 0, 0)
+        draw.text((THUMB + 16, y), line, fill=colour, font=font)
+        y += 14
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)

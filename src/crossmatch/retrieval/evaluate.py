@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from crossmatch.errors import ConfigError
-from crossmatch.evaluation.rerank import rerank
 from crossmatch.metrics import (
     image_folds,
     mean_over_folds,
@@ -26,6 +25,7 @@ from crossmatch.metrics import (
     twin_counts,
     twins_in_fold,
 )
+from crossmatch.retrieval.rerank import rerank
 from crossmatch.tensors import (
     all_gather_varlen,
     cat_features,
@@ -135,7 +135,27 @@ def evaluate_retrieval(
     progress: bool = False,
 ) -> dict[str, float]:
     """Encode, score and measure one split; returns the dict of `crossmatch.metrics.retrieval_metrics`
-    (plus `twin_acc` when the split has twins).
+    (plus `twin_acc` when the split has twins). See `evaluate_with_scores` for the arguments."""
+    args = (chunk_size, folds, rerank_k, rerank_batch, stage1, progress)
+    return evaluate_with_scores(model, data, device, *args)[0]
+
+
+@torch.no_grad()
+def evaluate_with_scores(
+    model: nn.Module,
+    data: EvalData,
+    device: torch.device,
+    chunk_size: int = 512,
+    folds: int = 1,
+    rerank_k: int = 0,
+    rerank_batch: int = 256,
+    stage1: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], Tensor]:
+    """Encode, score and measure one split: (metrics, stage-1 scores (N_img, N_txt) on the CPU).
+
+    Metrics are those of `crossmatch.metrics.retrieval_metrics` (plus `twin_acc` when the split has twins);
+    the scores are the all-pairs matrix before any re-ranking (what failure reports show).
 
     Args:
         folds: mean of every metric over this many consecutive image folds (COCO 1K: 5), rsum of the means;
@@ -169,4 +189,4 @@ def evaluate_retrieval(
     metrics = mean_over_folds(per_fold)
     if cases:
         metrics["twin_acc"] = 100.0 * wins / cases
-    return metrics
+    return metrics, scores

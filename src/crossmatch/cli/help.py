@@ -1,0 +1,27 @@
+"""How every `crossmatch` command documents itself: defaults in each option's help, examples below."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Options show their default; the description and the examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # No "(default: None)" / "(default: False)" noise for options without a meaningful default.
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == [] or action.help is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def examples(*lines: str) -> str:
+    """An epilog of example command lines."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help: str, *example_lines: str) -> argparse.ArgumentParser:
+    """`sub.add_parser` with the house formatter and an examples epilog."""
+    return sub.add_parser(
+        name, help=help, description=help, formatter_class=HelpFormatter, epilog=examples(*example_lines)
+    )

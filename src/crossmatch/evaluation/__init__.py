@@ -1,1 +1,0 @@
-"""Retrieval evaluation: encode, score all pairs in chunks, measure; galleries."""

@@ -1,0 +1,324 @@
+"""Runs: everything between a config (or a checkpoint) and the objects that train, evaluate and search.
+
+- config -> dataset splits, tokenizer, model (`build_model`), evaluation data and `Evaluator`;
+- config -> a ready `Trainer` (`build_trainer`) and a whole training run in a run folder (`train`);
+- checkpoint, safetensors export or run folder -> the model, config and tokenizer it was trained with
+  (`load_run`, behind `crossmatch.load`).
+
+The CLI parses arguments, calls these and prints; nothing here reads flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from crossmatch.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    move_legacy_loss_keys,
+    save_config,
+)
+from crossmatch.data import formats
+from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, PairView
+from crossmatch.data.loaders import build_eval_loader, build_train_loader
+from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
+from crossmatch.data.transforms import build_image_transform, describe_transform
+from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
+from crossmatch.engine.distributed import DistInfo, init_distributed
+from crossmatch.engine.logging import MetricLogger, setup_logging
+from crossmatch.engine.optim import create_optimizer, create_scheduler
+from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainState
+from crossmatch.errors import CheckpointError, ConfigError, DataError
+from crossmatch.models.registry import UnknownModelKeysError, create_model
+from crossmatch.retrieval.evaluate import EvalData, compute_scores
+from crossmatch.retrieval.evaluator import Evaluator
+from crossmatch.retrieval.person import image_pids
+from crossmatch.tasks import build_task
+
+log = logging.getLogger(__name__)
+MAX_BOXES = 8  # object boxes read per image for box-region models
+
+
+def open_split(cfg: RunConfig, split: str):
+    return formats.open_split(cfg.data, split)
+
+
+def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer) -> tuple[nn.Module, RunConfig]:
+    """The registered model `model.name` with the config's overrides, and the config it was built from.
+    The vocabulary size, image side and caption length come from the tokenizer and data config, for
+    models whose config has them. Loss keys that 0.1.0 kept in the model section are moved into their
+    `loss` section (with a warning), so old configs and checkpoints build the same model."""
+    overrides = {k: v for k, v in cfg.model.items() if k != "name"}
+    data = {
+        "vocab_size": tokenizer.vocab_size,
+        "image_size": cfg.data.image_size,
+        "max_text_len": cfg.data.max_words + 1,
+    }  # + a [CLS] for transformer text towers
+    try:
+        return create_model(cfg.model["name"], data_defaults=data, **overrides), cfg
+    except UnknownModelKeysError as err:
+        moved = move_legacy_loss_keys(cfg, err.config_class, err.keys)
+        if moved is None:
+            raise
+        cfg, what = moved
+        log.warning("config keys moved since 0.1.0: %s", "; ".join(what))
+        return build_model(cfg, tokenizer)
+
+
+def resolved_model_section(name: str, model: nn.Module) -> dict:
+    """`model` config section with every field of the built model's config, so a checkpoint rebuilds the
+    same architecture even if the registered defaults change later."""
+    if not dataclasses.is_dataclass(getattr(model, "config", None)):
+        return {"name": name}
+    fields = dataclasses.asdict(model.config)
+    return {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint path as given, or for a run folder its `checkpoints/best.pt`."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{path} is a folder without checkpoints/best.pt (not a finished crossmatch run)")
+    return path
+
+
+def needs_boxes(model: nn.Module) -> int:
+    return MAX_BOXES if getattr(model, "needs_boxes", False) else 0
+
+
+def build_eval_data(cfg: RunConfig, ds: ImageCaptionDataset, tokenizer: CaptionTokenizer, model: nn.Module) -> EvalData:
+    transform = build_image_transform(cfg.data.image_size, train=False)
+    return EvalData(
+        image_loader=build_eval_loader(
+            ds.image_view(transform, needs_boxes(model)), cfg.eval.batch_size, cfg.data.num_workers
+        ),
+        text_loader=build_eval_loader(CaptionView(ds, tokenizer), cfg.eval.batch_size, cfg.data.num_workers),
+        txt_to_img=torch.tensor(ds.txt_to_img),
+        twins=ds.twins,
+    )
+
+
+def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig, CaptionTokenizer]:
+    """Model (eval mode, CPU), config and tokenizer from a .pt checkpoint or a .safetensors export;
+    `overrides` (key=value) apply on top of the stored config, e.g. a different data.root."""
+    path = resolve_checkpoint(path)
+    ckpt = read_weights(path)
+    for key in ("config", "tokenizer"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} has no '{key}' entry (not written by crossmatch train)")
+    cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides or [])
+    tokenizer = CaptionTokenizer.from_str(ckpt["tokenizer"], cfg.data.max_words)
+    model, cfg = build_model(cfg, tokenizer)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        lines = str(err).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(err)
+        raise CheckpointError(f"{path}: weights do not fit model {cfg.model['name']}: {detail}") from err
+    return model.eval(), cfg, tokenizer
+
+
+def make_evaluator(
+    cfg: RunConfig,
+    split: str,
+    tokenizer: CaptionTokenizer,
+    model: nn.Module,
+    device: torch.device,
+    progress: bool = False,
+) -> Evaluator:
+    """The Evaluator of one split with the config's protocol (folds, re-ranking, person search, and a
+    first-stage model from `eval.first_stage`, loaded and scored once on first use)."""
+    ds = open_split(cfg, split)
+
+    def first_stage() -> torch.Tensor:
+        first, first_cfg, first_tok = load_run(cfg.eval.first_stage, [f"data.root={cfg.data.root}"])
+        first_data = build_eval_data(first_cfg, open_split(first_cfg, split), first_tok, first)
+        return compute_scores(first.to(device), first_data, device, cfg.eval.chunk_size, progress)
+
+    return Evaluator(
+        build_eval_data(cfg, ds, tokenizer, model),
+        cfg.eval,
+        device,
+        image_pids(ds),  # person-search datasets: relevance by identity
+        first_stage if cfg.eval.first_stage else None,
+        progress,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: CaptionTokenizer | None = None) -> Trainer:
+    """Everything a run needs, built from the config. The tokenizer is trained on the train captions
+    unless given (a resumed run reuses the saved one)."""
+    seed_everything(cfg.train.seed)
+    train_ds = open_split(cfg, cfg.data.train_split)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg.data.tokenizer, train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
+    model, cfg = build_model(cfg, tokenizer)
+    model = model.to(dist.device)
+    # every field of the built model's config: saved in config.yaml and every checkpoint
+    cfg = dataclasses.replace(cfg, model=resolved_model_section(cfg.model["name"], model))
+    if dist.distributed and dist.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
+    transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
+    pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
+    loader = build_train_loader(
+        pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
+    )
+    if len(loader) == 0:
+        raise DataError(
+            f"the train split has {len(pairs)} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
+        )
+    optimizer = create_optimizer(task, cfg.train)
+    steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
+    scheduler = create_scheduler(optimizer, cfg.train, steps)
+    progress = dist.is_main and sys.stderr.isatty()
+    evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device, progress)
+    val_pairs = PairView(
+        open_split(cfg, cfg.data.val_split),
+        tokenizer,
+        build_image_transform(cfg.data.image_size, train=False),
+        needs_boxes(model),
+        skip_bad=cfg.data.max_bad_samples > 0,
+    )
+    val_loader = build_train_loader(
+        val_pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
+    )
+
+    sinks = RunSinks(
+        Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main),
+        MetricLogger(run_dir, enabled=dist.is_main),
+        {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()},
+    )
+    return Trainer(task, optimizer, scheduler, RunLoaders(loader, val_loader), evaluator, sinks, cfg, dist)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} -> {b}")
+    return out
+
+
+RUN_FILES = ("checkpoints", "tb", "metrics.jsonl", "train.log", "config.yaml", "tokenizer.json")  # --overwrite
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """Refuse to train into a folder that holds another run's checkpoints unless told what to do with
+    them: `resume` continues that run, `overwrite` deletes its files (checkpoints, logs, TensorBoard)."""
+    ckpts = run_dir / "checkpoints"
+    if not (ckpts.is_dir() and any(ckpts.iterdir())) or resume:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run's checkpoints: add --resume to continue it, --overwrite to start "
+            "it again, or choose another --run-dir"
+        )
+    if is_main:
+        for name in RUN_FILES:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def log_run_header(trainer: Trainer, dist: DistInfo, run_dir: Path) -> None:
+    """What a run is about to do: device, threads, parameters, data, preprocessing, schedule."""
+    cfg = trainer.cfg
+    params = list(trainer.task.parameters())
+    total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    log.info("device %s (world size %d), %d CPU threads", dist.device, dist.world_size, torch.get_num_threads())
+    log.info("model %s: %s parameters, %s trainable", cfg.model["name"], f"{total:,}", f"{trainable:,}")
+    sizes = []
+    for name in dict.fromkeys((cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)):
+        try:
+            ds = open_split(cfg, name)
+            sizes.append(f"{name} {len(ds.images)} images / {len(ds.captions)} captions")
+        except DataError:
+            sizes.append(f"{name} -")
+    log.info("data %s (%s): %s", cfg.data.root, cfg.data.format, ", ".join(sizes))
+    log.info("preprocessing: %s", describe_transform(cfg.data.image_size, cfg.data.augment))
+    log.info(
+        "training %s: %d epochs x %d steps of %d pairs, run dir %s",
+        cfg.model["name"],
+        cfg.train.epochs,
+        trainer.steps_per_epoch,
+        cfg.train.batch_size * dist.world_size * trainer.micro_batches,
+        run_dir,
+    )
+
+
+def train(
+    cfg: RunConfig, run_dir: str | Path, resume: bool = False, init_from: str | None = None, overwrite: bool = False
+) -> TrainState:
+    """Train `cfg` in `run_dir`; with `resume`, continue from the newest readable checkpoint there, with
+    `overwrite`, replace the run that is there. `init_from` (fine-tuning) loads the weights of another run
+    whose names and shapes match. A start that fails (bad data, bad config) leaves no new folder behind."""
+    run_dir = Path(run_dir)
+    dist = init_distributed(cfg.train.device)
+    prepare_run_dir(run_dir, resume, overwrite, dist.is_main)
+    created = not run_dir.exists()
+    try:
+        trainer = _start(cfg, run_dir, dist, resume, init_from)
+    except BaseException:
+        logging.getLogger("crossmatch").handlers.clear()  # release train.log before removing the folder
+        if created and dist.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def _start(cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool, init_from: str | None) -> Trainer:
+    """Logging, the newest checkpoint (when resuming), the Trainer, its saved config; the run header."""
+    setup_logging(run_dir, dist.is_main)
+    latest = Checkpointer(run_dir).load_latest() if resume else None
+    if resume and latest is None:
+        log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+    if latest is not None:
+        changed = _diff(config_to_dict(config_from_dict(latest[0]["config"])), config_to_dict(cfg))
+        if changed:
+            log.warning("resuming with a config that differs from %s: %s", latest[1], "; ".join(changed))
+    tokenizer = CaptionTokenizer.from_str(latest[0]["tokenizer"], cfg.data.max_words) if latest else None
+    trainer = build_trainer(cfg, run_dir, dist, tokenizer)
+    if dist.is_main:
+        save_config(trainer.cfg, run_dir / "config.yaml")
+        CaptionTokenizer.from_str(trainer.sinks.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
+    if init_from and latest is None:
+        report = partial_load(trainer.model, read_weights(init_from)["model"])
+        log.info("initialised %d tensors from %s", len(report["loaded"]), init_from)
+        for kind in ("missing", "mismatched", "unexpected"):
+            if report[kind]:
+                n, names = len(report[kind]), ", ".join(report[kind])
+                log.warning("--init-from %s: %d %s tensor(s) not loaded: %s", init_from, n, kind, names)
+    if latest is not None:
+        trainer.load_state_dict(latest[0])
+        log.info(
+            "resumed from %s at epoch %d, step %d", latest[1], trainer.state.epoch + 1, trainer.state.step_in_epoch
+        )
+    log_run_header(trainer, dist, run_dir)
+    return trainer

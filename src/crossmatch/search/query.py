@@ -1,0 +1,77 @@
+"""One query against a split: a sentence -> every image's score (re-ranked by a fusion model's pair
+scorer when `eval.rerank_k` > 0), or an image -> every caption's score.
+
+Legend: N_img images, N_txt captions of the split, k re-ranked candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.errors import DataError
+from crossmatch.retrieval.evaluate import EvalData, encode_all
+from crossmatch.retrieval.rerank import below_candidates
+from crossmatch.tensors import FeatureDict, to_device
+
+
+def encode_query(model: nn.Module, tokenizer: CaptionTokenizer, text: str, device: torch.device) -> FeatureDict:
+    """A sentence -> the model's text features (1, ...). An empty query, or one whose every word is
+    unknown to the tokenizer, is refused: ranking by [UNK] alone would be noise presented as a result."""
+    if not text.strip():
+        raise DataError("the query is empty")
+    ids = tokenizer.encode(text)
+    if not tokenizer.knows_any(ids):
+        raise DataError(f"no word of the query {text!r} is in the model's vocabulary")
+    t = torch.tensor([ids])
+    return model.encode_text(to_device({"input_ids": t, "attention_mask": t != 0}, device))
+
+
+@torch.no_grad()
+def rerank_query(model: nn.Module, scores: Tensor, img: FeatureDict, txt: FeatureDict, k: int) -> Tensor:
+    """One text query: re-score its top-k images with `model.score_pairs`; the rest rank below them in
+    stage-1 order. scores (N_img,) -> (N_img,) float64."""
+    cand = scores.topk(min(k, len(scores))).indices  # (k,)
+    rows_img = {name: v[cand.to(v.device)] for name, v in img.items()}
+    rows_txt = {name: v.expand(len(cand), *v.shape[1:]) for name, v in txt.items()}  # the query, k times
+    stage2 = torch.zeros(len(scores))
+    stage2[cand] = model.score_pairs(rows_img, rows_txt).float().cpu()
+    is_cand = torch.zeros(len(scores), dtype=torch.bool).index_fill_(0, cand.cpu(), True)  # (N_img,)
+    return below_candidates(stage2, scores.float().cpu(), is_cand)
+
+
+@torch.no_grad()
+def text_query_scores(
+    model: nn.Module,
+    tokenizer: CaptionTokenizer,
+    data: EvalData,
+    text: str,
+    device: torch.device,
+    rerank_k: int = 0,
+) -> tuple[Tensor, FeatureDict, FeatureDict]:
+    """(N_img,) score of every image of the split for `text` (CPU), and the image and query features."""
+    txt = encode_query(model, tokenizer, text, device)
+    img = encode_all(model.encode_image, data.image_loader, device, "encode images", False)
+    scores = model.similarity(img, txt)[:, 0].float().cpu()  # (N_img,) stage 1
+    if rerank_k > 0 and hasattr(model, "score_pairs"):  # fusion models: re-rank the top-k
+        scores = rerank_query(model, scores, img, txt, rerank_k)
+    return scores, img, txt
+
+
+@torch.no_grad()
+def image_query_scores(model: nn.Module, image: Tensor, data: EvalData, device: torch.device) -> Tensor:
+    """(N_txt,) score of every caption of the split for one preprocessed image (3, S, S) (CPU)."""
+    img = model.encode_image(to_device({"image": image[None]}, device))
+    txt = encode_all(model.encode_text, data.text_loader, device, "encode captions", False)
+    return model.similarity(img, txt)[0].float().cpu()
+
+
+def pessimistic_rank(scores: Tensor, matches: set[int]) -> int | None:
+    """1-based rank of the best of `matches` in `scores` (N,), every other item scoring at least as high
+    counted ahead (ties against the model, as crossmatch.metrics); None without matches."""
+    if not matches:
+        return None
+    wrong = torch.ones(len(scores), dtype=torch.bool)
+    wrong[list(matches)] = False
+    return min(int((scores[wrong] >= scores[m]).sum()) + 1 for m in matches)

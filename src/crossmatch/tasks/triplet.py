@@ -1,0 +1,38 @@
+"""The hinge triplet objective of VSE++ (Faghri et al., BMVC 2018) and SCAN (Lee et al., ECCV 2018) on the
+batch score matrix, with hardest negatives (optionally after a VSE-infinity style warm-up).
+
+Legend: B batch (all ranks' pairs when distributed).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from crossmatch.config import LossConfig
+from crossmatch.losses.triplet import TripletLoss
+from crossmatch.tasks.base import Task
+from crossmatch.tensors import gather_features
+
+
+class TripletTask(Task):
+    """VSE++ / SCAN: hinge triplet loss on the batch score matrix `model.similarity(img, txt)`."""
+
+    def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
+        super().__init__(model)
+        self.cfg, self.world_size = cfg, world_size
+        self.loss = TripletLoss(cfg.margin, cfg.max_violation)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        # VSE-infinity style warm-up: sum over all negatives first, hardest negatives afterwards.
+        self.loss.max_violation = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
+
+    def training_step(self, batch):
+        img, txt = self.model.encode_image(batch), self.model.encode_text(batch)
+        if self.world_size > 1:
+            # Every rank scores the global batch, so hardest negatives come from all ranks and the
+            # DDP-averaged gradient equals the single-process gradient of the same global batch.
+            img, txt = gather_features(img, self.world_size), gather_features(txt, self.world_size)
+        image_idx = gather_features({"i": batch["image_idx"]}, self.world_size)["i"]  # (B_global,)
+        scores = self.model.similarity(img, txt)  # (B_global, B_global)
+        loss = self.loss(scores, image_idx)
+        return {"triplet_loss": loss}, {"hardest": float(self.loss.max_violation)}
