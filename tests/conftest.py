@@ -16,6 +16,34 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("CROSSMATCH_TEST_THREADS", "1")))
 
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny run every end-to-end test starts from: tiny_vse on 32 px shapes, 2 short epochs. Later
+# overrides win, so a test states only what it changes.
+TINY_RUN = (
+    "data.image_size=32",
+    "model.name=tiny_vse",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.max_steps_per_epoch=3",
+    "eval.batch_size=16",
+)
+
+
+def tiny_overrides(root, *extra: str) -> list[str]:
+    return [f"data.root={root}", *TINY_RUN, *extra]
+
+
+def train_args(root, run_dir, *extra: str, config: str = "configs/vse_shapes.yaml") -> list[str]:
+    """`crossmatch train` arguments of the tiny run (absolute paths: subprocesses may run elsewhere)."""
+    return ["train", str(ROOT / config), "--run-dir", str(run_dir), *tiny_overrides(root, *extra)]
+
+
+def tiny_cfg(root, *extra: str):
+    """The tiny run as a RunConfig (for in-process `crossmatch.runs.train`)."""
+    from crossmatch.config import load_config
+
+    return load_config(None, tiny_overrides(root, *extra))
+
 
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> Path:

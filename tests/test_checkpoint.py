@@ -4,26 +4,14 @@ import pickle
 import pytest
 import torch
 
-from crossmatch.config import load_config
 from crossmatch.engine.checkpoint import Checkpointer, atomic_save, load_checkpoint, rng_state, set_rng_state
 from crossmatch.errors import CheckpointError
 from crossmatch.runs import train as run_train
+from tests import conftest
 
 
 def tiny_cfg(root, *extra):
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "data.image_size=32",
-            "model.name=tiny_vse",
-            "train.batch_size=16",
-            "train.max_steps_per_epoch=4",
-            "train.log_every=2",
-            "eval.batch_size=32",
-            *extra,
-        ],
-    )
+    return conftest.tiny_cfg(root, "train.max_steps_per_epoch=4", "train.log_every=2", "eval.batch_size=32", *extra)
 
 
 def weights(run_dir):

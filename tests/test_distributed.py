@@ -6,32 +6,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from crossmatch.engine.checkpoint import load_checkpoint
+from tests.conftest import ROOT, train_args
 
-ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def args(root, run_dir, *extra):
-    return [
-        "train",
-        str(ROOT / "configs/vse_shapes.yaml"),
-        "--run-dir",
-        str(run_dir),
-        f"data.root={root}",
-        "data.image_size=32",
-        "model.name=tiny_vse",
-        "model.batch_norm=false",
-        "train.epochs=1",
-        "eval.batch_size=16",
-        *extra,
-    ]
+    # the tiny run without batch norm (its statistics are per rank), one whole epoch unless cut shorter
+    return train_args(root, run_dir, "model.batch_norm=false", "train.epochs=1", "train.max_steps_per_epoch=0", *extra)
 
 
 def run(cmd, timeout=240):

@@ -11,11 +11,11 @@ import crossmatch
 from crossmatch.cli.main import main
 from crossmatch.engine.checkpoint import load_checkpoint, partial_load
 from crossmatch.models import create_model
-from tests.test_cli import train_args
+from tests.conftest import train_args
 
 
 def train(root, run_dir, *extra):
-    # test_cli's tiny run, cut to one epoch of batch 8 with a log line every step
+    # the tiny run, cut to one epoch of batch 8 with a log line every step
     small = ["train.epochs=1", "train.batch_size=8", "train.log_every=1", "eval.batch_size=16"]
     return main(train_args(root, run_dir, *small, *extra))
 

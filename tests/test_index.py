@@ -21,6 +21,7 @@ from crossmatch.errors import DataError, ModelError
 from crossmatch.runs import load_run
 from crossmatch.search.index import build_index, embed_dim_of, load_index
 from crossmatch.search.report import report_from_scores, write_html_report
+from tests.conftest import train_args
 
 QUERY = "a red circle left of a blue square"
 
@@ -32,9 +33,7 @@ def run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("index")
     generate_shapes(tmp / "data", n_train=30, n_val=8, n_test=8, size=32, workers=1)
-    args = ["train", "configs/vse_shapes.yaml", "--run-dir", str(tmp / "run"), f"data.root={tmp / 'data'}"]
-    args += ["data.image_size=32", "model.name=tiny_vse", "train.epochs=1", "train.max_steps_per_epoch=2"]
-    assert main([*args, "train.batch_size=16"]) == 0
+    assert main(train_args(tmp / "data", tmp / "run", "train.epochs=1", "train.max_steps_per_epoch=2")) == 0
     ckpt = tmp / "run" / "checkpoints" / "last.pt"
     assert (
         main(

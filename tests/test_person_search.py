@@ -18,6 +18,7 @@ from crossmatch.retrieval.evaluate import EvalData
 from crossmatch.retrieval.person import KEYS, evaluate_person_search, format_person_table, image_pids
 from crossmatch.runs import build_eval_data, load_run, open_split
 from crossmatch.tasks import build_task
+from tests.conftest import train_args
 from tests.test_formats import write_pedes
 from tests.test_models import tiny_batch
 
@@ -170,11 +171,10 @@ def pedes_records():
 def test_tiny_tipcb_trains_through_the_cli_and_evaluates_by_identity(tmp_path):
     root = write_pedes(tmp_path / "CUHK-PEDES", "cuhk_pedes", pedes_records())
     run = tmp_path / "run"
-    args = ["train", "configs/tipcb_cuhk.yaml", "--run-dir", str(run), f"data.root={root}", "data.image_size=32",
-            "data.num_workers=0", "data.min_word_freq=1", "model.name=tiny_tipcb", "model.pretrained=false",
-            "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2", "train.warmup_steps=0",
-            "eval.batch_size=8"]  # fmt: skip
-    assert main(args) == 0
+    extra = ["data.num_workers=0", "data.min_word_freq=1", "model.name=tiny_tipcb", "model.pretrained=false",
+             "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2", "train.warmup_steps=0",
+             "eval.batch_size=8"]  # fmt: skip
+    assert main(train_args(root, run, *extra, config="configs/tipcb_cuhk.yaml")) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("split") == "val" and "t2i_r1" in r for r in rows)
     assert any("sdm_loss" in r for r in rows)  # the model's own task (SDM by default) trained it

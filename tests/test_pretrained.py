@@ -33,6 +33,7 @@ from crossmatch.models.pretrained import (  # noqa: E402
     require,
 )
 from crossmatch.weights import efficientnet_lite0_file  # noqa: E402
+from tests.conftest import train_args  # noqa: E402
 
 
 @pytest.fixture
@@ -118,10 +119,9 @@ def test_vse_pretrained_trains_projections_only(shapes_root, tmp_path, offline):
     torch.manual_seed(0)
     again = create_model("vse_pretrained", embed_dim=32).state_dict()
     assert torch.equal(initial["image_proj.weight"], again["image_proj.weight"])  # the start is reproducible
-    args = ["train", "configs/vse_pretrained_shapes.yaml", "--run-dir", str(tmp_path / "run")]
-    args += [f"data.root={shapes_root}", "data.image_size=64", "train.batch_size=8", "train.epochs=1"]
-    args += ["train.max_steps_per_epoch=2", "model.embed_dim=32"]
-    assert main(args) == 0
+    extra = ["model.name=vse_pretrained", "data.image_size=64", "train.batch_size=8", "train.epochs=1"]
+    extra += ["train.max_steps_per_epoch=2", "model.embed_dim=32"]
+    assert main(train_args(shapes_root, tmp_path / "run", *extra, config="configs/vse_pretrained_shapes.yaml")) == 0
     trained = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert set(trained) == set(initial)
     towers = [k for k in initial if k.startswith(("image_tower.", "text_tower."))]

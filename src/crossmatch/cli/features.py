@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crossmatch.cli.help import add_command
+
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
@@ -33,7 +35,13 @@ KINDS = ("global", "grid", "boxes")
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
-    f = sub.add_parser("features", help="precompute a split's image features with a frozen image tower")
+    f = add_command(
+        sub,
+        "features",
+        "precompute a split's image features with a frozen image tower",
+        "crossmatch features efficientnet_lite0 --data data/shapes --split test --out feats --kind grid",
+        "crossmatch features runs/vse/checkpoints/best.pt --data data/shapes --split train --out feats",
+    )
     f.add_argument("source", metavar="CHECKPOINT_OR_TOWER", help="a checkpoint, or an image tower name")
     f.add_argument("--data", required=True, help="dataset folder")
     f.add_argument("--format", default="karpathy", help="data.format of the dataset (default karpathy)")
@@ -41,7 +49,8 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--kind", choices=KINDS, default="global", help="global (N, C) | grid (N, h*w, C) | boxes (N, K, C)")
     f.add_argument("--image-size", type=int, default=0, help="input side (default: the checkpoint's, or 224)")
-    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     f.add_argument("--max-boxes", type=int, default=36, help="boxes: at most this many per image (default 36)")
 
 
@@ -59,6 +68,7 @@ def run(args: argparse.Namespace) -> bool:
         max_boxes=args.max_boxes,
         data_format=args.format,
         progress=sys.stderr.isatty(),
+        device=args.device,
     )
     print(f"wrote {info['features_file']} {tuple(info['shape'])} and {info['captions_file']} in {args.out}")
     return True
@@ -143,6 +153,7 @@ def extract_features(
     max_boxes: int = 36,
     data_format: str = "karpathy",
     progress: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Write the features of `split` of the dataset at `root` to `out` (see the module docstring).
 
@@ -160,7 +171,9 @@ def extract_features(
 
     ds = formats.open_split(DataConfig(root=root, format=data_format), split)
     tower, desc, side = load_tower(source, image_size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from crossmatch.engine.distributed import resolve_device
+
+    device = resolve_device(device)
     tower.to(device)
     k_boxes = _box_count(ds, max_boxes) if kind == "boxes" else 0
     view = ds.image_view(build_image_transform(side, train=False), k_boxes)

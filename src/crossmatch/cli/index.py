@@ -16,46 +16,74 @@ import argparse
 import sys
 from pathlib import Path
 
+from crossmatch.cli.help import add_command
+
 BACKENDS = ("torch", "faiss")  # mirrors crossmatch.search.index.BACKENDS, without importing torch here
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
-    idx = sub.add_parser("index", help="embed a folder of images once, then search it by text")
+    idx = add_command(
+        sub,
+        "index",
+        "embed a folder of images once, then search it by text",
+        "crossmatch index build runs/vse/checkpoints/best.pt photos/ --out photos.index",
+        'crossmatch index query photos.index --query "a dog on a beach" --out results.html',
+    )
     isub = idx.add_subparsers(dest="index_command", required=True)
-    b = isub.add_parser("build", help="embed every image under a folder into an index folder (resumable)")
+    b = add_command(
+        isub,
+        "build",
+        "embed every image under a folder into an index folder (resumable)",
+        "crossmatch index build runs/vse/checkpoints/best.pt photos/ --out photos.index",
+        "crossmatch index build runs/vse photos/ --out photos.index --backend faiss --workers 2",
+    )
     b.add_argument("checkpoint")
     b.add_argument("image_dir", help="folder searched recursively for .jpg/.png/... files")
     b.add_argument("--out", required=True, help="index folder (embeddings.npy, paths.json, meta.json)")
-    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--batch-size", type=int, default=64, help="images per batch")
     b.add_argument("--backend", choices=BACKENDS, default="torch", help="faiss: also write index.faiss")
-    b.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0)")
-    q = isub.add_parser("query", help="the top-k images of an index for a sentence")
+    b.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    q = add_command(
+        isub,
+        "query",
+        "the top-k images of an index for a sentence",
+        'crossmatch index query photos.index --query "a red circle" --top-k 5',
+        'crossmatch index query photos.index --query "a red circle" --out results.png',
+    )
     q.add_argument("index", help="index folder written by `crossmatch index build`")
     q.add_argument("--query", required=True, help="sentence to search images for")
-    q.add_argument("--top-k", type=int, default=10)
+    q.add_argument("--top-k", type=int, default=10, help="results to print and draw")
     q.add_argument("--out", default=None, help="also write the results as a gallery .png or an .html page")
-    q.add_argument("--backend", choices=BACKENDS, default="torch", help="exact search engine (default torch)")
+    q.add_argument("--backend", choices=BACKENDS, default="torch", help="exact search engine")
     q.add_argument("--checkpoint", default=None, help="model to encode the query (default: the one in meta.json)")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
 def run(args: argparse.Namespace) -> bool:
     if args.command != "index":
         return False
     if args.index_command == "build":
-        run_build(args.checkpoint, args.image_dir, args.out, args.batch_size, args.backend, args.workers)
+        run_build(args.checkpoint, args.image_dir, args.out, args.batch_size, args.backend, args.workers, args.device)
     else:
-        run_query(args.index, args.query, args.top_k, args.out, args.backend, args.checkpoint)
+        run_query(args.index, args.query, args.top_k, args.out, args.backend, args.checkpoint, args.device)
     return True
 
 
-def _device():
-    import torch
+def _device(name: str = "auto"):
+    from crossmatch.engine.distributed import resolve_device
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(name)
 
 
 def run_build(
-    checkpoint: str, image_dir: str, out: str, batch_size: int = 64, backend: str = "torch", workers: int = 0
+    checkpoint: str,
+    image_dir: str,
+    out: str,
+    batch_size: int = 64,
+    backend: str = "torch",
+    workers: int = 0,
+    device: str = "auto",
 ) -> dict:
     """Build (or finish building) the index; prints a one-line summary and the skipped files."""
     from crossmatch.errors import ConfigError
@@ -74,7 +102,7 @@ def run_build(
         image_size=cfg.data.image_size,
         batch_size=batch_size,
         backend=backend,
-        device=_device(),
+        device=_device(device),
         num_workers=workers,
         progress=sys.stderr.isatty(),
     )
@@ -93,6 +121,7 @@ def run_query(
     out: str | None = None,
     backend: str = "torch",
     checkpoint: str | None = None,
+    device: str = "auto",
 ) -> list[tuple[str, float]]:
     """Print rank, score and path of the top-k images for `query`; optionally draw them (.png / .html)."""
     from crossmatch.errors import ConfigError
@@ -106,7 +135,7 @@ def run_query(
         raise ConfigError(f"--out {out}: write a .png gallery or an .html page")
     index = load_index(index_dir)
     model, _, tokenizer = load_run(checkpoint or index.meta["checkpoint"])
-    device = _device()
+    device = _device(device)
     text = encode_texts(model.to(device), tokenizer, [query], device)  # (1, E)
     scores, ids = index.search(text, top_k, backend)  # (1, k) each
     results = [(str(index.image_path(i)), s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True)]

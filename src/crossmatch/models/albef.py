@@ -162,8 +162,10 @@ def _albef(defaults: dict, overrides: dict) -> ALBEF:
 
 @register_model
 def albef_small(**overrides) -> ALBEF:
-    """ViT patch 8 on 64 px (64 tokens), width 256, 4 vision + 2 text + 2 fusion layers. For CPU training
-    from scratch, configs/albef_shapes.yaml narrows it (width 64, CNN stem, 16 tokens, no momentum)."""
+    """ALBEF with a ViT (patch 8 on 64 px), width 256, 4 vision + 2 text + 2 fusion layers.
+
+    For CPU training from scratch, configs/albef_shapes.yaml narrows it (width 64, CNN stem, 16 tokens,
+    no momentum)."""
     return _albef({}, overrides)
 
 

@@ -86,6 +86,7 @@ def vse_cnn(**overrides) -> DualEncoder:
 
 @register_model
 def vse_resnet18(**overrides) -> DualEncoder:
+    """VSE++ with a torchvision ResNet-18 image tower and a GRU: a mid-size baseline."""
     return _dual({"image_tower": "resnet18"}, overrides)
 
 

@@ -106,8 +106,10 @@ def _vilt(defaults: dict, overrides: dict) -> ViLT:
 
 @register_model
 def vilt_small(**overrides) -> ViLT:
-    """Patch 16 on 64 px (16 patches), width 256, 4 layers, 7 negatives: every negative costs one joint pass
-    over [text; image], so the sequence is kept short. configs/vilt_shapes.yaml trains it at width 64 on CPU."""
+    """ViLT with patch 16 on 64 px (16 patches), width 256, 4 layers: a short joint sequence.
+
+    Every ranking negative costs one joint pass over [text; image]; configs/vilt_shapes.yaml trains it at
+    width 64 on CPU with 7 negatives (loss.vilt.n_negatives)."""
     return _vilt({"patch_size": 16}, overrides)
 
 
