@@ -37,6 +37,10 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers; 0 keeps everything in the main process
     max_bad_samples: int = 0  # unreadable images skipped per epoch before the run fails
 
+    def splits_to_read(self, split: str) -> list[str]:
+        """The split names a reader takes for `split`: COCO's "restval" joins train when `restval` is set."""
+        return [split, "restval"] if (self.restval and split == self.train_split) else [split]
+
 
 @dataclass
 class AlbefLossConfig:

@@ -150,11 +150,12 @@ def retrieval_metrics(scores: Array, txt_to_img: Array, *, chunk_size: int = DEF
     """
     out = recall_summary(ranks_i2t(scores, txt_to_img, chunk_size=chunk_size), "i2t")
     out |= recall_summary(ranks_t2i(scores, txt_to_img, chunk_size=chunk_size), "t2i")
-    out["rsum"] = _rsum(out)
+    out["rsum"] = rsum(out)
     return out
 
 
-def _rsum(m: dict[str, float]) -> float:
+def rsum(m: dict[str, float]) -> float:
+    """i2t R@1 + R@5 + R@10 + t2i R@1 + R@5 + R@10 of a metrics dict."""
     return sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
 
 
@@ -202,7 +203,7 @@ def mean_over_folds(per_fold: Sequence[dict[str, float]]) -> dict[str, float]:
         values = [m[k] for m in per_fold if k in m]
         out[k] = sum(values) / len(values)
     if all(f"{d}_r{k}" in out for d in ("i2t", "t2i") for k in (1, 5, 10)):
-        out["rsum"] = _rsum(out)
+        out["rsum"] = rsum(out)
     return out
 
 

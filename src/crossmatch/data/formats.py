@@ -41,5 +41,5 @@ def karpathy(cfg: DataConfig, split: str) -> ImageCaptionDataset:
     """Karpathy-split JSON (Flickr30K, COCO, the shapes data): {root}/dataset.json + {root}/images/."""
     json_name = cfg.json_name or "dataset.json"
     image_dir = Path(cfg.image_dir) if cfg.image_dir else None
-    splits = [split, "restval"] if (cfg.restval and split == cfg.train_split) else split
+    splits = cfg.splits_to_read(split)
     return ImageCaptionDataset(cfg.root, splits, image_dir=image_dir, json_name=json_name)

@@ -89,15 +89,10 @@ def read_karpathy_entries(path: str | Path) -> list[dict]:
     return karpathy_to_entries(read_karpathy_json(Path(path)))
 
 
-def train_splits(cfg: DataConfig, split: str) -> list[str]:
-    """The split names to read: COCO's "restval" joins train when data.restval is set."""
-    return [split, "restval"] if (cfg.restval and split == cfg.train_split) else [split]
-
-
 @register_format("jsonl")
 def jsonl(cfg: DataConfig, split: str) -> ImageCaptionDataset:
     """{root}/{json_name or dataset.jsonl}, images under data.image_dir or {root}/images."""
     root = Path(cfg.root)
     path = root / (cfg.json_name or DEFAULT_NAME)
     image_dir = Path(cfg.image_dir) if cfg.image_dir else root / "images"
-    return dataset_from_entries(read_jsonl(path), train_splits(cfg, split), image_dir, path, root)
+    return dataset_from_entries(read_jsonl(path), cfg.splits_to_read(split), image_dir, path, root)

@@ -116,9 +116,3 @@ def pool_boxes(fmap: Tensor, boxes: Tensor, image_size: int, out: int = 2) -> Te
     grid = grid.view(B, K * out, out, 2)  # all boxes of an image sampled in one call, no copy of fmap
     sampled = F.grid_sample(fmap, grid, mode="bilinear", align_corners=False)  # (B, C, K*out, out)
     return sampled.view(B, C, K, out * out).mean(-1).transpose(1, 2)  # (B, K, C)
-
-
-def padding_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
-    """(B,) lengths -> (B, L) bool mask, True on real positions."""
-    L = int(lengths.max()) if max_len is None else max_len
-    return torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]

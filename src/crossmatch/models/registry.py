@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -13,9 +12,6 @@ from torch import nn
 from crossmatch.errors import ModelError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
-# Facts about the data (vocabulary size, image side, caption length) that a model config may need;
-# set for the duration of one create_model call and applied only to configs that have such fields.
-_DATA_DEFAULTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("data_defaults", default=None)
 
 
 class UnknownModelKeysError(ModelError):
@@ -63,22 +59,25 @@ def create_model(name: str, *, data_defaults: dict[str, Any] | None = None, **ov
     if name not in _MODELS:
         raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    token = _DATA_DEFAULTS.set(data_defaults or {})
+    data = {k: v for k, v in (data_defaults or {}).items() if k not in overrides}
     try:
-        return _MODELS[name](**overrides)
-    finally:
-        _DATA_DEFAULTS.reset(token)
+        return _MODELS[name](**data, **overrides)
+    except UnknownModelKeysError as err:
+        absent = set(err.keys)
+        if not absent <= set(data):  # an explicit override the model does not have
+            raise UnknownModelKeysError(err.config_class, sorted(absent - set(data))) from None
+        # data facts the model's config has no field for (e.g. no vocabulary): not for this model
+        return _MODELS[name](**{k: v for k, v in data.items() if k not in absent}, **overrides)
 
 
 def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str, Any]):
-    """`config_cls(**defaults)` with the data defaults of create_model, then `overrides`, applied.
-    Unknown override keys raise a ModelError naming them."""
+    """`config_cls(**defaults)` with `overrides` applied. Unknown override keys raise an
+    UnknownModelKeysError naming them."""
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise UnknownModelKeysError(config_cls.__name__, unknown)
-    data = {k: v for k, v in (_DATA_DEFAULTS.get() or {}).items() if k in names}
-    return config_cls(**{**defaults, **data, **overrides})
+    return config_cls(**{**defaults, **overrides})
 
 
 def _import_families() -> None:

@@ -21,6 +21,7 @@ from crossmatch.metrics import (
     ranks_i2t,
     ranks_t2i,
     recall_summary,
+    rsum,
     twin_accuracy,
     twin_counts,
     twins_in_fold,
@@ -116,7 +117,7 @@ def compute_scores(
 def split_metrics(s_i2t: Tensor, s_t2i: Tensor, txt_to_img: Tensor, twins=()) -> dict[str, float]:
     """Metrics when i2t and t2i are ranked from their own matrices (they differ after re-ranking)."""
     m = {**recall_summary(ranks_i2t(s_i2t, txt_to_img), "i2t"), **recall_summary(ranks_t2i(s_t2i, txt_to_img), "t2i")}
-    m["rsum"] = sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    m["rsum"] = rsum(m)
     if twins:
         m["twin_acc"] = twin_accuracy(s_i2t, txt_to_img, twins)
     return m

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from crossmatch.tensors import all_gather_varlen, rank_range
+from crossmatch.tensors import all_gather_varlen, rank_range, slice_features
 
 
 def below_candidates(stage2: Tensor, stage1: Tensor, candidate: Tensor) -> Tensor:
@@ -78,9 +78,8 @@ def rerank(
         range(mine.start, mine.stop, batch_size), desc=f"re-rank top-{k}", disable=not progress, leave=False
     ):
         i, t = pairs[start : min(start + batch_size, mine.stop)].to(device).unbind(1)  # (b,), (b,)
-        rows_img = {name: v[i] for name, v in img.items()}  # each image's tokens were encoded once
-        rows_txt = {name: v[t] for name, v in txt.items()}
-        parts.append(model.score_pairs(rows_img, rows_txt).float().cpu())
+        # each image's tokens were encoded once; pairs gather their rows
+        parts.append(model.score_pairs(slice_features(img, i), slice_features(txt, t)).float().cpu())
     fused = torch.cat(all_gather_varlen(torch.cat(parts)))  # (P,)
     full = torch.zeros(n_img, n_txt)
     full[pairs[:, 0], pairs[:, 1]] = fused  # stage-2 score of every candidate pair (0 elsewhere, never read)

@@ -13,7 +13,7 @@ from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.errors import DataError
 from crossmatch.retrieval.evaluate import EvalData, encode_all
 from crossmatch.retrieval.rerank import below_candidates
-from crossmatch.tensors import FeatureDict, to_device
+from crossmatch.tensors import FeatureDict, slice_features, to_device
 
 
 def encode_query(model: nn.Module, tokenizer: CaptionTokenizer, text: str, device: torch.device) -> FeatureDict:
@@ -33,7 +33,7 @@ def rerank_query(model: nn.Module, scores: Tensor, img: FeatureDict, txt: Featur
     """One text query: re-score its top-k images with `model.score_pairs`; the rest rank below them in
     stage-1 order. scores (N_img,) -> (N_img,) float64."""
     cand = scores.topk(min(k, len(scores))).indices  # (k,)
-    rows_img = {name: v[cand.to(v.device)] for name, v in img.items()}
+    rows_img = slice_features(img, cand.to(next(iter(img.values())).device))
     rows_txt = {name: v.expand(len(cand), *v.shape[1:]) for name, v in txt.items()}  # the query, k times
     stage2 = torch.zeros(len(scores))
     stage2[cand] = model.score_pairs(rows_img, rows_txt).float().cpu()

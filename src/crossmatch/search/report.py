@@ -20,6 +20,7 @@ from PIL import Image
 
 from crossmatch.errors import ConfigError
 from crossmatch.files import write_text
+from crossmatch.metrics import ranks_t2i
 
 THUMB = 128  # thumbnail side in pixels
 Result = tuple[str | Path, float, bool]  # (image path, score, is ground-truth match)
@@ -193,8 +194,7 @@ def report_from_scores(
         raise ConfigError(f"report sort={sort!r}: choose 'worst' or 'first'")
     if len(t2i) and (t2i.min() < 0 or t2i.max() >= s.shape[0]):
         raise ConfigError(f"report: txt_to_img holds image indices outside [0, {s.shape[0]})")
-    gt = s.gather(0, t2i[None])  # (1, N_txt) score of each caption's own image
-    ranks = (s >= gt).sum(0)  # (N_txt,) 1-based rank, ties counted against the model (as crossmatch.metrics)
+    ranks = ranks_t2i(s, t2i) + 1  # (N_txt,) 1-based, ties counted against the model
     order = list(range(len(captions)))
     if sort == "worst":
         order.sort(key=lambda t: (-int(ranks[t]), t))

@@ -17,7 +17,7 @@ from crossmatch.losses.itm import ItcLoss, ItmLoss, MomentumBank, sample_hard_ne
 from crossmatch.models.albef import ALBEF
 from crossmatch.models.transformer import prepend_cls
 from crossmatch.tasks.base import Task, register_task
-from crossmatch.tensors import gather
+from crossmatch.tensors import gather, slice_features
 
 
 def mask_tokens(ids: Tensor, mask: Tensor, vocab_size: int, prob: float) -> tuple[Tensor, Tensor]:
@@ -103,7 +103,7 @@ class AlbefTask(Task):
         img_rows = torch.cat([all_rows, neg_img[t_rows], i_rows])  # (B + n_t + n_i,)
         txt_rows = torch.cat([all_rows, t_rows, neg_txt[i_rows]])  # (B + n_t + n_i,)
         logits = self.model.itm_logits(
-            {k: v[img_rows] for k, v in img.items()}, {k: v[txt_rows] for k, v in txt.items()}
+            slice_features(img, img_rows), slice_features(txt, txt_rows)
         )  # (B + n_t + n_i, 2)
         return self.itm(logits[:B], logits[B:])
 

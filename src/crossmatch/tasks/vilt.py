@@ -15,6 +15,7 @@ from crossmatch.config import LossConfig
 from crossmatch.losses.itm import ItcLoss, ItmLoss, sample_random_negatives
 from crossmatch.models.vilt import ViLT
 from crossmatch.tasks.base import Task, register_task
+from crossmatch.tensors import slice_features
 
 
 @register_task(ViLT)
@@ -41,9 +42,9 @@ class ViltTask(Task):
         K = neg.shape[1]
         txt_rows = torch.cat([torch.arange(B, device=idx.device)[:, None], neg], 1)  # (B, 1+K): positive first
         img_rows = torch.arange(B, device=idx.device)[:, None].expand(B, 1 + K)  # (B, 1+K)
-        logits = m.itm_logits(
-            {k: v[img_rows.flatten()] for k, v in img.items()}, {k: v[txt_rows.flatten()] for k, v in txt.items()}
-        ).view(B, 1 + K, 2)
+        logits = m.itm_logits(slice_features(img, img_rows.flatten()), slice_features(txt, txt_rows.flatten())).view(
+            B, 1 + K, 2
+        )
         ok = torch.cat([valid.new_ones(B, 1), valid], 1)  # (B, 1+K): a row short of negatives masks its rest
         scores = logits[..., 1].masked_fill(~ok, float("-inf"))  # (B, 1+K)
         rank = F.cross_entropy(scores, scores.new_zeros(B, dtype=torch.long))
