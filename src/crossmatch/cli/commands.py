@@ -11,14 +11,16 @@ from pathlib import Path
 import torch
 
 from crossmatch.cli.common import build_eval_data, load_run, make_evaluator, open_split
+from crossmatch.config import validate_config
 from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.engine.distributed import init_distributed
-from crossmatch.errors import ModelError
+from crossmatch.errors import ConfigError, DataError, ModelError
 from crossmatch.evaluation.evaluate import encode_all, to_device
 from crossmatch.evaluation.explain import explain_path, explain_search
 from crossmatch.evaluation.gallery import draw_gallery
 from crossmatch.evaluation.person import format_person_table
 from crossmatch.evaluation.rerank import below_candidates
+from crossmatch.files import check_writable, write_text
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,11 @@ def run_evaluate(
     html_path: str | None = None,
 ) -> dict[str, float]:
     progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
+    for option, path in (("--json", json_path), ("--html", html_path)):
+        if path:
+            check_writable(path, option)  # before the evaluation, not after it
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    validate_config(cfg, training=False)
     dist = init_distributed()
     name = split_name(cfg, split)
     evaluator = make_evaluator(cfg, name, tokenizer, model, dist.device, progress)
@@ -61,8 +67,7 @@ def run_evaluate(
     print(f"{cfg.model['name']} on {cfg.data.root} [{name}] {protocol} ({time.perf_counter() - t0:.1f} s)")
     print(format_person_table(metrics) if "t2i_mAP" in metrics else format_table(metrics))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(metrics, indent=2))
+        write_text(json_path, json.dumps(metrics, indent=2))
     if html_path:
         write_failure_report(model, cfg, tokenizer, name, dist, html_path)
     return metrics
@@ -117,7 +122,14 @@ def run_search(
 ) -> list[tuple[int, float]]:
     """Text -> the split's images (and a gallery PNG with --out), or an image file -> the split's captions.
     With `explain` (text queries), also draw each word's attention over the top images (SCAN models)."""
+    if top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: must be at least 1")
+    if query is not None and not query.strip():
+        raise DataError("the query is empty")
+    if out:
+        check_writable(out, "--out")
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    validate_config(cfg, training=False)
     if explain and not hasattr(model, "word_attention"):
         raise ModelError(f"model {cfg.model['name']} has no word attention to explain")
     dist = init_distributed()
@@ -125,7 +137,7 @@ def run_search(
     ds = open_split(cfg, split_name(cfg, split))
     data = build_eval_data(cfg, ds, tokenizer, model)
     if query is not None:
-        ids = torch.tensor([tokenizer.encode(query)])
+        ids = torch.tensor([tokenizer.encode_query(query)])  # refuses a query of unknown words only
         txt = model.encode_text(to_device({"input_ids": ids, "attention_mask": ids != 0}, dist.device))
         img = encode_all(model.encode_image, data.image_loader, dist.device, "encode images", False)
         scores = model.similarity(img, txt)[:, 0].float().cpu()  # (N_img,) stage 1
@@ -157,7 +169,7 @@ def run_search(
             print(f"word attention written to {path}")
         return results
     transform = build_image_transform(cfg.data.image_size, train=False)
-    pic = transform(load_image(image))[None]
+    pic = transform(load_image(image, cfg.data.max_image_pixels))[None]
     img = model.encode_image(to_device({"image": pic}, dist.device))
     txt = encode_all(model.encode_text, data.text_loader, dist.device, "encode captions", False)
     scores = model.similarity(img, txt)[0].float().cpu()  # (N_txt,)

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crossmatch.config import RunConfig, apply_overrides, config_from_dict
+from crossmatch.config import RunConfig, apply_overrides, config_from_dict, selectable_metrics
 from crossmatch.data import formats
 from crossmatch.data.datasets import CaptionView, ImageCaptionDataset
 from crossmatch.data.loaders import build_eval_loader
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import build_image_transform
 from crossmatch.engine.checkpoint import read_weights
-from crossmatch.errors import CheckpointError
+from crossmatch.errors import CheckpointError, DataError
 from crossmatch.evaluation.evaluate import EvalData, compute_scores, evaluate_retrieval
 from crossmatch.evaluation.person import evaluate_person_search, image_pids
 from crossmatch.models.registry import create_model
@@ -73,7 +73,10 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.M
         if key not in ckpt:
             raise CheckpointError(f"{path} has no '{key}' entry (not written by crossmatch train)")
     cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides or [])
-    tokenizer = CaptionTokenizer.from_str(ckpt["tokenizer"], cfg.data.max_words)
+    try:
+        tokenizer = CaptionTokenizer.from_str(ckpt["tokenizer"], cfg.data.max_words)
+    except DataError as err:
+        raise CheckpointError(f"{path}: {err}") from err
     model = build_model(cfg, tokenizer)
     try:
         model.load_state_dict(ckpt["model"])
@@ -118,4 +121,6 @@ def make_evaluator(
             progress,
         )
 
+    evaluator.protocol = "person-search" if pids is not None else "retrieval"  # what it reports, for eval.metric
+    evaluator.metric_names = selectable_metrics(person_search=pids is not None, twins=bool(ds.twins))
     return evaluator

@@ -22,7 +22,9 @@ from crossmatch.data.datasets import (  # noqa: F401  (karpathy_to_entries is re
     ImageCaptionDataset,
     dataset_from_entries,
     karpathy_to_entries,
+    parse_json,
     read_karpathy_json,
+    read_text,
 )
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
@@ -36,21 +38,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Every entry of a JSONL dataset file, checked for structure only (captions and files are not checked).
 
     Raises:
-        DataError: missing file, a line that is not a JSON object, or an entry without "image"/"captions".
+        DataError: missing or unreadable file (not UTF-8), a line that is not a JSON object, or an entry
+            without "image"/"captions".
     """
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError as err:
-        raise DataError(f"dataset file not found: {path}") from err
+    lines = read_text(path, "dataset file").splitlines()
     entries = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {n} is not valid JSON: {err.msg}") from err
+        entry = parse_json(line, f"{path} line {n}")
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             raise DataError(f"{path} line {n} has no 'image' path (expected {{'image': ..., 'captions': [...]}})")
         if not isinstance(entry.get("captions"), list):
@@ -100,4 +97,5 @@ def jsonl(cfg: DataConfig, split: str) -> ImageCaptionDataset:
     root = Path(cfg.root)
     path = root / (cfg.json_name or DEFAULT_NAME)
     image_dir = Path(cfg.image_dir) if cfg.image_dir else root / "images"
-    return dataset_from_entries(read_jsonl(path), train_splits(cfg, split), image_dir, path, root)
+    splits = train_splits(cfg, split)
+    return dataset_from_entries(read_jsonl(path), splits, image_dir, path, root, cfg.allow_outside_root)

@@ -77,7 +77,7 @@ def _reader(fmt: str):
         root = Path(cfg.root)
         path = root / (cfg.json_name or PEDES[fmt].file)
         image_dir = Path(cfg.image_dir) if cfg.image_dir else root / IMAGE_DIR
-        return dataset_from_entries(read_pedes(path, fmt), split, image_dir, path, root)
+        return dataset_from_entries(read_pedes(path, fmt), split, image_dir, path, root, cfg.allow_outside_root)
 
     read.__doc__ = f"{PEDES[fmt].title}: {{root}}/{PEDES[fmt].file}, images under {{root}}/{IMAGE_DIR}/."
     return read
