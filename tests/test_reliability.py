@@ -592,6 +592,12 @@ def test_non_utf8_jsonl_is_one_line(tmp_path, capsys):
     assert "is not UTF-8 text" in error_line(capsys)
 
 
+def test_person_search_captions_that_are_not_a_list_are_one_line(tmp_path, capsys):
+    (tmp_path / "reid_raw.json").write_text(json.dumps([{"file_path": "a.png", "id": 1, "captions": 3}]))
+    assert main(["data", "validate", str(tmp_path / "reid_raw.json")]) == 2
+    assert "'captions' must be a list of strings" in error_line(capsys)
+
+
 def test_images_outside_the_folder_need_allow_outside_root(tmp_path, capsys):
     from crossmatch.config import load_config
     from crossmatch.data.formats import open_split

@@ -43,20 +43,16 @@ def read_text(path: Path, what: str) -> str:
         raise DataError(f"cannot read {what} {path}: {err.strerror or err}") from err
 
 
-def parse_json(text: str, what: str):
-    """json.loads with one-line DataErrors (`what` names the file, or the file and line)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{what} is not valid JSON: {err.msg} at line {err.lineno}") from err
-    except RecursionError as err:
-        raise DataError(f"{what} is nested too deeply to be a dataset file") from err
-
-
 def load_json(path: Path, what: str):
     """Parse a JSON file; a missing, unreadable or malformed one raises a one-line DataError naming `what`
     and the path."""
-    return parse_json(read_text(path, what), f"{what} {path}")
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}") from err
+    except RecursionError as err:
+        raise DataError(f"{what} {path} is nested too deeply to be a dataset file") from err
 
 
 def read_karpathy_json(path: Path) -> dict:

@@ -22,7 +22,6 @@ from crossmatch.data.datasets import (  # noqa: F401  (karpathy_to_entries is re
     ImageCaptionDataset,
     dataset_from_entries,
     karpathy_to_entries,
-    parse_json,
     read_karpathy_json,
     read_text,
 )
@@ -47,7 +46,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        entry = parse_json(line, f"{path} line {n}")
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {n} is not valid JSON: {err.msg}") from err
+        except RecursionError as err:
+            raise DataError(f"{path} line {n} is nested too deeply to be a dataset entry") from err
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             raise DataError(f"{path} line {n} has no 'image' path (expected {{'image': ..., 'captions': [...]}})")
         if not isinstance(entry.get("captions"), list):

@@ -61,6 +61,8 @@ def pedes_to_entries(records: list, spec: PedesSpec, source: str | Path = "") ->
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{spec.title} record {n} ({path}) of {source} has no integer 'id'") from err
         captions = rec.get("captions", [])
+        if not isinstance(captions, (str, list)):
+            raise DataError(f"{spec.title} record {n} ({path}) of {source}: 'captions' must be a list of strings")
         captions = [captions] if isinstance(captions, str) else list(captions)
         entries.append({"image": path, "captions": captions, "split": rec.get("split"), "id": path, "pid": pid})
     return entries
