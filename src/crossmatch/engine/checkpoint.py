@@ -2,8 +2,14 @@
 atomically (temp file in the same folder, fsync, os.replace) and read with `weights_only=True`.
 
 Layout of a run's `checkpoints/`: `last.pt` (newest), `best.pt` (best validation metric),
-`epoch_XXXX.pt` (the last `keep_last` epochs). A crash during a save leaves the previous file intact;
-a truncated or corrupt newest file is reported and the newest readable one is used instead.
+`epoch_XXXX.pt` (the last `keep_last` epochs), `last.safetensors` / `best.safetensors` (weights, config and
+tokenizer). A crash during a save leaves the previous file intact; the best files are written before
+`last.pt`, which records the best epoch, and a resumed run repairs them if an older run left them stale.
+
+Integrity: every `.pt` holds a `sha256` entry (`payload_digest` of the rest) and every `.safetensors` one in
+its metadata; loading checks the zip records' CRC-32s, then the digest. An empty, truncated or corrupt file
+is a `CheckpointError` (a resume falls back to the newest readable one); a file that needs arbitrary
+unpickling is an `UnsafeCheckpointError`, never skipped. Files written before the digest load unchecked.
 """
 
 from __future__ import annotations
