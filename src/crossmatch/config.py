@@ -8,11 +8,12 @@ model and whose other keys override that model's config dataclass; `create_model
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from crossmatch.errors import ConfigError
@@ -36,6 +37,8 @@ class DataConfig:
     max_words: int = 32  # captions are cut to this many tokens
     num_workers: int = 0  # DataLoader workers; 0 keeps everything in the main process
     max_bad_samples: int = 0  # unreadable images skipped per epoch before the run fails
+    max_image_pixels: int = 89_478_485  # larger images are unreadable (decompression bombs); Pillow's default
+    allow_outside_root: bool = False  # accept image paths that leave the image folder (../x.png, /abs/x.png)
 
     def splits_to_read(self, split: str) -> list[str]:
         """The split names a reader takes for `split`: COCO's "restval" joins train when `restval` is set."""
@@ -163,9 +166,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as err:  # yaml errors come in many types
             raise ConfigError(f"cannot parse config {path}: {_one_line(err)}") from err
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"config {path} must be a mapping of sections (data:, model:, train:, ...), not a list")
+        layers.append(layer)
     return _merge(layers, overrides)
 
 
@@ -187,6 +193,85 @@ def _merge(layers: list, overrides: list[str] | tuple[str, ...]) -> RunConfig:
     cfg = OmegaConf.to_object(merged)
     if "name" not in cfg.model:
         raise ConfigError("config has no model.name")
+    return cfg
+
+
+# Metrics that may select best.pt (higher is better), by evaluation protocol: the keys that
+# `evaluate_retrieval` and `evaluate_person_search` report (a test keeps these lists true).
+RETRIEVAL_METRICS = ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+TWIN_METRICS = ("twin_acc",)  # only on splits with twin scenes (the shapes data)
+PERSON_METRICS = ("t2i_r1", "t2i_r5", "t2i_r10", "t2i_mAP", "t2i_mINP")
+LOWER_IS_BETTER = ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
+# An Adam step is at most lr / (1 - beta1) = 10 lr; from lr = 3.4e37 on it is not a float32 number and the
+# optimiser itself fails. Far below that the weights blow up, and the non-finite loss guard stops the run.
+MAX_LR = 3.4e38 / 10
+EVAL_PRECISIONS = ("fp32", "same", "bf16", "fp16")
+
+
+def selectable_metrics(person_search: bool, twins: bool) -> tuple[str, ...]:
+    """The metrics that may select best.pt under one evaluation protocol."""
+    return PERSON_METRICS if person_search else RETRIEVAL_METRICS + TWIN_METRICS * twins
+
+
+def check_metric(metric: str, reported: tuple[str, ...] | list[str], protocol: str) -> None:
+    """`eval.metric` must be one of the higher-is-better metrics that the evaluation protocol reports."""
+    if metric not in reported:
+        why = "lower is better" if metric in LOWER_IS_BETTER else f"not reported by {protocol} evaluation"
+        raise ConfigError(f"eval.metric={metric!r} cannot select best.pt ({why}); choose one of {', '.join(reported)}")
+
+
+def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
+    """Check the whole resolved config before any work: sizes, counts, names, the learning rate and the
+    metric name, so that a bad value fails in one line at once rather than after an epoch.
+
+    Names that have a home elsewhere are checked there, also before any work: the model and its keys
+    (create_model), train.optimizer, train.scheduler, train.precision (the builders), data.format.
+
+    Args:
+        training: also check the `train` and `checkpoint` sections (evaluation reads data, model, eval).
+    Raises:
+        ConfigError: naming the first bad key and its value.
+    """
+    d, t, e = cfg.data, cfg.train, cfg.eval
+    rules = [
+        ("data.image_size", d.image_size, d.image_size >= 1, "must be at least 1"),
+        ("data.max_words", d.max_words, d.max_words >= 1, "must be at least 1"),
+        ("data.min_word_freq", d.min_word_freq, d.min_word_freq >= 0, "must be >= 0"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0 (0: load in the main process)"),
+        ("data.max_bad_samples", d.max_bad_samples, d.max_bad_samples >= 0, "must be >= 0"),
+        ("data.max_image_pixels", d.max_image_pixels, d.max_image_pixels >= 1, "must be at least 1"),
+        ("eval.batch_size", e.batch_size, e.batch_size >= 1, "must be at least 1"),
+        ("eval.chunk_size", e.chunk_size, e.chunk_size >= 1, "must be at least 1"),
+        ("eval.every_epochs", e.every_epochs, e.every_epochs >= 1, "must be at least 1"),
+        ("eval.folds", e.folds, e.folds >= 1, "must be at least 1"),
+        ("eval.rerank_k", e.rerank_k, e.rerank_k >= 0, "must be >= 0 (0: no re-ranking)"),
+        ("eval.rerank_batch", e.rerank_batch, e.rerank_batch >= 1, "must be at least 1"),
+        ("eval.precision", e.precision, e.precision in EVAL_PRECISIONS, f"choose {', '.join(EVAL_PRECISIONS)}"),
+    ]
+    if training:
+        rules += [
+            ("train.epochs", t.epochs, t.epochs >= 1, "must be at least 1"),
+            ("train.batch_size", t.batch_size, t.batch_size >= 1, "must be at least 1"),
+            ("train.lr", t.lr, math.isfinite(t.lr) and 0 < t.lr <= MAX_LR, f"must be > 0 and at most {MAX_LR:.1e}"),
+            ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
+            ("train.lr_step_epochs", t.lr_step_epochs, t.lr_step_epochs >= 1, "must be at least 1"),
+            ("train.lr_gamma", t.lr_gamma, math.isfinite(t.lr_gamma) and t.lr_gamma > 0, "must be > 0"),
+            ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),
+            ("train.grad_clip", t.grad_clip, math.isfinite(t.grad_clip) and t.grad_clip >= 0, "must be >= 0"),
+            ("train.max_steps_per_epoch", t.max_steps_per_epoch, t.max_steps_per_epoch >= 0, "must be >= 0"),
+            ("train.log_every", t.log_every, t.log_every >= 1, "must be at least 1"),
+            ("train.accum_steps", t.accum_steps, t.accum_steps >= 1, "must be at least 1"),
+            ("loss.margin", cfg.loss.margin, math.isfinite(cfg.loss.margin), "must be a finite number"),
+            ("loss.warmup_epochs", cfg.loss.warmup_epochs, cfg.loss.warmup_epochs >= 0, "must be >= 0"),
+            ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),
+            ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, "must be >= 0"),
+        ]
+    for key, value, ok, what in rules:
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: {what}")
+    if not isinstance(cfg.model.get("name"), str):
+        raise ConfigError(f"model.name={cfg.model.get('name')!r}: must be the name of a registered model")
+    check_metric(e.metric, sorted({*RETRIEVAL_METRICS, *TWIN_METRICS, *PERSON_METRICS}), "any")
     return cfg
 
 

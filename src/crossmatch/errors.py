@@ -19,3 +19,7 @@ class ModelError(CrossmatchError):
 
 class CheckpointError(CrossmatchError):
     """Missing, truncated, corrupt or unsafe checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that only arbitrary unpickling could read (it could run code): refused, never skipped."""

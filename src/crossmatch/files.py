@@ -3,12 +3,14 @@
 `atomic_write(path, write)` writes to a temporary file in the same folder, flushes and fsyncs it, gives
 it the mode a plain `open()` would (the umask's), renames it over `path` and fsyncs the folder, so a
 reader (or a resumed run) only ever sees the old file or the complete new one. A failure, a full disk
-included, leaves the old file intact and no temporary file behind, and raises a `CrossmatchError`
-naming the file.
+or a Ctrl-C included, leaves the old file intact and no temporary file behind, and raises a
+`CrossmatchError` (or `WriteInterrupted`, a KeyboardInterrupt) naming the file. A killed process leaves
+its temporary file behind: `remove_orphans` clears them when the next run starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable
@@ -44,29 +46,78 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
 
     Raises:
         DiskFullError: the disk is full (the previous file is intact).
+        WriteInterrupted: Ctrl-C (SIGINT) during the write (the previous file is intact).
         CrossmatchError: any other OS error while writing (the previous file is intact).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"cannot write {path}: the disk is full (the previous file is intact)") from err
-        raise CrossmatchError(f"cannot write {path}: {err.strerror or err}") from err
-    except RuntimeError as err:  # torch.save reports a failed write as a RuntimeError of its C++ writer
+        raise _write_error(path, err) from err
+    except RuntimeError as err:  # torch.save turns a failed write, or a Ctrl-C in it, into a RuntimeError
+        cause = _behind(err, (OSError, KeyboardInterrupt))
+        if isinstance(cause, KeyboardInterrupt):
+            raise WriteInterrupted(f"interrupted while writing {path} (the previous file is intact)") from err
+        if cause is not None:
+            raise _write_error(path, cause) from err
         if _disk_full(tmp.parent):
             raise DiskFullError(f"cannot write {path}: the disk is full (the previous file is intact)") from err
         raise
+    except KeyboardInterrupt as err:
+        raise WriteInterrupted(f"interrupted while writing {path} (the previous file is intact)") from err
     finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+        with contextlib.suppress(OSError):  # e.g. the folder could not be created
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+class WriteInterrupted(KeyboardInterrupt):
+    """Ctrl-C arrived while a file was being replaced; its message names the file (left intact)."""
+
+
+def _write_error(path: Path, err: OSError) -> CrossmatchError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"cannot write {path}: the disk is full (the previous file is intact)")
+    return CrossmatchError(f"cannot write {path}: {err.strerror or err}")
+
+
+def _behind(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The exception of one of `kinds` that `err` was raised from or while handling (torch's C++ writer
+    chains the error of the Python file it writes to as the context of its RuntimeError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kinds):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def check_writable(path: str | Path, what: str) -> Path:
+    """Fail early, before any long work, when `path` cannot be written: creates its folder and a probe
+    file there (a folder that is read-only, a path through a file, a folder given as `path`).
+
+    Raises:
+        CrossmatchError: naming `what` (e.g. "--json") and the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CrossmatchError(f"{what} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise CrossmatchError(f"cannot write {what} {path}: {err.strerror or err}") from err
     return path
 
 

@@ -24,10 +24,13 @@ from torch import nn
 from crossmatch.config import (
     RunConfig,
     apply_overrides,
+    check_metric,
     config_from_dict,
     config_to_dict,
     move_legacy_loss_keys,
     save_config,
+    selectable_metrics,
+    validate_config,
 )
 from crossmatch.data import formats
 from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, PairView
@@ -38,8 +41,10 @@ from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weight
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
+from crossmatch.engine.rundir import RunLock
 from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainState
 from crossmatch.errors import CheckpointError, ConfigError, DataError
+from crossmatch.files import remove_orphans
 from crossmatch.models.registry import UnknownModelKeysError, create_model
 from crossmatch.retrieval.evaluate import EvalData, compute_scores
 from crossmatch.retrieval.evaluator import Evaluator
@@ -121,7 +126,10 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.M
         if key not in ckpt:
             raise CheckpointError(f"{path} has no '{key}' entry (not written by crossmatch train)")
     cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides or [])
-    tokenizer = CaptionTokenizer.from_str(ckpt["tokenizer"], cfg.data.max_words)
+    try:
+        tokenizer = CaptionTokenizer.from_str(ckpt["tokenizer"], cfg.data.max_words)
+    except DataError as err:
+        raise CheckpointError(f"{path}: {err}") from err
     model, cfg = build_model(cfg, tokenizer)
     try:
         model.load_state_dict(ckpt["model"])
@@ -149,14 +157,12 @@ def make_evaluator(
         first_data = build_eval_data(first_cfg, open_split(first_cfg, split), first_tok, first)
         return compute_scores(first.to(device), first_data, device, cfg.eval.chunk_size, progress)
 
-    return Evaluator(
-        build_eval_data(cfg, ds, tokenizer, model),
-        cfg.eval,
-        device,
-        image_pids(ds),  # person-search datasets: relevance by identity
-        first_stage if cfg.eval.first_stage else None,
-        progress,
-    )
+    pids = image_pids(ds)  # person-search datasets: relevance by identity
+    stage1 = first_stage if cfg.eval.first_stage else None
+    evaluator = Evaluator(build_eval_data(cfg, ds, tokenizer, model), cfg.eval, device, pids, stage1, progress)
+    evaluator.protocol = "person-search" if pids is not None else "retrieval"  # what it reports, for eval.metric
+    evaluator.metric_names = selectable_metrics(person_search=pids is not None, twins=bool(ds.twins))
+    return evaluator
 
 
 def seed_everything(seed: int) -> None:
@@ -193,6 +199,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     scheduler = create_scheduler(optimizer, cfg.train, steps)
     progress = dist.is_main and sys.stderr.isatty()
     evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device, progress)
+    check_metric(cfg.eval.metric, evaluator.metric_names, evaluator.protocol)  # before an epoch, not after it
     val_pairs = PairView(
         open_split(cfg, cfg.data.val_split),
         tokenizer,
@@ -276,49 +283,89 @@ def train(
     """Train `cfg` in `run_dir`; with `resume`, continue from the newest readable checkpoint there, with
     `overwrite`, replace the run that is there. `init_from` (fine-tuning) loads the weights of another run
     whose names and shapes match. A start that fails (bad data, bad config) leaves no new folder behind."""
+    validate_config(cfg)
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.train.device)
-    prepare_run_dir(run_dir, resume, overwrite, dist.is_main)
     created = not run_dir.exists()
+    lock = RunLock(run_dir).acquire() if dist.is_main else None  # one trainer per run dir
     try:
-        trainer = _start(cfg, run_dir, dist, resume, init_from)
-    except BaseException:
-        logging.getLogger("crossmatch").handlers.clear()  # release train.log before removing the folder
-        if created and dist.is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    try:
-        return trainer.fit()
+        try:
+            prepare_run_dir(run_dir, resume, overwrite, dist.is_main)
+            trainer = _start(cfg, run_dir, dist, resume, init_from)
+        except BaseException:
+            logging.getLogger("crossmatch").handlers.clear()  # release train.log before removing the folder
+            if created and dist.is_main:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if lock is not None:
+            lock.release()
 
 
 def _start(cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool, init_from: str | None) -> Trainer:
     """Logging, the newest checkpoint (when resuming), the Trainer, its saved config; the run header."""
     setup_logging(run_dir, dist.is_main)
-    latest = Checkpointer(run_dir).load_latest() if resume else None
-    if resume and latest is None:
-        log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+    if dist.is_main:
+        for orphan in remove_orphans(run_dir / "checkpoints") + remove_orphans(run_dir):
+            log.info("removed %s, left by an interrupted run", orphan)
+    latest = _resume_point(cfg, run_dir) if resume else None
+    init_weights = read_weights(init_from)["model"] if init_from and latest is None else None  # fail early
+    tokenizer = None
     if latest is not None:
-        changed = _diff(config_to_dict(config_from_dict(latest[0]["config"])), config_to_dict(cfg))
-        if changed:
-            log.warning("resuming with a config that differs from %s: %s", latest[1], "; ".join(changed))
-    tokenizer = CaptionTokenizer.from_str(latest[0]["tokenizer"], cfg.data.max_words) if latest else None
+        try:
+            tokenizer = CaptionTokenizer.from_str(latest[0]["tokenizer"], cfg.data.max_words)
+        except (KeyError, DataError) as err:
+            raise CheckpointError(f"cannot resume from {latest[1]}: {err}") from err
     trainer = build_trainer(cfg, run_dir, dist, tokenizer)
     if dist.is_main:
         save_config(trainer.cfg, run_dir / "config.yaml")
         CaptionTokenizer.from_str(trainer.sinks.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
-    if init_from and latest is None:
-        report = partial_load(trainer.model, read_weights(init_from)["model"])
+    if init_weights is not None:
+        report = partial_load(trainer.model, init_weights)
         log.info("initialised %d tensors from %s", len(report["loaded"]), init_from)
         for kind in ("missing", "mismatched", "unexpected"):
             if report[kind]:
                 n, names = len(report[kind]), ", ".join(report[kind])
                 log.warning("--init-from %s: %d %s tensor(s) not loaded: %s", init_from, n, kind, names)
     if latest is not None:
-        trainer.load_state_dict(latest[0])
-        log.info(
-            "resumed from %s at epoch %d, step %d", latest[1], trainer.state.epoch + 1, trainer.state.step_in_epoch
-        )
+        _load_resume_state(trainer, *latest)
     log_run_header(trainer, dist, run_dir)
     return trainer
+
+
+def _resume_point(cfg: RunConfig, run_dir: Path) -> tuple[dict, Path] | None:
+    """The checkpoint to resume from (None: start from scratch), checked against this run's model."""
+    latest = Checkpointer(run_dir).load_latest()
+    if latest is None:
+        log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+        return None
+    ckpt, path = latest
+    if "config" not in ckpt or "tokenizer" not in ckpt:
+        raise CheckpointError(f"cannot resume from {path}: it has no config or tokenizer (not from crossmatch train)")
+    old = ckpt["config"].get("model", {}).get("name")
+    if old != cfg.model["name"]:
+        raise CheckpointError(
+            f"cannot resume from {path}: it holds a {old} model and the config asks for {cfg.model['name']} "
+            "(resume with the same model.name, or train into another --run-dir)"
+        )
+    changed = _diff(config_to_dict(config_from_dict(ckpt["config"])), config_to_dict(cfg))
+    if changed:
+        log.warning("resuming with a config that differs from %s: %s", path, "; ".join(changed))
+    return latest
+
+
+def _load_resume_state(trainer: Trainer, ckpt: dict, path: Path) -> None:
+    """Restore the trainer from `ckpt`, and repair best.pt / best.safetensors if an interruption left them
+    missing or stale (see Checkpointer.repair_best)."""
+    try:
+        trainer.load_state_dict(ckpt)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({detail[:160]})") from err
+    trainer.sinks.checkpointer.repair_best(ckpt)
+    log.info("resumed from %s at epoch %d, step %d", path, trainer.state.epoch + 1, trainer.state.step_in_epoch)

@@ -111,25 +111,6 @@ def split_name(cfg, split: str) -> str:
     return {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}.get(split, split)
 
 
-def _check_writable(path: str | None, flag: str) -> None:
-    """Fail before any work when an output file cannot be written (its folder is created if missing)."""
-    if path is None:
-        return
-    from crossmatch.errors import ConfigError
-
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{flag} {path}: is a folder, not a file")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"{flag} {path}: cannot create its folder ({err.strerror})") from err
-    import os
-
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ConfigError(f"{flag} {path}: not writable")
-
-
 def run_evaluate(
     checkpoint: str,
     split: str = "test",
@@ -139,14 +120,18 @@ def run_evaluate(
     html_path: str | None = None,
     device: str = "auto",
 ) -> dict[str, float]:
+    from crossmatch.config import validate_config
     from crossmatch.engine.distributed import init_distributed
+    from crossmatch.files import check_writable
     from crossmatch.retrieval.person import format_person_table
     from crossmatch.runs import load_run, make_evaluator
 
-    _check_writable(json_path, "--json")
-    _check_writable(html_path, "--html")
+    for option, path in (("--json", json_path), ("--html", html_path)):
+        if path:
+            check_writable(path, option)  # before the evaluation, not after it
     progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    validate_config(cfg, training=False)
     dist = init_distributed(device)
     name = split_name(cfg, split)
     evaluator = make_evaluator(cfg, name, tokenizer, model, dist.device, progress)
@@ -189,18 +174,24 @@ def run_search(
     """Text -> the split's images, or an image file -> the split's captions; printed, and drawn with --out
     (a .png gallery or an .html page, both directions). With `explain` (text queries), also draw each
     word's attention over the top images (SCAN models)."""
-    from crossmatch.errors import ConfigError, ModelError
+    from crossmatch.errors import ConfigError, DataError, ModelError
+    from crossmatch.files import check_writable
 
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be at least 1")
+    if query is not None and not query.strip():
+        raise DataError("the query is empty")
+    if out:
+        check_writable(out, "--out")
     if out and Path(out).suffix.lower() not in GALLERY_SUFFIXES:
         raise ConfigError(f"--out {out}: write a .png gallery or an .html page ({', '.join(GALLERY_SUFFIXES)})")
-    _check_writable(out, "--out")
 
+    from crossmatch.config import validate_config
     from crossmatch.engine.distributed import init_distributed
     from crossmatch.runs import build_eval_data, load_run, open_split
 
     model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    validate_config(cfg, training=False)
     if explain and not hasattr(model, "word_attention"):
         raise ModelError(f"model {cfg.model['name']} has no word attention to explain")
     dist = init_distributed(device)
@@ -264,7 +255,7 @@ def _search_captions(model, cfg, ds, data, image, top_k, out, split, device):
     from crossmatch.data.transforms import build_image_transform, load_image
     from crossmatch.search.query import image_query_scores
 
-    pixels = load_image(image)
+    pixels = load_image(image, cfg.data.max_image_pixels)
     scores = image_query_scores(model, build_image_transform(cfg.data.image_size, train=False)(pixels), data, device)
     top = scores.topk(min(top_k, len(scores)))
     own = _own_captions(ds, image)

@@ -47,6 +47,9 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     val.add_argument("--format", choices=FORMATS, default=None, help="guessed from the file name when not given")
     val.add_argument("--json-name", default="", help="annotation file name inside the folder")
     val.add_argument("--image-dir", default="", help="image folder (default {root}/images, or {root}/imgs)")
+    val.add_argument(
+        "--allow-outside-root", action="store_true", help="accept image paths that leave the image folder (../, /abs)"
+    )
 
     conv = add_command(
         data_sub,
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> bool:
 
     if args.data_command == "validate":
         src = resolve_source(args.path, args.format, args.json_name, args.image_dir)
-        report = check_entries(read_entries(src), src.image_dir, progress=sys.stderr.isatty())
+        entries = read_entries(src)
+        report = check_entries(entries, src.image_dir, sys.stderr.isatty(), args.allow_outside_root)
         print(format_report(src, report))
         if report.n_problems:
             raise DataError(f"{report.n_problems} problem(s) in {src.file}, first: {first_problem(report)}")

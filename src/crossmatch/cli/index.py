@@ -105,6 +105,7 @@ def run_build(
         device=_device(device),
         num_workers=workers,
         progress=sys.stderr.isatty(),
+        max_image_pixels=cfg.data.max_image_pixels,
     )
     skipped = meta["skipped"]
     print(f"indexed {meta['count']} images (E={meta['embed_dim']}, {meta['model']}) into {out}")
@@ -124,7 +125,8 @@ def run_query(
     device: str = "auto",
 ) -> list[tuple[str, float]]:
     """Print rank, score and path of the top-k images for `query`; optionally draw them (.png / .html)."""
-    from crossmatch.errors import ConfigError
+    from crossmatch.errors import ConfigError, DataError
+    from crossmatch.files import check_writable
     from crossmatch.runs import load_run
     from crossmatch.search.index import encode_texts, load_index
 
@@ -133,8 +135,13 @@ def run_query(
     suffix = Path(out).suffix.lower() if out else ""
     if out and suffix not in (".png", ".html", ".htm"):
         raise ConfigError(f"--out {out}: write a .png gallery or an .html page")
+    if not query.strip():
+        raise DataError("the query is empty")
+    if out:
+        check_writable(out, "--out")
     index = load_index(index_dir)
     model, _, tokenizer = load_run(checkpoint or index.meta["checkpoint"])
+    tokenizer.encode_query(query)  # refuses a query whose words are all unknown
     device = _device(device)
     text = encode_texts(model.to(device), tokenizer, [query], device)  # (1, E)
     scores, ids = index.search(text, top_k, backend)  # (1, k) each

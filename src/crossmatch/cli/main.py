@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except CrossmatchError as err:
         print(f"crossmatch: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("crossmatch: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a WriteInterrupted names the file it left intact
+        print(f"crossmatch: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130
     finally:
         if "torch.distributed" in sys.modules:  # commands that never load torch skip this

@@ -1,6 +1,7 @@
 """Validation and conversion of dataset files, format by format, without the fail-fast checks of the readers:
-`check_entries` scans a whole file and reports every problem (missing or undecodable images, empty captions,
-images without captions, duplicate ids, entries without a split) with per-split statistics.
+`check_entries` scans a whole file and reports every problem (no images at all, missing or undecodable images,
+empty captions, images without captions, duplicate ids, one image file under two ids, image paths that leave
+the image folder, entries without a split) with per-split statistics.
 
 Formats: Karpathy-split JSON (Flickr30K, COCO), JSONL (crossmatch.data.jsonl), and the person-search files
 of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes). All are read into canonical entries
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from crossmatch.data.datasets import outside_root
 from crossmatch.data.jsonl import entries_to_karpathy, read_jsonl, read_karpathy_entries, write_jsonl
 from crossmatch.data.pedes import IMAGE_DIR as PEDES_IMAGE_DIR
 from crossmatch.data.pedes import PEDES, read_pedes
@@ -94,9 +96,14 @@ class Report:
         return sum(len(v) for v in self.problems.values())
 
 
-def check_entries(entries: list[dict], image_dir: Path, progress: bool = False) -> Report:
-    """Scan every entry: split and id bookkeeping first, then decode each image once (with a progress bar)."""
-    report, seen = Report(), Counter()
+def check_entries(
+    entries: list[dict], image_dir: Path, progress: bool = False, allow_outside_root: bool = False
+) -> Report:
+    """Scan every entry: split and id bookkeeping first, then decode each image once (with a progress bar).
+    Image paths that leave `image_dir` (absolute, `..`) are problems unless `allow_outside_root`."""
+    report, seen, first_id = Report(), Counter(), {}  # first_id: image path -> the id it was first listed under
+    if not entries:
+        report.problems["no images"].append("the file lists no image")
     for e in entries:
         split, name = e.get("split"), e["image"]
         if not isinstance(split, str) or not split:
@@ -113,7 +120,13 @@ def check_entries(entries: list[dict], image_dir: Path, progress: bool = False) 
         seen[key] += 1
         if seen[key] == 2:
             report.problems["duplicate id"].append(f"{key} ({name})")
-    paths = list(dict.fromkeys(e["image"] for e in entries))
+        if name not in first_id:
+            first_id[name] = key
+            if not allow_outside_root and outside_root(name):
+                report.problems["image outside the image folder"].append(name)
+        elif first_id[name] != key:  # one picture listed twice: its captions would count as two images
+            report.problems["duplicate image file"].append(f"{name} (ids {first_id[name]} and {key})")
+    paths = [p for p in first_id if allow_outside_root or not outside_root(p)]
     for name in tqdm(paths, desc="decode images", unit="img", disable=not progress):
         file = image_dir / name
         if not file.is_file():

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from torch.utils.data import Dataset
 
 from crossmatch.data.tokenizer import CaptionTokenizer
-from crossmatch.data.transforms import apply_transform, load_image
+from crossmatch.data.transforms import MAX_IMAGE_PIXELS, apply_transform, load_image
 from crossmatch.errors import DataError
 
 
@@ -29,14 +29,30 @@ class ImageRecord:
     pid: int | None = None  # person identity (person-search datasets): relevance is by identity
 
 
-def load_json(path: Path, what: str):
-    """Parse a JSON file; a missing or malformed one raises a one-line DataError naming `what` and the path."""
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file; a missing or unreadable one (a folder, not UTF-8) raises a one-line DataError."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError as err:
         raise DataError(f"{what} not found: {path}") from err
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise DataError(f"{what} {path} is not UTF-8 text (byte 0x{byte:02x} at offset {err.start})") from err
+    except OSError as err:
+        raise DataError(f"cannot read {what} {path}: {err.strerror or err}") from err
+
+
+def load_json(path: Path, what: str):
+    """Parse a JSON file; a missing, unreadable or malformed one raises a one-line DataError naming `what`
+    and the path."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}") from err
+    except RecursionError as err:
+        raise DataError(f"{what} {path} is nested too deeply to be a dataset file") from err
 
 
 def read_karpathy_json(path: Path) -> dict:
@@ -53,12 +69,23 @@ KARPATHY_KEYS = ("filename", "filepath", "sentences", "sentids", "imgid", "split
 def karpathy_to_entries(data: dict) -> list[dict]:
     """Karpathy-split JSON ({"images": [...]}) -> canonical entries, in file order:
     {"image": filepath/filename, "captions": [raw, ...], "split", "id": imgid (else cocoid, else the file
-    name), and every other key (boxes, twin, pid, ...) copied through}."""
+    name), and every other key (boxes, twin, pid, ...) copied through}.
+
+    Raises:
+        DataError: an entry that is not an object, a `filename`/`filepath` that is not a string, or
+            `sentences` that is not a list.
+    """
     entries = []
-    for img in data["images"]:
-        if "filename" not in img:
-            raise DataError(f"image entry without 'filename': {str(img)[:80]}")
+    for n, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "filename" not in img:
+            raise DataError(f"image entry {n} without 'filename': {str(img)[:80]}")
+        for key in ("filename", "filepath"):
+            if key in img and not isinstance(img[key], str):
+                raise DataError(f"image entry {n}: '{key}' must be a string, not {type(img[key]).__name__}")
         sents = img.get("sentences", [])
+        if not isinstance(sents, list):
+            kind = type(sents).__name__
+            raise DataError(f"image {img['filename']} (entry {n}): 'sentences' must be a list, not {kind}")
         entry = {
             "image": str(PurePosixPath(img.get("filepath", ""), img["filename"])),
             "captions": [s.get("raw") if isinstance(s, dict) else s for s in sents],
@@ -70,6 +97,12 @@ def karpathy_to_entries(data: dict) -> list[dict]:
     return entries
 
 
+def outside_root(image: str) -> bool:
+    """True when an entry's image path leaves its image folder: absolute, or through `..`."""
+    path = PurePosixPath(image)
+    return path.is_absolute() or ".." in path.parts or PureWindowsPath(image).is_absolute()
+
+
 class ImageCaptionDataset:
     """One split of a Karpathy-split JSON dataset.
 
@@ -79,7 +112,10 @@ class ImageCaptionDataset:
         txt_to_img: (n_txt,) index of each caption's image in `images`.
         img_to_txt: per image, the indices of its captions (any number, not assumed contiguous).
         twins: (i, j) index pairs of "twin" scenes (shapes data), each pair once.
+        max_image_pixels: larger images are unreadable (`data.max_image_pixels`, set by `open_split`).
     """
+
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __init__(
         self,
@@ -87,12 +123,21 @@ class ImageCaptionDataset:
         split: str | list[str],
         image_dir: str | Path | None = None,
         json_name: str = "dataset.json",
+        allow_outside_root: bool = False,
     ):
         self.root = Path(root)
         entries = karpathy_to_entries(read_karpathy_json(self.root / json_name))
-        self._load(entries, split, Path(image_dir) if image_dir else self.root / "images", json_name)
+        image_dir = Path(image_dir) if image_dir else self.root / "images"
+        self._load(entries, split, image_dir, json_name, allow_outside_root)
 
-    def _load(self, entries: list[dict], split: str | list[str], image_dir: Path, source: str | Path) -> None:
+    def _load(
+        self,
+        entries: list[dict],
+        split: str | list[str],
+        image_dir: Path,
+        source: str | Path,
+        allow_outside_root: bool = False,
+    ) -> None:
         """Fill the split from canonical entries (see `karpathy_to_entries`), checking as it goes."""
         splits, name = ([split] if isinstance(split, str) else list(split)), Path(source).name
         self.images, self.captions, self.txt_to_img = [], [], []
@@ -102,6 +147,11 @@ class ImageCaptionDataset:
             if entry.get("split") not in splits:
                 continue
             image_id = entry.get("id", entry["image"])
+            if not allow_outside_root and outside_root(entry["image"]):
+                raise DataError(
+                    f"image path {entry['image']} (id {image_id}) in {name} leaves the image folder {image_dir}; "
+                    "set data.allow_outside_root=true to allow it"
+                )
             pid = None if entry.get("pid") is None else int(entry["pid"])
             rec = ImageRecord(image_dir / entry["image"], image_id, boxes=entry.get("boxes"), pid=pid)
             for raw in entry.get("captions", []):
@@ -152,7 +202,7 @@ class ImageView(Dataset):
     def __getitem__(self, i: int) -> dict:
         rec = self.ds.images[i]
         boxes = rec.boxes[: self.max_boxes] if (self.max_boxes and rec.boxes) else None
-        image, boxes = apply_transform(self.transform, load_image(rec.path), boxes)
+        image, boxes = apply_transform(self.transform, load_image(rec.path, self.ds.max_image_pixels), boxes)
         item = {"image": image, "image_idx": i}
         if rec.pid is not None:
             item["pid"] = rec.pid
@@ -180,8 +230,8 @@ class PairView(Dataset):
 
     Indices may come as (t, seed) from `EpochSampler`: the augmentation of that item then draws from
     its own generator, so a run resumed mid-epoch or with other worker counts sees identical crops.
-    With `skip_bad`, an unreadable image yields {"skipped": reason} instead of raising; `collate`
-    drops it and the Trainer counts it against `data.max_bad_samples`.
+    With `skip_bad`, an unreadable image yields {"skipped": (image index, reason)} instead of raising;
+    `collate` drops it and the Trainer counts the image against `data.max_bad_samples` once per epoch.
     """
 
     def __init__(
@@ -211,11 +261,16 @@ class PairView(Dataset):
         except DataError as err:
             if not self.skip_bad:
                 raise
-            return {"skipped": str(err)}
+            return {"skipped": (cap["image_idx"], str(err))}
 
 
 def dataset_from_entries(
-    entries: list[dict], split: str | list[str], image_dir: str | Path, source: str | Path, root: str | Path = ""
+    entries: list[dict],
+    split: str | list[str],
+    image_dir: str | Path,
+    source: str | Path,
+    root: str | Path = "",
+    allow_outside_root: bool = False,
 ) -> ImageCaptionDataset:
     """One split of a dataset given as canonical entries, the lines of the JSONL format (crossmatch.data.jsonl):
     {"image": path relative to `image_dir`, "captions": [str, ...], "split": str, "id"?: any, "pid"?: int,
@@ -227,10 +282,12 @@ def dataset_from_entries(
         image_dir: folder the "image" paths are relative to.
         source: the dataset file, named in error messages.
         root: dataset folder (ImageCaptionDataset.root).
+        allow_outside_root: accept image paths that leave `image_dir` (absolute, or through `..`).
     Raises:
-        DataError: an empty caption, an image without captions, a duplicate id, an empty split, missing files.
+        DataError: an empty caption, an image without captions, a duplicate id, an empty split, missing files,
+            an image path outside `image_dir`.
     """
     ds = ImageCaptionDataset.__new__(ImageCaptionDataset)  # the constructor reads a Karpathy file: bypass it
     ds.root = Path(root)
-    ds._load(entries, split, Path(image_dir), source)
+    ds._load(entries, split, Path(image_dir), source, allow_outside_root)
     return ds

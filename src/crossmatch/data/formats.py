@@ -33,7 +33,9 @@ def open_split(cfg: DataConfig, split: str):
         importlib.import_module(name)
     if cfg.format not in _FORMATS:
         raise ConfigError(f"unknown data.format {cfg.format!r}; known: {', '.join(sorted(_FORMATS))}")
-    return _FORMATS[cfg.format](cfg, split)
+    ds = _FORMATS[cfg.format](cfg, split)
+    ds.max_image_pixels = cfg.max_image_pixels  # read by its image views
+    return ds
 
 
 @register_format("karpathy")
@@ -42,4 +44,4 @@ def karpathy(cfg: DataConfig, split: str) -> ImageCaptionDataset:
     json_name = cfg.json_name or "dataset.json"
     image_dir = Path(cfg.image_dir) if cfg.image_dir else None
     splits = cfg.splits_to_read(split)
-    return ImageCaptionDataset(cfg.root, splits, image_dir=image_dir, json_name=json_name)
+    return ImageCaptionDataset(cfg.root, splits, image_dir, json_name, cfg.allow_outside_root)

@@ -23,6 +23,7 @@ from crossmatch.data.datasets import (  # noqa: F401  (karpathy_to_entries is re
     dataset_from_entries,
     karpathy_to_entries,
     read_karpathy_json,
+    read_text,
 )
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
@@ -36,13 +37,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Every entry of a JSONL dataset file, checked for structure only (captions and files are not checked).
 
     Raises:
-        DataError: missing file, a line that is not a JSON object, or an entry without "image"/"captions".
+        DataError: missing or unreadable file (not UTF-8), a line that is not a JSON object, or an entry
+            without "image"/"captions".
     """
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError as err:
-        raise DataError(f"dataset file not found: {path}") from err
+    lines = read_text(path, "dataset file").splitlines()
     entries = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -51,6 +50,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {n} is not valid JSON: {err.msg}") from err
+        except RecursionError as err:
+            raise DataError(f"{path} line {n} is nested too deeply to be a dataset entry") from err
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             raise DataError(f"{path} line {n} has no 'image' path (expected {{'image': ..., 'captions': [...]}})")
         if not isinstance(entry.get("captions"), list):
@@ -95,4 +96,5 @@ def jsonl(cfg: DataConfig, split: str) -> ImageCaptionDataset:
     root = Path(cfg.root)
     path = root / (cfg.json_name or DEFAULT_NAME)
     image_dir = Path(cfg.image_dir) if cfg.image_dir else root / "images"
-    return dataset_from_entries(read_jsonl(path), cfg.splits_to_read(split), image_dir, path, root)
+    splits = cfg.splits_to_read(split)
+    return dataset_from_entries(read_jsonl(path), splits, image_dir, path, root, cfg.allow_outside_root)

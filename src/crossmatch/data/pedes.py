@@ -61,6 +61,8 @@ def pedes_to_entries(records: list, spec: PedesSpec, source: str | Path = "") ->
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{spec.title} record {n} ({path}) of {source} has no integer 'id'") from err
         captions = rec.get("captions", [])
+        if not isinstance(captions, (str, list)):
+            raise DataError(f"{spec.title} record {n} ({path}) of {source}: 'captions' must be a list of strings")
         captions = [captions] if isinstance(captions, str) else list(captions)
         entries.append({"image": path, "captions": captions, "split": rec.get("split"), "id": path, "pid": pid})
     return entries
@@ -77,7 +79,7 @@ def _reader(fmt: str):
         root = Path(cfg.root)
         path = root / (cfg.json_name or PEDES[fmt].file)
         image_dir = Path(cfg.image_dir) if cfg.image_dir else root / IMAGE_DIR
-        return dataset_from_entries(read_pedes(path, fmt), split, image_dir, path, root)
+        return dataset_from_entries(read_pedes(path, fmt), split, image_dir, path, root, cfg.allow_outside_root)
 
     read.__doc__ = f"{PEDES[fmt].title}: {{root}}/{PEDES[fmt].file}, images under {{root}}/{IMAGE_DIR}/."
     return read

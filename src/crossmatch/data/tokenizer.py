@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from crossmatch.errors import ConfigError
+from crossmatch.errors import ConfigError, DataError
 from crossmatch.files import write_text
 
 # The one token-id table: every tokenizer crossmatch builds or accepts puts these first, in this order.
@@ -39,7 +39,12 @@ class CaptionTokenizer:
 
     @classmethod
     def from_str(cls, json_str: str, max_words: int = 32) -> CaptionTokenizer:
-        return cls(Tokenizer.from_str(json_str), max_words)
+        """Raises DataError when `json_str` is not a tokenizer.json document."""
+        try:
+            return cls(Tokenizer.from_str(json_str), max_words)
+        except Exception as err:  # the Rust library raises a bare Exception
+            first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            raise DataError(f"unreadable tokenizer JSON ({first})") from err
 
     @classmethod
     def from_file(cls, path: str | Path, max_words: int = 32) -> CaptionTokenizer:
@@ -51,11 +56,6 @@ class CaptionTokenizer:
     def save(self, path: str | Path) -> None:
         write_text(path, self.to_str())
 
-    def knows_any(self, ids: Iterable[int]) -> bool:
-        """True when some id is a real word (not [UNK]): a query of unknown words only cannot be ranked."""
-        unk = self.tokenizer.token_to_id("[UNK]")
-        return any(i != unk for i in ids)
-
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
@@ -64,6 +64,18 @@ class CaptionTokenizer:
         """One caption -> word ids (at least one: an empty string maps to [UNK])."""
         ids = self.tokenizer.encode(text).ids[: self.max_words]
         return ids or [UNK_ID]
+
+    def encode_query(self, text: str) -> list[int]:
+        """A search query -> word ids; refuses (DataError) a query that is empty or whose words are all
+        unknown to the vocabulary, which would otherwise be ranked as a string of [UNK] tokens."""
+        if not text.strip():
+            raise DataError("the query is empty")
+        enc = self.tokenizer.encode(text)
+        unk = self.tokenizer.token_to_id("[UNK]")
+        words = [i for i, special in zip(enc.ids, enc.special_tokens_mask, strict=True) if not special]
+        if not words or all(i == unk for i in words):
+            raise DataError(f"no word of the query {text!r} is in the model's vocabulary ({self.vocab_size} tokens)")
+        return enc.ids[: self.max_words]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [(e.ids[: self.max_words] or [UNK_ID]) for e in self.tokenizer.encode_batch(texts)]

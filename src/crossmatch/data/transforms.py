@@ -6,6 +6,7 @@ There is no horizontal flip: captions say "left of" and "right of".
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -18,17 +19,41 @@ from crossmatch.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_PIXELS = 89_478_485  # default of data.max_image_pixels (Pillow's own warning threshold)
+_PILLOW_LOCK = threading.Lock()
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file to a (3, H, W) uint8 RGB tensor; a missing or corrupt file is a DataError."""
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Decode an image file to a (3, H, W) uint8 RGB tensor.
+
+    An image of more than `max_pixels` pixels (`data.max_image_pixels`) is refused from its header,
+    before decoding: a 107 KB PNG can declare 30000 x 30000 pixels (a decompression bomb).
+
+    Raises:
+        DataError: naming the file when it is missing, corrupt or too large.
+    """
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DataError(f"image {path} is {w} x {h} pixels, more than data.max_image_pixels={max_pixels}")
             return pil_to_tensor(im.convert("RGB"))
     except FileNotFoundError as err:
         raise DataError(f"image not found: {path}") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot decode image {path}: {str(err).splitlines()[0] if str(err) else 'corrupt'}") from err
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    """Image.open (it reads the header only) without Pillow's own pixel limit, since `load_image` checks
+    the size against data.max_image_pixels itself. Pillow reads its limit from a module global: the
+    change is made under a lock and undone."""
+    with _PILLOW_LOCK:
+        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
 
 
 def build_image_transform(image_size: int, train: bool, augment: bool = True) -> v2.Compose:

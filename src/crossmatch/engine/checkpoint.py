@@ -2,12 +2,19 @@
 atomically (temp file in the same folder, fsync, os.replace) and read with `weights_only=True`.
 
 Layout of a run's `checkpoints/`: `last.pt` (newest), `best.pt` (best validation metric),
-`epoch_XXXX.pt` (the last `keep_last` epochs). A crash during a save leaves the previous file intact;
-a truncated or corrupt newest file is reported and the newest readable one is used instead.
+`epoch_XXXX.pt` (the last `keep_last` epochs), `last.safetensors` / `best.safetensors` (weights, config and
+tokenizer). A crash during a save leaves the previous file intact; the best files are written before
+`last.pt`, which records the best epoch, and a resumed run repairs them if an older run left them stale.
+
+Integrity: every `.pt` holds a `sha256` entry (`payload_digest` of the rest) and every `.safetensors` one in
+its metadata; loading checks the zip records' CRC-32s, then the digest. An empty, truncated or corrupt file
+is a `CheckpointError` (a resume falls back to the newest readable one); a file that needs arbitrary
+unpickling is an `UnsafeCheckpointError`, never skipped. Files written before the digest load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -20,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossmatch.errors import CheckpointError
+from crossmatch.errors import CheckpointError, UnsafeCheckpointError
 from crossmatch.files import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+DIGEST_KEY = "sha256"  # checkpoint entry / safetensors metadata key of the payload digest
 
 
 def rng_state() -> dict[str, Any]:
@@ -66,34 +74,98 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def payload_digest(obj: Any) -> str:
+    """sha256 of everything a checkpoint holds: every tensor's dtype, shape and bytes and every other
+    value's type and repr, walked in order (dict keys included). Equal digests mean equal contents."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, x: Any) -> None:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy for a CPU tensor
+    elif isinstance(x, dict):
+        h.update(f"D{len(x)};".encode())
+        for k, v in x.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(x, (list, tuple)):  # alike: a pickle round trip may turn one into the other
+        h.update(f"L{len(x)};".encode())
+        for v in x:
+            _feed(h, v)
+    else:  # int, float (repr is exact), str, bool, None
+        h.update(f"{type(x).__name__}:{x!r};".encode())
+
+
 def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
-    """torch.save to `path` so that readers only ever see a complete file."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save to `path` so that readers only ever see a complete file; the dict gets a `sha256`
+    entry (`payload_digest` of the rest) that `load_checkpoint` verifies."""
+    stamped = {**obj, DIGEST_KEY: payload_digest(obj)}
+    atomic_write(path, lambda f: torch.save(stamped, f))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:120] if text else type(err).__name__
+
+
+def _check_archive(path: Path) -> None:
+    """A torch checkpoint is a zip archive whose records carry CRC-32s: read every record once and
+    check them, so that a damaged file is told apart from one that was written unsafe on purpose."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (truncated by an interrupted write?)")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue  # written with torch.serialization.set_crc32_options(False): nothing to check
+                with zf.open(info) as rec:  # zipfile compares the CRC-32 when a record is read to its end
+                    while rec.read(1 << 20):
+                        pass
+    except Exception as err:  # a damaged archive fails in many ways (BadZipFile, EOFError, zlib, ...)
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt (not a complete torch zip archive: {_first_line(err)})"
+        ) from err
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint safely. Raises CheckpointError (one line naming the file) for missing,
-    truncated, corrupt or unsafe files; an unsafe pickle is refused before anything in it runs."""
+    """Read a checkpoint safely. Raises CheckpointError (one line naming the file) for missing, empty,
+    truncated or corrupt files (archive CRCs and the stored sha256 are checked), and its subclass
+    UnsafeCheckpointError for a file that needs arbitrary unpickling, refused before anything in it runs.
+    Checkpoints written before the sha256 was stored load without that check."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
+    except pickle.UnpicklingError as err:  # the records are intact (CRCs checked): it was written this way
+        raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs arbitrary unpickling, which could run code "
             "(only weights_only checkpoints are accepted)"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({str(err).splitlines()[0][:120]})") from err
+    except Exception as err:  # torch's reader fails in many ways on a damaged archive
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(err)})") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a crossmatch checkpoint (no 'model' entry)")
+    expected = ckpt.pop(DIGEST_KEY, None)
+    if expected is not None and expected != payload_digest(ckpt):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match their stored sha256")
     return ckpt
 
 
+def _tensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of a safetensors file's tensors (by name) and its other metadata entries."""
+    meta = {k: v for k, v in sorted(metadata.items()) if k != DIGEST_KEY}
+    return payload_digest({"metadata": meta, "tensors": dict(sorted(tensors.items()))})
+
+
 def export_safetensors(state: dict[str, Any], path: str | Path) -> None:
-    """The model weights as safetensors, with the config and tokenizer (JSON) in its metadata, so that
-    `crossmatch.load(path)` rebuilds the model without unpickling anything."""
+    """The model weights as safetensors, with the config and tokenizer (JSON), the epoch and a sha256 of
+    the rest in its metadata, so that `crossmatch.load(path)` rebuilds the model without unpickling."""
     from safetensors.torch import save
 
     path = Path(path)
@@ -103,25 +175,43 @@ def export_safetensors(state: dict[str, Any], path: str | Path) -> None:
         "config": json.dumps(state.get("config", {})),
         "tokenizer": state.get("tokenizer", ""),
     }
+    if "trainer" in state:
+        metadata["epoch"] = str(state["trainer"]["epoch"])  # lets a resumed run see whether best.* is current
+    metadata[DIGEST_KEY] = _tensors_digest(tensors, metadata)
     atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))
 
 
-def read_safetensors(path: str | Path) -> dict[str, Any]:
-    """A safetensors export read back into the checkpoint layout: {model, config, tokenizer}."""
-    from safetensors import SafetensorError, safe_open
+def _read_safetensors_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             model = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from err
+    except Exception as err:  # SafetensorError, a bad header, a size that does not fit the file, ...
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(err)})") from err
+    if DIGEST_KEY in meta and meta[DIGEST_KEY] != _tensors_digest(model, meta):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match their stored sha256")
+    return model, meta
+
+
+def read_safetensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors export read back into the checkpoint layout: {model, config, tokenizer}."""
+    path = Path(path)
+    model, meta = _read_safetensors_file(path)
     if meta.get("format") != "crossmatch":
         return {"model": model}  # plain weights (e.g. for --init-from)
-    return {"model": model, "config": json.loads(meta["config"]), "tokenizer": meta["tokenizer"]}
+    try:
+        config = json.loads(meta["config"])
+    except (KeyError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path} says format=crossmatch but has no readable config JSON in its metadata") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the config in its metadata is not a JSON object")
+    if not isinstance(meta.get("tokenizer"), str) or not meta["tokenizer"]:
+        raise CheckpointError(f"{path} says format=crossmatch but has no tokenizer in its metadata")
+    return {"model": model, "config": config, "tokenizer": meta["tokenizer"]}
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:
@@ -161,18 +251,22 @@ class Checkpointer:
         self.enabled = enabled  # False on non-main ranks
 
     def save(self, state: dict[str, Any], epoch_tag: int | None = None, is_best: bool = False) -> None:
-        """Write last.pt (always), epoch_XXXX.pt when `epoch_tag` is given, best.pt when `is_best`.
-        At epoch ends the weights are also exported as last.safetensors (and best.safetensors)."""
+        """Write best.pt and best.safetensors when `is_best`, then last.pt (always), then epoch_XXXX.pt
+        and last.safetensors when `epoch_tag` is given (epoch ends).
+
+        The best files go first: last.pt records the best epoch, so a run killed between the two
+        resumes from the previous last.pt, redoes the epoch and writes the best files again, instead of
+        claiming a best epoch whose file was never written (`repair_best` fixes older runs)."""
         if not self.enabled:
             return
+        if is_best:
+            atomic_save(state, self.dir / "best.pt")
+            export_safetensors(state, self.dir / "best.safetensors")
         atomic_save(state, self.dir / "last.pt")
         if epoch_tag is not None:
             atomic_save(state, self.dir / f"epoch_{epoch_tag:04d}.pt")
             export_safetensors(state, self.dir / "last.safetensors")
             self._prune()
-        if is_best:
-            atomic_save(state, self.dir / "best.pt")
-            export_safetensors(state, self.dir / "best.safetensors")
 
     def _prune(self) -> None:
         epochs = sorted(self.dir.glob("epoch_*.pt"))
@@ -185,16 +279,75 @@ class Checkpointer:
         return [p for p in [self.dir / "last.pt", *epochs] if p.is_file()]
 
     def load_latest(self) -> tuple[dict[str, Any], Path] | None:
-        """The newest readable checkpoint, skipping (and reporting) corrupt ones; None if there is none."""
+        """The newest readable checkpoint, skipping (and reporting) empty, truncated or corrupt ones;
+        None if there is none. An unsafe file stops the search (UnsafeCheckpointError): it was not damaged
+        by a crash, someone put it there."""
         errors = []
         for path in self.candidates():
             try:
                 return load_checkpoint(path), path
+            except UnsafeCheckpointError:
+                raise
             except CheckpointError as err:
-                if "refusing" in str(err):
-                    raise
                 log.warning("%s; trying an older checkpoint", err)
                 errors.append(str(err))
         if errors:
             raise CheckpointError(f"no readable checkpoint in {self.dir}: {errors[0]}")
+        return None
+
+    def repair_best(self, state: dict[str, Any]) -> list[Path]:
+        """Make best.pt and best.safetensors hold the epoch that `state` (the checkpoint a run resumes
+        from) records as best: a missing, unreadable or stale file is rewritten from the checkpoint of
+        that epoch (`state` itself or epoch_XXXX.pt). Returns the files rewritten."""
+        best = state.get("trainer", {}).get("best_epoch", -1)
+        if not self.enabled or best < 1:
+            return []
+        pt, st = self.dir / "best.pt", self.dir / "best.safetensors"
+        pt_ok = _epoch_of(pt, load_checkpoint) == best
+        st_ok = _epoch_of(st, _safetensors_epoch) == best
+        if pt_ok and st_ok:
+            return []
+        source = self._state_of_epoch(best, state)
+        if source is None:
+            names = " and ".join(p.name for p, ok in ((pt, pt_ok), (st, st_ok)) if not ok)
+            log.warning("%s: not the best epoch %d, and no checkpoint of that epoch is left to rewrite it", names, best)
+            return []
+        written = []
+        if not pt_ok:
+            atomic_save(source, pt)
+            written.append(pt)
+        if not st_ok:
+            export_safetensors(source, st)
+            written.append(st)
+        log.warning("rewrote %s from the checkpoint of epoch %d", " and ".join(p.name for p in written), best)
+        return written
+
+    def _state_of_epoch(self, epoch: int, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The state saved at the end of `epoch`: `state` itself, else a readable epoch_XXXX.pt."""
+        if _is_end_of(state, epoch):
+            return state
+        try:
+            other = load_checkpoint(self.dir / f"epoch_{epoch:04d}.pt")
+        except CheckpointError:
+            return None
+        return other if _is_end_of(other, epoch) else None
+
+
+def _is_end_of(state: dict[str, Any], epoch: int) -> bool:
+    t = state.get("trainer", {})
+    return t.get("epoch") == epoch and t.get("step_in_epoch") == 0
+
+
+def _safetensors_epoch(path: Path) -> dict[str, Any]:
+    _, meta = _read_safetensors_file(path)  # verifies the sha256
+    return {"trainer": {"epoch": int(meta["epoch"])}} if "epoch" in meta else {}
+
+
+def _epoch_of(path: Path, read) -> int | None:
+    """The finished-epoch count recorded in a best file; None when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return read(path).get("trainer", {}).get("epoch")
+    except (CheckpointError, ValueError):
         return None

@@ -47,7 +47,8 @@ class TrainState:
     global_step: int = 0  # optimizer steps done in total
     best_metric: float = -math.inf  # best validation metric so far
     best_epoch: int = -1
-    skipped_samples: int = 0  # unreadable training images skipped so far
+    skipped_samples: int = 0  # training pairs skipped so far because their image was unreadable
+    bad_images: list[int] = field(default_factory=list)  # distinct unreadable images of the current epoch
     history: list[dict[str, float]] = field(default_factory=list)  # validation metrics per epoch
 
 
@@ -233,17 +234,21 @@ class Trainer:
             )
 
     def _count_skipped(self, batch: dict) -> None:
-        skipped = batch.pop("skipped", [])
+        """Count the pairs of unreadable images that `collate` dropped; more than data.max_bad_samples
+        distinct images in one epoch fail the run (each image has several captions, hence pairs)."""
+        skipped = batch.pop("skipped", [])  # (image index, reason) per dropped pair
         if not skipped:
             return
-        self.state.skipped_samples += len(skipped)
-        log.warning(
-            "skipped %d unreadable image(s), %d so far: %s", len(skipped), self.state.skipped_samples, skipped[0]
-        )
-        if self.state.skipped_samples > self.cfg.data.max_bad_samples:
+        s = self.state
+        s.skipped_samples += len(skipped)
+        new = sorted({i for i, _ in skipped} - set(s.bad_images))
+        s.bad_images += new
+        if new:
+            log.warning("skipped %d unreadable image(s), %d this epoch: %s", len(new), len(s.bad_images), skipped[0][1])
+        if len(s.bad_images) > self.cfg.data.max_bad_samples:
             raise DataError(
-                f"{self.state.skipped_samples} unreadable training images, more than "
-                f"data.max_bad_samples={self.cfg.data.max_bad_samples}; first: {skipped[0]}"
+                f"{len(s.bad_images)} unreadable training images in epoch {s.epoch + 1}, more than "
+                f"data.max_bad_samples={self.cfg.data.max_bad_samples}; first: {skipped[0][1]}"
             )
 
     def end_epoch(self) -> None:
@@ -272,7 +277,7 @@ class Trainer:
                 s.best_epoch,
                 peak_memory_mb(self.dist.device),
             )
-        s.epoch, s.step_in_epoch = s.epoch + 1, 0
+        s.epoch, s.step_in_epoch, s.bad_images = s.epoch + 1, 0, []
         self.sinks.checkpointer.save(self.state_dict(), epoch_tag=s.epoch, is_best=is_best)
         self.sinks.metric_logger.flush()
 

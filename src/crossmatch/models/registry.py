@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -77,7 +79,36 @@ def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise UnknownModelKeysError(config_cls.__name__, unknown)
+    hints = typing.get_type_hints(config_cls)
+    for key, value in overrides.items():
+        if not _fits(value, hints.get(key, Any)):
+            raise ModelError(f"model.{key}={value!r}: expected {_hint_name(hints[key])}, got {type(value).__name__}")
     return config_cls(**{**defaults, **overrides})
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value has the annotated type (ints pass for floats, lists for tuples); an
+    annotation this does not know is not judged."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint)
 
 
 def _import_families() -> None:

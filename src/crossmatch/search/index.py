@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from crossmatch.data.loaders import build_eval_loader, pad_sequences
-from crossmatch.data.transforms import build_image_transform, load_image
+from crossmatch.data.transforms import MAX_IMAGE_PIXELS, build_image_transform, load_image
 from crossmatch.errors import ConfigError, DataError, ModelError
 from crossmatch.files import write_text
 
@@ -75,15 +75,16 @@ def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | tor
 class _ImageFiles(Dataset):
     """Item i: {"image": (3, S, S), "image_idx": i}, or {"skipped": (i, reason)} for an unreadable file."""
 
-    def __init__(self, files: list[Path], image_size: int):
+    def __init__(self, files: list[Path], image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
         self.files, self.transform = files, build_image_transform(image_size, train=False)
+        self.max_pixels = max_pixels  # larger files are skipped as unreadable (decompression bombs)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
         try:
-            return {"image": self.transform(load_image(self.files[i])), "image_idx": i}
+            return {"image": self.transform(load_image(self.files[i], self.max_pixels)), "image_idx": i}
         except DataError as err:
             return {"skipped": (i, str(err))}
 
@@ -101,12 +102,24 @@ def _fingerprint(checkpoint: Path, root: Path, rel: list[str]) -> str:
     return h.hexdigest()
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not an index's meta.json ({str(err).splitlines()[0][:80]})") from err
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is not an index's meta.json")
+    return meta
+
+
 def _start_or_resume(out: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], np.memmap]:
     """The progress record and the open (N_files, E) memmap: a fresh one, or the ones of an unfinished
     build of the same inputs. A folder holding another build is an error, not silently overwritten."""
     old_path = out / META
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not an index folder; choose another --out")
     if old_path.is_file():
-        old = json.loads(old_path.read_text())
+        old = _read_meta(old_path)
         if old.get("fingerprint") != meta["fingerprint"]:
             raise DataError(
                 f"{out} holds an index of another checkpoint or image set ({old.get('checkpoint')}, "
@@ -138,6 +151,7 @@ def build_index(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool = False,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Embed every image under `image_dir` into the index folder `out` (see the module docstring).
 
@@ -164,6 +178,7 @@ def build_index(
         "embed_dim": embed_dim_of(model, image_size, model_name, device),
         "files": len(files),
         "fingerprint": _fingerprint(checkpoint, root, rel),
+        "max_image_pixels": max_image_pixels,
     }
     out = Path(out)
     meta, emb = _start_or_resume(out, meta)
@@ -188,7 +203,8 @@ def _embed_files(
 ) -> None:
     """Fill rows meta["rows"]: of `emb` from files meta["done"]:, recording progress after every batch.
     Valid rows are packed (a skipped file takes no row), so rows <= done."""
-    view = Subset(_ImageFiles(files, meta["image_size"]), range(meta["done"], len(files)))
+    images = _ImageFiles(files, meta["image_size"], meta.get("max_image_pixels", MAX_IMAGE_PIXELS))
+    view = Subset(images, range(meta["done"], len(files)))
     bar = tqdm(total=len(files), initial=meta["done"], desc="index images", unit="img", disable=not progress)
     for batch in build_eval_loader(view, batch_size, num_workers):
         for i, reason in batch.get("skipped", []):
@@ -283,7 +299,7 @@ def load_index(path: str | Path) -> Index:
     root = Path(path)
     if not (root / META).is_file():
         raise DataError(f"not a crossmatch index (no {META}): {root}")
-    meta = json.loads((root / META).read_text())
+    meta = _read_meta(root / META)
     if not meta.get("complete"):
         done = f"{meta.get('done', 0)}/{meta.get('files')}"
         raise DataError(f"index {root} is unfinished ({done} images): run `crossmatch index build` again")

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from crossmatch.data.tokenizer import CaptionTokenizer
-from crossmatch.errors import DataError
 from crossmatch.retrieval.evaluate import EvalData, encode_all
 from crossmatch.retrieval.rerank import below_candidates
 from crossmatch.tensors import FeatureDict, slice_features, to_device
@@ -19,12 +18,7 @@ from crossmatch.tensors import FeatureDict, slice_features, to_device
 def encode_query(model: nn.Module, tokenizer: CaptionTokenizer, text: str, device: torch.device) -> FeatureDict:
     """A sentence -> the model's text features (1, ...). An empty query, or one whose every word is
     unknown to the tokenizer, is refused: ranking by [UNK] alone would be noise presented as a result."""
-    if not text.strip():
-        raise DataError("the query is empty")
-    ids = tokenizer.encode(text)
-    if not tokenizer.knows_any(ids):
-        raise DataError(f"no word of the query {text!r} is in the model's vocabulary")
-    t = torch.tensor([ids])
+    t = torch.tensor([tokenizer.encode_query(text)])
     return model.encode_text(to_device({"input_ids": t, "attention_mask": t != 0}, device))
 
 

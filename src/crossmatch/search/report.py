@@ -20,7 +20,6 @@ from PIL import Image
 
 from crossmatch.errors import ConfigError
 from crossmatch.files import write_text
-from crossmatch.metrics import ranks_t2i
 
 THUMB = 128  # thumbnail side in pixels
 Result = tuple[str | Path, float, bool]  # (image path, score, is ground-truth match)
@@ -194,7 +193,9 @@ def report_from_scores(
         raise ConfigError(f"report sort={sort!r}: choose 'worst' or 'first'")
     if len(t2i) and (t2i.min() < 0 or t2i.max() >= s.shape[0]):
         raise ConfigError(f"report: txt_to_img holds image indices outside [0, {s.shape[0]})")
-    ranks = ranks_t2i(s, t2i) + 1  # (N_txt,) 1-based, ties counted against the model
+    # (N_txt,) 1-based rank of each caption's image, ties against the model as in crossmatch.metrics; a
+    # report's gallery may hold images without captions, which metrics.ranks_t2i refuses
+    ranks = (s >= s.gather(0, t2i[None])).sum(0)
     order = list(range(len(captions)))
     if sort == "worst":
         order.sort(key=lambda t: (-int(ranks[t]), t))
