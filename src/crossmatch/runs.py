@@ -42,7 +42,7 @@ from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
 from crossmatch.engine.rundir import RunLock
-from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainState
+from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig, TrainState
 from crossmatch.errors import CheckpointError, ConfigError, DataError
 from crossmatch.files import remove_orphans
 from crossmatch.models.registry import UnknownModelKeysError, create_model
@@ -171,9 +171,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: CaptionTokenizer | None = None) -> Trainer:
-    """Everything a run needs, built from the config. The tokenizer is trained on the train captions
-    unless given (a resumed run reuses the saved one)."""
+def build_trainer(
+    cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: CaptionTokenizer | None = None
+) -> tuple[Trainer, RunConfig]:
+    """Everything a run needs, built from the config, and the resolved config (every field of the built
+    model's config: what config.yaml and every checkpoint store). The tokenizer is trained on the train
+    captions unless given (a resumed run reuses the saved one)."""
     seed_everything(cfg.train.seed)
     train_ds = open_split(cfg, cfg.data.train_split)
     if tokenizer is None:
@@ -216,7 +219,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
         MetricLogger(run_dir, enabled=dist.is_main),
         {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()},
     )
-    return Trainer(task, optimizer, scheduler, RunLoaders(loader, val_loader), evaluator, sinks, cfg, dist)
+    loaders = RunLoaders(loader, val_loader)
+    return Trainer(task, optimizer, scheduler, loaders, evaluator, sinks, TrainerConfig.from_run(cfg), dist), cfg
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -251,9 +255,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool)
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-def log_run_header(trainer: Trainer, dist: DistInfo, run_dir: Path) -> None:
+def log_run_header(trainer: Trainer, cfg: RunConfig, dist: DistInfo, run_dir: Path) -> None:
     """What a run is about to do: device, threads, parameters, data, preprocessing, schedule."""
-    cfg = trainer.cfg
     params = list(trainer.task.parameters())
     total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
     log.info("device %s (world size %d), %d CPU threads", dist.device, dist.world_size, torch.get_num_threads())
@@ -320,9 +323,9 @@ def _start(cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool, init_fro
             tokenizer = CaptionTokenizer.from_str(latest[0]["tokenizer"], cfg.data.max_words)
         except (KeyError, DataError) as err:
             raise CheckpointError(f"cannot resume from {latest[1]}: {err}") from err
-    trainer = build_trainer(cfg, run_dir, dist, tokenizer)
+    trainer, cfg = build_trainer(cfg, run_dir, dist, tokenizer)
     if dist.is_main:
-        save_config(trainer.cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml")
         CaptionTokenizer.from_str(trainer.sinks.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
     if init_weights is not None:
         report = partial_load(trainer.model, init_weights)
@@ -333,7 +336,7 @@ def _start(cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool, init_fro
                 log.warning("--init-from %s: %d %s tensor(s) not loaded: %s", init_from, n, kind, names)
     if latest is not None:
         _load_resume_state(trainer, *latest)
-    log_run_header(trainer, dist, run_dir)
+    log_run_header(trainer, cfg, dist, run_dir)
     return trainer
 
 

@@ -53,6 +53,44 @@ class TrainState:
 
 
 @dataclass
+class TrainerConfig:
+    """What the loop itself needs, taken from the run config (`TrainerConfig.from_run`)."""
+
+    epochs: int = 1
+    max_steps_per_epoch: int = 0  # 0: the whole epoch
+    log_every: int = 20  # optimizer steps between scalar logs
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    eval_precision: str = "fp32"  # autocast of validation
+    accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+    compile: bool = False  # torch.compile the training step
+    checkpoint_every_steps: int = 0  # also refresh last.pt every this many steps (0: epoch ends only)
+    eval_every_epochs: int = 1  # validate every this many epochs (and after the last)
+    metric: str = "rsum"  # validation metric that selects best.pt (higher is better)
+    loss_batches: int = 10  # batches of val pairs for the validation loss (0: off)
+    max_bad_samples: int = 0  # unreadable training images allowed per epoch
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig) -> TrainerConfig:
+        t, e = cfg.train, cfg.eval
+        return cls(
+            epochs=t.epochs,
+            max_steps_per_epoch=t.max_steps_per_epoch,
+            log_every=t.log_every,
+            precision=t.precision,
+            eval_precision=e.precision_for(t.precision),
+            accum_steps=t.accum_steps,
+            grad_clip=t.grad_clip,
+            compile=t.compile,
+            checkpoint_every_steps=cfg.checkpoint.every_steps,
+            eval_every_epochs=e.every_epochs,
+            metric=e.metric,
+            loss_batches=e.loss_batches,
+            max_bad_samples=cfg.data.max_bad_samples,
+        )
+
+
+@dataclass
 class RunLoaders:
     """The batches a run reads: training pairs, and optionally validation pairs for the validation loss."""
 
@@ -94,32 +132,32 @@ class Trainer:
         loaders: RunLoaders,
         evaluator: Callable[[nn.Module], dict[str, float]] | None,
         sinks: RunSinks,
-        cfg: RunConfig,
+        cfg: TrainerConfig,
         dist: DistInfo,
     ):
         self.task, self.model = task, task.model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = loaders.train, loaders.val
         self.evaluator, self.sinks = evaluator, sinks
-        self.cfg, self.tcfg, self.dist = cfg, cfg.train, dist
-        if self.tcfg.precision not in DTYPES:
-            raise CrossmatchError(f"unknown train.precision {self.tcfg.precision!r}; known: fp32, bf16, fp16")
-        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.tcfg.precision == "fp16")
+        self.cfg, self.dist = cfg, dist
+        if self.cfg.precision not in DTYPES:
+            raise CrossmatchError(f"unknown train.precision {self.cfg.precision!r}; known: fp32, bf16, fp16")
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.cfg.precision == "fp16")
         step_module: nn.Module = task
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             step_module = DistributedDataParallel(task, device_ids=ids)
-        self.step_module = torch.compile(step_module) if self.tcfg.compile else step_module
+        self.step_module = torch.compile(step_module) if self.cfg.compile else step_module
         self.state = TrainState()
 
     @property
     def micro_batches(self) -> int:
-        return max(1, self.tcfg.accum_steps)
+        return max(1, self.cfg.accum_steps)
 
     @property
     def steps_per_epoch(self) -> int:
         n = len(self.train_loader.sampler) // (self.train_loader.batch_size * self.micro_batches)
-        return min(n, self.tcfg.max_steps_per_epoch) if self.tcfg.max_steps_per_epoch > 0 else n
+        return min(n, self.cfg.max_steps_per_epoch) if self.cfg.max_steps_per_epoch > 0 else n
 
     def close(self) -> None:
         """Flush and close the metric writers (TensorBoard, metrics.jsonl)."""
@@ -154,7 +192,7 @@ class Trainer:
     def fit(self) -> TrainState:
         # Log lines go above the progress bars instead of into them.
         with logging_redirect_tqdm(loggers=[logging.getLogger("crossmatch")]):
-            while self.state.epoch < self.tcfg.epochs:
+            while self.state.epoch < self.cfg.epochs:
                 self.train_epoch()
                 self.end_epoch()
         return self.state
@@ -168,7 +206,7 @@ class Trainer:
         bar = tqdm(
             total=n_steps,
             initial=s.step_in_epoch,
-            desc=f"epoch {s.epoch + 1}/{self.tcfg.epochs}",
+            desc=f"epoch {s.epoch + 1}/{self.cfg.epochs}",
             disable=not self.show_progress,
             leave=False,
         )
@@ -179,12 +217,12 @@ class Trainer:
             logs = self.train_step([next(batches) for _ in range(self.micro_batches)])
             s.step_in_epoch += 1
             s.global_step += 1
-            every = self.cfg.checkpoint.every_steps
+            every = self.cfg.checkpoint_every_steps
             if every and s.global_step % every == 0 and s.step_in_epoch < n_steps:
                 self.sinks.checkpointer.save(self.state_dict())  # mid-epoch: last.pt only
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
-            if s.global_step % self.tcfg.log_every == 0 or s.step_in_epoch == n_steps:
+            if s.global_step % self.cfg.log_every == 0 or s.step_in_epoch == n_steps:
                 logs["lr"] = self.optimizer.param_groups[0]["lr"]
                 logs["steps_per_s"] = (s.step_in_epoch - done0) / max(1e-9, time.perf_counter() - t0)
                 self.sinks.metric_logger.log(logs, s.global_step, "train")
@@ -205,16 +243,16 @@ class Trainer:
             last = k == len(batches) - 1
             sync = contextlib.nullcontext() if (last or not self.dist.distributed) else self.step_module.no_sync()
             with sync:
-                with autocast(self.dist.device, self.tcfg.precision):
+                with autocast(self.dist.device, self.cfg.precision):
                     losses, logs = self.step_module(batch)
                 loss = sum(losses.values())
                 self._check_finite(loss, losses)
                 self.scaler.scale(loss / len(batches)).backward()
             for name, v in {"loss": loss, **losses, **logs}.items():
                 totals[name] = totals.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
-        if self.tcfg.grad_clip > 0:
+        if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip))
+            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # fp16 only
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -245,16 +283,16 @@ class Trainer:
         s.bad_images += new
         if new:
             log.warning("skipped %d unreadable image(s), %d this epoch: %s", len(new), len(s.bad_images), skipped[0][1])
-        if len(s.bad_images) > self.cfg.data.max_bad_samples:
+        if len(s.bad_images) > self.cfg.max_bad_samples:
             raise DataError(
                 f"{len(s.bad_images)} unreadable training images in epoch {s.epoch + 1}, more than "
-                f"data.max_bad_samples={self.cfg.data.max_bad_samples}; first: {skipped[0][1]}"
+                f"data.max_bad_samples={self.cfg.max_bad_samples}; first: {skipped[0][1]}"
             )
 
     def end_epoch(self) -> None:
         """Validate, record, checkpoint (last, per-epoch, best)."""
         s = self.state
-        due = (s.epoch + 1) % self.cfg.eval.every_epochs == 0 or s.epoch + 1 == self.tcfg.epochs
+        due = (s.epoch + 1) % self.cfg.eval_every_epochs == 0 or s.epoch + 1 == self.cfg.epochs
         metrics = self.evaluate() if due else {}
         val_losses = self.validation_loss() if due else {}
         if val_losses:
@@ -263,7 +301,7 @@ class Trainer:
         is_best = False
         if metrics:
             s.history.append({"epoch": s.epoch + 1, **val_losses, **metrics})
-            value = metrics[self.cfg.eval.metric]
+            value = metrics[self.cfg.metric]
             is_best = value > s.best_metric
             if is_best:
                 s.best_metric, s.best_epoch = value, s.epoch + 1
@@ -271,7 +309,7 @@ class Trainer:
             log.info(
                 "epoch %d val %s=%.2f (best %.2f at epoch %d), peak memory %.0f MB",
                 s.epoch + 1,
-                self.cfg.eval.metric,
+                self.cfg.metric,
                 value,
                 s.best_metric,
                 s.best_epoch,
@@ -286,7 +324,7 @@ class Trainer:
         """The task's own objective on up to `eval.loss_batches` batches of validation pairs (eval mode, no
         gradient): `loss` and every `*_loss` term, averaged over batches, logged under the training tags so
         that TensorBoard draws train and val curves on one chart. The training RNG stream is untouched."""
-        n = min(len(self.val_loader), self.cfg.eval.loss_batches) if self.val_loader is not None else 0
+        n = min(len(self.val_loader), self.cfg.loss_batches) if self.val_loader is not None else 0
         if n <= 0:
             return {}
         self.val_loader.sampler.set_epoch(0)  # the same validation batches every time
@@ -295,7 +333,7 @@ class Trainer:
         totals: dict[str, float] = {}
         devices = [self.dist.device] if self.dist.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), autocast(self.dist.device, self.tcfg.precision):
+            with torch.random.fork_rng(devices=devices), autocast(self.dist.device, self.cfg.precision):
                 batches = iter(self.val_loader)
                 for _ in tqdm(range(n), desc="val loss", disable=not self.show_progress, leave=False):
                     batch = next(batches)
@@ -312,7 +350,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
             return {}
-        with torch.no_grad(), autocast(self.dist.device, self.cfg.eval.precision_for(self.tcfg.precision)):
+        with torch.no_grad(), autocast(self.dist.device, self.cfg.eval_precision):
             metrics = self.evaluator(self.model)
         if self.dist.device.type == "cuda":
             torch.cuda.empty_cache()  # give the evaluation's cached blocks back before training resumes
