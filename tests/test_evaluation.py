@@ -17,6 +17,7 @@ from crossmatch.retrieval.evaluate import (
 from crossmatch.retrieval.rerank import below_candidates, candidate_pairs, rerank, topk_masks
 from crossmatch.runs import build_eval_data
 from crossmatch.tensors import cat_features
+from tests.conftest import FixedScores
 
 
 @pytest.fixture(scope="module")
@@ -126,23 +127,6 @@ def test_split_metrics_with_one_matrix_is_retrieval_metrics():
     s = torch.randn(4, 9, generator=g)
     t2i = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3])
     assert split_metrics(s, s, t2i) == pytest.approx(retrieval_metrics(s, t2i))
-
-
-class FixedScores(torch.nn.Module):
-    """A 'model' whose similarity is a fixed matrix, indexed by the loaders' image/text indices."""
-
-    def __init__(self, scores: torch.Tensor):
-        super().__init__()
-        self.scores = scores
-
-    def encode_image(self, batch):
-        return {"idx": batch["image_idx"]}
-
-    def encode_text(self, batch):
-        return {"idx": batch["text_idx"]}
-
-    def similarity(self, img, txt):
-        return self.scores[img["idx"]][:, txt["idx"]]
 
 
 # 4 images in 2 folds ({0, 1}, {2, 3}); captions t0, t1 -> image 0, t2 -> 1, t3 -> 2, t4 -> 3.

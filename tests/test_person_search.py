@@ -18,7 +18,7 @@ from crossmatch.retrieval.evaluate import EvalData
 from crossmatch.retrieval.person import KEYS, evaluate_person_search, format_person_table, image_pids
 from crossmatch.runs import build_eval_data, load_run, open_split
 from crossmatch.tasks import build_task
-from tests.conftest import train_args
+from tests.conftest import FixedScores, train_args
 from tests.test_formats import write_pedes
 from tests.test_models import tiny_batch
 
@@ -26,23 +26,6 @@ from tests.test_models import tiny_batch
 SCORES = torch.tensor([[0.9, 0.1, 0.3], [0.5, 0.8, 0.2], [0.7, 0.6, 0.4], [0.2, 0.3, 0.1]])
 PIDS = torch.tensor([0, 0, 1, 2])
 TXT_TO_IMG = torch.tensor([0, 2, 3])
-
-
-class FixedScores(nn.Module):
-    """A 'model' whose features are item indices and whose similarity reads a fixed matrix."""
-
-    def __init__(self, scores):
-        super().__init__()
-        self.scores = scores
-
-    def encode_image(self, batch):
-        return {"idx": batch["image_idx"]}
-
-    def encode_text(self, batch):
-        return {"idx": batch["text_idx"]}
-
-    def similarity(self, img, txt):
-        return self.scores[img["idx"]][:, txt["idx"]]
 
 
 def fixed_data():

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from crossmatch.cli.help import add_command
+from crossmatch.cli.help import add_command, add_device_option
 
 GALLERY_SUFFIXES = (".png", ".html", ".htm")
 METRIC_DECIMALS = 4  # metrics JSON: 28.999999999999996 is written 29.0
@@ -29,7 +29,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
     ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
     ev.add_argument("--html", default=None, help="also write an HTML report of the worst-ranked text queries")
-    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_option(ev)
     ev.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.rerank_k=64 eval.folds=5")
 
     se = add_command(
@@ -49,7 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         "--explain", action="store_true", help="SCAN: draw each word's attention over the top images (OUT_explain.png)"
     )
     se.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
-    se.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_option(se)
     se.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.rerank_k=16")
 
     md = add_command(

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossmatch.cli.help import add_command
+from crossmatch.cli.help import add_command, add_device_option
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -50,7 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     f.add_argument("--kind", choices=KINDS, default="global", help="global (N, C) | grid (N, h*w, C) | boxes (N, K, C)")
     f.add_argument("--image-size", type=int, default=0, help="input side (default: the checkpoint's, or 224)")
     f.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_option(f)
     f.add_argument("--max-boxes", type=int, default=36, help="boxes: at most this many per image (default 36)")
 
 

@@ -25,3 +25,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str, *example_
     return sub.add_parser(
         name, help=help, description=help, formatter_class=HelpFormatter, epilog=examples(*example_lines)
     )
+
+
+def add_device_option(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """The `--device` every command that runs a model takes."""
+    parser.add_argument("--device", default=default, help="auto (CUDA when available) | cpu | cuda | cuda:N")

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from crossmatch.cli.help import add_command
+from crossmatch.cli.help import add_command, add_device_option
 
 BACKENDS = ("torch", "faiss")  # mirrors crossmatch.search.index.BACKENDS, without importing torch here
 
@@ -43,7 +43,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     b.add_argument("--batch-size", type=int, default=64, help="images per batch")
     b.add_argument("--backend", choices=BACKENDS, default="torch", help="faiss: also write index.faiss")
     b.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_option(b)
     q = add_command(
         isub,
         "query",
@@ -57,7 +57,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     q.add_argument("--out", default=None, help="also write the results as a gallery .png or an .html page")
     q.add_argument("--backend", choices=BACKENDS, default="torch", help="exact search engine")
     q.add_argument("--checkpoint", default=None, help="model to encode the query (default: the one in meta.json)")
-    q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_option(q)
 
 
 def run(args: argparse.Namespace) -> bool:

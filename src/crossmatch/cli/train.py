@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from crossmatch.cli.help import add_command
+from crossmatch.cli.help import add_command, add_device_option
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
     mode.add_argument("--overwrite", action="store_true", help="delete the run dir's checkpoints and logs first")
     p.add_argument("--init-from", default=None, help="fine-tune: load matching weights of a .pt/.safetensors")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: train.device, auto)")
+    add_device_option(p, default=None)  # None: train.device (auto)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=5")
 
 

@@ -124,21 +124,11 @@ def split_metrics(s_i2t: Tensor, s_t2i: Tensor, txt_to_img: Tensor, twins=()) ->
 
 
 @torch.no_grad()
-def evaluate_retrieval(
-    model: nn.Module,
-    data: EvalData,
-    device: torch.device,
-    chunk_size: int = 512,
-    folds: int = 1,
-    rerank_k: int = 0,
-    rerank_batch: int = 256,
-    stage1: Tensor | None = None,
-    progress: bool = False,
-) -> dict[str, float]:
+def evaluate_retrieval(model: nn.Module, data: EvalData, device: torch.device, **protocol) -> dict[str, float]:
     """Encode, score and measure one split; returns the dict of `crossmatch.metrics.retrieval_metrics`
-    (plus `twin_acc` when the split has twins). See `evaluate_with_scores` for the arguments."""
-    args = (chunk_size, folds, rerank_k, rerank_batch, stage1, progress)
-    return evaluate_with_scores(model, data, device, *args)[0]
+    (plus `twin_acc` when the split has twins). `protocol`: the keyword arguments of `evaluate_with_scores`
+    (chunk_size, folds, rerank_k, rerank_batch, stage1, progress)."""
+    return evaluate_with_scores(model, data, device, **protocol)[0]
 
 
 @torch.no_grad()
