@@ -14,7 +14,7 @@ from crossmatch.data.loaders import build_eval_loader
 from crossmatch.losses.identity import CmpmLoss, SdmLoss
 from crossmatch.metrics import person_search_metrics
 from crossmatch.models import create_model
-from crossmatch.retrieval.evaluate import EvalData
+from crossmatch.retrieval.evaluate import EvalData, compute_scores
 from crossmatch.retrieval.person import KEYS, evaluate_person_search, format_person_table, image_pids
 from crossmatch.runs import build_eval_data, load_run, open_split
 from crossmatch.tasks import build_task
@@ -174,6 +174,10 @@ def test_tiny_tipcb_trains_through_the_cli_and_evaluates_by_identity(tmp_path):
         img = model.encode_image(next(iter(build_eval_loader(data.image_loader.dataset, 100))))
         txt = model.encode_text(next(iter(build_eval_loader(data.text_loader.dataset, 100))))
         scores = model.similarity(img, txt)  # (4, 8)
+    chunked = compute_scores(model, data, torch.device("cpu"))  # what the evaluation ranks
+    # batches of 8 vs one batch of everything: the same scores up to float32 rounding of BLAS kernels
+    torch.testing.assert_close(chunked, scores)
     caption_pids = torch.tensor([4, 4, 4, 4, 5, 5, 5, 5])  # captions follow their images in file order
-    direct = person_search_metrics(scores.t(), caption_pids, torch.tensor([4, 4, 5, 5]))
+    # metrics compared on the evaluated matrix: a near-tie could flip between the two roundings above
+    direct = person_search_metrics(chunked.t(), caption_pids, torch.tensor([4, 4, 5, 5]))
     assert m == pytest.approx({f"t2i_{k}": v for k, v in direct.items()})
