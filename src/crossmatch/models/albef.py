@@ -200,11 +200,20 @@ class AlbefTask(Task):
     def alpha(self, batch: dict) -> float:
         return self.model.config.alpha * min(1.0, self.epoch + float(batch.get("epoch_progress", 0.0)))
 
-    def training_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    @property
+    def exact_accumulation(self) -> bool:
+        # The momentum encoders update once per forward and read the raw images: not encode + objective.
+        return not self.model.config.momentum
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        return {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+
+    def objective(self, feats: dict[str, dict[str, Tensor]], batch: dict) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """ITC + ITM (+ MLM) on the unimodal features of the whole batch; the fusion layers run here."""
         m, cfg, idx = self.model, self.model.config, batch["image_idx"]
         with torch.no_grad():
             m.temp.clamp_(0.001, 0.5)
-        img, txt = m.encode_image(batch), m.encode_text(batch)
+        img, txt = feats["image"], feats["text"]
         bank = m.momentum_bank(batch) if cfg.momentum else None
         alpha = self.alpha(batch) if cfg.momentum else 0.0
         losses = {
