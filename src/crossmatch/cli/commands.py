@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from crossmatch.cli.common import build_eval_data, load_run, make_evaluator, open_split
-from crossmatch.data.transforms import build_image_transform, load_image
+from crossmatch.cli.common import build_eval_data, build_untrained_run, load_run, make_evaluator, open_split
+from crossmatch.data.transforms import load_image, transform_from_config
 from crossmatch.engine.distributed import init_distributed
-from crossmatch.errors import ModelError
+from crossmatch.errors import ConfigError, ModelError
 from crossmatch.evaluation.evaluate import encode_all, to_device
 from crossmatch.evaluation.explain import explain_path, explain_search
 from crossmatch.evaluation.gallery import draw_gallery
@@ -48,9 +48,17 @@ def run_evaluate(
     overrides=(),
     progress: bool | None = None,
     html_path: str | None = None,
+    model_name: str | None = None,
+    data_root: str | None = None,
 ) -> dict[str, float]:
+    """Metrics of a checkpoint, or (`model_name` + `data_root`, no checkpoint) of a model built from its config."""
     progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
-    model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    if (checkpoint is None) == (model_name is None) or (model_name is not None and not data_root):
+        raise ConfigError("evaluate takes a CHECKPOINT, or --model NAME with --data ROOT (an untrained model)")
+    if model_name is not None:
+        model, cfg, tokenizer = build_untrained_run(model_name, data_root, list(overrides))
+    else:
+        model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     dist = init_distributed()
     name = split_name(cfg, split)
     evaluator = make_evaluator(cfg, name, tokenizer, model, dist.device, progress)
@@ -156,7 +164,7 @@ def run_search(
             path = explain_search(model, data.image_loader.dataset, ds, (img, txt), words, results, explain_path(out))
             print(f"word attention written to {path}")
         return results
-    transform = build_image_transform(cfg.data.image_size, train=False)
+    transform = transform_from_config(cfg.data, train=False)
     pic = transform(load_image(image))[None]
     img = model.encode_image(to_device({"image": pic}, dist.device))
     txt = encode_all(model.encode_text, data.text_loader, dist.device, "encode captions", False)

@@ -59,6 +59,7 @@ def run_build(
 ) -> dict:
     """Build (or finish building) the index; prints a one-line summary and the skipped files."""
     from crossmatch.cli.common import load_run
+    from crossmatch.data.transforms import preprocess_kwargs
     from crossmatch.errors import ConfigError
     from crossmatch.evaluation.index import build_index
 
@@ -72,6 +73,7 @@ def run_build(
         checkpoint=checkpoint,
         model_name=cfg.model["name"],
         image_size=cfg.data.image_size,
+        preprocess=preprocess_kwargs(cfg.data),
         batch_size=batch_size,
         backend=backend,
         device=_device(),

@@ -40,8 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", default=None, help="fine-tune: load matching weights of a .pt/.safetensors")
     train.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=5")
 
-    ev = sub.add_parser("evaluate", help="retrieval metrics of a checkpoint on a split")
-    ev.add_argument("checkpoint")
+    ev = sub.add_parser("evaluate", help="retrieval metrics of a checkpoint (or an untrained model) on a split")
+    ev.add_argument("checkpoint", nargs="?", help="a .pt / .safetensors checkpoint (or --model with --data)")
+    ev.add_argument("--model", default=None, help="evaluate this registered model built from its config (zero-shot)")
+    ev.add_argument("--data", default=None, help="with --model: the dataset folder (data.root)")
     ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
     ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
     ev.add_argument(
@@ -97,7 +99,17 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         from crossmatch.cli.commands import run_evaluate
 
-        run_evaluate(args.checkpoint, args.split, args.json, args.overrides, html_path=args.html)
+        if args.model and args.checkpoint and "=" in args.checkpoint:  # `--model clip model.arch=X`: an override
+            args.checkpoint, args.overrides = None, [args.checkpoint, *args.overrides]
+        run_evaluate(
+            args.checkpoint,
+            args.split,
+            args.json,
+            args.overrides,
+            html_path=args.html,
+            model_name=args.model,
+            data_root=args.data,
+        )
     elif args.command == "search":
         from crossmatch.cli.commands import run_search
 

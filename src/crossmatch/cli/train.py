@@ -10,18 +10,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossmatch.cli.common import build_model, make_evaluator, needs_boxes, open_split, resolved_model_section
+from crossmatch.cli.common import (
+    build_model,
+    build_run_tokenizer,
+    make_evaluator,
+    needs_boxes,
+    open_split,
+    resolve_preprocess,
+    resolved_model_section,
+)
 from crossmatch.config import RunConfig, config_from_dict, config_to_dict, save_config
 from crossmatch.data.datasets import PairView
 from crossmatch.data.loaders import build_train_loader
-from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
-from crossmatch.data.transforms import build_image_transform
+from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.data.transforms import transform_from_config
 from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
 from crossmatch.engine.trainer import RunSinks, Trainer, TrainState
-from crossmatch.errors import DataError
+from crossmatch.errors import ConfigError, DataError
 from crossmatch.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -39,13 +47,18 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     seed_everything(cfg.train.seed)
     train_ds = open_split(cfg, cfg.data.train_split)
     if tokenizer is None:
-        tokenizer = build_tokenizer(cfg.data.tokenizer, train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
+        tokenizer = build_run_tokenizer(cfg, lambda: train_ds.captions)
     model = build_model(cfg, tokenizer).to(dist.device)
     cfg.model = resolved_model_section(cfg.model["name"], model)  # saved in config.yaml and every checkpoint
+    resolve_preprocess(cfg, model)  # the model's own image preprocessing, saved with the data section
+    if cfg.train.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"train.grad_checkpointing: model {cfg.model['name']} has no tower that supports it")
+        model.set_grad_checkpointing(True)
     if dist.distributed and dist.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
-    transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
+    transform = transform_from_config(cfg.data, train=True)
     pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
     loader = build_train_loader(
         pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size

@@ -36,6 +36,11 @@ class CaptionTokenizer:
 
     @classmethod
     def from_str(cls, json_str: str, max_words: int = 32) -> CaptionTokenizer:
+        """A stored tokenizer: a tokenizer.json, or the spec of an open_clip tokenizer (data/clip_tokenizer.py)."""
+        from crossmatch.data import clip_tokenizer
+
+        if clip_tokenizer.is_spec(json_str):
+            return clip_tokenizer.OpenClipTokenizer.from_str(json_str)
         return cls(Tokenizer.from_str(json_str), max_words)
 
     @classmethod

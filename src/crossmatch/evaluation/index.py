@@ -75,8 +75,8 @@ def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | tor
 class _ImageFiles(Dataset):
     """Item i: {"image": (3, S, S), "image_idx": i}, or {"skipped": (i, reason)} for an unreadable file."""
 
-    def __init__(self, files: list[Path], image_size: int):
-        self.files, self.transform = files, build_image_transform(image_size, train=False)
+    def __init__(self, files: list[Path], image_size: int, preprocess: dict | None = None):
+        self.files, self.transform = files, build_image_transform(image_size, train=False, **(preprocess or {}))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -133,6 +133,7 @@ def build_index(
     checkpoint: str | Path,
     model_name: str,
     image_size: int,
+    preprocess: dict | None = None,
     batch_size: int = 64,
     backend: str = "torch",
     device: str | torch.device = "cpu",
@@ -164,6 +165,7 @@ def build_index(
         "embed_dim": embed_dim_of(model, image_size, model_name, device),
         "files": len(files),
         "fingerprint": _fingerprint(checkpoint, root, rel),
+        **({"preprocess": preprocess} if preprocess else {}),  # the model's mean/std/resize (data.* of its run)
     }
     out = Path(out)
     meta, emb = _start_or_resume(out, meta)
@@ -188,7 +190,7 @@ def _embed_files(
 ) -> None:
     """Fill rows meta["rows"]: of `emb` from files meta["done"]:, recording progress after every batch.
     Valid rows are packed (a skipped file takes no row), so rows <= done."""
-    view = Subset(_ImageFiles(files, meta["image_size"]), range(meta["done"], len(files)))
+    view = Subset(_ImageFiles(files, meta["image_size"], meta.get("preprocess")), range(meta["done"], len(files)))
     bar = tqdm(total=len(files), initial=meta["done"], desc="index images", unit="img", disable=not progress)
     for batch in build_eval_loader(view, batch_size, num_workers):
         for i, reason in batch.get("skipped", []):
