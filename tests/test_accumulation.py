@@ -143,3 +143,26 @@ def test_buffers_are_updated_once_per_micro_batch():
     task.load_state_dict(plain)
     task.accumulated_step(batches)
     assert want and all(torch.equal(task.state_dict()[k], v) for k, v in want.items())
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_accumulating_equal_one_process_on_the_global_batch(shapes_root, tmp_path):
+    """torchrun, 2 ranks x accum 2 x 4 pairs == 1 process x 16 pairs: GradCache under DDP (the objective's
+    temperature reduced once, on the last micro-batch) with the gathered InfoNCE loss."""
+    import sys
+
+    from crossmatch.engine.checkpoint import load_checkpoint
+    from tests.test_distributed import TORCHRUN, args, run
+
+    steps = ["train.max_steps_per_epoch=3", "train.grad_clip=0", "loss.name=infonce"]
+    one = run([sys.executable, "-m", "crossmatch", *args(shapes_root, tmp_path / "one", "train.batch_size=16", *steps)])
+    assert one.returncode == 0, one.stderr[-2000:]
+    acc = ["train.batch_size=4", "train.accum_steps=2", *steps]
+    two = run([*TORCHRUN, "-m", "crossmatch", *args(shapes_root, tmp_path / "two", *acc)])
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert a["trainer"]["global_step"] == b["trainer"]["global_step"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["loss"]["logit_scale"], b["loss"]["logit_scale"], rtol=1e-5, atol=1e-6)

@@ -120,7 +120,7 @@ def test_the_shapes_recipe_builds_its_custom_architecture():
     overrides = {k: v for k, v in cfg.model.items() if k != "name"}
     model = create_model(cfg.model["name"], **overrides)
     assert model.preprocess["size"] == 64 and model.context_length == 32 and cfg.loss.name == "infonce"
-    assert len(model.clip.visual.transformer.resblocks) == 4
+    assert len(model.clip.visual.transformer.resblocks) == 3
 
 
 def clip_args(root, run_dir, *extra):
