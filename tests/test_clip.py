@@ -17,7 +17,7 @@ from crossmatch.data.tokenizer import CaptionTokenizer  # noqa: E402
 from crossmatch.data.transforms import build_image_transform  # noqa: E402
 from crossmatch.engine.checkpoint import load_checkpoint  # noqa: E402
 from crossmatch.engine.optim import create_optimizer  # noqa: E402
-from crossmatch.errors import ModelError  # noqa: E402
+from crossmatch.errors import ConfigError, ModelError  # noqa: E402
 from crossmatch.models import create_model  # noqa: E402
 from crossmatch.models.registry import create_tokenizer  # noqa: E402
 from crossmatch.tasks import build_task  # noqa: E402
@@ -109,7 +109,7 @@ def test_layer_decay_scales_the_lr_by_depth():
     assert lr_of[id(named["model.clip.transformer.resblocks.1.attn.in_proj_weight"])] == 0.5
     assert lr_of[id(named["logit_scale"])] == 1.0  # the task's temperature: full lr
     assert len(lr_of) == sum(p.requires_grad for p in task.parameters())
-    with pytest.raises(Exception, match="does not describe its layers"):
+    with pytest.raises(ConfigError, match="does not describe its layers"):
         create_optimizer(build_task(create_model("tiny_vse", vocab_size=9), LossConfig()), TrainConfig(layer_decay=0.5))
 
 
@@ -178,3 +178,7 @@ def test_bad_clip_names_are_one_line_and_exit_2(shapes_root, tmp_path, capsys):
     assert len(err) == 1 and "unknown open_clip arch 'ViT-X'; known:" in err[0]
     assert main(clip_args(shapes_root, tmp_path / "bad", "data.tokenizer=minilm")) == 2
     assert "brings its own tokenizer" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "tiny_clip"]) == 2  # no --data
+    assert "--model NAME with --data ROOT" in capsys.readouterr().err
+    assert main(clip_args(shapes_root, tmp_path / "bad", "model.name=tiny_vse", "train.layer_decay=0.5")) == 2
+    assert "does not describe its layers" in capsys.readouterr().err

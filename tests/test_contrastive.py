@@ -123,6 +123,7 @@ def two_ranks(tmp_path_factory):
     return [torch.load(tmp / f"r.{r}") for r in range(2)]
 
 
+@pytest.mark.slow  # spawning the two processes takes seconds
 @pytest.mark.parametrize("name, local", CASES)
 def test_two_gloo_ranks_equal_one_rank_on_the_global_batch(two_ranks, name, local):
     x, y, ids = _global_batch()

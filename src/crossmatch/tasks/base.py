@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
 from crossmatch.engine.distributed import gather_batch_with_grad
-from crossmatch.errors import ConfigError
+from crossmatch.errors import CheckpointError, ConfigError
 from crossmatch.losses.triplet import TripletLoss
 
 LOSS_NAMES = ("hinge", "infonce", "siglip")
@@ -74,7 +74,7 @@ class Task(nn.Module):
         missing = sorted(set(self.loss_state_dict()) - set(state))
         result = self.load_state_dict(state, strict=False)
         if missing or result.unexpected_keys:
-            raise ConfigError(
+            raise CheckpointError(
                 f"the checkpoint's loss state does not fit this objective: missing {missing}, "
                 f"unexpected {result.unexpected_keys}"
             )
