@@ -51,7 +51,8 @@ def child(args: argparse.Namespace) -> None:
     tmp = tempfile.mkdtemp()
     sinks = RunSinks(Checkpointer(tmp, 1, enabled=False), MetricLogger(tmp, enabled=False))
     loader = DataLoader(list(range(10 * args.batch * args.accum)), batch_size=micro)
-    trainer = Trainer(task, opt, create_scheduler(opt, cfg.train, 100), loader, None, sinks, cfg, DistInfo(device=device))
+    sched = create_scheduler(opt, cfg.train, 100)
+    trainer = Trainer(task, opt, sched, loader, None, sinks, cfg, DistInfo(device=device))
     n = args.batch * args.accum
     g = torch.Generator().manual_seed(1)
     size, ctx = model.preprocess["size"], model.context_length
