@@ -88,6 +88,18 @@ def test_unknown_arch_and_tag_list_what_exists():
         create_model("clip", pretrained="nope")
 
 
+def test_weights_that_cannot_be_fetched_say_so_in_one_line(monkeypatch):
+    import open_clip
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'laion2b_s34b_b79k': no network\n(traceback...)")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(ModelError, match=r"needs the network or a cached copy\): Failed to download") as err:
+        create_model("clip", pretrained="laion2b_s34b_b79k")
+    assert "\n" not in str(err.value)
+
+
 def test_locked_towers_train_only_their_unlocked_groups():
     model = create_model("tiny_clip", lock_image=True, unlocked_image_groups=1, lock_text=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -157,6 +169,13 @@ def test_train_evaluate_search_and_zero_shot_through_the_cli(shapes_root, tmp_pa
     assert json.loads((tmp_path / "m.json").read_text())["rsum"] == pytest.approx(ckpt["trainer"]["history"][0]["rsum"])
     assert main(["search", best, "--query", "a red circle", "--top-k", "3"]) == 0
     assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]) == 3
+    # index and features read images with the run's own preprocessing
+    assert main(["index", "build", best, str(shapes_root / "images"), "--out", str(tmp_path / "idx")]) == 0
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["preprocess"]["resize"] == "shortest" and meta["embed_dim"] == 32
+    assert main(["features", best, "--data", str(shapes_root), "--out", str(tmp_path / "f"), "--kind", "grid"]) == 0
+    info = json.loads((tmp_path / "f" / "features.json").read_text())["test"]
+    assert info["shape"] == [12, 16, 32] and info["normalisation"]["mean"][0] == pytest.approx(0.48145466)
     # zero-shot: an untrained model built from its config (a positional override after --model is one)
     zs = ["evaluate", "--model", "tiny_clip", "model.lock_text=true", "--data", str(shapes_root), "--split", "test"]
     assert main([*zs, "--json", str(tmp_path / "z.json")]) == 0
