@@ -117,7 +117,7 @@ def test_the_run_header_says_what_the_run_is(run):
     n_params = sum(p.numel() for p in __import__("crossmatch").load(run / "checkpoints" / "best.pt").parameters())
     assert f"model tiny_vse: {n_params:,} parameters, {n_params:,} trainable" in log
     assert "train 40 images / 200 captions, val 12 images / 60 captions, test 12 images / 60 captions" in log
-    assert "preprocessing: RGB, resize to 32x32" in log
+    assert "preprocessing: RGB, squash resize to 32x32 (bilinear), mean (0.485, 0.456, 0.406)" in log
 
 
 @pytest.mark.slow

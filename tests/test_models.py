@@ -42,7 +42,7 @@ def test_unknown_name_and_key_are_clear_errors():
 
 @pytest.mark.parametrize("name", TINY)
 def test_forward_shapes_and_scores(name):
-    model = create_model(name, vocab_size=50, image_size=32).eval()
+    model = create_model(name, data_defaults={"vocab_size": 50, "image_size": 32}).eval()
     batch = tiny_batch()
     with torch.no_grad():
         img, txt = model.encode_image(batch), model.encode_text(batch)
@@ -60,7 +60,7 @@ def test_forward_shapes_and_scores(name):
 @pytest.mark.parametrize("name", TINY)
 def test_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
-    model = create_model(name, vocab_size=50, image_size=32)
+    model = create_model(name, data_defaults={"vocab_size": 50, "image_size": 32})
     task = build_task(model, LossConfig(max_violation=False))
     losses, logs = task.training_step(tiny_batch())
     assert all(k.endswith("_loss") for k in losses)

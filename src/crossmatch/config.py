@@ -39,6 +39,12 @@ class DataConfig:
     max_bad_samples: int = 0  # unreadable images skipped per epoch before the run fails
     max_image_pixels: int = 89_478_485  # larger images are unreadable (decompression bombs); Pillow's default
     allow_outside_root: bool = False  # accept image paths that leave the image folder (../x.png, /abs/x.png)
+    # Image preprocessing. Empty values take the model's own (open_clip models declare theirs), else the
+    # defaults (ImageNet mean/std, squash resize, bilinear). A run stores the resolved values.
+    image_mean: list[float] = field(default_factory=list)  # per-channel mean, RGB
+    image_std: list[float] = field(default_factory=list)  # per-channel std, RGB
+    resize: str = ""  # squash (stretch to a square) | shortest (shorter side, then centre crop)
+    interpolation: str = ""  # bilinear | bicubic
 
     def splits_to_read(self, split: str) -> list[str]:
         """The split names a reader takes for `split`: COCO's "restval" joins train when `restval` is set."""
@@ -76,9 +82,15 @@ class IdentityLossConfig:
 
 @dataclass
 class LossConfig:
-    """The training objective. The top-level keys are the hinge loss of dual encoders and SCAN; the other
-    families read their own section (`loss.albef`, `loss.vilt`, `loss.identity`)."""
+    """The training objective. Dual encoders train with `name` (hinge, the default, with margin / max_violation
+    / warmup_epochs, as SCAN does; or a contrastive loss); the other families read their own section
+    (`loss.albef`, `loss.vilt`, `loss.identity`)."""
 
+    name: str = "hinge"  # dual encoders: hinge (VSE++) | infonce (CLIP) | siglip (SigLIP); others have their own
+    local: bool = False  # infonce/siglip under DDP: this rank's rows against all columns (open_clip --local-loss)
+    init_logit_scale: float | None = None  # log of the initial scale; default CLIP log(1/0.07), SigLIP log(10)
+    init_logit_bias: float | None = None  # SigLIP's initial bias; default -10
+    max_logit_scale: float = 100.0  # the learned scale exp(logit_scale) is clamped to at most this (CLIP)
     margin: float = 0.2  # hinge margin (VSE++, SCAN)
     max_violation: bool = True  # hardest negative in the batch instead of the sum over negatives
     warmup_epochs: int = 0  # epochs with the sum of violations before switching to hardest negatives
@@ -112,9 +124,11 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 cuts epochs short (smoke tests, demos)
     log_every: int = 20  # steps between scalar logs
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
-    accum_steps: int = 1  # micro-batches per optimizer step (each micro-batch has its own negatives)
+    accum_steps: int = 1  # micro-batches per optimizer step; exact big-batch gradient for in-batch-negative tasks
     compile: bool = False  # torch.compile the training step
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
+    grad_checkpointing: bool = False  # activation checkpointing in the towers that support it (clip)
+    layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (clip towers)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import logging
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from crossmatch.config import (
     check_metric,
     config_from_dict,
     config_to_dict,
+    load_config,
     move_legacy_loss_keys,
     save_config,
     selectable_metrics,
@@ -36,7 +38,7 @@ from crossmatch.data import formats
 from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, PairView
 from crossmatch.data.loaders import build_eval_loader, build_train_loader
 from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
-from crossmatch.data.transforms import build_image_transform, describe_transform
+from crossmatch.data.transforms import describe_transform, transform_from_config
 from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
@@ -45,7 +47,7 @@ from crossmatch.engine.rundir import RunLock
 from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig, TrainState
 from crossmatch.errors import CheckpointError, ConfigError, DataError
 from crossmatch.files import remove_orphans
-from crossmatch.models.registry import UnknownModelKeysError, create_model
+from crossmatch.models.registry import UnknownModelKeysError, create_model, create_tokenizer
 from crossmatch.retrieval.evaluate import EvalData, compute_scores
 from crossmatch.retrieval.evaluator import Evaluator
 from crossmatch.retrieval.person import image_pids
@@ -59,26 +61,68 @@ def open_split(cfg: RunConfig, split: str):
     return formats.open_split(cfg.data, split)
 
 
-def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer) -> tuple[nn.Module, RunConfig]:
+def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer, load_weights: bool = True) -> tuple[nn.Module, RunConfig]:
     """The registered model `model.name` with the config's overrides, and the config it was built from.
     The vocabulary size, image side and caption length come from the tokenizer and data config, for
     models whose config has them. Loss keys that 0.1.0 kept in the model section are moved into their
-    `loss` section (with a warning), so old configs and checkpoints build the same model."""
+    `loss` section (with a warning), so old configs and checkpoints build the same model.
+    `load_weights=False`: a checkpoint's weights follow, so pretrained ones need not be fetched."""
     overrides = {k: v for k, v in cfg.model.items() if k != "name"}
     data = {
         "vocab_size": tokenizer.vocab_size,
         "image_size": cfg.data.image_size,
-        "max_text_len": cfg.data.max_words + 1,
-    }  # + a [CLS] for transformer text towers
+        "max_text_len": cfg.data.max_words + 1,  # + a [CLS] for transformer text towers
+        "pad_id": getattr(tokenizer, "pad_id", 0),
+    }
     try:
-        return create_model(cfg.model["name"], data_defaults=data, **overrides), cfg
+        return create_model(cfg.model["name"], data_defaults=data, load_weights=load_weights, **overrides), cfg
     except UnknownModelKeysError as err:
         moved = move_legacy_loss_keys(cfg, err.config_class, err.keys)
         if moved is None:
             raise
         cfg, what = moved
         log.warning("config keys moved since 0.1.0: %s", "; ".join(what))
-        return build_model(cfg, tokenizer)
+        return build_model(cfg, tokenizer, load_weights)
+
+
+def build_run_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]]) -> CaptionTokenizer:
+    """The model family's own tokenizer (open_clip models), else `data.tokenizer` (trained on `captions()`)."""
+    own = create_tokenizer(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})
+    if own is None:
+        return build_tokenizer(cfg.data.tokenizer, captions(), cfg.data.min_word_freq, cfg.data.max_words)
+    if cfg.data.tokenizer != "word":
+        raise ConfigError(f"model {cfg.model['name']} brings its own tokenizer: leave data.tokenizer unset")
+    return own
+
+
+def resolve_preprocess(cfg: RunConfig, model: nn.Module) -> RunConfig:
+    """A copy of `cfg` whose empty preprocessing fields (data.image_mean/std/resize/interpolation) take the
+    model's own `preprocess`; its input size replaces data.image_size (its architecture fixes it)."""
+    pp = getattr(model, "preprocess", None)
+    if not pp:
+        return cfg
+    d = cfg.data
+    data = dataclasses.replace(
+        d,
+        image_size=pp["size"],
+        image_mean=d.image_mean or pp["mean"],
+        image_std=d.image_std or pp["std"],
+        resize=d.resize or pp["resize"],
+        interpolation=d.interpolation or pp["interpolation"],
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
+def build_untrained_run(
+    name: str, data_root: str, overrides: list[str] | None = None
+) -> tuple[nn.Module, RunConfig, CaptionTokenizer]:
+    """Model (eval mode, CPU), config and tokenizer of a registered model built from its config alone (no
+    checkpoint): the zero-shot path, e.g. a pretrained open_clip model evaluated before any training."""
+    cfg = load_config(None, [f"model.name={name}", f"data.root={data_root}", *(overrides or [])])
+    tokenizer = build_run_tokenizer(cfg, lambda: open_split(cfg, cfg.data.train_split).captions)
+    model, cfg = build_model(cfg, tokenizer)
+    cfg = dataclasses.replace(cfg, model=resolved_model_section(name, model))
+    return model.eval(), resolve_preprocess(cfg, model), tokenizer
 
 
 def resolved_model_section(name: str, model: nn.Module) -> dict:
@@ -106,7 +150,7 @@ def needs_boxes(model: nn.Module) -> int:
 
 
 def build_eval_data(cfg: RunConfig, ds: ImageCaptionDataset, tokenizer: CaptionTokenizer, model: nn.Module) -> EvalData:
-    transform = build_image_transform(cfg.data.image_size, train=False)
+    transform = transform_from_config(cfg.data, train=False)
     return EvalData(
         image_loader=build_eval_loader(
             ds.image_view(transform, needs_boxes(model)), cfg.eval.batch_size, cfg.data.num_workers
@@ -130,7 +174,7 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.M
         tokenizer = CaptionTokenizer.from_str(ckpt["tokenizer"], cfg.data.max_words)
     except DataError as err:
         raise CheckpointError(f"{path}: {err}") from err
-    model, cfg = build_model(cfg, tokenizer)
+    model, cfg = build_model(cfg, tokenizer, load_weights=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
@@ -180,15 +224,21 @@ def build_trainer(
     seed_everything(cfg.train.seed)
     train_ds = open_split(cfg, cfg.data.train_split)
     if tokenizer is None:
-        tokenizer = build_tokenizer(cfg.data.tokenizer, train_ds.captions, cfg.data.min_word_freq, cfg.data.max_words)
+        tokenizer = build_run_tokenizer(cfg, lambda: train_ds.captions)
     model, cfg = build_model(cfg, tokenizer)
     model = model.to(dist.device)
-    # every field of the built model's config: saved in config.yaml and every checkpoint
+    # every field of the built model's config, and the model's own image preprocessing: saved in
+    # config.yaml and every checkpoint
     cfg = dataclasses.replace(cfg, model=resolved_model_section(cfg.model["name"], model))
+    cfg = resolve_preprocess(cfg, model)
+    if cfg.train.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"train.grad_checkpointing: model {cfg.model['name']} has no tower that supports it")
+        model.set_grad_checkpointing(True)
     if dist.distributed and dist.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
-    transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
+    transform = transform_from_config(cfg.data, train=True)
     pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
     loader = build_train_loader(
         pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
@@ -206,7 +256,7 @@ def build_trainer(
     val_pairs = PairView(
         open_split(cfg, cfg.data.val_split),
         tokenizer,
-        build_image_transform(cfg.data.image_size, train=False),
+        transform_from_config(cfg.data, train=False),
         needs_boxes(model),
         skip_bad=cfg.data.max_bad_samples > 0,
     )
@@ -269,7 +319,7 @@ def log_run_header(trainer: Trainer, cfg: RunConfig, dist: DistInfo, run_dir: Pa
         except DataError:
             sizes.append(f"{name} -")
     log.info("data %s (%s): %s", cfg.data.root, cfg.data.format, ", ".join(sizes))
-    log.info("preprocessing: %s", describe_transform(cfg.data.image_size, cfg.data.augment))
+    log.info("preprocessing: %s", describe_transform(cfg.data))
     log.info(
         "training %s: %d epochs x %d steps of %d pairs, run dir %s",
         cfg.model["name"],

@@ -24,8 +24,13 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         "retrieval metrics of a checkpoint (or a run folder's best.pt) on a split",
         "crossmatch evaluate runs/vse --split test --json runs/vse/test.json",
         "crossmatch evaluate runs/albef/checkpoints/best.pt eval.rerank_k=16 --html report.html",
+        "crossmatch evaluate --model clip model.arch=ViT-B-32 model.pretrained=openai --data data/f30k",
     )
-    ev.add_argument("checkpoint", help="a .pt or .safetensors file, or a run folder (uses checkpoints/best.pt)")
+    ev.add_argument(
+        "checkpoint", nargs="?", help="a .pt or .safetensors file, or a run folder (uses checkpoints/best.pt)"
+    )
+    ev.add_argument("--model", default=None, help="instead of a checkpoint: a registered model built from its config")
+    ev.add_argument("--data", default=None, help="with --model: the dataset folder (data.root)")
     ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
     ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
     ev.add_argument("--html", default=None, help="also write an HTML report of the worst-ranked text queries")
@@ -64,7 +69,18 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
 
 def run(args: argparse.Namespace) -> bool:
     if args.command == "evaluate":
-        run_evaluate(args.checkpoint, args.split, args.json, args.overrides, html_path=args.html, device=args.device)
+        if args.model and args.checkpoint and "=" in args.checkpoint:  # `--model clip model.arch=X`: an override
+            args.checkpoint, args.overrides = None, [args.checkpoint, *args.overrides]
+        run_evaluate(
+            args.checkpoint,
+            args.split,
+            args.json,
+            args.overrides,
+            html_path=args.html,
+            device=args.device,
+            model_name=args.model,
+            data_root=args.data,
+        )
     elif args.command == "search":
         run_search(
             args.checkpoint,
@@ -119,18 +135,28 @@ def run_evaluate(
     progress: bool | None = None,
     html_path: str | None = None,
     device: str = "auto",
+    model_name: str | None = None,
+    data_root: str | None = None,
 ) -> dict[str, float]:
+    """Metrics of a checkpoint, or (`model_name` + `data_root`, no checkpoint) of a model built from its
+    config (zero-shot)."""
     from crossmatch.config import validate_config
     from crossmatch.engine.distributed import init_distributed
+    from crossmatch.errors import ConfigError
     from crossmatch.files import check_writable
     from crossmatch.retrieval.person import format_person_table
-    from crossmatch.runs import load_run, make_evaluator
+    from crossmatch.runs import build_untrained_run, load_run, make_evaluator
 
     for option, path in (("--json", json_path), ("--html", html_path)):
         if path:
             check_writable(path, option)  # before the evaluation, not after it
     progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
-    model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    if (checkpoint is None) == (model_name is None) or (model_name is not None and not data_root):
+        raise ConfigError("evaluate takes a CHECKPOINT, or --model NAME with --data ROOT (an untrained model)")
+    if model_name is not None:
+        model, cfg, tokenizer = build_untrained_run(model_name, data_root, list(overrides))
+    else:
+        model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     validate_config(cfg, training=False)
     dist = init_distributed(device)
     name = split_name(cfg, split)
@@ -252,11 +278,11 @@ def _search_images(model, cfg, tokenizer, ds, data, query, top_k, out, split, ex
 
 
 def _search_captions(model, cfg, ds, data, image, top_k, out, split, device):
-    from crossmatch.data.transforms import build_image_transform, load_image
+    from crossmatch.data.transforms import load_image, transform_from_config
     from crossmatch.search.query import image_query_scores
 
     pixels = load_image(image, cfg.data.max_image_pixels)
-    scores = image_query_scores(model, build_image_transform(cfg.data.image_size, train=False)(pixels), data, device)
+    scores = image_query_scores(model, transform_from_config(cfg.data, train=False)(pixels), data, device)
     top = scores.topk(min(top_k, len(scores)))
     own = _own_captions(ds, image)
     results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))

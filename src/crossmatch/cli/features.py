@@ -12,7 +12,8 @@ Outputs in DIR (rows in the split's image order):
   a Karpathy-split JSON whose entry i (with "feature_row": i) lists the captions of row i.
 - `features.json`: {split: {kind, shape, dtype, tower, image_size, captions_file, captions_per_image, ...}}.
 
-Images go through the evaluation transform (resize to --image-size, ImageNet mean/std). The features
+Images go through the evaluation transform (resize to --image-size; a checkpoint's own mean/std and resize
+mode, ImageNet's for a tower name). The features
 are the tower's own (pooled by its global pooling for `global`), not a dual encoder's projections.
 
 Legend: N images, B batch, C channels, h/w feature-map height/width, K boxes.
@@ -74,9 +75,11 @@ def run(args: argparse.Namespace) -> bool:
     return True
 
 
-def load_tower(source: str, image_size: int) -> tuple[nn.Module, str, int]:
-    """(frozen image tower in eval mode, its description, input side) from a checkpoint or a tower name."""
+def load_tower(source: str, image_size: int) -> tuple[nn.Module, str, int, dict]:
+    """(frozen image tower in eval mode, its description, input side, preprocessing keywords of
+    build_image_transform) from a checkpoint (its run's preprocessing) or a tower name (ImageNet's)."""
     if Path(source).is_file():
+        from crossmatch.data.transforms import preprocess_kwargs
         from crossmatch.runs import load_run
 
         model, cfg, _ = load_run(source)
@@ -85,13 +88,14 @@ def load_tower(source: str, image_size: int) -> tuple[nn.Module, str, int]:
 
             raise ModelError(f"{source}: model {cfg.model['name']} has no image_tower")
         tower, desc, side = model.image_tower, f"{cfg.model['name']} ({source})", image_size or cfg.data.image_size
+        preprocess = preprocess_kwargs(cfg.data)
     else:
         from crossmatch.models.pretrained import ImageTower
 
-        tower, desc, side = ImageTower(source, pretrained=True, freeze=True), source, image_size or 224
+        tower, desc, side, preprocess = ImageTower(source, pretrained=True, freeze=True), source, image_size or 224, {}
     for p in tower.parameters():
         p.requires_grad_(False)
-    return tower.eval(), desc, side
+    return tower.eval(), desc, side, preprocess
 
 
 def tower_features(tower: nn.Module, batch: dict[str, Tensor], kind: str, image_size: int) -> Tensor:
@@ -170,13 +174,13 @@ def extract_features(
     from crossmatch.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_image_transform
 
     ds = formats.open_split(DataConfig(root=root, format=data_format), split)
-    tower, desc, side = load_tower(source, image_size)
+    tower, desc, side, preprocess = load_tower(source, image_size)
     from crossmatch.engine.distributed import resolve_device
 
     device = resolve_device(device)
     tower.to(device)
     k_boxes = _box_count(ds, max_boxes) if kind == "boxes" else 0
-    view = ds.image_view(build_image_transform(side, train=False), k_boxes)
+    view = ds.image_view(build_image_transform(side, train=False, **preprocess), k_boxes)
     loader = build_eval_loader(view, batch_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +212,10 @@ def extract_features(
         "dtype": "float16",
         "tower": desc,
         "image_size": side,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalisation": {
+            "mean": list(preprocess.get("mean", IMAGENET_MEAN)),
+            "std": list(preprocess.get("std", IMAGENET_STD)),
+        },
         "split": split,
         "features_file": feats_name,
         "mask_file": mask_name,

@@ -86,6 +86,7 @@ def run_build(
     device: str = "auto",
 ) -> dict:
     """Build (or finish building) the index; prints a one-line summary and the skipped files."""
+    from crossmatch.data.transforms import preprocess_kwargs
     from crossmatch.errors import ConfigError
     from crossmatch.runs import load_run
     from crossmatch.search.index import build_index
@@ -100,6 +101,7 @@ def run_build(
         checkpoint=checkpoint,
         model_name=cfg.model["name"],
         image_size=cfg.data.image_size,
+        preprocess=preprocess_kwargs(cfg.data),
         batch_size=batch_size,
         backend=backend,
         device=_device(device),

@@ -39,7 +39,12 @@ class CaptionTokenizer:
 
     @classmethod
     def from_str(cls, json_str: str, max_words: int = 32) -> CaptionTokenizer:
-        """Raises DataError when `json_str` is not a tokenizer.json document."""
+        """A stored tokenizer: a tokenizer.json, or the spec of an open_clip tokenizer (data/clip_tokenizer.py).
+        Raises DataError when `json_str` is neither."""
+        from crossmatch.data import clip_tokenizer
+
+        if clip_tokenizer.is_spec(json_str):
+            return clip_tokenizer.OpenClipTokenizer.from_str(json_str)
         try:
             return cls(Tokenizer.from_str(json_str), max_words)
         except Exception as err:  # the Rust library raises a bare Exception

@@ -56,21 +56,58 @@ def _open_image(path: str | Path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = old
 
 
-def build_image_transform(image_size: int, train: bool, augment: bool = True) -> v2.Compose:
-    """(3, H, W) uint8 [+ boxes] -> (3, S, S) float normalised [+ boxes in the new pixel frame]."""
+RESIZE_MODES = ("squash", "shortest")
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+def build_image_transform(
+    image_size: int,
+    train: bool,
+    augment: bool = True,
+    mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
+    std: tuple[float, ...] | list[float] = IMAGENET_STD,
+    resize: str = "squash",
+    interpolation: str = "bilinear",
+) -> v2.Compose:
+    """(3, H, W) uint8 [+ boxes] -> (3, S, S) float normalised [+ boxes in the new pixel frame].
+
+    Evaluation resizes to S x S (`squash`) or the shorter side to S then centre-crops (`shortest`, as
+    open_clip and timm do); training with `augment` takes a mild random resized crop instead."""
+    if resize not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
+        raise DataError(f"unknown data.resize {resize!r} or data.interpolation {interpolation!r}")
+    mode = INTERPOLATIONS[interpolation]
     if train and augment:
         # Mild crops only: a large crop could cut an object out of the scene its caption describes.
-        geometry = [v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)]
+        crop = v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=mode, antialias=True)
+        geometry = [crop]
+    elif resize == "shortest":
+        geometry = [v2.Resize(image_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
     else:
-        geometry = [v2.Resize((image_size, image_size), antialias=True)]
-    return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        geometry = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
+    return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
-def describe_transform(image_size: int, augment: bool = True) -> str:
-    """One line saying what `build_image_transform` does, for the run header."""
-    train = f"random resized crop (scale 0.8-1, ratio 0.9-1.1) to {image_size}x{image_size}" if augment else "as eval"
+def transform_from_config(data_cfg, train: bool) -> v2.Compose:
+    """The image transform a run's `data` section describes (empty preprocessing fields: the defaults)."""
+    return build_image_transform(data_cfg.image_size, train, data_cfg.augment, **preprocess_kwargs(data_cfg))
+
+
+def preprocess_kwargs(data_cfg) -> dict:
+    """The preprocessing fields of a `data` section that are set, as build_image_transform keywords."""
+    out = {"mean": data_cfg.image_mean, "std": data_cfg.image_std, "resize": data_cfg.resize}
+    out["interpolation"] = data_cfg.interpolation
+    return {k: v for k, v in out.items() if v}
+
+
+def describe_transform(data_cfg) -> str:
+    """One line saying what `transform_from_config(data_cfg, ...)` does, for the run header."""
+    kw = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "squash", "interpolation": "bilinear"}
+    kw.update(preprocess_kwargs(data_cfg))
+    side = data_cfg.image_size
+    train = f"random resized crop (scale 0.8-1, ratio 0.9-1.1) to {side}x{side}" if data_cfg.augment else "as eval"
+    mean, std = tuple(round(v, 4) for v in kw["mean"]), tuple(round(v, 4) for v in kw["std"])
     return (
-        f"RGB, resize to {image_size}x{image_size} (squash), ImageNet mean {IMAGENET_MEAN} / std {IMAGENET_STD};"
+        f"RGB, {kw['resize']} resize to {side}x{side} ({kw['interpolation']}), mean {mean} / std {std};"
         f" train: {train}, no flips"
     )
 

@@ -11,12 +11,40 @@ from crossmatch.config import TrainConfig
 from crossmatch.errors import ConfigError
 
 
+def lr_scales(module: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Layer-wise lr decay (as BEiT and ELECTRA fine-tune): a parameter at depth d of a tower of depth n gets
+    lr * layer_decay ** (n - d); depths come from the model's `layer_depths()` (embeddings 0, blocks 1..n-1,
+    the tower's head n). Parameters outside the model (a task's temperature) keep the full lr.
+
+    Raises:
+        ConfigError: layer_decay is not in (0, 1], or the model does not describe its layers.
+    """
+    if not 0 < layer_decay <= 1:
+        raise ConfigError(f"train.layer_decay={layer_decay}: must be in (0, 1]")
+    if layer_decay == 1:
+        return {}
+    model = getattr(module, "model", module)
+    if not hasattr(model, "layer_depths"):
+        raise ConfigError(f"train.layer_decay: {type(model).__name__} does not describe its layers (clip models do)")
+    prefix = "model." if model is not module else ""
+    return {prefix + name: layer_decay ** (top - d) for name, (d, top) in model.layer_depths().items()}
+
+
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """adam | adamw | sgd. No weight decay on biases, norms and temperatures (1-D or scalar params)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """adam | adamw | sgd. No weight decay on biases, norms and temperatures (1-D or scalar params);
+    with train.layer_decay < 1, one group per (decay, lr scale) pair (see lr_scales)."""
+    scales = lr_scales(model, cfg.layer_decay)
+    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grouped.setdefault((p.ndim >= 2, scales.get(name, 1.0)), []).append(p)
+    groups = [
+        {"params": grouped.get((True, 1.0), []), "weight_decay": cfg.weight_decay},
+        {"params": grouped.get((False, 1.0), []), "weight_decay": 0.0},
+    ]  # the two groups of a run without layer decay, in this order (checkpoints of optimiser state rely on it)
+    for (decay, scale), params in sorted(grouped.items(), key=lambda kv: (-kv[0][1], not kv[0][0])):
+        if scale != 1.0:
+            groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale})
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.optimizer == "adamw":

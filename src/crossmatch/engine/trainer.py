@@ -167,6 +167,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
+            "loss": self.task.loss_state_dict(),  # learned temperatures of the objective (not in the model)
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -177,6 +178,7 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
+        self.task.load_loss_state_dict(ckpt.get("loss", {}))
         self.optimizer.load_state_dict(ckpt["optimizer"])  # moves state tensors to the params' device
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -235,6 +237,8 @@ class Trainer:
         unscale, clip, step. Returns the step's scalar logs (loss terms averaged over micro-batches)."""
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        if len(batches) > 1 and self.task.exact_accumulation:  # in-batch negatives over all micro-batches
+            totals, batches = self._accumulated_step(batches), []
         for k, batch in enumerate(batches):
             self._count_skipped(batch)
             if "image_idx" not in batch:
@@ -252,13 +256,30 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip))
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # fp16 only
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if scale is None or self.scaler.get_scale() >= scale:
             self.scheduler.step()  # fp16: a step the scaler skipped (inf/NaN gradients) keeps the lr where it is
         return totals
+
+    def _accumulated_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """The forward and backward of all micro-batches by the task's exact accumulation (GradCache: the
+        gradient of their concatenation, see tasks/grad_cache.py). Returns the step's scalar logs."""
+        ready = []
+        for batch in batches:
+            self._count_skipped(batch)
+            if "image_idx" in batch:  # else every item of this micro-batch was unreadable
+                ready.append(to_device(batch, self.dist.device))
+        if not ready:
+            return {}
+        losses, logs = self.task.accumulated_step(
+            ready, self.step_module, self.scaler.scale, lambda: autocast(self.dist.device, self.cfg.precision)
+        )
+        loss = sum(losses.values())
+        self._check_finite(loss, losses)
+        return {name: float(v) for name, v in {"loss": loss, **losses, **logs}.items()}
 
     def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
         # Every rank must agree, or the healthy ones would wait forever in the next collective.

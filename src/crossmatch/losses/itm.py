@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from crossmatch.tensors import gather
 
 
-def positive_targets(row_idx: Tensor, col_idx: Tensor) -> Tensor:
+def positive_targets(row_idx: Tensor, col_idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Soft targets from image ids: row_idx (B,), col_idx (N,) -> (B, N), each row's positives share 1.
 
     A row without any positive column (cannot happen when the batch itself is among the columns) is all 0.
     """
-    pos = (row_idx[:, None] == col_idx[None, :]).float()  # (B, N)
+    pos = (row_idx[:, None] == col_idx[None, :]).to(dtype)  # (B, N)
     return pos / pos.sum(1, keepdim=True).clamp(min=1)
 
 

@@ -33,6 +33,8 @@ class JointEmbedding(nn.Module):
     """What every dual encoder shares: a `text_tower` returning (words, sentence), a `text_proj`, cosine
     scores of l2-normalised embeddings. Subclasses build the towers and implement `encode_image`."""
 
+    is_dual_encoder = True  # l2-normalised (B, E) embeddings: the contrastive losses (loss.name) apply
+
     def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
         _, sentence = self.text_tower(batch["input_ids"], batch["attention_mask"])  # (B, D)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from collections.abc import Callable
@@ -24,12 +25,33 @@ class UnknownModelKeysError(ModelError):
         self.config_class, self.keys = config_class, keys
 
 
+_TOKENIZERS: dict[str, Callable[..., Any]] = {}  # families that bring their own tokenizer (open_clip)
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register `fn(**overrides) -> nn.Module` under its function name."""
     if fn.__name__ in _MODELS:
         raise ValueError(f"model {fn.__name__!r} is registered twice")
     _MODELS[fn.__name__] = fn
     return fn
+
+
+def register_tokenizer(*names: str) -> Callable:
+    """Register `fn(name, **overrides) -> tokenizer` as the own tokenizer of the models `names`."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for name in names:
+            _TOKENIZERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def create_tokenizer(name: str, **overrides: Any) -> Any | None:
+    """The tokenizer that model `name` (with its config overrides) brings, or None when it uses data.tokenizer."""
+    _import_families()
+    fn = _TOKENIZERS.get(name)
+    return None if fn is None else fn(name, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -48,11 +70,15 @@ def describe_models(pattern: str = "") -> dict[str, str]:
     return out
 
 
-def create_model(name: str, *, data_defaults: dict[str, Any] | None = None, **overrides: Any) -> nn.Module:
+def create_model(
+    name: str, *, data_defaults: dict[str, Any] | None = None, load_weights: bool = True, **overrides: Any
+) -> nn.Module:
     """Build the registered model `name`; `overrides` replace fields of its config (None is ignored).
 
     `data_defaults` (e.g. vocab_size, image_size, max_text_len) fill the config fields of those names
     that the model has, below the explicit overrides; keys the model does not have are ignored.
+    `load_weights=False` skips pretrained weights for models whose builder takes that flag (a checkpoint's
+    weights replace them anyway: rebuilding a fine-tuned open_clip model needs no download).
 
     Raises:
         ModelError: unknown name, or an override that is not a field of the model's config.
@@ -63,13 +89,16 @@ def create_model(name: str, *, data_defaults: dict[str, Any] | None = None, **ov
     overrides = {k: v for k, v in overrides.items() if v is not None}
     data = {k: v for k, v in (data_defaults or {}).items() if k not in overrides}
     try:
-        return _MODELS[name](**data, **overrides)
+        fn = _MODELS[name]
+        if not load_weights and "load_weights" in inspect.signature(fn).parameters:
+            overrides["load_weights"] = False
+        return fn(**data, **overrides)
     except UnknownModelKeysError as err:
         absent = set(err.keys)
         if not absent <= set(data):  # an explicit override the model does not have
             raise UnknownModelKeysError(err.config_class, sorted(absent - set(data))) from None
         # data facts the model's config has no field for (e.g. no vocabulary): not for this model
-        return _MODELS[name](**{k: v for k, v in data.items() if k not in absent}, **overrides)
+        return fn(**{k: v for k, v in data.items() if k not in absent}, **overrides)
 
 
 def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str, Any]):

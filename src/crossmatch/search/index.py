@@ -75,8 +75,10 @@ def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | tor
 class _ImageFiles(Dataset):
     """Item i: {"image": (3, S, S), "image_idx": i}, or {"skipped": (i, reason)} for an unreadable file."""
 
-    def __init__(self, files: list[Path], image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
-        self.files, self.transform = files, build_image_transform(image_size, train=False)
+    def __init__(
+        self, files: list[Path], image_size: int, max_pixels: int = MAX_IMAGE_PIXELS, preprocess: dict | None = None
+    ):
+        self.files, self.transform = files, build_image_transform(image_size, train=False, **(preprocess or {}))
         self.max_pixels = max_pixels  # larger files are skipped as unreadable (decompression bombs)
 
     def __len__(self) -> int:
@@ -146,6 +148,7 @@ def build_index(
     checkpoint: str | Path,
     model_name: str,
     image_size: int,
+    preprocess: dict | None = None,
     batch_size: int = 64,
     backend: str = "torch",
     device: str | torch.device = "cpu",
@@ -179,6 +182,7 @@ def build_index(
         "files": len(files),
         "fingerprint": _fingerprint(checkpoint, root, rel),
         "max_image_pixels": max_image_pixels,
+        **({"preprocess": preprocess} if preprocess else {}),  # the model's mean/std/resize (data.* of its run)
     }
     out = Path(out)
     meta, emb = _start_or_resume(out, meta)
@@ -203,7 +207,9 @@ def _embed_files(
 ) -> None:
     """Fill rows meta["rows"]: of `emb` from files meta["done"]:, recording progress after every batch.
     Valid rows are packed (a skipped file takes no row), so rows <= done."""
-    images = _ImageFiles(files, meta["image_size"], meta.get("max_image_pixels", MAX_IMAGE_PIXELS))
+    images = _ImageFiles(
+        files, meta["image_size"], meta.get("max_image_pixels", MAX_IMAGE_PIXELS), meta.get("preprocess")
+    )
     view = Subset(images, range(meta["done"], len(files)))
     bar = tqdm(total=len(files), initial=meta["done"], desc="index images", unit="img", disable=not progress)
     for batch in build_eval_loader(view, batch_size, num_workers):

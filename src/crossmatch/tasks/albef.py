@@ -60,18 +60,28 @@ class AlbefTask(Task):
     def alpha(self) -> float:
         return self.cfg.alpha * min(1.0, self.epoch + self.progress)
 
-    def training_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        return self._step(batch, update=True)
+    @property
+    def exact_accumulation(self) -> bool:
+        # The momentum encoders update once per forward and read the raw images: not encode + objective.
+        return not self.model.config.momentum
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        return {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+
+    def objective(self, feats: dict[str, dict[str, Tensor]], batch: dict) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """ITC + ITM (+ MLM) on the unimodal features of the whole batch; the fusion layers run here."""
+        return self._objective(feats, batch, update=True)
 
     def validation_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        return self._step(batch, update=False)  # no EMA update, no enqueue: training state stays as it was
+        # no EMA update, no enqueue: the training state stays as it was
+        return self._objective(self.encode(batch), batch, update=False)
 
-    def _step(self, batch: dict[str, Tensor], update: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
+    def _objective(self, feats: dict, batch: dict, update: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
         m, cfg, idx = self.model, self.cfg, batch["image_idx"]
         if update:
             with torch.no_grad():
                 m.temp.clamp_(0.001, 0.5)
-        img, txt = m.encode_image(batch), m.encode_text(batch)
+        img, txt = feats["image"], feats["text"]
         bank = self.momentum_bank(batch, update) if m.config.momentum else None
         alpha = self.alpha() if m.config.momentum else 0.0
         losses = {

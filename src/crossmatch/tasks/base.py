@@ -5,17 +5,28 @@ losses (every key ends in `_loss`); it never branches on the model family. Each 
 module of this package and is registered for the model class it trains (`register_task`); its settings
 are a typed section of the run's `loss` config. Evaluation goes through
 the model's retrieval interface (`encode_image`, `encode_text`, `similarity`, optional `score_pairs`).
+
+Tasks whose loss compares pairs across the batch (in-batch negatives) split `training_step` into
+`encode(batch) -> features` (the towers, per micro-batch) and `objective(features, batch) -> (losses, logs)`
+(the loss on the features of the whole batch). Such a task accumulates micro-batches exactly
+(`accumulated_step`, GradCache: see tasks/grad_cache.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
+from crossmatch.errors import CheckpointError, ConfigError
+
+LOSS_NAMES = ("hinge", "infonce", "siglip")
 
 
 class Task(nn.Module):
-    """Model + loss. Subclasses implement `training_step`."""
+    """Model + loss. Subclasses implement `training_step`, or `encode` and `objective`."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -23,7 +34,50 @@ class Task(nn.Module):
 
     def training_step(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
         """One batch -> (losses: {name_loss: scalar}, logs: {name: float})."""
+        if type(self).objective is Task.objective:
+            raise NotImplementedError
+        return self.objective(self.encode(batch), batch)
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """The towers on one (micro-)batch -> {"image": feats, "text": feats}, rows aligned with the batch."""
         raise NotImplementedError
+
+    def objective(self, feats: dict[str, dict[str, Tensor]], batch: dict) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The loss on the features of a whole batch; `batch` holds its id tensors (and scalars such as
+        epoch_progress), but no images when called by `accumulated_step`."""
+        raise NotImplementedError
+
+    @property
+    def exact_accumulation(self) -> bool:
+        """True when the task is `encode` + `objective`, so accumulation can give the big-batch gradient."""
+        return type(self).objective is not Task.objective
+
+    def accumulated_step(
+        self,
+        batches: list[dict[str, Tensor]],
+        module: Callable | None = None,
+        scale: Callable[[Tensor], Tensor] | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Forward and backward of one optimizer step over micro-batches, with the gradient of their
+        concatenation (GradCache). `module(batch, encode_only=True)` runs `encode` (the Task or its DDP
+        wrapper), `scale` the loss scaling (fp16 GradScaler), `autocast` the precision context."""
+        from crossmatch.tasks.grad_cache import grad_cache_step
+
+        return grad_cache_step(self, batches, module or self, scale, autocast)
+
+    def loss_state_dict(self) -> dict[str, Tensor]:
+        """Parameters and buffers of the objective outside the model (learned temperatures), for checkpoints."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def load_loss_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = sorted(set(self.loss_state_dict()) - set(state))
+        result = self.load_state_dict(state, strict=False)
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"the checkpoint's loss state does not fit this objective: missing {missing}, "
+                f"unexpected {result.unexpected_keys}"
+            )
 
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for schedules that change with the epoch (e.g. hardest-negative warm-up)."""
@@ -36,9 +90,9 @@ class Task(nn.Module):
         in eval mode under no_grad). Tasks whose step updates state (queues, EMA copies) override it."""
         return self.training_step(batch)
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    def forward(self, batch: dict[str, Tensor], encode_only: bool = False):
         # The training step is the forward pass, so DistributedDataParallel(task) syncs its gradients.
-        return self.training_step(batch)
+        return self.encode(batch) if encode_only else self.training_step(batch)
 
 
 _TASKS: dict[type, type[Task]] = {}  # model class -> the task it trains with
@@ -56,17 +110,34 @@ def register_task(model_cls: type):
     return wrap
 
 
-def task_class(model: nn.Module) -> type[Task]:
-    """The task registered for the model's class (or a base class of it); the hinge triplet task otherwise."""
+def task_class(model: nn.Module) -> type[Task] | None:
+    """The task registered for the model's class (or a base class of it); None for models without one."""
     import crossmatch.tasks  # noqa: F401  (registers every task)
-    from crossmatch.tasks.triplet import TripletTask
 
     for cls in type(model).__mro__:
         if cls in _TASKS:
             return _TASKS[cls]
-    return TripletTask
+    return None
 
 
 def build_task(model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Task:
-    """The model's task (see `task_class`) with the run's loss config."""
-    return task_class(model)(model, cfg, rank=rank, world_size=world_size)
+    """The task a model trains with: the one registered for its family (ALBEF, ViLT, TIPCB); else, for dual
+    encoders, the objective named by `loss.name` (hinge | infonce | siglip); else the hinge (triplet) task.
+
+    Raises:
+        ConfigError: an unknown loss.name, or a contrastive loss for a model that is not a dual encoder.
+    """
+    from crossmatch.tasks.contrastive import ContrastiveTask
+    from crossmatch.tasks.triplet import TripletTask
+
+    if cfg.name not in LOSS_NAMES:
+        raise ConfigError(f"unknown loss.name {cfg.name!r}; known: {', '.join(LOSS_NAMES)}")
+    own = task_class(model)
+    if cfg.name != "hinge" and (own is not None or not getattr(model, "is_dual_encoder", False)):
+        raise ConfigError(
+            f"loss.name={cfg.name} needs a dual encoder (l2-normalised embeddings); "
+            f"{type(model).__name__} trains with {'its own objective' if own else 'the hinge loss'}"
+        )
+    if cfg.name != "hinge":
+        return ContrastiveTask(model, cfg, rank=rank, world_size=world_size)
+    return (own or TripletTask)(model, cfg, rank=rank, world_size=world_size)

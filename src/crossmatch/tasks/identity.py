@@ -33,10 +33,15 @@ class TipcbTask(Task):
         else:
             self.loss = CmpmLoss(rank=rank, world_size=world_size)
 
-    def training_step(self, batch):
-        ids = batch["pid"] if "pid" in batch else batch["image_idx"]  # (B,) relevance by identity
+    def encode(self, batch):
         img_g, img_p = self.model.image_features(batch)  # (B, E), (B, K, E)
         txt_g, txt_p = self.model.text_features(batch)
+        return {"image": {"embed": img_g, "parts": img_p}, "text": {"embed": txt_g, "parts": txt_p}}
+
+    def objective(self, feats, batch):
+        ids = batch["pid"] if "pid" in batch else batch["image_idx"]  # (B,) relevance by identity
+        img_g, img_p = feats["image"]["embed"], feats["image"]["parts"]  # (B, E), (B, K, E)
+        txt_g, txt_p = feats["text"]["embed"], feats["text"]["parts"]
         glob = self.loss(img_g, txt_g, ids)
         parts = torch.stack([self.loss(img_p[:, k], txt_p[:, k], ids) for k in range(img_p.shape[1])]).mean()
         return {self.loss_name: glob + parts}, {"global_loss": glob.item(), "part_loss": parts.item()}

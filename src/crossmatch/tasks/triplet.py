@@ -26,8 +26,11 @@ class TripletTask(Task):
         # VSE-infinity style warm-up: sum over all negatives first, hardest negatives afterwards.
         self.loss.max_violation = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
 
-    def training_step(self, batch):
-        img, txt = self.model.encode_image(batch), self.model.encode_text(batch)
+    def encode(self, batch):
+        return {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+
+    def objective(self, feats, batch):
+        img, txt = feats["image"], feats["text"]
         if self.world_size > 1:
             # Every rank scores the global batch, so hardest negatives come from all ranks and the
             # DDP-averaged gradient equals the single-process gradient of the same global batch.

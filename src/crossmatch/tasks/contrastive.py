@@ -1,0 +1,60 @@
+"""The contrastive objective of dual encoders (`loss.name: infonce | siglip`): CLIP's InfoNCE (Radford et al.,
+ICML 2021) or SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023) on the models' l2-normalised embeddings.
+
+The learned temperature (and SigLIP's bias) belong to the objective, not the model: they live here, go to
+the optimiser with the task's parameters (no weight decay: scalars) and are saved in the checkpoint's `loss`
+entry. Initial values: CLIP log-scale log(1/0.07), SigLIP t' = log 10 and b = -10; a pretrained open_clip
+model's own learned values when it has them (`model.contrastive_init`); `loss.init_*` over both. The scale
+exp(t') is clamped to [1, loss.max_logit_scale] (100, as CLIP) before every use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from crossmatch.config import LossConfig
+from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
+from crossmatch.tasks.base import Task
+
+DEFAULT_INIT = {
+    "infonce": {"logit_scale": math.log(1 / 0.07)},
+    "siglip": {"logit_scale": math.log(10.0), "logit_bias": -10.0},
+}
+
+
+class ContrastiveTask(Task):
+    """Dual encoder + InfoNCE or SigLIP over the (gathered) batch; `encode` + `objective` for exact accumulation."""
+
+    def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
+        super().__init__(model)
+        self.name = cfg.name
+        init = {**DEFAULT_INIT[cfg.name], **getattr(model, "contrastive_init", {})}
+        if cfg.init_logit_scale is not None:
+            init["logit_scale"] = cfg.init_logit_scale
+        if cfg.init_logit_bias is not None:
+            init["logit_bias"] = cfg.init_logit_bias
+        self.max_log_scale = math.log(cfg.max_logit_scale)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init["logit_scale"])))
+        if cfg.name == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(float(init.get("logit_bias", -10.0))))
+            self.loss = SigLipLoss(rank, world_size, cfg.local)
+        else:
+            self.logit_bias = None
+            self.loss = InfoNCELoss(rank, world_size, cfg.local)
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        return {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+
+    def objective(self, feats: dict[str, dict[str, Tensor]], batch: dict) -> tuple[dict[str, Tensor], dict[str, float]]:
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, self.max_log_scale)  # as CLIP: 1 <= scale <= 100
+        scale = self.logit_scale.exp()
+        img, txt, idx = feats["image"]["embed"], feats["text"]["embed"], batch["image_idx"]  # (B, E), (B, E), (B,)
+        logs = {"logit_scale": float(scale.detach())}
+        if self.logit_bias is None:
+            return {"infonce_loss": self.loss(img, txt, idx, scale)}, logs
+        logs["logit_bias"] = float(self.logit_bias.detach())
+        return {"siglip_loss": self.loss(img, txt, idx, scale, self.logit_bias)}, logs
