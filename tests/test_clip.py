@@ -190,6 +190,25 @@ def test_train_evaluate_search_and_zero_shot_through_the_cli(shapes_root, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_clip_checkpoint_is_the_first_stage_of_a_fusion_model(shapes_root, tmp_path):
+    from tests.conftest import train_args
+
+    assert main(clip_args(shapes_root, tmp_path / "clip")) == 0
+    assert main(train_args(shapes_root, tmp_path / "albef", "model.name=tiny_albef", "train.epochs=1")) == 0
+    clip, albef = str(tmp_path / "clip"), str(tmp_path / "albef")
+    out = {name: tmp_path / f"{name}.json" for name in ("clip", "stage1", "full", "own_full")}
+    assert main(["evaluate", clip, "--json", str(out["clip"])]) == 0
+    # without re-ranking, the fusion model's evaluation ranks by the clip model's scores
+    assert main(["evaluate", albef, f"eval.first_stage={clip}", "eval.rerank_k=0", "--json", str(out["stage1"])]) == 0
+    # re-ranking every candidate makes the first stage irrelevant: the fusion model's own full scoring
+    k = "eval.rerank_k=60"  # all 60 test captions (12 images)
+    assert main(["evaluate", albef, f"eval.first_stage={clip}", k, "--json", str(out["full"])]) == 0
+    assert main(["evaluate", albef, k, "--json", str(out["own_full"])]) == 0
+    read = {name: json.loads(path.read_text()) for name, path in out.items()}
+    assert read["stage1"] == read["clip"] and read["full"] == read["own_full"]
+
+
+@pytest.mark.slow
 def test_bad_clip_names_are_one_line_and_exit_2(shapes_root, tmp_path, capsys):
     zs = ["evaluate", "--model", "clip", "--data", str(shapes_root)]
     assert main([*zs, "model.arch=ViT-X"]) == 2
