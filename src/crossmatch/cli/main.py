@@ -17,7 +17,12 @@ from crossmatch.errors import CrossmatchError
 # Modules that add commands: each has `add_parsers(sub, data_sub)` (argparse sub-parser groups of
 # `crossmatch` and of `crossmatch data`) and `run(args) -> bool` (True when it handled the command).
 # They are imported when the parser is built, so keep their top-level imports light (no torch).
-COMMAND_MODULES: list[str] = ["crossmatch.cli.data_tools", "crossmatch.cli.features", "crossmatch.cli.index"]
+COMMAND_MODULES: list[str] = [
+    "crossmatch.cli.data_tools",
+    "crossmatch.cli.features",
+    "crossmatch.cli.index",
+    "crossmatch.cli.export",
+]
 
 
 def _parser() -> argparse.ArgumentParser:
