@@ -3,8 +3,9 @@ inner-product search over it (the first stage of dense retrieval, as in VSE++, F
 and the FAISS library, Johnson et al., IEEE TBD 2019).
 
 An index is a folder:
-- `embeddings.npy`: (N, E) float32, l2-normalised image embeddings, written batch by batch through a
-  memory map, so neither building nor searching holds the whole matrix in memory twice.
+- `embeddings.npy`: (N, E) float32 (or float16 with `dtype="float16"`: half the bytes to read per
+  search), l2-normalised image embeddings, written batch by batch through a memory map, so neither
+  building nor searching holds the whole matrix in memory twice.
 - `paths.json`: N image paths relative to the image folder, row i <-> path i.
 - `meta.json`: checkpoint, model name, E, count, the image folder, the images skipped as unreadable and,
   while a build runs, the progress (`done` files) written atomically after each flushed batch, so an
@@ -13,6 +14,12 @@ An index is a folder:
 
 Only models whose `encode_image` returns exactly {"embed": (B, E)} l2-normalised can be indexed: the
 score of a pair must be the inner product of two single vectors.
+
+Search is exact: one pass over the memory-mapped rows for all the queries of a call, block by block
+((Q, E) @ (E, C) into a preallocated (Q, G) score buffer, one top-k per group of G rows, a final top-k over
+the group winners), so its cost is one read of the index plus a GEMM, and its memory is bounded by the
+buffers, not by N. Float16 rows are widened block by block into a small float32 buffer that stays in
+cache; scores are then exact inner products of the stored (rounded) vectors, in float32.
 
 Legend: N indexed images, B batch, E embedding, Q queries, C rows per search chunk, k results per query.
 """
@@ -43,7 +50,10 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 EMBEDDINGS, PATHS, META, FAISS_FILE = "embeddings.npy", "paths.json", "meta.json", "index.faiss"
 BACKENDS = ("torch", "faiss")
+DTYPES = {"float32": np.float32, "float16": np.float16}  # storage of embeddings.npy
 SEARCH_CHUNK = 65536  # index rows scored at once: a (Q, C) block, never the whole (N, E) as a copy
+HALF_CHUNK = 2048  # float16 rows widened at once: a (C, E) float32 buffer small enough to stay in cache
+SCORE_BUFFER_BYTES = 32 << 20  # the (Q, G) score buffer; G rows share one top-k
 
 
 def list_images(image_dir: str | Path) -> list[Path]:
@@ -105,6 +115,7 @@ def _start_or_resume(out: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], n
     """The progress record and the open (N_files, E) memmap: a fresh one, or the ones of an unfinished
     build of the same inputs. A folder holding another build is an error, not silently overwritten."""
     old_path = out / META
+    dtype = DTYPES[meta["dtype"]]
     if old_path.is_file():
         old = json.loads(old_path.read_text())
         if old.get("fingerprint") != meta["fingerprint"]:
@@ -112,13 +123,16 @@ def _start_or_resume(out: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], n
                 f"{out} holds an index of another checkpoint or image set ({old.get('checkpoint')}, "
                 f"{old.get('image_dir')}); remove it or choose another --out"
             )
+        if old.get("dtype", "float32") != meta["dtype"]:
+            held = old.get("dtype", "float32")
+            raise DataError(f"{out} holds a {held} index, not {meta['dtype']}; remove it or choose another --out")
         if (out / EMBEDDINGS).is_file():
             emb = np.load(out / EMBEDDINGS, mmap_mode="r+")
-            if old.get("complete") or emb.shape == (meta["files"], meta["embed_dim"]):
+            if old.get("complete") or (emb.shape == (meta["files"], meta["embed_dim"]) and emb.dtype == dtype):
                 return old, emb
         log.warning("%s: unfinished build without a usable %s; starting over", out, EMBEDDINGS)
     out.mkdir(parents=True, exist_ok=True)
-    emb = np.lib.format.open_memmap(out / EMBEDDINGS, "w+", np.float32, (meta["files"], meta["embed_dim"]))
+    emb = np.lib.format.open_memmap(out / EMBEDDINGS, "w+", dtype, (meta["files"], meta["embed_dim"]))
     meta = {**meta, "done": 0, "rows": 0, "skipped": [], "complete": False}
     _write_json(old_path, meta)
     return meta, emb
@@ -138,12 +152,13 @@ def build_index(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool = False,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Embed every image under `image_dir` into the index folder `out` (see the module docstring).
 
     Running it again on an unfinished `out` with the same checkpoint and images continues the build;
     on a finished one it returns at once. Unreadable images are logged, recorded in meta["skipped"] and
-    left out of the index.
+    left out of the index. `dtype` ("float32" | "float16") is the storage of embeddings.npy.
 
     Returns:
         The meta.json dict (count = N indexed images).
@@ -152,6 +167,8 @@ def build_index(
         raise ConfigError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     if backend == "faiss":
         _import_faiss()  # fail before the long part
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     root, checkpoint = Path(image_dir), Path(checkpoint)
     files = list_images(root)
     rel = [p.relative_to(root).as_posix() for p in files]
@@ -164,6 +181,7 @@ def build_index(
         "embed_dim": embed_dim_of(model, image_size, model_name, device),
         "files": len(files),
         "fingerprint": _fingerprint(checkpoint, root, rel),
+        "dtype": dtype,
     }
     out = Path(out)
     meta, emb = _start_or_resume(out, meta)
@@ -197,7 +215,7 @@ def _embed_files(
         n_ok = len(batch["image"]) if "image" in batch else 0
         if n_ok:
             vecs = model.encode_image({"image": batch["image"].to(device)})["embed"]  # (B, E)
-            emb[meta["rows"] : meta["rows"] + n_ok] = vecs.float().cpu().numpy()
+            emb[meta["rows"] : meta["rows"] + n_ok] = vecs.float().cpu().numpy()  # rounded to emb.dtype
             emb.flush()  # rows reach the file before meta.json says they exist
         meta["rows"] += n_ok
         meta["done"] += n_ok + len(batch.get("skipped", []))
@@ -215,7 +233,7 @@ def _finish(out: Path, emb: np.memmap, meta: dict[str, Any], rel: list[str]) -> 
         raise DataError(f"no readable image under {meta['image_dir']} ({len(skipped)} skipped)")
     if rows < emb.shape[0]:  # copy the packed rows into a file of the right shape, chunk by chunk
         tmp = out / (EMBEDDINGS + ".tmp")
-        small = np.lib.format.open_memmap(tmp, "w+", np.float32, (rows, emb.shape[1]))
+        small = np.lib.format.open_memmap(tmp, "w+", emb.dtype, (rows, emb.shape[1]))
         for s in range(0, rows, SEARCH_CHUNK):
             small[s : s + SEARCH_CHUNK] = emb[s : min(s + SEARCH_CHUNK, rows)]
         small.flush()
@@ -232,7 +250,7 @@ class Index:
     """An index folder opened for search: embeddings memory-mapped, never loaded whole."""
 
     root: Path
-    embeddings: np.ndarray  # (N, E) float32 memmap
+    embeddings: np.ndarray  # (N, E) float32 or float16 memmap
     paths: list[str]  # N paths relative to meta["image_dir"]
     meta: dict[str, Any]
     _faiss: Any = field(default=None, repr=False)
@@ -244,11 +262,12 @@ class Index:
         return Path(self.meta["image_dir"]) / self.paths[i]
 
     def search(
-        self, text_embeds: Tensor | np.ndarray, k: int, backend: str = "torch", chunk_size: int = SEARCH_CHUNK
+        self, text_embeds: Tensor | np.ndarray, k: int, backend: str = "torch", chunk_size: int = 0
     ) -> tuple[Tensor, Tensor]:
-        """Exact inner-product top-k: text_embeds (Q, E) -> scores (Q, k) float32, ids (Q, k) long, best first
-        (k is capped at N)."""
-        q = torch.as_tensor(text_embeds).float().cpu()  # (Q, E)
+        """Exact inner-product top-k of every query in one pass over the index: text_embeds (Q, E) ->
+        scores (Q, k) float32, ids (Q, k) long, best first (k is capped at N). `chunk_size` rows are read
+        per GEMM (0: SEARCH_CHUNK for float32 rows, HALF_CHUNK for float16)."""
+        q = torch.as_tensor(text_embeds).float().cpu().contiguous()  # (Q, E)
         if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
             e = self.meta["embed_dim"]
             raise ModelError(f"query embeddings {tuple(q.shape)} do not fit index {self.root} (E={e})")
@@ -257,17 +276,7 @@ class Index:
             return self._search_faiss(q, k)
         if backend != "torch":
             raise ConfigError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-        best_s = torch.full((q.shape[0], 0), -torch.inf)  # (Q, <=k) running top-k over the chunks seen
-        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
-        for s in range(0, len(self), chunk_size):
-            block = torch.from_numpy(self.embeddings[s : s + chunk_size])  # (C, E) a view of the map, no copy
-            scores = q @ block.t()  # (Q, C)
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            cand_s = torch.cat([best_s, top.values], 1)  # (Q, <=2k)
-            cand_i = torch.cat([best_i, top.indices + s], 1)
-            keep = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-            best_s, best_i = keep.values, cand_i.gather(1, keep.indices)
-        return best_s, best_i
+        return exact_topk(self.embeddings, q, k, chunk_size)
 
     def _search_faiss(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if self._faiss is None:
@@ -276,6 +285,35 @@ class Index:
             self._faiss = faiss.read_index(str(saved)) if saved.is_file() else faiss_flat_ip(self)
         scores, ids = self._faiss.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)  # (Q, k) each
         return torch.from_numpy(scores), torch.from_numpy(ids).long()
+
+
+def exact_topk(rows: np.ndarray, q: Tensor, k: int, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+    """Top-k inner products of queries q (Q, E) float32 over rows (N, E) float32/float16 (a memory map is
+    read once, block by block): scores (Q, k) float32 and ids (Q, k) long, best first; k <= N."""
+    N, E = rows.shape
+    Q = q.shape[0]
+    widen = rows.dtype != np.float32
+    chunk = max(1, min(N, chunk_size or (HALF_CHUNK if widen else SEARCH_CHUNK)))
+    group = min(N, max(chunk, SCORE_BUFFER_BYTES // (4 * Q) // chunk * chunk))  # rows per top-k, whole chunks
+    scores = torch.empty(Q, group)  # (Q, G) reused for every group
+    wide = torch.empty(chunk, E) if widen else None  # (C, E) float32
+    top_s, top_i = [], []
+    for g0 in range(0, N, group):
+        g1 = min(N, g0 + group)
+        for s in range(g0, g1, chunk):
+            e = min(g1, s + chunk)
+            block = torch.from_numpy(rows[s:e])  # (C, E) a view of the map, no copy
+            if wide is not None:
+                block = wide[: e - s].copy_(block)  # float16 -> float32, in cache
+            torch.matmul(q, block.t(), out=scores[:, s - g0 : e - g0])  # (Q, C) written in place
+        top = scores[:, : g1 - g0].topk(min(k, g1 - g0), dim=1)  # (Q, k)
+        top_s.append(top.values)
+        top_i.append(top.indices + g0)
+    if len(top_s) == 1:
+        return top_s[0], top_i[0]
+    cand_s, cand_i = torch.cat(top_s, 1), torch.cat(top_i, 1)  # (Q, n_groups * k)
+    keep = cand_s.topk(k, dim=1)
+    return keep.values, cand_i.gather(1, keep.indices)
 
 
 def load_index(path: str | Path) -> Index:
@@ -292,6 +330,8 @@ def load_index(path: str | Path) -> Index:
     paths = json.loads((root / PATHS).read_text())
     if emb.shape != (len(paths), meta["embed_dim"]):
         raise DataError(f"index {root}: {EMBEDDINGS} {emb.shape} does not match {len(paths)} paths")
+    if emb.dtype != DTYPES.get(meta.get("dtype", "float32")):
+        raise DataError(f"index {root}: {EMBEDDINGS} is {emb.dtype}, meta.json says {meta.get('dtype', 'float32')}")
     return Index(root, emb, paths, meta)
 
 
@@ -308,7 +348,7 @@ def faiss_flat_ip(index: Index, chunk_size: int = SEARCH_CHUNK):
     faiss = _import_faiss()
     flat = faiss.IndexFlatIP(index.embeddings.shape[1])
     for s in range(0, len(index), chunk_size):
-        flat.add(np.ascontiguousarray(index.embeddings[s : s + chunk_size]))
+        flat.add(np.ascontiguousarray(index.embeddings[s : s + chunk_size], dtype=np.float32))
     return flat
 
 
