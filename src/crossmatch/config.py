@@ -20,7 +20,7 @@ from crossmatch.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    root: str = "data/shapes"  # dataset folder: dataset.json + images/ (karpathy) or {split}_ims.npy (scan)
+    root: str = "data/shapes"  # dataset folder (dataset.json + images/, {split}_ims.npy, *.tar) or a shard pattern
     format: str = "karpathy"  # see crossmatch.data.formats (karpathy, ...)
     json_name: str = ""  # karpathy: the JSON file in root (default dataset.json; dataset_coco.json for COCO)
     image_dir: str = ""  # karpathy: image folder (default {root}/images)
@@ -35,6 +35,7 @@ class DataConfig:
     max_words: int = 32  # captions are cut to this many tokens
     num_workers: int = 0  # DataLoader workers; 0 keeps everything in the main process
     max_bad_samples: int = 0  # unreadable images skipped per epoch before the run fails
+    shuffle_buffer: int = 1000  # webdataset: pairs held in each loader worker's shuffle buffer
 
 
 @dataclass

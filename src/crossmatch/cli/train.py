@@ -46,13 +46,17 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
-    pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
-    loader = build_train_loader(
-        pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
-    )
+    if getattr(train_ds, "streaming", False):  # webdataset shards: a resumable stream, not an indexed split
+        loader, n_pairs = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model)), 0
+    else:
+        pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
+        loader = build_train_loader(
+            pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
+        )
     if len(loader) == 0:
+        n_pairs = getattr(train_ds, "num_pairs", None) or len(pairs)
         raise DataError(
-            f"the train split has {len(pairs)} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
+            f"the train split has {n_pairs} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
         )
     optimizer = create_optimizer(task, cfg.train)
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
@@ -65,6 +69,24 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
         {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()},
     )
     return Trainer(task, optimizer, scheduler, loader, evaluator, sinks, cfg, dist)
+
+
+def build_stream_loader(cfg: RunConfig, train_ds, tokenizer, transform, dist: DistInfo, max_boxes: int):
+    from crossmatch.data.shard_stream import build_shard_loader
+
+    return build_shard_loader(
+        train_ds,
+        tokenizer,
+        transform,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.data.num_workers,
+        buffer_size=cfg.data.shuffle_buffer,
+        skip_bad=cfg.data.max_bad_samples > 0,
+        max_boxes=max_boxes,
+    )
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -92,8 +92,11 @@ class ImageCaptionDataset:
         entries = karpathy_to_entries(read_karpathy_json(self.root / json_name))
         self._load(entries, split, Path(image_dir) if image_dir else self.root / "images", json_name)
 
-    def _load(self, entries: list[dict], split: str | list[str], image_dir: Path, source: str | Path) -> None:
-        """Fill the split from canonical entries (see `karpathy_to_entries`), checking as it goes."""
+    def _load(
+        self, entries: list[dict], split: str | list[str], image_dir: Path, source: str | Path, files_on_disk=True
+    ) -> None:
+        """Fill the split from canonical entries (see `karpathy_to_entries`), checking as it goes (that every
+        image file exists, unless the images are not files: `files_on_disk` False)."""
         splits, name = ([split] if isinstance(split, str) else list(split)), Path(source).name
         self.images, self.captions, self.txt_to_img = [], [], []
         id_to_index: dict = {}
@@ -120,7 +123,7 @@ class ImageCaptionDataset:
             self.images.append(rec)
         if not self.images:
             raise DataError(f"split {'+'.join(splits)!r} of {source} has no images")
-        missing = [r.path for r in self.images if not r.path.is_file()]
+        missing = [r.path for r in self.images if files_on_disk and not r.path.is_file()]
         if missing:
             raise DataError(f"{len(missing)} image file(s) of split {'+'.join(splits)} missing, first: {missing[0]}")
         self.twins = sorted({tuple(sorted((i, id_to_index[t]))) for i, t in twin_of.items() if t in id_to_index})

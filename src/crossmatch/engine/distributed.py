@@ -66,6 +66,15 @@ def all_reduce_max(x: torch.Tensor) -> float:
     return float(x)
 
 
+def all_gather_objects(obj: object) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] when not distributed)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (same shape on every rank) from all ranks along dim 0, without gradient."""
     if get_world_size() == 1:

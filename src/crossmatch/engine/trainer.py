@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from crossmatch.config import RunConfig
 from crossmatch.engine.checkpoint import Checkpointer, rng_state, set_rng_state
-from crossmatch.engine.distributed import DistInfo, all_reduce_max
+from crossmatch.engine.distributed import DistInfo, all_gather_objects, all_reduce_max
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.errors import CrossmatchError, DataError
 from crossmatch.evaluation.evaluate import to_device
@@ -119,8 +119,14 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "trainer": asdict(self.state),
             "rng": rng_state(),
+            **self._loader_state(),
             **self.sinks.extra_state,
         }
+
+    def _loader_state(self) -> dict[str, Any]:
+        # Streaming loaders (webdataset shards) know their position themselves: keep every rank's.
+        has = hasattr(self.train_loader, "state_dict")
+        return {"loader": all_gather_objects(self.train_loader.state_dict())} if has else {}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -130,6 +136,8 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["trainer"])
         set_rng_state(ckpt["rng"])
+        if "loader" in ckpt and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(ckpt["loader"][self.dist.rank])
 
     # ---- loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
