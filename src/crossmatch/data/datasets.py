@@ -206,7 +206,9 @@ class PairView(Dataset):
             if seed is None:
                 return {**self.images[cap["image_idx"]], **cap}
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                # The CPU generator only: torch.manual_seed would also reseed (and, before CUDA starts, queue
+                # with a captured stack) every GPU generator, for transforms that run on the CPU.
+                torch.default_generator.manual_seed(seed)
                 return {**self.images[cap["image_idx"]], **cap}
         except DataError as err:
             if not self.skip_bad:

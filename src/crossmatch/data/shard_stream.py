@@ -170,21 +170,22 @@ class ShardStream(IterableDataset):
             for _ in range(todo * c["batch_size"]):
                 next(pairs)
         for _ in mine:
-            items = [self._item(next(pairs), stream.emitted) for _ in range(c["batch_size"])]
-            batch = collate(items)
+            chosen = [(next(pairs), stream.emitted) for _ in range(c["batch_size"])]
+            ids = self.tokenizer.encode_batch([p.sample.captions[p.ref[2]] for p, _ in chosen])  # one call per batch
+            batch = collate([self._item(p, emitted, tokens) for (p, emitted), tokens in zip(chosen, ids, strict=True)])
             batch["_stream"] = (w, stream.state())
             yield batch
 
-    def _item(self, pair: _Pair, emitted: int) -> dict:
+    def _item(self, pair: _Pair, emitted: int, input_ids: list[int]) -> dict:
         c, sample = self.cfg, pair.sample
-        _, _, cap, img_idx, txt_idx = pair.ref
+        _, _, _, img_idx, txt_idx = pair.ref
         seed = (((c["seed"] * 1_000_003 + self.epoch) * 1_009 + c["rank"]) * 10_000_019 + txt_idx) * 7 + emitted
-        item = {"input_ids": self.tokenizer.encode(sample.captions[cap]), "image_idx": img_idx, "text_idx": txt_idx}
+        item = {"input_ids": input_ids, "image_idx": img_idx, "text_idx": txt_idx}
         if sample.meta.get("pid") is not None:
             item["pid"] = int(sample.meta["pid"])
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed % (2**63))
+                torch.default_generator.manual_seed(seed % (2**63))  # the CPU generator only (as PairView)
                 boxes = sample.meta.get("boxes")
                 boxes = boxes[: c["max_boxes"]] if (c["max_boxes"] and boxes) else None
                 image, boxes = apply_transform(self.transform, decode_image(sample.image, sample.where()), boxes)
