@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from crossmatch.config import config_to_dict, load_config
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.tokenizer import CaptionTokenizer
-from crossmatch.engine.checkpoint import atomic_save
 from crossmatch.errors import ModelError
 from crossmatch.models.layers import GRUTextEncoder
+from tests import conftest
 
 CAPTIONS = ["a red circle left of a blue square", "two green triangles above a small star", "one big yellow square"]
 TEXTS = ["a blue square", "a red circle left of a blue square above two green triangles and one star", "", "zebra"]
@@ -90,16 +89,7 @@ def test_dual_encoder_onnx_matches_torch_and_the_tokenizer_round_trips(tmp_path)
 
 
 def save_tiny_checkpoint(path, name: str, *overrides: str):
-    """A checkpoint in crossmatch train's layout without training: config, tokenizer, random weights."""
-    from crossmatch.cli.common import build_model, resolved_model_section
-
-    cfg = load_config(None, [f"model.name={name}", "data.image_size=32", "data.max_words=8", *overrides])
-    tok = tokenizer(cfg.data.max_words)
-    torch.manual_seed(0)
-    model = build_model(cfg, tok)
-    cfg.model = resolved_model_section(name, model)
-    atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "tokenizer": tok.to_str()}, path)
-    return path
+    return conftest.save_tiny_checkpoint(path, name, *overrides, captions=CAPTIONS)
 
 
 @pytest.mark.parametrize(

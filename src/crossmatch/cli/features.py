@@ -15,6 +15,10 @@ Outputs in DIR (rows in the split's image order):
 Images go through the evaluation transform (resize to --image-size, ImageNet mean/std). The features
 are the tower's own (pooled by its global pooling for `global`), not a dual encoder's projections.
 
+Rows are written batch by batch into a resumable part (`DIR/.parts/`: run the same command again after an
+interruption), then moved into place. Under `torchrun --nproc_per_node=N` each rank embeds a batch-aligned
+share and rank 0 merges the parts into the same files a single process writes (crossmatch.engine.sharding).
+
 Legend: N images, B batch, C channels, h/w feature-map height/width, K boxes.
 """
 
@@ -48,6 +52,9 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
 def run(args: argparse.Namespace) -> bool:
     if args.command != "features":
         return False
+    from crossmatch.engine.distributed import init_distributed
+
+    dist = init_distributed()  # a process group under torchrun; nothing otherwise
     info = extract_features(
         args.source,
         args.data,
@@ -58,9 +65,11 @@ def run(args: argparse.Namespace) -> bool:
         batch_size=args.batch_size,
         max_boxes=args.max_boxes,
         data_format=args.format,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty() and dist.is_main,
+        device=dist.device,
     )
-    print(f"wrote {info['features_file']} {tuple(info['shape'])} and {info['captions_file']} in {args.out}")
+    if dist.is_main:
+        print(f"wrote {info['features_file']} {tuple(info['shape'])} and {info['captions_file']} in {args.out}")
     return True
 
 
@@ -101,11 +110,13 @@ def tower_features(tower: nn.Module, batch: dict[str, Tensor], kind: str, image_
 def write_captions(ds: Any, out: Path, split: str) -> tuple[str, int | None]:
     """`{split}_caps.txt` (k per image) or `{split}_karpathy.json` when the count varies. Returns
     (file name, k or None)."""
+    from crossmatch.files import write_text
+
     counts = {len(rec.caption_ids) for rec in ds.images}
     if len(counts) == 1:
         name = f"{split}_caps.txt"
         lines = [" ".join(ds.captions[t].split()) for rec in ds.images for t in rec.caption_ids]
-        (out / name).write_text("\n".join(lines) + "\n")
+        write_text(out / name, "\n".join(lines) + "\n")
         return name, counts.pop()
     name = f"{split}_karpathy.json"
     entries = [
@@ -118,7 +129,7 @@ def write_captions(ds: Any, out: Path, split: str) -> tuple[str, int | None]:
         }
         for i, rec in enumerate(ds.images)
     ]
-    (out / name).write_text(json.dumps({"dataset": "crossmatch-features", "images": entries}))
+    write_text(out / name, json.dumps({"dataset": "crossmatch-features", "images": entries}))
     return name, None
 
 
@@ -143,67 +154,104 @@ def extract_features(
     max_boxes: int = 36,
     data_format: str = "karpathy",
     progress: bool = False,
+    device: Any = None,
 ) -> dict[str, Any]:
-    """Write the features of `split` of the dataset at `root` to `out` (see the module docstring).
+    """Write the features of `split` of the dataset at `root` to `out` (see the module docstring); under
+    torchrun, this rank's share, merged by rank 0.
 
     Returns:
         The features.json dict.
     """
+    import hashlib
+
     import numpy as np
     import torch
+    from torch.utils.data import Subset
     from tqdm import tqdm
 
     from crossmatch.config import DataConfig
     from crossmatch.data import formats
     from crossmatch.data.loaders import build_eval_loader
     from crossmatch.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_image_transform
+    from crossmatch.engine.distributed import barrier, get_rank, get_world_size
+    from crossmatch.engine.sharding import PartWriter, batch_aligned_range, part_dir
+    from crossmatch.files import write_text
 
     ds = formats.open_split(DataConfig(root=root, format=data_format), split)
     tower, desc, side = load_tower(source, image_size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tower.to(device)
     k_boxes = _box_count(ds, max_boxes) if kind == "boxes" else 0
     view = ds.image_view(build_image_transform(side, train=False), k_boxes)
-    loader = build_eval_loader(view, batch_size)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    feats_name, mask_name = f"{split}_ims.npy", f"{split}_ims_mask.npy" if kind == "boxes" else None
-    array = mask = None
-    n, row = len(view), 0
+    rank, world, n = get_rank(), get_world_size(), len(view)
+    share = batch_aligned_range(n, batch_size, rank, world)
+    stat = Path(source).stat() if Path(source).is_file() else None
+    ident = f"{Path(source).resolve() if stat else source}|{stat and (stat.st_size, stat.st_mtime_ns)}|{root}|"
+    key = hashlib.sha1(f"{ident}{split}|{kind}|{side}|{k_boxes}|{n}|{batch_size}|{share}".encode()).hexdigest()
+    part = PartWriter(part_dir(out, f"features-{split}", rank, world), key, len(share))
+    todo = Subset(view, range(share.start + part.done, share.stop))  # whole batches done: stays batch-aligned
+    dtypes = {"ims": np.float16, "mask": np.bool_}
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=f"features {split}", disable=not progress, leave=False):
+        for batch in tqdm(build_eval_loader(todo, batch_size), desc=f"features {split}", disable=not progress):
             batch = {k: v.to(device) for k, v in batch.items()}
             feats = tower_features(tower, batch, kind, side).float().cpu().numpy()  # (B, ...)
             if kind == "boxes" and feats.shape[1] < k_boxes:  # this batch's images have fewer boxes
                 feats = np.pad(feats, ((0, 0), (0, k_boxes - feats.shape[1]), (0, 0)))
-            if array is None:  # the shape is known after the first batch
-                array = np.lib.format.open_memmap(out / feats_name, "w+", np.float16, (n, *feats.shape[1:]))
-                if mask_name:
-                    mask = np.lib.format.open_memmap(out / mask_name, "w+", np.bool_, (n, k_boxes))
-            array[row : row + len(feats)] = feats
-            if mask is not None:
+            rows = {"ims": feats}
+            if kind == "boxes":
                 m = batch["box_mask"].cpu().numpy()  # (B, K_batch)
-                mask[row : row + len(feats)] = np.pad(m, ((0, 0), (0, k_boxes - m.shape[1])))
-            row += len(feats)
-    array.flush()
-    if mask is not None:
-        mask.flush()
-    captions_name, per_image = write_captions(ds, out, split)
-    info = {
-        "kind": kind,
-        "shape": list(array.shape),
-        "dtype": "float16",
-        "tower": desc,
-        "image_size": side,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "split": split,
-        "features_file": feats_name,
-        "mask_file": mask_name,
-        "captions_file": captions_name,
-        "captions_per_image": per_image,
-        "n_captions": len(ds.captions),
-    }
-    index = out / "features.json"  # one entry per split written to this folder
-    splits = json.loads(index.read_text()) if index.is_file() else {}
-    index.write_text(json.dumps({**splits, split: info}, indent=2))
-    return info
+                rows["mask"] = np.pad(m, ((0, 0), (0, k_boxes - m.shape[1])))
+            part.write(rows, dtypes)
+    barrier()
+    feats_name, mask_name = f"{split}_ims.npy", f"{split}_ims_mask.npy" if kind == "boxes" else None
+    if rank == 0:
+        shape = _merge_features(out, split, n, batch_size, world, {"ims": feats_name, "mask": mask_name})
+        captions_name, per_image = write_captions(ds, out, split)
+        info = {
+            "kind": kind,
+            "shape": list(shape),
+            "dtype": "float16",
+            "tower": desc,
+            "image_size": side,
+            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "split": split,
+            "features_file": feats_name,
+            "mask_file": mask_name,
+            "captions_file": captions_name,
+            "captions_per_image": per_image,
+            "n_captions": len(ds.captions),
+        }
+        index = out / "features.json"  # one entry per split written to this folder
+        splits = json.loads(index.read_text()) if index.is_file() else {}
+        write_text(index, json.dumps({**splits, split: info}, indent=2))
+    barrier()  # the other ranks read what rank 0 wrote
+    return json.loads((out / "features.json").read_text())[split]
+
+
+def _merge_features(out: Path, split: str, n: int, batch_size: int, world: int, names: dict) -> tuple[int, ...]:
+    """Rank 0: the ranks' parts -> `{split}_ims.npy` (+ mask); the parts are then removed. Returns the shape."""
+    import shutil
+
+    import numpy as np
+
+    from crossmatch.engine.sharding import PARTS, batch_aligned_range, part_dir, write_npy_concat
+
+    folders = [
+        part_dir(out, f"features-{split}", r, world)
+        for r in range(world)
+        if len(batch_aligned_range(n, batch_size, r, world))
+    ]
+    shape: tuple[int, ...] = ()
+    for array, name in names.items():
+        if name is None:
+            continue
+        parts = [np.load(f / f"{array}.npy", mmap_mode="r") for f in folders]
+        write_npy_concat(parts, out / name)
+        shape = shape or (n, *parts[0].shape[1:])
+        del parts
+    for f in (out / PARTS).glob(f"features-{split}-rank*"):  # the empty shares' folders too
+        shutil.rmtree(f, ignore_errors=True)
+    if (out / PARTS).is_dir() and not any((out / PARTS).iterdir()):
+        (out / PARTS).rmdir()
+    return shape

@@ -10,7 +10,9 @@ faiss, Johnson et al., 2019).
 Several --query flags are answered together, in one pass over the index.
 
 The index layout is documented in `crossmatch.evaluation.index`. An interrupted build resumes when run
-again with the same arguments. Top-level imports stay light (no torch): this module is imported to build
+again with the same arguments. `torchrun --nproc_per_node=N -m crossmatch index build ...` shards the
+embedding over N processes (gloo on CPU, nccl on GPU) and merges one index, the same as a single process's.
+Top-level imports stay light (no torch): this module is imported to build
 the parser of every command.
 """
 
@@ -73,11 +75,13 @@ def run_build(
 ) -> dict:
     """Build (or finish building) the index; prints a one-line summary and the skipped files."""
     from crossmatch.cli.common import load_run
+    from crossmatch.engine.distributed import init_distributed
     from crossmatch.errors import ConfigError
     from crossmatch.evaluation.index import build_index
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    dist = init_distributed()  # a process group under torchrun; nothing otherwise
     model, cfg, _ = load_run(checkpoint)
     meta = build_index(
         model,
@@ -88,11 +92,13 @@ def run_build(
         image_size=cfg.data.image_size,
         batch_size=batch_size,
         backend=backend,
-        device=_device(),
+        device=dist.device,
         num_workers=workers,
         progress=sys.stderr.isatty(),
         dtype=dtype,
     )
+    if not dist.is_main:
+        return meta
     skipped = meta["skipped"]
     print(f"indexed {meta['count']} images (E={meta['embed_dim']}, {meta['model']}, {dtype}) into {out}")
     if skipped:

@@ -12,6 +12,10 @@ An index is a folder:
   interrupted build resumes where it stopped and ends with the same file as an uninterrupted one.
 - `index.faiss` (optional): a faiss `IndexFlatIP` over the same rows.
 
+Under `torchrun --nproc_per_node=N` every rank embeds a batch-aligned share of the images into
+`.parts/index-rankRRR-of-NNN/` (itself a resumable build of those files), and rank 0 merges the parts into
+the files a single process writes, byte for byte (`crossmatch.engine.sharding`).
+
 Only models whose `encode_image` returns exactly {"embed": (B, E)} l2-normalised can be indexed: the
 score of a pair must be the inner product of two single vectors.
 
@@ -42,6 +46,8 @@ from tqdm import tqdm
 
 from crossmatch.data.loaders import build_eval_loader, pad_sequences
 from crossmatch.data.transforms import build_image_transform, load_image
+from crossmatch.engine.distributed import barrier, get_rank, get_world_size
+from crossmatch.engine.sharding import PARTS, batch_aligned_range, part_dir, write_npy_concat
 from crossmatch.errors import ConfigError, DataError, ModelError
 from crossmatch.files import write_text
 
@@ -184,13 +190,71 @@ def build_index(
         "dtype": dtype,
     }
     out = Path(out)
-    meta, emb = _start_or_resume(out, meta)
-    if not meta["complete"]:
-        _embed_files(model, files, emb, meta, out, batch_size, device, num_workers, progress)
-        meta = _finish(out, emb, meta, rel)
-    if backend == "faiss" and not (out / FAISS_FILE).is_file():
+    if get_world_size() > 1:
+        meta = _build_sharded(model, files, rel, meta, out, (batch_size, device, num_workers, progress))
+    else:
+        meta, emb = _start_or_resume(out, meta)
+        if not meta["complete"]:
+            _embed_files(model, files, emb, meta, out, batch_size, device, num_workers, progress)
+            meta = _finish(out, emb, meta, rel)
+    if backend == "faiss" and not (out / FAISS_FILE).is_file() and get_rank() == 0:
         write_faiss(load_index(out), out / FAISS_FILE)
+    barrier()
     return meta
+
+
+def _build_sharded(
+    model: nn.Module, files: list[Path], rel: list[str], meta: dict[str, Any], out: Path, run: tuple
+) -> dict[str, Any]:
+    """This rank's share into its resumable part, then rank 0 merges (see the module docstring)."""
+    batch_size, device, num_workers, progress = run
+    rank, world = get_rank(), get_world_size()
+    final = out / META
+    if final.is_file():
+        old = json.loads(final.read_text())
+        if old.get("complete") and old.get("fingerprint") == meta["fingerprint"]:
+            return old
+    share = batch_aligned_range(len(files), batch_size, rank, world)
+    if len(share):
+        folder = part_dir(out, "index", rank, world)
+        part = {**meta, "files": len(share), "fingerprint": f"{meta['fingerprint']}:{share.start}-{share.stop}"}
+        part, emb = _start_or_resume(folder, part)
+        if not part["complete"]:
+            mine = files[share.start : share.stop]
+            _embed_files(model, mine, emb, part, folder, batch_size, device, num_workers, progress and rank == 0)
+            _write_json(folder / META, {**part, "complete": True})
+        del emb
+    barrier()
+    if rank == 0:
+        _merge_parts(out, meta, rel, batch_size, world)
+    barrier()
+    return json.loads(final.read_text())
+
+
+def _merge_parts(out: Path, meta: dict[str, Any], rel: list[str], batch_size: int, world: int) -> dict[str, Any]:
+    """Concatenate the ranks' packed rows and skip lists into the single-process files, then drop the parts."""
+    import shutil
+
+    rows, skipped = [], []
+    for r in range(world):
+        share = batch_aligned_range(len(rel), batch_size, r, world)
+        if not len(share):
+            continue
+        folder = part_dir(out, "index", r, world)
+        part = json.loads((folder / META).read_text())
+        rows.append(np.load(folder / EMBEDDINGS, mmap_mode="r")[: part["rows"]])  # (rows_r, E)
+        skipped += [{**s, "index": s["index"] + share.start} for s in part["skipped"]]
+    count = sum(len(x) for x in rows)
+    if count == 0:
+        raise DataError(f"no readable image under {meta['image_dir']} ({len(skipped)} skipped)")
+    write_npy_concat(rows, out / EMBEDDINGS)
+    del rows
+    gone = {s["index"] for s in skipped}
+    _write_json(out / PATHS, [r for i, r in enumerate(rel) if i not in gone])
+    final = {**meta, "done": len(rel), "rows": count, "skipped": skipped, "complete": True, "count": count}
+    _write_json(out / META, final)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    return final
 
 
 def _embed_files(
