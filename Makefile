@@ -27,6 +27,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan_scoring.py
+	$(BIN)/python benchmarks/index_search.py
+	$(BIN)/python benchmarks/shard_loader.py
 
 clean:
 	rm -rf runs data/shapes .pytest_cache

@@ -237,3 +237,19 @@ def test_sigkill_mid_epoch_on_shards_then_resume_is_bitwise_identical(shards, tm
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["trainer"]["history"] == b["trainer"]["history"]
+
+
+@pytest.mark.slow
+def test_two_rank_training_on_shards_stores_every_ranks_position(shards, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "crossmatch"]
+    cmd = [*torchrun, "train", str(ROOT / "configs/vse_shapes.yaml"), "--run-dir", str(tmp_path / "run")]
+    cmd += [f"data.root={shards}", "data.format=webdataset", "data.shuffle_buffer=16", "data.image_size=32"]
+    cmd += ["model.name=tiny_vse", "model.batch_norm=false", "train.batch_size=4", "train.epochs=1"]
+    cmd += ["train.max_steps_per_epoch=6", "checkpoint.every_steps=5", "eval.batch_size=16"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "epoch_0001.pt")
+    assert len(ckpt["loader"]) == 2  # one position per rank, gathered into rank 0's checkpoint
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["trainer"]["epoch"] == 1 and all(p["epoch"] == 0 and p["consumed"] == 6 for p in last["loader"])
+    assert ckpt["loader"][0]["states"] != ckpt["loader"][1]["states"]  # ranks read different shards
