@@ -47,14 +47,15 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = build_image_transform(cfg.data.image_size, train=True, augment=cfg.data.augment)
     if getattr(train_ds, "streaming", False):  # webdataset shards: a resumable stream, not an indexed split
-        loader, n_pairs = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model)), 0
+        loader = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model))
+        n_pairs = train_ds.num_pairs
     else:
         pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
         loader = build_train_loader(
             pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
         )
+        n_pairs = len(pairs)
     if len(loader) == 0:
-        n_pairs = getattr(train_ds, "num_pairs", None) or len(pairs)
         raise DataError(
             f"the train split has {n_pairs} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
         )
@@ -72,6 +73,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, dist: DistInfo, tokenizer: Capt
 
 
 def build_stream_loader(cfg: RunConfig, train_ds, tokenizer, transform, dist: DistInfo, max_boxes: int):
+    """The resumable loader of a streamed (webdataset) train split."""
     from crossmatch.data.shard_stream import build_shard_loader
 
     return build_shard_loader(

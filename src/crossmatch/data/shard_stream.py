@@ -230,7 +230,13 @@ class ShardLoader:
         j0, W = start // self.batch_size, self.workers
         saved = self._saved or {}
         states = {}
-        if (saved.get("epoch"), saved.get("consumed"), saved.get("workers")) == (epoch, j0, W):
+        world = self.stream.cfg["world"]
+        if (saved.get("epoch"), saved.get("consumed"), saved.get("workers"), saved.get("world")) == (
+            epoch,
+            j0,
+            W,
+            world,
+        ):
             states = {int(w): st for w, st in saved["states"].items()}
         resume: dict[int, Any] = {}  # logical worker -> its stored state, or the batches to replay
         for w in range(W):
@@ -252,7 +258,13 @@ class ShardLoader:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "workers": self.workers, "states": self.states}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "workers": self.workers,
+            "world": self.stream.cfg["world"],
+            "states": self.states,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._saved = state

@@ -136,7 +136,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["trainer"])
         set_rng_state(ckpt["rng"])
-        if "loader" in ckpt and hasattr(self.train_loader, "load_state_dict"):
+        if "loader" in ckpt and hasattr(self.train_loader, "load_state_dict") and self.dist.rank < len(ckpt["loader"]):
             self.train_loader.load_state_dict(ckpt["loader"][self.dist.rank])
 
     # ---- loop --------------------------------------------------------------------------------------
