@@ -12,7 +12,7 @@ $(BIN)/python:
 # torch/torchvision pinned here (the local wheel cache serves these); pyproject only declares ranges.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[test,pretrained,index,clip]"
+	$(BIN)/pip install -e ".[test,pretrained,index,clip,export,webdataset]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +28,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan_scoring.py
 	$(BIN)/python benchmarks/accumulation.py
+	$(BIN)/python benchmarks/index_search.py
+	$(BIN)/python benchmarks/shard_loader.py
 
 clean:
 	rm -rf runs data/shapes .pytest_cache

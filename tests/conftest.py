@@ -103,3 +103,20 @@ class FixedScores(torch.nn.Module):
 
     def similarity(self, img, txt):
         return self.scores[img["idx"]][:, txt["idx"]]
+
+
+def save_tiny_checkpoint(path: Path, name: str, *overrides: str, captions: list[str] | None = None) -> Path:
+    """A checkpoint in `crossmatch train`'s layout without training: config, word tokenizer, seeded random weights."""
+    from crossmatch.config import config_to_dict, load_config
+    from crossmatch.data.tokenizer import CaptionTokenizer
+    from crossmatch.engine.checkpoint import atomic_save
+    from crossmatch.runs import build_model, resolved_model_section
+
+    cfg = load_config(None, [f"model.name={name}", "data.image_size=32", "data.max_words=8", *overrides])
+    words = captions or ["a red circle left of a blue square", "two green triangles above a small star"]
+    tok = CaptionTokenizer.train(words, max_words=cfg.data.max_words)
+    torch.manual_seed(0)
+    model, cfg = build_model(cfg, tok)
+    cfg.model = resolved_model_section(name, model)
+    atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "tokenizer": tok.to_str()}, path)
+    return path

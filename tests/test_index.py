@@ -249,3 +249,64 @@ def test_html_report_is_self_contained_and_survives_unreadable_images(tmp_path):
     sizes = [Image.open(io.BytesIO(base64.b64decode(u))).size for u in uris]
     assert sizes == [(20, 12), (128, 85)]
     assert 'src="http' not in page and 'src="/' not in page  # nothing linked from outside the file
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_exact_topk_equals_brute_force_over_the_stored_rows(dtype, monkeypatch):
+    from crossmatch.search import index as index_mod
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((5000, 32)).astype(np.float32)
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(dtype)  # (N, E) as stored
+    q = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((7, 32)).astype(np.float32)), dim=1)
+    ref = q.double() @ torch.from_numpy(rows.astype(np.float64)).t()  # (Q, N) float64 brute force, stored values
+    expected = ref.topk(25, dim=1)
+    for chunk, buffer_bytes in ((0, index_mod.SCORE_BUFFER_BYTES), (300, 7 * 4 * 900), (5000, 4 * 7 * 5000)):
+        monkeypatch.setattr(index_mod, "SCORE_BUFFER_BYTES", buffer_bytes)  # 900 rows per top-k: 6 groups merged
+        scores, ids = index_mod.exact_topk(rows, q, 25, chunk)
+        assert torch.equal(ids, expected.indices)  # random data: no two scores within float32 rounding
+        # A float32 dot product of unit vectors: |error| <= E * 2^-24 * sum|q_i x_i| <= 32 * 2^-24 < 2e-6.
+        torch.testing.assert_close(scores.double(), expected.values, atol=2e-6, rtol=0)
+
+
+def test_float16_index_halves_the_file_and_keeps_the_top_results(run, tmp_path, capsys):
+    images, ckpt, idx = run
+    out = tmp_path / "idx16"
+    assert main(["index", "build", str(ckpt), str(images), "--out", str(out), "--dtype", "float16"]) == 0
+    assert "float16) into" in capsys.readouterr().out
+    emb32, emb16 = np.load(idx / "embeddings.npy"), np.load(out / "embeddings.npy")
+    assert emb16.dtype == np.float16 and np.array_equal(emb16, emb32.astype(np.float16))  # same rows, rounded
+    assert json.loads((out / "meta.json").read_text())["dtype"] == "float16"
+    assert (out / "embeddings.npy").stat().st_size < 0.6 * (idx / "embeddings.npy").stat().st_size
+    queries = torch.cat([brute_force_text(ckpt, q) for q in (QUERY, "a green triangle", "two small shapes")])
+    s16, i16 = load_index(out).search(queries, 10)
+    ref = queries.double() @ torch.from_numpy(emb16.astype(np.float64)).t()  # exact over the stored halves
+    assert torch.equal(i16, ref.topk(10, dim=1).indices)
+    s32, i32 = load_index(idx).search(queries, 10)
+    assert torch.equal(i16[:, 0], i32[:, 0])  # top-1 agrees; scores differ by the float16 rounding only
+    torch.testing.assert_close(s16, s32, atol=2e-3, rtol=0)  # |x16 - x| <= 2^-11 |x| per element, unit vectors
+    with pytest.raises(DataError, match="holds a float16 index, not float32"):
+        build_index(*load_run(ckpt)[:1], images, out, checkpoint=ckpt, model_name="tiny_vse", image_size=32)
+
+
+def test_several_queries_are_answered_in_one_pass(run, tmp_path, capsys, monkeypatch):
+    from crossmatch.search import index as index_mod
+
+    _, ckpt, idx = run
+    calls = []
+    real = index_mod.exact_topk
+    monkeypatch.setattr(index_mod, "exact_topk", lambda rows, q, *a: calls.append(q.shape) or real(rows, q, *a))
+    texts = [QUERY, "a green triangle"]
+    capsys.readouterr()
+    assert main(["index", "query", str(idx), "--query", texts[0], "--query", texts[1], "--top-k", "3"]) == 0
+    assert calls == [(2, 16)]  # both queries in one search call
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"query: {texts[0]}" and out[4] == f"query: {texts[1]}" and len(out) == 8
+    single = out[1:4]
+    capsys.readouterr()
+    assert main(["index", "query", str(idx), "--query", texts[0], "--top-k", "3"]) == 0
+    assert capsys.readouterr().out.splitlines() == single  # the same hits as alone
+    two = ["--query", texts[0], "--query", texts[1]]
+    assert main(["index", "query", str(idx), *two, "--out", str(tmp_path / "g.png")]) == 2  # a gallery shows one
+    assert main(["index", "query", str(idx), *two, "--out", str(tmp_path / "g.html")]) == 0
+    assert (tmp_path / "g.html").read_text().count("<section") == 2

@@ -140,9 +140,9 @@ def test_features_match_a_direct_forward_pass(shapes_root, tmp_path, kind):
     info = json.loads((out / "features.json").read_text())["test"]
     feats = np.load(out / "test_ims.npy", mmap_mode="r")
     assert feats.dtype == np.float16 and list(feats.shape) == info["shape"] and info["kind"] == kind
-    from crossmatch.cli.features import tower_features
     from crossmatch.config import DataConfig
     from crossmatch.data import formats
+    from crossmatch.search.features import tower_features
 
     ds = formats.open_split(DataConfig(root=str(shapes_root)), "test")
     k = min(3, max(len(r.boxes) for r in ds.images))

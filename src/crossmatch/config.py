@@ -22,7 +22,7 @@ from crossmatch.files import write_text
 
 @dataclass
 class DataConfig:
-    root: str = "data/shapes"  # dataset folder: dataset.json + images/ (karpathy) or {split}_ims.npy (scan)
+    root: str = "data/shapes"  # dataset folder (dataset.json + images/, {split}_ims.npy, *.tar) or a shard pattern
     format: str = "karpathy"  # see crossmatch.data.formats (karpathy, ...)
     json_name: str = ""  # karpathy: the JSON file in root (default dataset.json; dataset_coco.json for COCO)
     image_dir: str = ""  # karpathy: image folder (default {root}/images)
@@ -39,6 +39,7 @@ class DataConfig:
     max_bad_samples: int = 0  # unreadable images skipped per epoch before the run fails
     max_image_pixels: int = 89_478_485  # larger images are unreadable (decompression bombs); Pillow's default
     allow_outside_root: bool = False  # accept image paths that leave the image folder (../x.png, /abs/x.png)
+    shuffle_buffer: int = 1000  # webdataset: pairs held in each loader worker's shuffle buffer
     # Image preprocessing. Empty values take the model's own (open_clip models declare theirs), else the
     # defaults (ImageNet mean/std, squash resize, bilinear). A run stores the resolved values.
     image_mean: list[float] = field(default_factory=list)  # per-channel mean, RGB

@@ -239,13 +239,18 @@ def build_trainer(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = transform_from_config(cfg.data, train=True)
-    pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
-    loader = build_train_loader(
-        pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
-    )
+    if getattr(train_ds, "streaming", False):  # webdataset shards: a resumable stream, not an indexed split
+        loader = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model))
+        n_pairs = train_ds.num_pairs
+    else:
+        pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
+        loader = build_train_loader(
+            pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
+        )
+        n_pairs = len(pairs)
     if len(loader) == 0:
         raise DataError(
-            f"the train split has {len(pairs)} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
+            f"the train split has {n_pairs} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
         )
     optimizer = create_optimizer(task, cfg.train)
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
@@ -271,6 +276,25 @@ def build_trainer(
     )
     loaders = RunLoaders(loader, val_loader)
     return Trainer(task, optimizer, scheduler, loaders, evaluator, sinks, TrainerConfig.from_run(cfg), dist), cfg
+
+
+def build_stream_loader(cfg: RunConfig, train_ds, tokenizer, transform, dist: DistInfo, max_boxes: int):
+    """The resumable loader of a streamed (webdataset) train split."""
+    from crossmatch.data.shard_stream import build_shard_loader
+
+    return build_shard_loader(
+        train_ds,
+        tokenizer,
+        transform,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.data.num_workers,
+        buffer_size=cfg.data.shuffle_buffer,
+        skip_bad=cfg.data.max_bad_samples > 0,
+        max_boxes=max_boxes,
+    )
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -66,6 +66,21 @@ def _comm_device() -> torch.device:
 
 
 # ---- collectives -----------------------------------------------------------------------------------
+def barrier() -> None:
+    """Wait for every rank (a no-op when not distributed)."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] when not distributed)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_max(x: Tensor) -> float:
     """Max of a scalar over ranks (the value itself when not distributed)."""
     if get_world_size() > 1:

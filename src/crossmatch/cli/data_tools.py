@@ -4,10 +4,11 @@ formats.
 
     crossmatch data shapes --out DIR [--train N] [--val N] [--test N] [--seed S] [--size PX]
     crossmatch data validate PATH [--format F] [--json-name N] [--image-dir D]
-    crossmatch data convert SRC DST --to karpathy|jsonl [--from F] [--json-name N]
+    crossmatch data convert SRC DST --to karpathy|jsonl|webdataset [--from F] [--json-name N] [--shard-size N]
 
-PATH and SRC are a dataset folder or its annotation file. Formats: karpathy, jsonl, cuhk_pedes, icfg_pedes,
-rstpreid (guessed from the file name when not given). Heavy imports happen in `run`, not at parser build time.
+PATH and SRC are a dataset folder or its annotation file, or (webdataset) a folder of .tar shards or a brace
+pattern. Formats: karpathy, jsonl, cuhk_pedes, icfg_pedes, rstpreid, webdataset (guessed when not given).
+Heavy imports happen in `run`, not at parser build time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 from crossmatch.cli.help import add_command
 
-FORMATS = ("karpathy", "jsonl", "cuhk_pedes", "icfg_pedes", "rstpreid")
+FORMATS = ("karpathy", "jsonl", "cuhk_pedes", "icfg_pedes", "rstpreid", "webdataset")
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
@@ -54,15 +55,16 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     conv = add_command(
         data_sub,
         "convert",
-        "convert a dataset file to Karpathy JSON or JSONL",
+        "convert a dataset to Karpathy JSON, JSONL or WebDataset shards",
         "crossmatch data convert data/shapes data/shapes.jsonl --to jsonl",
-        "crossmatch data convert data/cuhk/reid_raw.json data/cuhk/dataset.json --to karpathy",
+        "crossmatch data convert data/shapes data/shards --to webdataset --shard-size 1000",
     )
     conv.add_argument("src", help="dataset folder or annotation file")
-    conv.add_argument("dst", help="output file")
-    conv.add_argument("--to", required=True, choices=("karpathy", "jsonl"))
+    conv.add_argument("dst", help="output file (a folder of shards for --to webdataset)")
+    conv.add_argument("--to", required=True, choices=("karpathy", "jsonl", "webdataset"), help="output format")
     conv.add_argument("--from", dest="from_format", choices=FORMATS, default=None, help="guessed when not given")
     conv.add_argument("--json-name", default="", help="annotation file name inside the SRC folder")
+    conv.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard (default 1000)")
 
 
 def run(args: argparse.Namespace) -> bool:
@@ -77,18 +79,31 @@ def run(args: argparse.Namespace) -> bool:
         )
         print(f"wrote {path}")
         return True
-    from crossmatch.data.check import check_entries, convert, first_problem, format_report, read_entries, resolve_source
+    from crossmatch.data.check import (
+        check_entries,
+        check_shards,
+        convert,
+        first_problem,
+        format_report,
+        read_entries,
+        resolve_source,
+    )
     from crossmatch.errors import DataError
 
     if args.data_command == "validate":
         src = resolve_source(args.path, args.format, args.json_name, args.image_dir)
-        entries = read_entries(src)
-        report = check_entries(entries, src.image_dir, sys.stderr.isatty(), args.allow_outside_root)
+        if src.fmt == "webdataset":
+            report = check_shards(src.file, progress=sys.stderr.isatty())
+        else:
+            report = check_entries(read_entries(src), src.image_dir, sys.stderr.isatty(), args.allow_outside_root)
         print(format_report(src, report))
         if report.n_problems:
             raise DataError(f"{report.n_problems} problem(s) in {src.file}, first: {first_problem(report)}")
         return True
     src = resolve_source(args.src, args.from_format, args.json_name)
-    out = convert(src, args.dst, args.to)
-    print(f"wrote {out} ({args.to}) from {src.file} ({src.fmt}); image paths are relative to {src.image_dir}")
+    out = convert(src, args.dst, args.to, args.shard_size)
+    if args.to == "webdataset":
+        print(f"wrote {len(list(out.glob('*.tar')))} shard(s) to {out} from {src.file} ({src.fmt})")
+    else:
+        print(f"wrote {out} ({args.to}) from {src.file} ({src.fmt}); image paths are relative to {src.image_dir}")
     return True

@@ -6,7 +6,9 @@ faiss, Johnson et al., 2019).
     crossmatch index query INDEX --query TEXT [--top-k K] [--out FILE.png|.html] [--backend torch|faiss]
 
 The index layout is documented in `crossmatch.search.index`. An interrupted build resumes when run
-again with the same arguments. Top-level imports stay light (no torch): this module is imported to build
+again with the same arguments. `torchrun --nproc_per_node=N -m crossmatch index build ...` shards the
+embedding over N processes (gloo on CPU, nccl on GPU) and merges one index, the same as a single process's.
+Top-level imports stay light (no torch): this module is imported to build
 the parser of every command.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from crossmatch.cli.help import add_command, add_device_option
 
 BACKENDS = ("torch", "faiss")  # mirrors crossmatch.search.index.BACKENDS, without importing torch here
+DTYPES = ("float32", "float16")  # mirrors crossmatch.search.index.DTYPES
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
@@ -34,25 +37,26 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         isub,
         "build",
         "embed every image under a folder into an index folder (resumable)",
-        "crossmatch index build runs/vse/checkpoints/best.pt photos/ --out photos.index",
-        "crossmatch index build runs/vse photos/ --out photos.index --backend faiss --workers 2",
+        "crossmatch index build runs/vse/checkpoints/best.pt photos/ --out photos.index --dtype float16",
+        "torchrun --nproc_per_node=2 -m crossmatch index build runs/vse photos/ --out photos.index",
     )
-    b.add_argument("checkpoint")
+    b.add_argument("checkpoint", help="a .pt or .safetensors file, or a run folder")
     b.add_argument("image_dir", help="folder searched recursively for .jpg/.png/... files")
     b.add_argument("--out", required=True, help="index folder (embeddings.npy, paths.json, meta.json)")
     b.add_argument("--batch-size", type=int, default=64, help="images per batch")
     b.add_argument("--backend", choices=BACKENDS, default="torch", help="faiss: also write index.faiss")
     b.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    b.add_argument("--dtype", choices=DTYPES, default="float32", help="storage of embeddings.npy (float16: half)")
     add_device_option(b)
     q = add_command(
         isub,
         "query",
-        "the top-k images of an index for a sentence",
+        "the top-k images of an index for a sentence (or several, searched in one pass)",
         'crossmatch index query photos.index --query "a red circle" --top-k 5',
-        'crossmatch index query photos.index --query "a red circle" --out results.png',
+        'crossmatch index query photos.index --query "a red circle" --query "a blue square" --out r.html',
     )
     q.add_argument("index", help="index folder written by `crossmatch index build`")
-    q.add_argument("--query", required=True, help="sentence to search images for")
+    q.add_argument("--query", required=True, action="append", help="sentence to search images for (repeatable)")
     q.add_argument("--top-k", type=int, default=10, help="results to print and draw")
     q.add_argument("--out", default=None, help="also write the results as a gallery .png or an .html page")
     q.add_argument("--backend", choices=BACKENDS, default="torch", help="exact search engine")
@@ -64,16 +68,19 @@ def run(args: argparse.Namespace) -> bool:
     if args.command != "index":
         return False
     if args.index_command == "build":
-        run_build(args.checkpoint, args.image_dir, args.out, args.batch_size, args.backend, args.workers, args.device)
+        run_build(
+            args.checkpoint,
+            args.image_dir,
+            args.out,
+            args.batch_size,
+            args.backend,
+            args.workers,
+            args.dtype,
+            args.device,
+        )
     else:
         run_query(args.index, args.query, args.top_k, args.out, args.backend, args.checkpoint, args.device)
     return True
-
-
-def _device(name: str = "auto"):
-    from crossmatch.engine.distributed import resolve_device
-
-    return resolve_device(name)
 
 
 def run_build(
@@ -83,16 +90,19 @@ def run_build(
     batch_size: int = 64,
     backend: str = "torch",
     workers: int = 0,
+    dtype: str = "float32",
     device: str = "auto",
 ) -> dict:
     """Build (or finish building) the index; prints a one-line summary and the skipped files."""
     from crossmatch.data.transforms import preprocess_kwargs
+    from crossmatch.engine.distributed import init_distributed
     from crossmatch.errors import ConfigError
     from crossmatch.runs import load_run
     from crossmatch.search.index import build_index
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    dist = init_distributed(device)  # a process group under torchrun; nothing otherwise
     model, cfg, _ = load_run(checkpoint)
     meta = build_index(
         model,
@@ -104,13 +114,16 @@ def run_build(
         preprocess=preprocess_kwargs(cfg.data),
         batch_size=batch_size,
         backend=backend,
-        device=_device(device),
+        device=dist.device,
         num_workers=workers,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty() and dist.is_main,
         max_image_pixels=cfg.data.max_image_pixels,
+        dtype=dtype,
     )
+    if not dist.is_main:
+        return meta
     skipped = meta["skipped"]
-    print(f"indexed {meta['count']} images (E={meta['embed_dim']}, {meta['model']}) into {out}")
+    print(f"indexed {meta['count']} images (E={meta['embed_dim']}, {meta['model']}, {dtype}) into {out}")
     if skipped:
         names = ", ".join(Path(s["path"]).name for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         print(f"skipped {len(skipped)} unreadable image(s): {names} (listed in {Path(out) / 'meta.json'})")
@@ -119,14 +132,16 @@ def run_build(
 
 def run_query(
     index_dir: str,
-    query: str,
+    query: str | list[str],
     top_k: int = 10,
     out: str | None = None,
     backend: str = "torch",
     checkpoint: str | None = None,
     device: str = "auto",
-) -> list[tuple[str, float]]:
-    """Print rank, score and path of the top-k images for `query`; optionally draw them (.png / .html)."""
+) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+    """Print rank, score and path of the top-k images for each query (all searched in one pass); optionally
+    draw them (.png: one query; .html: any number). Returns the (path, score) list, one per query for a list."""
+    from crossmatch.engine.distributed import resolve_device
     from crossmatch.errors import ConfigError, DataError
     from crossmatch.files import check_writable
     from crossmatch.runs import load_run
@@ -135,32 +150,43 @@ def run_query(
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be at least 1")
     suffix = Path(out).suffix.lower() if out else ""
+    queries = [query] if isinstance(query, str) else list(query)
+    if any(not q.strip() for q in queries):
+        raise DataError("the query is empty")
     if out and suffix not in (".png", ".html", ".htm"):
         raise ConfigError(f"--out {out}: write a .png gallery or an .html page")
-    if not query.strip():
-        raise DataError("the query is empty")
+    if suffix == ".png" and len(queries) > 1:
+        raise ConfigError(f"--out {out}: a .png gallery shows one query; write an .html page for {len(queries)}")
     if out:
         check_writable(out, "--out")
     index = load_index(index_dir)
     model, _, tokenizer = load_run(checkpoint or index.meta["checkpoint"])
-    tokenizer.encode_query(query)  # refuses a query whose words are all unknown
-    device = _device(device)
-    text = encode_texts(model.to(device), tokenizer, [query], device)  # (1, E)
-    scores, ids = index.search(text, top_k, backend)  # (1, k) each
-    results = [(str(index.image_path(i)), s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True)]
-    for rank, (path, score) in enumerate(results, 1):
-        print(f"{rank:3d}  {score:7.4f}  {path}")
+    for q in queries:
+        tokenizer.encode_query(q)  # refuses a query whose words are all unknown
+    dev = resolve_device(device)
+    text = encode_texts(model.to(dev), tokenizer, queries, dev)  # (Q, E)
+    scores, ids = index.search(text, top_k, backend)  # (Q, k) each: one pass for all queries
+    results = [
+        [(str(index.image_path(i)), s) for i, s in zip(row_i, row_s, strict=True)]
+        for row_i, row_s in zip(ids.tolist(), scores.tolist(), strict=True)
+    ]
+    for q, hits in zip(queries, results, strict=True):
+        if len(queries) > 1:
+            print(f"query: {q}")
+        for rank, (path, score) in enumerate(hits, 1):
+            print(f"{rank:3d}  {score:7.4f}  {path}")
     if out and suffix == ".png":
         from crossmatch.data.transforms import load_image
         from crossmatch.search.gallery import draw_gallery
 
-        pics = [load_image(p) for p, _ in results]
-        draw_gallery(query, pics, [s for _, s in results], [False] * len(results), out)
+        pics = [load_image(p) for p, _ in results[0]]
+        names = [Path(p).name for p, _ in results[0]]
+        draw_gallery(queries[0], pics, [s for _, s in results[0]], [False] * len(results[0]), out, names=names)
         print(f"gallery written to {out}")
     elif out:
         from crossmatch.search.report import write_html_report
 
-        rows = [[(p, s, False) for p, s in results]]  # free text: no ground truth to mark
-        write_html_report(out, [query], rows, None, f"crossmatch index {index_dir}")
+        rows = [[(p, s, False) for p, s in hits] for hits in results]  # free text: no ground truth to mark
+        write_html_report(out, queries, rows, None, f"crossmatch index {index_dir}")
         print(f"report written to {out}")
-    return results
+    return results[0] if isinstance(query, str) else results

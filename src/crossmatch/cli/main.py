@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "crossmatch.cli.features",
     "crossmatch.cli.index",
     "crossmatch.cli.demo",
+    "crossmatch.cli.export",
 ]
 
 

@@ -3,9 +3,10 @@
 empty captions, images without captions, duplicate ids, one image file under two ids, image paths that leave
 the image folder, entries without a split) with per-split statistics.
 
-Formats: Karpathy-split JSON (Flickr30K, COCO), JSONL (crossmatch.data.jsonl), and the person-search files
-of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes). All are read into canonical entries
-{"image", "captions", "split", "id"?, "pid"?}, which is also what conversion writes out.
+Formats: Karpathy-split JSON (Flickr30K, COCO), JSONL (crossmatch.data.jsonl), the person-search files
+of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes), and WebDataset tar shards
+(crossmatch.data.shards). All are read into canonical entries {"image", "captions", "split", "id"?, "pid"?},
+which is also what conversion writes out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from crossmatch.data.datasets import outside_root
 from crossmatch.data.jsonl import entries_to_karpathy, read_jsonl, read_karpathy_entries, write_jsonl
 from crossmatch.data.pedes import IMAGE_DIR as PEDES_IMAGE_DIR
 from crossmatch.data.pedes import PEDES, read_pedes
+from crossmatch.data.shards import decode_image, is_shard_spec, read_shard_entries, write_shards
 from crossmatch.data.transforms import load_image
 from crossmatch.errors import ConfigError, DataError
 from crossmatch.files import write_text
@@ -31,6 +33,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "karpathy": ("dataset.json", "images"),
     "jsonl": ("dataset.jsonl", "images"),
     **{fmt: (spec.file, PEDES_IMAGE_DIR) for fmt, spec in PEDES.items()},
+    "webdataset": ("", ""),  # a folder of .tar shards or a brace pattern: images inside the shards
 }
 EXAMPLES = 3  # culprits printed per kind of problem
 
@@ -57,9 +60,11 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
     Raises:
         ConfigError: unknown format, or a folder holding no known annotation file.
     """
-    path = Path(path)
     if fmt is not None and fmt not in DEFAULTS:
         raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(DEFAULTS)}")
+    if fmt == "webdataset" or (fmt is None and is_shard_spec(path)):
+        return Source("webdataset", Path(path), Path(path))
+    path = Path(path)
     if path.is_file():
         file = path
     elif json_name:
@@ -80,6 +85,8 @@ def read_entries(src: Source) -> list[dict]:
         return read_jsonl(src.file)
     if src.fmt in PEDES:
         return read_pedes(src.file, src.fmt)
+    if src.fmt == "webdataset":
+        return read_shard_entries(src.file)[0]
     return read_karpathy_entries(src.file)
 
 
@@ -96,11 +103,31 @@ class Report:
         return sum(len(v) for v in self.problems.values())
 
 
+def check_shards(root: Path, progress: bool = False) -> Report:
+    """`check_entries` for WebDataset shards: samples that cannot be read (corrupt tar member, no image, no
+    caption) are problems too, and images are decoded from the shards' bytes."""
+    problems: list[str] = []
+    entries, blobs = read_shard_entries(root, problems.append, progress)
+    report = check_entries(entries, root, progress, blobs=blobs)
+    found = defaultdict(list)  # the shard problems first: they name shard and key
+    for message in problems:
+        found["unreadable sample" if "corrupt tar" in message else "sample without image/caption"].append(message)
+    for kind, culprits in report.problems.items():
+        found[kind] += culprits
+    report.problems = found
+    return report
+
+
 def check_entries(
-    entries: list[dict], image_dir: Path, progress: bool = False, allow_outside_root: bool = False
+    entries: list[dict],
+    image_dir: Path,
+    progress: bool = False,
+    allow_outside_root: bool = False,
+    blobs: dict[str, bytes] | None = None,
 ) -> Report:
     """Scan every entry: split and id bookkeeping first, then decode each image once (with a progress bar).
-    Image paths that leave `image_dir` (absolute, `..`) are problems unless `allow_outside_root`."""
+    Image paths that leave `image_dir` (absolute, `..`) are problems unless `allow_outside_root`.
+    `blobs`: image bytes by entry name, for images that are not files under `image_dir` (shards)."""
     report, seen, first_id = Report(), Counter(), {}  # first_id: image path -> the id it was first listed under
     if not entries:
         report.problems["no images"].append("the file lists no image")
@@ -128,6 +155,12 @@ def check_entries(
             report.problems["duplicate image file"].append(f"{name} (ids {first_id[name]} and {key})")
     paths = [p for p in first_id if allow_outside_root or not outside_root(p)]
     for name in tqdm(paths, desc="decode images", unit="img", disable=not progress):
+        if blobs is not None:
+            try:
+                decode_image(blobs[name], name)
+            except DataError as err:
+                report.problems["unreadable image"].append(str(err))
+            continue
         file = image_dir / name
         if not file.is_file():
             report.problems["missing image"].append(str(file))
@@ -166,19 +199,25 @@ def first_problem(report: Report) -> str:
     return f"{kind}: {culprits[0]}"
 
 
-def convert(src: Source, dst: str | Path, to: str) -> Path:
-    """Write the entries of `src` to `dst` as `to` (karpathy | jsonl); image paths stay relative to
-    `src.image_dir`. Returns the written path.
+def convert(src: Source, dst: str | Path, to: str, shard_size: int = 1000) -> Path:
+    """Write the entries of `src` to `dst` as `to` (karpathy | jsonl: image paths stay relative to
+    `src.image_dir`; webdataset: `dst` is a folder of `{split}-NNNNNN.tar` shards of `shard_size` samples
+    holding the images). Returns the written path.
 
     Raises:
         ConfigError: unknown target format, or `dst` is the source file itself.
     """
     dst = Path(dst)
-    if to not in ("karpathy", "jsonl"):
-        raise ConfigError(f"--to {to!r}: choose karpathy or jsonl")
+    if to not in ("karpathy", "jsonl", "webdataset"):
+        raise ConfigError(f"--to {to!r}: choose karpathy, jsonl or webdataset")
     if dst.resolve() == src.file.resolve():
         raise ConfigError(f"{dst} is the source file; choose another output path")
+    if src.fmt == "webdataset" and to != "webdataset":
+        raise ConfigError("shards hold their images: converting them to a JSON format needs the images as files")
     entries = read_entries(src)
+    if to == "webdataset":
+        write_shards(entries, src.image_dir, dst, shard_size)
+        return dst
     if to == "jsonl":
         return write_jsonl(entries, dst)
     return write_text(dst, json.dumps(entries_to_karpathy(entries, dataset=src.file.stem), ensure_ascii=False))

@@ -137,8 +137,10 @@ class ImageCaptionDataset:
         image_dir: Path,
         source: str | Path,
         allow_outside_root: bool = False,
+        files_on_disk: bool = True,
     ) -> None:
-        """Fill the split from canonical entries (see `karpathy_to_entries`), checking as it goes."""
+        """Fill the split from canonical entries (see `karpathy_to_entries`), checking as it goes (that every
+        image file exists, unless the images are not files: `files_on_disk` False)."""
         splits, name = ([split] if isinstance(split, str) else list(split)), Path(source).name
         self.images, self.captions, self.txt_to_img = [], [], []
         id_to_index: dict = {}
@@ -173,7 +175,7 @@ class ImageCaptionDataset:
             raise DataError(
                 f"split {'+'.join(splits)!r} of {source} has no images; its splits: {', '.join(known) or 'none'}"
             )
-        missing = [r.path for r in self.images if not r.path.is_file()]
+        missing = [r.path for r in self.images if files_on_disk and not r.path.is_file()]
         if missing:
             raise DataError(f"{len(missing)} image file(s) of split {'+'.join(splits)} missing, first: {missing[0]}")
         self.twins = sorted({tuple(sorted((i, id_to_index[t]))) for i, t in twin_of.items() if t in id_to_index})
@@ -256,7 +258,9 @@ class PairView(Dataset):
             if seed is None:
                 return {**self.images[cap["image_idx"]], **cap}
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                # The CPU generator only: torch.manual_seed would also reseed (and, before CUDA starts, queue
+                # with a captured stack) every GPU generator, for transforms that run on the CPU.
+                torch.default_generator.manual_seed(seed)
                 return {**self.images[cap["image_idx"]], **cap}
         except DataError as err:
             if not self.skip_bad:

@@ -14,7 +14,12 @@ from crossmatch.errors import ConfigError
 
 _FORMATS: dict[str, Callable[[DataConfig, str], ImageCaptionDataset]] = {}
 # Modules that register more formats when imported (imported on first use of open_split).
-FORMAT_MODULES: list[str] = ["crossmatch.data.jsonl", "crossmatch.data.pedes", "crossmatch.data.precomputed"]
+FORMAT_MODULES: list[str] = [
+    "crossmatch.data.jsonl",
+    "crossmatch.data.pedes",
+    "crossmatch.data.precomputed",
+    "crossmatch.data.shards",
+]
 
 
 def register_format(name: str):

@@ -30,7 +30,7 @@ from crossmatch.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.errors import CrossmatchError, DataError
-from crossmatch.tensors import all_reduce_max, to_device
+from crossmatch.tensors import all_gather_objects, all_reduce_max, to_device
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,8 +173,14 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "trainer": asdict(self.state),
             "rng": rng_state(),
+            **self._loader_state(),
             **self.sinks.extra_state,
         }
+
+    def _loader_state(self) -> dict[str, Any]:
+        # Streaming loaders (webdataset shards) know their position themselves: keep every rank's.
+        has = hasattr(self.train_loader, "state_dict")
+        return {"loader": all_gather_objects(self.train_loader.state_dict())} if has else {}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -185,6 +191,8 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["trainer"])
         set_rng_state(ckpt["rng"])
+        if "loader" in ckpt and hasattr(self.train_loader, "load_state_dict") and self.dist.rank < len(ckpt["loader"]):
+            self.train_loader.load_state_dict(ckpt["loader"][self.dist.rank])
 
     # ---- loop --------------------------------------------------------------------------------------
     @property

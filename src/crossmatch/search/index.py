@@ -3,16 +3,27 @@ inner-product search over it (the first stage of dense retrieval, as in VSE++, F
 and the FAISS library, Johnson et al., IEEE TBD 2019).
 
 An index is a folder:
-- `embeddings.npy`: (N, E) float32, l2-normalised image embeddings, written batch by batch through a
-  memory map, so neither building nor searching holds the whole matrix in memory twice.
+- `embeddings.npy`: (N, E) float32 (or float16 with `dtype="float16"`: half the bytes to read per
+  search), l2-normalised image embeddings, written batch by batch through a memory map, so neither
+  building nor searching holds the whole matrix in memory twice.
 - `paths.json`: N image paths relative to the image folder, row i <-> path i.
 - `meta.json`: checkpoint, model name, E, count, the image folder, the images skipped as unreadable and,
   while a build runs, the progress (`done` files) written atomically after each flushed batch, so an
   interrupted build resumes where it stopped and ends with the same file as an uninterrupted one.
 - `index.faiss` (optional): a faiss `IndexFlatIP` over the same rows.
 
+Under `torchrun --nproc_per_node=N` every rank embeds a batch-aligned share of the images into
+`.parts/index-rankRRR-of-NNN/` (itself a resumable build of those files), and rank 0 merges the parts into
+the files a single process writes, byte for byte (`crossmatch.engine.sharding`).
+
 Only models whose `encode_image` returns exactly {"embed": (B, E)} l2-normalised can be indexed: the
 score of a pair must be the inner product of two single vectors.
+
+Search is exact: one pass over the memory-mapped rows for all the queries of a call, block by block
+((Q, E) @ (E, C) into a preallocated (Q, G) score buffer, one top-k per group of G rows, a final top-k over
+the group winners), so its cost is one read of the index plus a GEMM, and its memory is bounded by the
+buffers, not by N. Float16 rows are widened block by block into a small float32 buffer that stays in
+cache; scores are then exact inner products of the stored (rounded) vectors, in float32.
 
 Legend: N indexed images, B batch, E embedding, Q queries, C rows per search chunk, k results per query.
 """
@@ -35,15 +46,20 @@ from tqdm import tqdm
 
 from crossmatch.data.loaders import build_eval_loader, pad_sequences
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, build_image_transform, load_image
+from crossmatch.engine.sharding import PARTS, batch_aligned_range, part_dir, write_npy_concat
 from crossmatch.errors import ConfigError, DataError, ModelError
 from crossmatch.files import write_text
+from crossmatch.tensors import barrier, get_rank, get_world_size
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 EMBEDDINGS, PATHS, META, FAISS_FILE = "embeddings.npy", "paths.json", "meta.json", "index.faiss"
 BACKENDS = ("torch", "faiss")
+DTYPES = {"float32": np.float32, "float16": np.float16}  # storage of embeddings.npy
 SEARCH_CHUNK = 65536  # index rows scored at once: a (Q, C) block, never the whole (N, E) as a copy
+HALF_CHUNK = 2048  # float16 rows widened at once: a (C, E) float32 buffer small enough to stay in cache
+SCORE_BUFFER_BYTES = 32 << 20  # the (Q, G) score buffer; G rows share one top-k
 
 
 def list_images(image_dir: str | Path) -> list[Path]:
@@ -120,6 +136,7 @@ def _start_or_resume(out: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], n
     old_path = out / META
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not an index folder; choose another --out")
+    dtype = DTYPES[meta["dtype"]]
     if old_path.is_file():
         old = _read_meta(old_path)
         if old.get("fingerprint") != meta["fingerprint"]:
@@ -127,13 +144,16 @@ def _start_or_resume(out: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], n
                 f"{out} holds an index of another checkpoint or image set ({old.get('checkpoint')}, "
                 f"{old.get('image_dir')}); remove it or choose another --out"
             )
+        if old.get("dtype", "float32") != meta["dtype"]:
+            held = old.get("dtype", "float32")
+            raise DataError(f"{out} holds a {held} index, not {meta['dtype']}; remove it or choose another --out")
         if (out / EMBEDDINGS).is_file():
             emb = np.load(out / EMBEDDINGS, mmap_mode="r+")
-            if old.get("complete") or emb.shape == (meta["files"], meta["embed_dim"]):
+            if old.get("complete") or (emb.shape == (meta["files"], meta["embed_dim"]) and emb.dtype == dtype):
                 return old, emb
         log.warning("%s: unfinished build without a usable %s; starting over", out, EMBEDDINGS)
     out.mkdir(parents=True, exist_ok=True)
-    emb = np.lib.format.open_memmap(out / EMBEDDINGS, "w+", np.float32, (meta["files"], meta["embed_dim"]))
+    emb = np.lib.format.open_memmap(out / EMBEDDINGS, "w+", dtype, (meta["files"], meta["embed_dim"]))
     meta = {**meta, "done": 0, "rows": 0, "skipped": [], "complete": False}
     _write_json(old_path, meta)
     return meta, emb
@@ -155,12 +175,13 @@ def build_index(
     num_workers: int = 0,
     progress: bool = False,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Embed every image under `image_dir` into the index folder `out` (see the module docstring).
 
     Running it again on an unfinished `out` with the same checkpoint and images continues the build;
     on a finished one it returns at once. Unreadable images are logged, recorded in meta["skipped"] and
-    left out of the index.
+    left out of the index. `dtype` ("float32" | "float16") is the storage of embeddings.npy.
 
     Returns:
         The meta.json dict (count = N indexed images).
@@ -169,6 +190,8 @@ def build_index(
         raise ConfigError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     if backend == "faiss":
         _import_faiss()  # fail before the long part
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     root, checkpoint = Path(image_dir), Path(checkpoint)
     files = list_images(root)
     rel = [p.relative_to(root).as_posix() for p in files]
@@ -183,15 +206,74 @@ def build_index(
         "fingerprint": _fingerprint(checkpoint, root, rel),
         "max_image_pixels": max_image_pixels,
         **({"preprocess": preprocess} if preprocess else {}),  # the model's mean/std/resize (data.* of its run)
+        "dtype": dtype,
     }
     out = Path(out)
-    meta, emb = _start_or_resume(out, meta)
-    if not meta["complete"]:
-        _embed_files(model, files, emb, meta, out, batch_size, device, num_workers, progress)
-        meta = _finish(out, emb, meta, rel)
-    if backend == "faiss" and not (out / FAISS_FILE).is_file():
+    if get_world_size() > 1:
+        meta = _build_sharded(model, files, rel, meta, out, (batch_size, device, num_workers, progress))
+    else:
+        meta, emb = _start_or_resume(out, meta)
+        if not meta["complete"]:
+            _embed_files(model, files, emb, meta, out, batch_size, device, num_workers, progress)
+            meta = _finish(out, emb, meta, rel)
+    if backend == "faiss" and not (out / FAISS_FILE).is_file() and get_rank() == 0:
         write_faiss(load_index(out), out / FAISS_FILE)
+    barrier()
     return meta
+
+
+def _build_sharded(
+    model: nn.Module, files: list[Path], rel: list[str], meta: dict[str, Any], out: Path, run: tuple
+) -> dict[str, Any]:
+    """This rank's share into its resumable part, then rank 0 merges (see the module docstring)."""
+    batch_size, device, num_workers, progress = run
+    rank, world = get_rank(), get_world_size()
+    final = out / META
+    if final.is_file():
+        old = json.loads(final.read_text())
+        if old.get("complete") and old.get("fingerprint") == meta["fingerprint"]:
+            return old
+    share = batch_aligned_range(len(files), batch_size, rank, world)
+    if len(share):
+        folder = part_dir(out, "index", rank, world)
+        part = {**meta, "files": len(share), "fingerprint": f"{meta['fingerprint']}:{share.start}-{share.stop}"}
+        part, emb = _start_or_resume(folder, part)
+        if not part["complete"]:
+            mine = files[share.start : share.stop]
+            _embed_files(model, mine, emb, part, folder, batch_size, device, num_workers, progress and rank == 0)
+            _write_json(folder / META, {**part, "complete": True})
+        del emb
+    barrier()
+    if rank == 0:
+        _merge_parts(out, meta, rel, batch_size, world)
+    barrier()
+    return json.loads(final.read_text())
+
+
+def _merge_parts(out: Path, meta: dict[str, Any], rel: list[str], batch_size: int, world: int) -> dict[str, Any]:
+    """Concatenate the ranks' packed rows and skip lists into the single-process files, then drop the parts."""
+    import shutil
+
+    rows, skipped = [], []
+    for r in range(world):
+        share = batch_aligned_range(len(rel), batch_size, r, world)
+        if not len(share):
+            continue
+        folder = part_dir(out, "index", r, world)
+        part = json.loads((folder / META).read_text())
+        rows.append(np.load(folder / EMBEDDINGS, mmap_mode="r")[: part["rows"]])  # (rows_r, E)
+        skipped += [{**s, "index": s["index"] + share.start} for s in part["skipped"]]
+    count = sum(len(x) for x in rows)
+    if count == 0:
+        raise DataError(f"no readable image under {meta['image_dir']} ({len(skipped)} skipped)")
+    write_npy_concat(rows, out / EMBEDDINGS)
+    del rows
+    gone = {s["index"] for s in skipped}
+    _write_json(out / PATHS, [r for i, r in enumerate(rel) if i not in gone])
+    final = {**meta, "done": len(rel), "rows": count, "skipped": skipped, "complete": True, "count": count}
+    _write_json(out / META, final)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    return final
 
 
 def _embed_files(
@@ -219,7 +301,7 @@ def _embed_files(
         n_ok = len(batch["image"]) if "image" in batch else 0
         if n_ok:
             vecs = model.encode_image({"image": batch["image"].to(device)})["embed"]  # (B, E)
-            emb[meta["rows"] : meta["rows"] + n_ok] = vecs.float().cpu().numpy()
+            emb[meta["rows"] : meta["rows"] + n_ok] = vecs.float().cpu().numpy()  # rounded to emb.dtype
             emb.flush()  # rows reach the file before meta.json says they exist
         meta["rows"] += n_ok
         meta["done"] += n_ok + len(batch.get("skipped", []))
@@ -237,7 +319,7 @@ def _finish(out: Path, emb: np.memmap, meta: dict[str, Any], rel: list[str]) -> 
         raise DataError(f"no readable image under {meta['image_dir']} ({len(skipped)} skipped)")
     if rows < emb.shape[0]:  # copy the packed rows into a file of the right shape, chunk by chunk
         tmp = out / (EMBEDDINGS + ".tmp")
-        small = np.lib.format.open_memmap(tmp, "w+", np.float32, (rows, emb.shape[1]))
+        small = np.lib.format.open_memmap(tmp, "w+", emb.dtype, (rows, emb.shape[1]))
         for s in range(0, rows, SEARCH_CHUNK):
             small[s : s + SEARCH_CHUNK] = emb[s : min(s + SEARCH_CHUNK, rows)]
         small.flush()
@@ -254,7 +336,7 @@ class Index:
     """An index folder opened for search: embeddings memory-mapped, never loaded whole."""
 
     root: Path
-    embeddings: np.ndarray  # (N, E) float32 memmap
+    embeddings: np.ndarray  # (N, E) float32 or float16 memmap
     paths: list[str]  # N paths relative to meta["image_dir"]
     meta: dict[str, Any]
     _faiss: Any = field(default=None, repr=False)
@@ -266,11 +348,12 @@ class Index:
         return Path(self.meta["image_dir"]) / self.paths[i]
 
     def search(
-        self, text_embeds: Tensor | np.ndarray, k: int, backend: str = "torch", chunk_size: int = SEARCH_CHUNK
+        self, text_embeds: Tensor | np.ndarray, k: int, backend: str = "torch", chunk_size: int = 0
     ) -> tuple[Tensor, Tensor]:
-        """Exact inner-product top-k: text_embeds (Q, E) -> scores (Q, k) float32, ids (Q, k) long, best first
-        (k is capped at N)."""
-        q = torch.as_tensor(text_embeds).float().cpu()  # (Q, E)
+        """Exact inner-product top-k of every query in one pass over the index: text_embeds (Q, E) ->
+        scores (Q, k) float32, ids (Q, k) long, best first (k is capped at N). `chunk_size` rows are read
+        per GEMM (0: SEARCH_CHUNK for float32 rows, HALF_CHUNK for float16)."""
+        q = torch.as_tensor(text_embeds).float().cpu().contiguous()  # (Q, E)
         if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
             e = self.meta["embed_dim"]
             raise ModelError(f"query embeddings {tuple(q.shape)} do not fit index {self.root} (E={e})")
@@ -279,17 +362,7 @@ class Index:
             return self._search_faiss(q, k)
         if backend != "torch":
             raise ConfigError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-        best_s = torch.full((q.shape[0], 0), -torch.inf)  # (Q, <=k) running top-k over the chunks seen
-        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
-        for s in range(0, len(self), chunk_size):
-            block = torch.from_numpy(self.embeddings[s : s + chunk_size])  # (C, E) a view of the map, no copy
-            scores = q @ block.t()  # (Q, C)
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            cand_s = torch.cat([best_s, top.values], 1)  # (Q, <=2k)
-            cand_i = torch.cat([best_i, top.indices + s], 1)
-            keep = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-            best_s, best_i = keep.values, cand_i.gather(1, keep.indices)
-        return best_s, best_i
+        return exact_topk(self.embeddings, q, k, chunk_size)
 
     def _search_faiss(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if self._faiss is None:
@@ -298,6 +371,35 @@ class Index:
             self._faiss = faiss.read_index(str(saved)) if saved.is_file() else faiss_flat_ip(self)
         scores, ids = self._faiss.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)  # (Q, k) each
         return torch.from_numpy(scores), torch.from_numpy(ids).long()
+
+
+def exact_topk(rows: np.ndarray, q: Tensor, k: int, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+    """Top-k inner products of queries q (Q, E) float32 over rows (N, E) float32/float16 (a memory map is
+    read once, block by block): scores (Q, k) float32 and ids (Q, k) long, best first; k <= N."""
+    N, E = rows.shape
+    Q = q.shape[0]
+    widen = rows.dtype != np.float32
+    chunk = max(1, min(N, chunk_size or (HALF_CHUNK if widen else SEARCH_CHUNK)))
+    group = min(N, max(chunk, SCORE_BUFFER_BYTES // (4 * Q) // chunk * chunk))  # rows per top-k, whole chunks
+    scores = torch.empty(Q, group)  # (Q, G) reused for every group
+    wide = torch.empty(chunk, E) if widen else None  # (C, E) float32
+    top_s, top_i = [], []
+    for g0 in range(0, N, group):
+        g1 = min(N, g0 + group)
+        for s in range(g0, g1, chunk):
+            e = min(g1, s + chunk)
+            block = torch.from_numpy(rows[s:e])  # (C, E) a view of the map, no copy
+            if wide is not None:
+                block = wide[: e - s].copy_(block)  # float16 -> float32, in cache
+            torch.matmul(q, block.t(), out=scores[:, s - g0 : e - g0])  # (Q, C) written in place
+        top = scores[:, : g1 - g0].topk(min(k, g1 - g0), dim=1)  # (Q, k)
+        top_s.append(top.values)
+        top_i.append(top.indices + g0)
+    if len(top_s) == 1:
+        return top_s[0], top_i[0]
+    cand_s, cand_i = torch.cat(top_s, 1), torch.cat(top_i, 1)  # (Q, n_groups * k)
+    keep = cand_s.topk(k, dim=1)
+    return keep.values, cand_i.gather(1, keep.indices)
 
 
 def load_index(path: str | Path) -> Index:
@@ -314,6 +416,8 @@ def load_index(path: str | Path) -> Index:
     paths = json.loads((root / PATHS).read_text())
     if emb.shape != (len(paths), meta["embed_dim"]):
         raise DataError(f"index {root}: {EMBEDDINGS} {emb.shape} does not match {len(paths)} paths")
+    if emb.dtype != DTYPES.get(meta.get("dtype", "float32")):
+        raise DataError(f"index {root}: {EMBEDDINGS} is {emb.dtype}, meta.json says {meta.get('dtype', 'float32')}")
     return Index(root, emb, paths, meta)
 
 
@@ -330,7 +434,7 @@ def faiss_flat_ip(index: Index, chunk_size: int = SEARCH_CHUNK):
     faiss = _import_faiss()
     flat = faiss.IndexFlatIP(index.embeddings.shape[1])
     for s in range(0, len(index), chunk_size):
-        flat.add(np.ascontiguousarray(index.embeddings[s : s + chunk_size]))
+        flat.add(np.ascontiguousarray(index.embeddings[s : s + chunk_size], dtype=np.float32))
     return flat
 
 

@@ -1,0 +1,360 @@
+"""WebDataset tar shards (`data.format: webdataset`; the format of Aizman et al., "High Performance I/O for
+Large Scale Deep Learning", 2019, read and written with the `webdataset` package).
+
+A shard is a plain .tar whose members are grouped into samples by key (the name up to the first dot):
+
+    000017.jpg | 000017.png | ...   the image (the bytes of the original file)
+    000017.txt                      one caption, or
+    000017.json                     {"captions": [...], "split"?: "train", "id"?: any, "pid"?: int, ...}
+
+`data.root` is a folder or a brace pattern (`/data/cc/{00000..00031}.tar`). For a folder, the shards of
+split S are `{root}/{S}-*.tar` when there are such files (what `crossmatch data convert --to webdataset`
+writes), else every `*.tar` in it. A sample belongs to the split its json names, or else to
+`data.train_split`.
+
+The train split is streamed (`crossmatch.data.shard_stream`): its shards are scanned once at start-up
+(captions for the vocabulary, pair counts, and every sample checked), never held in memory. Evaluation
+needs the whole gallery with explicit image <-> caption maps, so the other splits are read once into an
+indexed in-memory split (`ShardIndexedSplit`); keep them small, or convert them to JSONL.
+
+Problems name the shard and the key: a corrupt or truncated tar member, a sample without image or caption,
+a pattern that matches nothing (DataError, one line).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crossmatch.config import DataConfig
+from crossmatch.data.datasets import ImageCaptionDataset, ImageView
+from crossmatch.data.formats import register_format
+from crossmatch.data.transforms import apply_transform
+from crossmatch.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
+META_KEYS = ("captions", "split", "id", "pid")  # the json keys with a meaning; others travel through
+
+
+def _wds():
+    try:
+        import webdataset
+    except ImportError as err:
+        hint = "pip install crossmatch[webdataset]"
+        raise ConfigError(f"data.format webdataset needs the webdataset package: {hint}") from err
+    return webdataset
+
+
+def is_shard_spec(root: str | Path) -> bool:
+    """True for a brace pattern, a .tar file, or a folder holding .tar files (and no dataset file)."""
+    s = str(root)
+    if "{" in s or s.endswith(".tar"):
+        return True
+    p = Path(s)
+    return p.is_dir() and any(p.glob("*.tar"))
+
+
+def resolve_shards(root: str | Path, split: str | None = None) -> list[str]:
+    """The shard files of `root` (see the module docstring), sorted for a folder, in pattern order otherwise.
+
+    Raises:
+        DataError: nothing matches, or a shard of the pattern does not exist.
+    """
+    s = str(root)
+    if "{" in s or s.endswith(".tar"):
+        paths = _wds().shardlists.expand_urls(s)
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise DataError(f"data.root {s}: shard {missing[0]} not found ({len(missing)} of {len(paths)} missing)")
+        return paths
+    folder = Path(s)
+    if not folder.is_dir():
+        raise DataError(f"data.root {s}: no such folder or shard pattern")
+    named = sorted(folder.glob(f"{split}-*.tar")) if split else []
+    paths = [str(p) for p in (named or sorted(folder.glob("*.tar")))]
+    if not paths:
+        raise DataError(f"data.root {s}: no .tar shard matches")
+    return paths
+
+
+@dataclass
+class ShardSample:
+    """One sample of a shard, parsed (image bytes not decoded)."""
+
+    shard: str
+    key: str
+    position: int  # ordinal of the sample in its shard (all splits counted)
+    image: bytes
+    ext: str
+    captions: list[str]
+    split: str | None
+    meta: dict[str, Any] = field(default_factory=dict)  # id, pid, boxes, twin, ... from the json
+
+    def where(self) -> str:
+        return f"shard {self.shard} key {self.key}"
+
+
+def _parse(raw: dict[str, Any], position: int) -> ShardSample:
+    shard, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+    exts = [e for e in IMAGE_EXTS if e in raw]
+    if not exts:
+        raise DataError(f"shard {shard} key {key}: no image member (.{', .'.join(IMAGE_EXTS[:3])}, ...)")
+    meta: dict[str, Any] = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"shard {shard} key {key}: {key}.json is not valid JSON") from err
+        if not isinstance(meta, dict):
+            raise DataError(f"shard {shard} key {key}: {key}.json is not an object")
+    captions = meta.get("captions")
+    if captions is None and "txt" in raw:
+        captions = [raw["txt"].decode("utf-8", errors="replace")]
+    if not isinstance(captions, list) or not captions:
+        raise DataError(f"shard {shard} key {key}: sample without caption (no {key}.txt, no captions in {key}.json)")
+    bad = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise DataError(f"shard {shard} key {key}: empty caption (caption {bad[0]})")
+    return ShardSample(
+        shard, key, position, raw[exts[0]], exts[0], [c.strip() for c in captions], meta.get("split"), meta
+    )
+
+
+def iter_shard(path: str, on_problem: Callable[[str], None] | None = None) -> Iterator[ShardSample]:
+    """The samples of one shard in file order, through webdataset's tar reader.
+
+    A sample without image or caption, or a member that cannot be read (corrupt or truncated tar), raises a
+    DataError naming the shard and the key; with `on_problem`, the message is passed to it instead and the
+    sample skipped (a broken tar ends its shard: what follows cannot be located).
+    """
+    wds = _wds()
+    last = {"fname": None}
+
+    def members(stream):
+        for m in wds.tariterators.tar_file_iterator(stream):
+            last["fname"] = m["fname"]
+            m["__url__"] = path
+            yield m
+
+    try:
+        with open(path, "rb") as f:
+            for position, raw in enumerate(wds.tariterators.group_by_keys(members(f))):
+                try:
+                    yield _parse(raw, position)
+                except DataError as err:
+                    if on_problem is None:
+                        raise
+                    on_problem(str(err))
+    except DataError:
+        raise
+    except FileNotFoundError as err:
+        raise DataError(f"shard not found: {path}") from err
+    except Exception as err:  # tarfile.ReadError, EOFError, OSError, ValueError (duplicate member)
+        after = last["fname"]
+        key = after.split(".", 1)[0] if after else "(first member)"
+        detail = str(err).split(" @ ")[0].splitlines()[0] if str(err) else type(err).__name__
+        message = f"shard {path} key {key}: corrupt tar member ({detail})"
+        if on_problem is None:
+            raise DataError(message) from err
+        on_problem(message)
+
+
+def sample_split(sample: ShardSample, default: str) -> str:
+    return sample.split if isinstance(sample.split, str) and sample.split else default
+
+
+@dataclass
+class ShardInfo:
+    """What the start-up scan learns about one shard for one split."""
+
+    path: str
+    samples: int  # samples of every split
+    images: int  # samples of the split
+    pairs: int  # captions of the split
+
+
+class ShardTrainSet:
+    """The train split of a webdataset: shard list, per-shard counts and every caption (for the tokenizer)
+    from one scan; the samples themselves are streamed by `crossmatch.data.shard_stream`."""
+
+    streaming = True
+
+    def __init__(self, cfg: DataConfig, split: str, progress: bool = False):
+        self.root, self.split, self.default_split = cfg.root, split, cfg.train_split
+        self.shards: list[ShardInfo] = []
+        self.captions: list[str] = []
+        for path in resolve_shards(cfg.root, split):
+            info = ShardInfo(path, 0, 0, 0)
+            for sample in iter_shard(path):
+                info.samples += 1
+                if sample_split(sample, cfg.train_split) == split:
+                    info.images += 1
+                    info.pairs += len(sample.captions)
+                    self.captions.extend(sample.captions)
+            self.shards.append(info)
+        self.num_images = sum(s.images for s in self.shards)
+        self.num_pairs = sum(s.pairs for s in self.shards)
+        if not self.num_pairs:
+            raise DataError(f"data.root {cfg.root}: no sample of split {split!r} in {len(self.shards)} shard(s)")
+        self.image_offsets, self.text_offsets = [], []  # global image / caption index of each shard's first
+        n_img = n_txt = 0
+        for s in self.shards:
+            self.image_offsets.append(n_img)
+            self.text_offsets.append(n_txt)
+            n_img, n_txt = n_img + s.images, n_txt + s.pairs
+
+    def __repr__(self) -> str:
+        counts = f"{len(self.shards)} shards, {self.num_images} images, {self.num_pairs} pairs"
+        return f"ShardTrainSet({self.root}, {counts})"
+
+    def __getattr__(self, name: str):
+        if name in ("images", "txt_to_img", "img_to_txt", "image_view", "twins"):
+            raise DataError(
+                f"split {self.split!r} of the webdataset {self.root} is streamed for training; "
+                "evaluation needs an indexed split (val/test shards, or a JSONL/Karpathy copy)"
+            )
+        raise AttributeError(name)
+
+
+def decode_image(data: bytes, where: str):
+    """Image bytes -> (3, H, W) uint8 RGB tensor; a corrupt image is a DataError naming `where`."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return pil_to_tensor(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        reason = (
+            "not an image" if isinstance(err, UnidentifiedImageError) else (str(err).splitlines() or ["corrupt"])[0]
+        )
+        raise DataError(f"{where}: cannot decode image ({reason})") from err
+
+
+class ShardIndexedSplit(ImageCaptionDataset):
+    """A non-train split of a webdataset read into memory as an indexed split (image bytes kept, decoded on
+    access), with the image <-> caption maps evaluation needs."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        self.root = Path(str(cfg.root).split("{")[0])
+        entries, self.blobs, where = [], [], []
+        for path in resolve_shards(cfg.root, split):
+            for sample in iter_shard(path):
+                if sample_split(sample, cfg.train_split) != split:
+                    continue
+                entry = {k: v for k, v in sample.meta.items() if k != "captions"}
+                entry.update(
+                    image=f"{sample.key}.{sample.ext}",
+                    captions=sample.captions,
+                    split=split,
+                    id=sample.meta.get("id", f"{Path(path).name}/{sample.key}"),
+                )
+                entries.append(entry)
+                self.blobs.append(sample.image)
+                where.append(sample.where())
+        self.where = where
+        self._load(entries, split, Path(str(cfg.root)), cfg.root, files_on_disk=False)
+
+    def image_view(self, transform, max_boxes: int = 0):
+        return ShardImageView(self, transform, max_boxes)
+
+
+class ShardImageView(ImageView):
+    """ImageView over in-memory image bytes."""
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.ds.images[i]
+        boxes = rec.boxes[: self.max_boxes] if (self.max_boxes and rec.boxes) else None
+        image, boxes = apply_transform(self.transform, decode_image(self.ds.blobs[i], self.ds.where[i]), boxes)
+        item = {"image": image, "image_idx": i}
+        if rec.pid is not None:
+            item["pid"] = rec.pid
+        if self.max_boxes:
+            import torch
+
+            item["boxes"] = boxes if boxes is not None else torch.zeros(0, 4)
+        return item
+
+
+@register_format("webdataset")
+def webdataset_split(cfg: DataConfig, split: str):
+    """The train split streams (ShardTrainSet); any other split is read into memory (ShardIndexedSplit)."""
+    if split == cfg.train_split:
+        return ShardTrainSet(cfg, split)
+    return ShardIndexedSplit(cfg, split)
+
+
+# ---- conversion and validation ----------------------------------------------------------------------
+
+
+def write_shards(entries: list[dict], image_dir: Path, dst: str | Path, shard_size: int = 1000) -> list[Path]:
+    """Canonical entries (crossmatch.data.check) -> `{dst}/{split}-NNNNNN.tar`, `shard_size` samples each:
+    KEY.{ext} (the image file's own bytes) + KEY.json ({"captions", "split", "id", "pid"?, other keys}).
+    Shards are written into a hidden folder and moved into `dst` when all are complete.
+
+    Raises:
+        ConfigError: `dst` already holds shards, or shard_size < 1.
+        DataError: a missing image file.
+    """
+    import os
+    import shutil
+
+    wds = _wds()
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size {shard_size}: must be at least 1")
+    dst = Path(dst)
+    if dst.is_dir() and any(dst.glob("*.tar")):
+        raise ConfigError(f"{dst} already holds .tar shards; choose an empty folder")
+    tmp = dst / ".converting"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    by_split: dict[str, list[dict]] = {}
+    for e in entries:
+        by_split.setdefault(str(e.get("split")), []).append(e)
+    n = 0
+    for split, items in by_split.items():
+        writer = wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0.0)
+        try:
+            for e in items:
+                file = image_dir / e["image"]
+                if not file.is_file():
+                    raise DataError(f"image not found: {file} (entry {e.get('id', e['image'])})")
+                ext = file.suffix.lower().lstrip(".") or "jpg"
+                ext = "jpg" if ext == "jpeg" else ext
+                meta = {"captions": e.get("captions", []), "split": e.get("split")}
+                meta.update({k: v for k, v in e.items() if k not in ("image", "captions", "split")})
+                writer.write({"__key__": f"{n:08d}", ext: file.read_bytes(), "json": json.dumps(meta).encode()})
+                n += 1
+        finally:
+            writer.close()
+    written = []
+    for p in sorted(tmp.glob("*.tar")):
+        os.replace(p, dst / p.name)  # each shard appears complete or not at all
+        written.append(dst / p.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def read_shard_entries(
+    root: str | Path, on_problem: Callable[[str], None] | None = None, progress: bool = False
+) -> tuple[list[dict], dict[str, bytes]]:
+    """Every sample of every shard of `root` as canonical entries ("image" is "SHARD.tar/KEY.ext"), with the
+    image bytes by that name. `on_problem`: see `iter_shard`."""
+    from tqdm import tqdm
+
+    entries, blobs = [], {}
+    for path in tqdm(resolve_shards(root), desc="read shards", unit="shard", disable=not progress):
+        for sample in iter_shard(path, on_problem):
+            entry = {k: v for k, v in sample.meta.items() if k != "captions"}
+            entry.update(image=f"{Path(path).name}/{sample.key}.{sample.ext}", captions=sample.captions)
+            entry["split"] = sample_split(sample, "train")  # as read with the default data.train_split
+            entries.append(entry)
+            blobs[entry["image"]] = sample.image
+    return entries, blobs

@@ -1,0 +1,192 @@
+"""ONNX export (`crossmatch export CKPT --onnx DIR`): the unpacked GRU against the packed one, both graphs
+through onnxruntime against the torch model, the exported tokenizer against training's, and the
+one-line refusal of models that are not dual encoders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from crossmatch.data.loaders import pad_sequences
+from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.errors import ModelError
+from crossmatch.models.layers import GRUTextEncoder
+from tests import conftest
+
+CAPTIONS = ["a red circle left of a blue square", "two green triangles above a small star", "one big yellow square"]
+TEXTS = ["a blue square", "a red circle left of a blue square above two green triangles and one star", "", "zebra"]
+# Tolerance of embeddings computed by two runtimes (different GEMM kernels and summation orders), per element
+# of l2-normalised vectors; the issue's bound.
+ATOL = 1e-4
+
+
+def tokenizer(max_words: int = 12) -> CaptionTokenizer:
+    return CaptionTokenizer.train(CAPTIONS, max_words=max_words)
+
+
+def batch_of(tok: CaptionTokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    ids, mask = pad_sequences(tok.encode_batch(texts))  # (B, L) each, as collate builds them
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_unpacked_gru_equals_the_packed_one(bidirectional):
+    from crossmatch.search.export import UnpackedGRU
+
+    torch.manual_seed(0)
+    enc = GRUTextEncoder(20, word_dim=6, hidden=5, bidirectional=bidirectional).eval()
+    lengths = torch.tensor([7, 1, 4, 0, 7])  # 0: an empty mask, which packing treats as one word
+    mask = torch.arange(7)[None] < lengths[:, None]  # (5, 7)
+    ids = torch.randint(5, 20, (5, 7)) * mask
+    with torch.no_grad():
+        words, sentence = enc(ids, mask)
+        words2, sentence2 = UnpackedGRU(enc)(ids, mask)
+    # The same recurrences on other batch shapes (packing shrinks the batch step by step): last bits differ.
+    torch.testing.assert_close(sentence2, sentence, atol=1e-6, rtol=0)
+    torch.testing.assert_close(words2, words, atol=1e-6, rtol=0)  # padded positions: zero in both
+    assert words2[1, 1:].abs().max() == 0 and words2[3, 1:].abs().max() == 0
+
+
+def test_dual_encoder_onnx_matches_torch_and_the_tokenizer_round_trips(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from crossmatch.models.registry import create_model
+    from crossmatch.search.export import OnnxDualEncoder, export_onnx
+
+    torch.manual_seed(0)
+    tok = tokenizer(max_words=8)
+    model = create_model("tiny_vse", data_defaults={"vocab_size": tok.vocab_size}, bidirectional=True).eval()
+    info = export_onnx(model, tok, 32, tmp_path / "onnx", model_name="tiny_vse")
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        "crossmatch_onnx.json",
+        "image_encoder.onnx",
+        "text_encoder.onnx",
+        "tokenizer.json",
+    ]
+    saved = json.loads((tmp_path / "onnx" / "crossmatch_onnx.json").read_text())
+    assert saved == json.loads(json.dumps(info)) and saved["kind"] == "dual_encoder"
+    assert saved["image_encoder"]["inputs"]["image"]["shape"] == ["batch", 3, 32, 32]
+    assert saved["image_encoder"]["outputs"] == {"embed": {"shape": ["batch", 16], "dtype": "float32"}}
+    assert saved["text_encoder"]["outputs"] == {"embed": {"shape": ["batch", 16], "dtype": "float32"}}
+    assert saved["preprocessing"]["mean"] == [0.485, 0.456, 0.406] and saved["tokenizer"]["max_words"] == 8
+    assert max(saved["parity"]["max_abs_diff"].values()) <= ATOL
+
+    onnx = OnnxDualEncoder(tmp_path / "onnx")
+    ids, mask = onnx.tokenize(TEXTS)  # tokenizer.json alone, as another runtime would use it
+    ref = batch_of(tok, TEXTS)
+    assert np.array_equal(ids, ref["input_ids"].numpy()) and np.array_equal(mask, ref["attention_mask"].numpy())
+    assert ids.shape == (4, 8)  # the long caption is cut to max_words; the empty one is [UNK]
+
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # another batch size than export
+    with torch.no_grad():
+        img_ref = model.encode_image({"image": images})["embed"].numpy()
+        txt_ref = model.encode_text(ref)["embed"].numpy()
+    assert np.abs(onnx.encode_image(images.numpy()) - img_ref).max() <= ATOL
+    assert np.abs(onnx.encode_text(TEXTS) - txt_ref).max() <= ATOL
+    assert np.abs(onnx.encode_text(TEXTS[:1]) - txt_ref[:1]).max() <= ATOL  # batch 1, length 3
+
+
+def save_tiny_checkpoint(path, name: str, *overrides: str):
+    return conftest.save_tiny_checkpoint(path, name, *overrides, captions=CAPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("tiny_scan", "not the dot product of one vector per side"), ("tiny_albef", "score_pairs")],
+)
+def test_models_that_are_not_dual_encoders_are_refused_naming_their_towers(name, reason, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from crossmatch.cli.main import main
+
+    ckpt = save_tiny_checkpoint(tmp_path / "m.pt", name)
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"crossmatch: error: model {name} is not a dual encoder")
+    assert reason in err and "--towers" in err and not (tmp_path / "out" / "image_encoder.onnx").exists()
+
+
+@pytest.mark.slow
+def test_export_cli_writes_a_dual_encoder_that_matches_the_checkpoint(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from crossmatch.cli.main import main
+    from crossmatch.runs import load_run
+    from crossmatch.search.export import OnnxDualEncoder
+
+    ckpt = save_tiny_checkpoint(tmp_path / "m.pt", "tiny_vse")
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "exported tiny_vse (dual_encoder)" in out and "max abs diff" in out
+    model, _, tok = load_run(ckpt)
+    with torch.no_grad():
+        ref = model.encode_text(batch_of(tok, TEXTS))["embed"].numpy()
+    assert np.abs(OnnxDualEncoder(tmp_path / "out").encode_text(TEXTS) - ref).max() <= ATOL
+
+
+@pytest.mark.slow
+def test_towers_of_scan_and_albef_match_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from crossmatch.cli.export import run_export
+    from crossmatch.runs import load_run
+
+    for name in ("tiny_scan", "tiny_albef"):
+        ckpt = save_tiny_checkpoint(tmp_path / f"{name}.pt", name)
+        info = run_export(str(ckpt), str(tmp_path / name), towers=True)
+        assert info["kind"] == "towers" and max(info["parity"]["max_abs_diff"].values()) <= ATOL
+        model, _, tok = load_run(ckpt)
+        batch = batch_of(tok, TEXTS)
+        sess = ort.InferenceSession(str(tmp_path / name / "text_tower.onnx"), providers=["CPUExecutionProvider"])
+        keys = sorted(info["text_encoder"]["outputs"])
+        got = dict(zip(keys, sess.run(keys, {k: v.long().numpy() for k, v in batch.items()}), strict=True))
+        with torch.no_grad():
+            ref = model.encode_text(batch)
+        if name == "tiny_scan":  # per-word features on real words; the lengths exactly
+            assert info["text_encoder"]["outputs"]["words"]["shape"] == ["batch", "length", 16]
+            assert np.array_equal(got["lengths"], ref["lengths"].numpy())
+            real = batch["attention_mask"].numpy()[..., None]
+            assert np.abs((got["words"] - ref["words"].numpy()) * real).max() <= ATOL
+        else:
+            assert info["text_encoder"]["outputs"]["tokens"]["shape"][1] == "length + 1"  # the prepended [CLS]
+            assert np.abs(got["embed"] - ref["embed"].numpy()).max() <= ATOL
+
+
+@pytest.mark.slow
+def test_pretrained_towers_export(tmp_path):
+    """vse_pretrained with a tiny random BERT folder and timm's test_efficientnet (no weights needed)."""
+    pytest.importorskip("onnxruntime")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    from crossmatch.models.registry import create_model
+    from crossmatch.search.export import OnnxDualEncoder, export_onnx
+
+    tok = tokenizer()
+    bert = tmp_path / "bert"
+    transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=40,
+    ).save_pretrained(bert)
+    torch.manual_seed(0)
+    model = create_model(
+        "vse_pretrained", text_tower=str(bert), image_tower="test_efficientnet", pretrained=False, embed_dim=8
+    ).eval()
+    info = export_onnx(model, tok, 64, tmp_path / "onnx", model_name="vse_pretrained")
+    assert max(info["parity"]["max_abs_diff"].values()) <= ATOL
+    onnx = OnnxDualEncoder(tmp_path / "onnx")
+    with torch.no_grad():
+        ref = model.encode_text(batch_of(tok, TEXTS))["embed"].numpy()
+    assert np.abs(onnx.encode_text(TEXTS) - ref).max() <= ATOL
+
+
+def test_missing_onnx_export_folder_is_a_one_line_error(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from crossmatch.search.export import OnnxDualEncoder
+
+    with pytest.raises(ModelError, match="not a crossmatch ONNX export"):
+        OnnxDualEncoder(tmp_path)
