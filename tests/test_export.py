@@ -190,3 +190,17 @@ def test_missing_onnx_export_folder_is_a_one_line_error(tmp_path):
 
     with pytest.raises(ModelError, match="not a crossmatch ONNX export"):
         OnnxDualEncoder(tmp_path)
+
+
+def test_the_manifest_records_the_runs_own_preprocessing():
+    from crossmatch.data.tokenizer import CaptionTokenizer
+    from crossmatch.search.export import DUAL_FILES, manifest
+
+    tok = CaptionTokenizer.train(["a red circle"], max_words=8)
+    keys, shapes = {"image": ["embed"], "text": ["embed"]}, {"image": {"embed": [1]}, "text": {"embed": [1]}}
+    clip_like = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    info = manifest("m", 32, tok, DUAL_FILES, keys, shapes, False, {**clip_like, "resize": "shortest"})
+    pp = info["preprocessing"]
+    assert pp["mean"] == clip_like["mean"] and pp["std"] == clip_like["std"] and "centre crop" in pp["resize_mode"]
+    default = manifest("m", 32, tok, DUAL_FILES, keys, shapes, False)["preprocessing"]
+    assert default["mean"] == [0.485, 0.456, 0.406] and "no crop" in default["resize_mode"]

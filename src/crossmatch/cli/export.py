@@ -39,13 +39,17 @@ def run_export(checkpoint: str, out: str, towers: bool = False, opset: int = 18,
     """Export and print the files written and the measured parity."""
     from pathlib import Path
 
+    from crossmatch.data.transforms import preprocess_kwargs
     from crossmatch.runs import load_run
     from crossmatch.search.export import MANIFEST, TOKENIZER_FILE, export_onnx, require_onnx
 
     require_onnx()  # fail before loading the checkpoint
     model, cfg, tokenizer = load_run(checkpoint)
     name, size = cfg.model["name"], cfg.data.image_size
-    info = export_onnx(model, tokenizer, size, out, model_name=name, towers=towers, opset=opset, verify=verify)
+    preprocess = preprocess_kwargs(cfg.data)  # the run's own mean/std/resize (a clip model's, say)
+    info = export_onnx(
+        model, tokenizer, size, out, model_name=name, towers=towers, opset=opset, verify=verify, preprocess=preprocess
+    )
     files = [info["image_encoder"]["file"], info["text_encoder"]["file"], TOKENIZER_FILE, MANIFEST]
     print(f"exported {cfg.model['name']} ({info['kind']}) to {Path(out)}: {', '.join(files)}")
     if "parity" in info:

@@ -288,10 +288,26 @@ def exported_tokenizer(tokenizer: CaptionTokenizer) -> str:
     return tok.to_str()
 
 
+RESIZE_MODES = {
+    "squash": "to exactly (S, S) (aspect ratio not kept, no crop)",
+    "shortest": "the shorter side to S, then a centre crop of (S, S)",
+}
+
+
 def manifest(
-    model_name: str, image_size: int, tokenizer: CaptionTokenizer, files: dict, keys: dict, shapes: dict, towers: bool
+    model_name: str,
+    image_size: int,
+    tokenizer: CaptionTokenizer,
+    files: dict,
+    keys: dict,
+    shapes: dict,
+    towers: bool,
+    preprocess: dict | None = None,
 ) -> dict[str, Any]:
-    """The JSON written next to the graphs (see the module docstring)."""
+    """The JSON written next to the graphs (see the module docstring); `preprocess` holds the run's own
+    image preprocessing (build_image_transform keywords; defaults ImageNet mean/std, squash, bilinear)."""
+    pp = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "squash", "interpolation": "bilinear"}
+    pp.update(preprocess or {})
     return {
         "format": "crossmatch-onnx",
         "version": 1,
@@ -318,10 +334,10 @@ def manifest(
         "preprocessing": {
             "color": "RGB",
             "resize": [image_size, image_size],
-            "resize_mode": "bilinear with antialias, to exactly (S, S) (aspect ratio not kept, no crop)",
+            "resize_mode": f"{pp['interpolation']} with antialias, {RESIZE_MODES.get(pp['resize'], pp['resize'])}",
             "scale": 1 / 255,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(pp["mean"]),
+            "std": list(pp["std"]),
             "layout": "NCHW",
             "formula": "((pixel_uint8 / 255) - mean) / std per channel",
         },
@@ -348,6 +364,7 @@ def export_onnx(
     towers: bool = False,
     opset: int = 18,
     verify: bool = True,
+    preprocess: dict | None = None,
 ) -> dict[str, Any]:
     """Write the ONNX graphs, tokenizer.json and crossmatch_onnx.json of `model` into `out_dir`.
 
@@ -359,6 +376,7 @@ def export_onnx(
         towers: export the unimodal towers of a model that is not a dual encoder.
         opset: ONNX opset of the graphs.
         verify: run both graphs through onnxruntime and compare with torch (raises past PARITY_ATOL).
+        preprocess: the run's image preprocessing (`data.transforms.preprocess_kwargs(cfg.data)`), recorded.
     Returns:
         The manifest dict, with "parity" ({"image", "text"} max abs differences) when verified.
     Raises:
@@ -382,7 +400,7 @@ def export_onnx(
     names = {"inputs": ["input_ids", "attention_mask"], "outputs": keys["text"]}
     _export_graph(_TextGraph(graph_model, keys["text"]), (ids, mask), out_dir / files["text"], names, opset)
     shapes = output_shapes(model, image_size, vocab, max_len)
-    info = manifest(model_name, image_size, tokenizer, files, keys, shapes, towers)
+    info = manifest(model_name, image_size, tokenizer, files, keys, shapes, towers, preprocess)
     info["opset"] = opset
     if verify:
         parity = verify_parity(model, out_dir, files, keys, image_size, {"vocab": vocab, "max_len": max_len})
