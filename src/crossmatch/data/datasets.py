@@ -201,10 +201,14 @@ class ImageView(Dataset):
     def __len__(self) -> int:
         return len(self.ds.images)
 
+    def pixels(self, i: int) -> torch.Tensor:
+        """The decoded image i, (3, H, W) uint8 (formats whose images are not files override this)."""
+        return load_image(self.ds.images[i].path, self.ds.max_image_pixels)
+
     def __getitem__(self, i: int) -> dict:
         rec = self.ds.images[i]
         boxes = rec.boxes[: self.max_boxes] if (self.max_boxes and rec.boxes) else None
-        image, boxes = apply_transform(self.transform, load_image(rec.path, self.ds.max_image_pixels), boxes)
+        image, boxes = apply_transform(self.transform, self.pixels(i), boxes)
         item = {"image": image, "image_idx": i}
         if rec.pid is not None:
             item["pid"] = rec.pid

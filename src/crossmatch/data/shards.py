@@ -34,7 +34,6 @@ from typing import Any
 from crossmatch.config import DataConfig
 from crossmatch.data.datasets import ImageCaptionDataset, ImageView
 from crossmatch.data.formats import register_format
-from crossmatch.data.transforms import apply_transform
 from crossmatch.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -269,18 +268,8 @@ class ShardIndexedSplit(ImageCaptionDataset):
 class ShardImageView(ImageView):
     """ImageView over in-memory image bytes."""
 
-    def __getitem__(self, i: int) -> dict:
-        rec = self.ds.images[i]
-        boxes = rec.boxes[: self.max_boxes] if (self.max_boxes and rec.boxes) else None
-        image, boxes = apply_transform(self.transform, decode_image(self.ds.blobs[i], self.ds.where[i]), boxes)
-        item = {"image": image, "image_idx": i}
-        if rec.pid is not None:
-            item["pid"] = rec.pid
-        if self.max_boxes:
-            import torch
-
-            item["boxes"] = boxes if boxes is not None else torch.zeros(0, 4)
-        return item
+    def pixels(self, i: int):
+        return decode_image(self.ds.blobs[i], self.ds.where[i])
 
 
 @register_format("webdataset")
