@@ -89,7 +89,8 @@ def build_run_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]]) -> Ca
     """The model family's own tokenizer (open_clip models), else `data.tokenizer` (trained on `captions()`)."""
     own = create_tokenizer(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})
     if own is None:
-        return build_tokenizer(cfg.data.tokenizer, captions(), cfg.data.min_word_freq, cfg.data.max_words)
+        texts = captions() if cfg.data.tokenizer == "word" else []  # a named tokenizer reads no dataset
+        return build_tokenizer(cfg.data.tokenizer, texts, cfg.data.min_word_freq, cfg.data.max_words)
     if cfg.data.tokenizer != "word":
         raise ConfigError(f"model {cfg.model['name']} brings its own tokenizer: leave data.tokenizer unset")
     return own
