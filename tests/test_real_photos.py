@@ -252,3 +252,33 @@ def test_tuxpaint_refuses_a_missing_or_non_debian_source(tmp_path):
     with pytest.raises(DataError, match="x.deb is not a Debian package"):
         build_tuxpaint(tmp_path / "out", tmp_path / "x.deb")
     assert not (tmp_path / "out").exists()
+
+
+# --- frozen-tower cache ---------------------------------------------------------------------------------------
+
+
+def test_cached_frozen_towers_give_the_uncached_embeddings_and_skip_the_second_forward():
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    from crossmatch.models.pretrained import PretrainedDualConfig, PretrainedDualEncoder
+
+    torch.manual_seed(0)
+    model = PretrainedDualEncoder(PretrainedDualConfig(pretrained=False, embed_dim=8, cache_frozen=True)).eval()
+    calls = []
+    model.image_tower.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    images = torch.randn(3, 3, 32, 32)
+    ids = torch.tensor([[101, 7592, 102, 0], [101, 2088, 2003, 102]])
+    batch = {"image": images, "input_ids": ids, "attention_mask": ids != 0}
+    with torch.no_grad():
+        first_img, first_txt = model.encode_image(batch)["embed"], model.encode_text(batch)["embed"]
+        # the same items again, in another order and batch: the tower runs only for the one new image
+        again = model.encode_image({"image": torch.cat([images[[2, 0]], torch.randn(1, 3, 32, 32)])})["embed"]
+        model.config.cache_frozen = False
+        plain_img, plain_txt = model.encode_image(batch)["embed"], model.encode_text(batch)["embed"]
+    assert calls == [3, 1, 3] and model.image_cache.hits == 2
+    # cached rows were computed in a batch of 3, the reference too: the same kernels, equal up to rounding
+    torch.testing.assert_close(first_img, plain_img)
+    torch.testing.assert_close(again[:2], plain_img[[2, 0]])
+    torch.testing.assert_close(first_txt, plain_txt)
+    # a different preprocessing (other pixels) is another key: never a stale hit
+    assert len(model.image_cache.store) == 4

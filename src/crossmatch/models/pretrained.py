@@ -15,7 +15,9 @@ Legend: B batch, C channels, h/w feature-map height/width, R regions (h*w), L to
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -232,6 +234,33 @@ class ImageTower(_FreezableTower):
         return self.pool(self.feature_map(image))
 
 
+class FrozenOutputCache:
+    """Per-item outputs of a frozen tower, kept in memory and keyed by the SHA-1 of each item's input bytes:
+    an item seen again (the same preprocessed pixels, the same token ids) costs a lookup, not a forward
+    pass. Exact for a frozen tower in eval mode (no dropout, BatchNorm running statistics): an item's output
+    does not depend on the rest of its batch. Useful only when the input is not augmented (data.augment
+    false); at most `max_items` are kept (then items are computed as without a cache)."""
+
+    def __init__(self, max_items: int = 50_000):
+        self.store: dict[bytes, Tensor] = {}
+        self.max_items, self.hits, self.misses = max_items, 0, 0
+
+    def __call__(self, keys: list[bytes], compute: Callable[[list[int]], Tensor]) -> Tensor:
+        """keys: one per item of the batch; compute(indices) -> (len(indices), ...) outputs of those items.
+        Returns the (B, ...) outputs of every item."""
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        fresh = dict(zip(missing, compute(missing).detach(), strict=True)) if missing else {}
+        for i, out in fresh.items():
+            if len(self.store) < self.max_items:
+                self.store[keys[i]] = out
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        return torch.stack([fresh[i] if i in fresh else self.store[k] for i, k in enumerate(keys)])
+
+
+def _sha1(t: Tensor) -> bytes:
+    return hashlib.sha1(t.detach().contiguous().cpu().numpy().tobytes()).digest()
+
+
 @dataclass
 class PretrainedDualConfig:
     text_tower: str = "minilm"  # checkpoint folder, packaged name (minilm) or hub id of a BERT-family model
@@ -242,6 +271,7 @@ class PretrainedDualConfig:
     freeze_image: bool = True  # keep the image tower fixed
     embed_dim: int = 512  # joint embedding width E
     vocab_size: int = 0  # set at build time from the tokenizer; must be the text tower's (0: unchecked)
+    cache_frozen: bool = False  # keep frozen towers' per-item outputs in memory (worth it with data.augment=false)
 
 
 class PretrainedDualEncoder(JointEmbedding):
@@ -261,12 +291,27 @@ class PretrainedDualEncoder(JointEmbedding):
         self.preprocess = self.image_tower.preprocess  # the image tower's: filled into data.* by resolve_preprocess
         self.image_proj = nn.Linear(self.image_tower.out_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim)
+        self.image_cache, self.text_cache = FrozenOutputCache(), FrozenOutputCache()  # used with cache_frozen
 
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E)} l2-normalised."""
-        return {"embed": l2norm(self.image_proj(self.image_tower(batch["image"])))}  # (B, E)
+        image = batch["image"]  # (B, 3, H, W)
+        if self.config.cache_frozen and self.image_tower.frozen:
+            pooled = self.image_cache([_sha1(x) for x in image], lambda rows: self.image_tower(image[rows]))  # (B, C)
+        else:
+            pooled = self.image_tower(image)  # (B, C)
+        return {"embed": l2norm(self.image_proj(pooled))}  # (B, E)
 
-    # encode_text, similarity and forward come from JointEmbedding.
+    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
+        if not (self.config.cache_frozen and self.text_tower.frozen):
+            return super().encode_text(batch)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, L) each
+        keys = [_sha1(row[m.bool()]) for row, m in zip(ids, mask, strict=True)]  # the real tokens only
+        sentence = self.text_cache(keys, lambda rows: self.text_tower(ids[rows], mask[rows])[1])  # (B, D)
+        return {"embed": l2norm(self.text_proj(sentence))}  # (B, E)
+
+    # similarity and forward come from JointEmbedding.
 
 
 @register_model
