@@ -282,3 +282,18 @@ def test_cached_frozen_towers_give_the_uncached_embeddings_and_skip_the_second_f
     torch.testing.assert_close(first_txt, plain_txt)
     # a different preprocessing (other pixels) is another key: never a stale hit
     assert len(model.image_cache.store) == 4
+
+
+@pytest.mark.parametrize("name", ["vse", "albef", "vilt", "tipcb"])
+def test_score_gives_an_image_by_caption_matrix_for_every_family(name):
+    path = next(p for p in sorted(FIXTURES.glob(f"legacy_tiny_{name}.*")) if "expected" not in p.name)
+    model = crossmatch.load(path)
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 24, 16), dtype=torch.uint8, generator=gen) for _ in range(2)]
+    texts = ["a red circle", "a blue square", "a green triangle"]
+    s = crossmatch.score(model, images=images, texts=texts, rerank_k=0)
+    pixels = torch.stack([model.preprocess(im) for im in images])
+    with torch.no_grad():
+        ref = model.similarity(model.encode_image({"image": pixels}), model.encode_text(model.tokenizer(texts)))
+    assert s.shape == (2, 3)
+    torch.testing.assert_close(s, ref.float())  # the same batches through the same calls
