@@ -19,7 +19,7 @@ LAYERS = [
     {"engine"},
     {"retrieval"},
     {"runs"},
-    {"search"},
+    {"search", "api"},
     {"cli", "__main__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

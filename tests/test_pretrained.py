@@ -151,7 +151,9 @@ def test_features_match_a_direct_forward_pass(shapes_root, tmp_path, kind):
     lines = (out / "test_caps.txt").read_text().splitlines()
     assert len(lines) == 60 and info["captions_per_image"] == 5  # SCAN's layout: caption j -> row j // 5
     assert lines[5:10] == [ds.captions[t] for t in ds.images[1].caption_ids]
-    view = ds.image_view(build_image_transform(64, train=False), 3 if kind == "boxes" else 0)
+    # the tower's own preprocessing (Lite0: mean = std = 0.5, bicubic), not ImageNet's
+    lite0 = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize": "shortest"}
+    view = ds.image_view(build_image_transform(64, train=False, **lite0), 3 if kind == "boxes" else 0)
     batch = collate([view[i] for i in range(len(view))])
     tower = ImageTower("efficientnet_lite0", pretrained=True, freeze=True)
     with torch.no_grad():

@@ -44,8 +44,9 @@ class DataConfig:
     # defaults (ImageNet mean/std, squash resize, bilinear). A run stores the resolved values.
     image_mean: list[float] = field(default_factory=list)  # per-channel mean, RGB
     image_std: list[float] = field(default_factory=list)  # per-channel std, RGB
-    resize: str = ""  # squash (stretch to a square) | shortest (shorter side, then centre crop)
+    resize: str = ""  # squash (stretch to a square) | shortest (shorter side, then centre crop) | letterbox (pad)
     interpolation: str = ""  # bilinear | bicubic
+    background: list[int] = field(default_factory=list)  # RGB 0-255 behind transparent pixels and letterbox bars
 
     def splits_to_read(self, split: str) -> list[str]:
         """The split names a reader takes for `split`: COCO's "restval" joins train when `restval` is set."""
@@ -235,6 +236,14 @@ def check_metric(metric: str, reported: tuple[str, ...] | list[str], protocol: s
         raise ConfigError(f"eval.metric={metric!r} cannot select best.pt ({why}); choose one of {', '.join(reported)}")
 
 
+def _is_colour(value) -> bool:
+    """[] (the model's colour, else white) or three integers 0-255."""
+    if not isinstance(value, list):
+        return False
+    ints = all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)
+    return not value or (len(value) == 3 and ints)
+
+
 def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
     """Check the whole resolved config before any work: sizes, counts, names, the learning rate and the
     metric name, so that a bad value fails in one line at once rather than after an epoch.
@@ -255,6 +264,7 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0 (0: load in the main process)"),
         ("data.max_bad_samples", d.max_bad_samples, d.max_bad_samples >= 0, "must be >= 0"),
         ("data.max_image_pixels", d.max_image_pixels, d.max_image_pixels >= 1, "must be at least 1"),
+        ("data.background", d.background, _is_colour(d.background), "must be [] or [R, G, B], each 0-255"),
         ("eval.batch_size", e.batch_size, e.batch_size >= 1, "must be at least 1"),
         ("eval.chunk_size", e.chunk_size, e.chunk_size >= 1, "must be at least 1"),
         ("eval.every_epochs", e.every_epochs, e.every_epochs >= 1, "must be at least 1"),

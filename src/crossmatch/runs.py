@@ -38,7 +38,7 @@ from crossmatch.data import formats
 from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, PairView
 from crossmatch.data.loaders import build_eval_loader, build_train_loader
 from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
-from crossmatch.data.transforms import describe_transform, transform_from_config
+from crossmatch.data.transforms import DEFAULT_PREPROCESS, describe_transform, transform_from_config
 from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
@@ -89,26 +89,27 @@ def build_run_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]]) -> Ca
     """The model family's own tokenizer (open_clip models), else `data.tokenizer` (trained on `captions()`)."""
     own = create_tokenizer(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})
     if own is None:
-        return build_tokenizer(cfg.data.tokenizer, captions(), cfg.data.min_word_freq, cfg.data.max_words)
+        texts = captions() if cfg.data.tokenizer == "word" else []  # a named tokenizer reads no dataset
+        return build_tokenizer(cfg.data.tokenizer, texts, cfg.data.min_word_freq, cfg.data.max_words)
     if cfg.data.tokenizer != "word":
         raise ConfigError(f"model {cfg.model['name']} brings its own tokenizer: leave data.tokenizer unset")
     return own
 
 
 def resolve_preprocess(cfg: RunConfig, model: nn.Module) -> RunConfig:
-    """A copy of `cfg` whose empty preprocessing fields (data.image_mean/std/resize/interpolation) take the
-    model's own `preprocess`; its input size replaces data.image_size (its architecture fixes it)."""
-    pp = getattr(model, "preprocess", None)
-    if not pp:
-        return cfg
+    """A copy of `cfg` whose empty preprocessing fields (data.image_mean/std/resize/interpolation/background)
+    take the model's own `preprocess` (else DEFAULT_PREPROCESS, 0.1.0's values); a `size` in it replaces
+    data.image_size (when the architecture fixes it)."""
+    pp = {**DEFAULT_PREPROCESS, **(getattr(model, "preprocess", None) or {})}
     d = cfg.data
     data = dataclasses.replace(
         d,
-        image_size=pp["size"],
-        image_mean=d.image_mean or pp["mean"],
-        image_std=d.image_std or pp["std"],
+        image_size=pp.get("size", d.image_size),
+        image_mean=d.image_mean or list(pp["mean"]),
+        image_std=d.image_std or list(pp["std"]),
         resize=d.resize or pp["resize"],
         interpolation=d.interpolation or pp["interpolation"],
+        background=d.background or list(pp["background"]),
     )
     return dataclasses.replace(cfg, data=data)
 

@@ -1,8 +1,9 @@
-"""`crossmatch data shapes | validate | convert`: render the synthetic shapes dataset, check a dataset file
-end to end (every image decoded, every caption and id checked, all problems reported) and convert between
-formats.
+"""`crossmatch data shapes | tuxpaint | validate | convert`: render the synthetic shapes dataset, build the
+Tux Paint stamps dataset (real captioned pictures), check a dataset file end to end (every image decoded,
+every caption and id checked, all problems reported) and convert between formats.
 
     crossmatch data shapes --out DIR [--train N] [--val N] [--test N] [--seed S] [--size PX]
+    crossmatch data tuxpaint --out DIR [--source PATH_TO_DEB_OR_STAMPS_DIR]
     crossmatch data validate PATH [--format F] [--json-name N] [--image-dir D]
     crossmatch data convert SRC DST --to karpathy|jsonl|webdataset [--from F] [--json-name N] [--shard-size N]
 
@@ -37,6 +38,18 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     shapes.add_argument("--seed", type=int, default=0, help="random seed (the dataset is a function of it)")
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
 
+    tux = add_command(
+        data_sub,
+        "tuxpaint",
+        "build a real captioned dataset from Debian's tuxpaint-stamps-default (GPL-2), split by caption text",
+        "crossmatch data tuxpaint --out data/tuxpaint",
+        "crossmatch data tuxpaint --out data/tuxpaint --source tuxpaint-stamps-default_2022.06.04-1_all.deb",
+    )
+    tux.add_argument("--out", required=True, help="output folder (dataset.json + images/), written atomically")
+    tux.add_argument(
+        "--source", default=None, help="the package's .deb, or an unpacked package / stamps folder (default: apt-get)"
+    )
+
     val = add_command(
         data_sub,
         "validate",
@@ -68,9 +81,17 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
 
 
 def run(args: argparse.Namespace) -> bool:
-    """Handle `data shapes | validate | convert`; False for any other command."""
-    if args.command != "data" or args.data_command not in ("shapes", "validate", "convert"):
+    """Handle `data shapes | tuxpaint | validate | convert`; False for any other command."""
+    if args.command != "data" or args.data_command not in ("shapes", "tuxpaint", "validate", "convert"):
         return False
+    if args.data_command == "tuxpaint":
+        from crossmatch.data.tuxpaint import build_tuxpaint
+
+        path, sizes = build_tuxpaint(args.out, args.source)
+        skipped = sizes.pop("svg_only_skipped")
+        split_text = ", ".join(f"{k} {v}" for k, v in sizes.items())
+        print(f"wrote {path}: {split_text} images (one caption each); {skipped} SVG-only stamps left out")
+        return True
     if args.data_command == "shapes":
         from crossmatch.data.shapes import generate_shapes
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from crossmatch.data.tokenizer import CaptionTokenizer
-from crossmatch.data.transforms import MAX_IMAGE_PIXELS, apply_transform, load_image
+from crossmatch.data.transforms import MAX_IMAGE_PIXELS, WHITE, apply_transform, load_image
 from crossmatch.errors import DataError
 
 
@@ -113,9 +113,11 @@ class ImageCaptionDataset:
         img_to_txt: per image, the indices of its captions (any number, not assumed contiguous).
         twins: (i, j) index pairs of "twin" scenes (shapes data), each pair once.
         max_image_pixels: larger images are unreadable (`data.max_image_pixels`, set by `open_split`).
+        background: RGB 0-255 behind transparent pixels (`data.background`, set by `open_split`).
     """
 
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    background: tuple[int, ...] = WHITE
 
     def __init__(
         self,
@@ -203,7 +205,7 @@ class ImageView(Dataset):
 
     def pixels(self, i: int) -> torch.Tensor:
         """The decoded image i, (3, H, W) uint8 (formats whose images are not files override this)."""
-        return load_image(self.ds.images[i].path, self.ds.max_image_pixels)
+        return load_image(self.ds.images[i].path, self.ds.max_image_pixels, self.ds.background)
 
     def __getitem__(self, i: int) -> dict:
         rec = self.ds.images[i]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from crossmatch.config import DataConfig
 from crossmatch.data.datasets import ImageCaptionDataset
+from crossmatch.data.transforms import WHITE
 from crossmatch.errors import ConfigError
 
 _FORMATS: dict[str, Callable[[DataConfig, str], ImageCaptionDataset]] = {}
@@ -40,6 +41,7 @@ def open_split(cfg: DataConfig, split: str):
         raise ConfigError(f"unknown data.format {cfg.format!r}; known: {', '.join(sorted(_FORMATS))}")
     ds = _FORMATS[cfg.format](cfg, split)
     ds.max_image_pixels = cfg.max_image_pixels  # read by its image views
+    ds.background = tuple(cfg.background) if cfg.background else WHITE  # behind transparent pixels
     return ds
 
 

@@ -227,9 +227,11 @@ def decode_image(data: bytes, where: str):
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2.functional import pil_to_tensor
 
+    from crossmatch.data.transforms import to_rgb
+
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return pil_to_tensor(im.convert("RGB"))
+            return pil_to_tensor(to_rgb(im))  # upright, transparency on white, as load_image does
     except (UnidentifiedImageError, OSError, ValueError) as err:
         reason = (
             "not an image" if isinstance(err, UnidentifiedImageError) else (str(err).splitlines() or ["corrupt"])[0]

@@ -1,7 +1,11 @@
 """Image loading and torchvision transforms v2 pipelines for training and evaluation.
 
-Boxes travel with the image as `tv_tensors.BoundingBoxes`, so crops and resizes move them too.
-There is no horizontal flip: captions say "left of" and "right of".
+Boxes travel with the image as `tv_tensors.BoundingBoxes`, so crops, resizes and pads move them too.
+There is no horizontal flip: captions say "left of" and "right of". Decoding honours the EXIF orientation
+(PIL `ImageOps.exif_transpose`) and composites transparent images (RGBA, LA, palette with transparency)
+on a background colour instead of exposing the hidden pixels. Resize modes: `squash` (stretch to a square),
+`shortest` (shorter side, then centre crop: open_clip's and timm's evaluation default) and `letterbox`
+(longer side, then pad to a square with the background colour, as YOLO-style detectors do).
 """
 
 from __future__ import annotations
@@ -10,21 +14,26 @@ import threading
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from crossmatch.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+WHITE = (255, 255, 255)  # default of data.background: transparent pixels become white
 MAX_IMAGE_PIXELS = 89_478_485  # default of data.max_image_pixels (Pillow's own warning threshold)
 _PILLOW_LOCK = threading.Lock()
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Decode an image file to a (3, H, W) uint8 RGB tensor.
+def load_image(
+    path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, background: tuple[int, ...] | list[int] = WHITE
+) -> torch.Tensor:
+    """Decode an image file to a (3, H, W) uint8 RGB tensor, upright (EXIF orientation applied) and with
+    any transparency composited on `background` (RGB 0-255, `data.background`).
 
     An image of more than `max_pixels` pixels (`data.max_image_pixels`) is refused from its header,
     before decoding: a 107 KB PNG can declare 30000 x 30000 pixels (a decompression bomb).
@@ -37,11 +46,23 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Te
             w, h = im.size
             if w * h > max_pixels:
                 raise DataError(f"image {path} is {w} x {h} pixels, more than data.max_image_pixels={max_pixels}")
-            return pil_to_tensor(im.convert("RGB"))
+            return pil_to_tensor(to_rgb(im, background))
     except FileNotFoundError as err:
         raise DataError(f"image not found: {path}") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot decode image {path}: {str(err).splitlines()[0] if str(err) else 'corrupt'}") from err
+
+
+def to_rgb(im: Image.Image, background: tuple[int, ...] | list[int] = WHITE) -> Image.Image:
+    """A PIL image as upright RGB: EXIF orientation applied, transparency composited on `background`."""
+    if im.getexif().get(0x0112, 1) != 1:  # an EXIF Orientation tag other than "upright"
+        im = ImageOps.exif_transpose(im)
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
+    if not has_alpha:
+        return im.convert("RGB")
+    rgba = im.convert("RGBA")  # palette / grey / RGB with a transparency key -> an explicit alpha channel
+    canvas = Image.new("RGBA", rgba.size, (*[int(c) for c in background], 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
 def _open_image(path: str | Path) -> Image.Image:
@@ -56,7 +77,15 @@ def _open_image(path: str | Path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = old
 
 
-RESIZE_MODES = ("squash", "shortest")
+# What a model that declares no preprocessing of its own gets (models trained from scratch): 0.1.0's values.
+DEFAULT_PREPROCESS = {
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
+    "resize": "squash",
+    "interpolation": "bilinear",
+    "background": list(WHITE),
+}
+RESIZE_MODES = ("squash", "shortest", "letterbox")
 INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 
 
@@ -68,23 +97,49 @@ def build_image_transform(
     std: tuple[float, ...] | list[float] = IMAGENET_STD,
     resize: str = "squash",
     interpolation: str = "bilinear",
+    background: tuple[int, ...] | list[int] = WHITE,
 ) -> v2.Compose:
     """(3, H, W) uint8 [+ boxes] -> (3, S, S) float normalised [+ boxes in the new pixel frame].
 
-    Evaluation resizes to S x S (`squash`) or the shorter side to S then centre-crops (`shortest`, as
-    open_clip and timm do); training with `augment` takes a mild random resized crop instead."""
+    Evaluation resizes to S x S (`squash`), the shorter side to S then centre-crops (`shortest`, as
+    open_clip and timm do), or the longer side to S then pads with `background` (`letterbox`); training
+    with `augment` takes a mild random resized crop instead (of the letterboxed square for `letterbox`)."""
     if resize not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
         raise DataError(f"unknown data.resize {resize!r} or data.interpolation {interpolation!r}")
     mode = INTERPOLATIONS[interpolation]
+    letterbox = [Letterbox(image_size, mode, background)] if resize == "letterbox" else []
     if train and augment:
         # Mild crops only: a large crop could cut an object out of the scene its caption describes.
         crop = v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=mode, antialias=True)
-        geometry = [crop]
+        geometry = [*letterbox, crop]
+    elif letterbox:
+        geometry = letterbox
     elif resize == "shortest":
         geometry = [v2.Resize(image_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
     else:
         geometry = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+class Letterbox(v2.Transform):
+    """Resize the longer side to `size` (aspect ratio kept), then pad to `size` x `size` with `fill`
+    (RGB 0-255), the image centred. Boxes are scaled and shifted with it."""
+
+    def __init__(self, size: int, interpolation: v2.InterpolationMode, fill: tuple[int, ...] | list[int] = WHITE):
+        super().__init__()
+        self.size, self.interpolation, self.fill = size, interpolation, [int(c) for c in fill]
+
+    def make_params(self, flat_inputs: list) -> dict:
+        h, w = v2.query_size(flat_inputs)
+        scale = self.size / max(h, w)
+        nh, nw = min(self.size, max(1, round(h * scale))), min(self.size, max(1, round(w * scale)))
+        top, left = (self.size - nh) // 2, (self.size - nw) // 2
+        return {"hw": (nh, nw), "pad": [left, top, self.size - nw - left, self.size - nh - top]}
+
+    def transform(self, inpt, params: dict):
+        out = TF.resize(inpt, list(params["hw"]), interpolation=self.interpolation, antialias=True)
+        fill = self.fill if isinstance(inpt, torch.Tensor) and not isinstance(inpt, tv_tensors.BoundingBoxes) else 0
+        return TF.pad(out, params["pad"], fill=fill)
 
 
 def transform_from_config(data_cfg, train: bool) -> v2.Compose:
@@ -96,19 +151,19 @@ def preprocess_kwargs(data_cfg) -> dict:
     """The preprocessing fields of a `data` section that are set, as build_image_transform keywords."""
     out = {"mean": data_cfg.image_mean, "std": data_cfg.image_std, "resize": data_cfg.resize}
     out["interpolation"] = data_cfg.interpolation
+    out["background"] = getattr(data_cfg, "background", [])
     return {k: v for k, v in out.items() if v}
 
 
 def describe_transform(data_cfg) -> str:
     """One line saying what `transform_from_config(data_cfg, ...)` does, for the run header."""
-    kw = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "squash", "interpolation": "bilinear"}
-    kw.update(preprocess_kwargs(data_cfg))
+    kw = {**DEFAULT_PREPROCESS, **preprocess_kwargs(data_cfg)}
     side = data_cfg.image_size
     train = f"random resized crop (scale 0.8-1, ratio 0.9-1.1) to {side}x{side}" if data_cfg.augment else "as eval"
     mean, std = tuple(round(v, 4) for v in kw["mean"]), tuple(round(v, 4) for v in kw["std"])
     return (
         f"RGB, {kw['resize']} resize to {side}x{side} ({kw['interpolation']}), mean {mean} / std {std};"
-        f" train: {train}, no flips"
+        f" transparency on {tuple(kw['background'])}, EXIF orientation applied; train: {train}, no flips"
     )
 
 

