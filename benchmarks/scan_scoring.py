@@ -2,13 +2,20 @@
 
     python benchmarks/scan_scoring.py                 # 100 x 500 + the 128 x 128 training step (~1-2 min)
     python benchmarks/scan_scoring.py --full          # adds Flickr30K-sized 1000 x 5000, t2i and i2t (minutes)
+    python benchmarks/scan_scoring.py --full --repeats 2 --no-loop   # best of 2 at full size, progress on stderr
     python benchmarks/scan_scoring.py --no-loop --phases   # where the time goes, pass by pass, on one chunk
+    python benchmarks/scan_scoring.py --bf16          # also the bf16-GEMM path: its speed and its error vs fp32
+    python benchmarks/scan_scoring.py --device cuda   # the same on a GPU (benchmarks/gpu_check.sh)
 
-Every figure is the best of `--repeats` runs, and every ratio compares timings taken in the same process,
-interleaved, on the same inputs: random l2-normalised features, R=36 regions, D=1024, W=16 padded words,
-caption lengths 8-16. "GEMM" is the unavoidable work, (n_img*R, D) @ (D, n_txt*W) into a reused buffer
-(done in column blocks at 1000 x 5000, whose full output would be 11.5 GB). "loop" is the reference
-formulation: one caption at a time, attended D-dim vectors, float32.
+Every figure is the best of `--repeats` runs (default 5 at 100 x 500, 1 at 1000 x 5000, where one run of
+each kind takes about a minute on 2 cores), and every ratio compares timings taken in the same run on the
+same inputs: random l2-normalised features, R=36 regions, D=1024, W=16 padded words, caption lengths 8-16.
+"GEMM" is the unavoidable work, (n_img*R, D) @ (D, n_txt*W) into a reused buffer (done in column blocks at
+1000 x 5000, whose full output would be 11.5 GB). Since captions are scored in length-sorted chunks cut to
+their longest caption, scan_similarity multiplies fewer columns than that padded GEMM; "trimmed GEMM" is
+the same GEMM over the columns it does multiply, so both ratios are printed. "loop" is the reference
+formulation: one caption at a time, attended D-dim vectors, float32. At 1000 x 5000 each timing runs in a
+fresh process (GEMM, t2i, i2t in turn, `--repeats` rounds), so that peak RSS is each one's own.
 
 Legend: R regions, W words, D width.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,28 +40,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from crossmatch.models.scan_scoring import scan_similarity  # noqa: E402
 
 R, W, D = 36, 16, 1024
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def make_inputs(n_img: int, n_txt: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Random l2-normalised regions (n_img, R, D), words (n_txt, W, D), lengths in [8, 16]."""
+    """Random l2-normalised regions (n_img, R, D), words (n_txt, W, D), lengths in [8, 16], on DEVICE."""
     g = torch.Generator().manual_seed(seed)
     images = F.normalize(torch.randn(n_img, R, D, generator=g), dim=-1)
     captions = F.normalize(torch.randn(n_txt, W, D, generator=g), dim=-1)
     cap_lens = torch.randint(8, W + 1, (n_txt,), generator=g)
-    return images, captions, cap_lens
+    return images.to(DEVICE), captions.to(DEVICE), cap_lens.to(DEVICE)
 
 
-def gemm_fn(images: Tensor, captions: Tensor, max_out_elems: int = 1 << 28) -> Callable[[], None]:
-    """The one GEMM (n_img*R, D) @ (D, n_txt*W), into a reused buffer (column blocks if it is huge)."""
+def trimmed_columns(cap_lens: Tensor, n_img: int, direction: str) -> int:
+    """Caption-side GEMM columns scan_similarity multiplies with its default chunks: each length-sorted chunk
+    cut to its longest caption (all W when the captions fit one chunk)."""
+    from crossmatch.models.scan_scoring import _chunk_sizes
+
+    n_txt = len(cap_lens)
+    if direction == "t2i":
+        step = _chunk_sizes(n_img, R, n_txt, W, None, None)[1]
+    else:
+        step = _chunk_sizes(n_txt, W, n_img, R, None, None)[0]
+    if step >= n_txt:
+        return n_txt * W
+    lens = cap_lens.sort().values.tolist()
+    return sum(len(lens[k : k + step]) * lens[min(k + step, n_txt) - 1] for k in range(0, n_txt, step))
+
+
+def gemm_fn(images: Tensor, captions: Tensor, max_out_elems: int = 1 << 28, cols: int | None = None):
+    """The one GEMM (n_img*R, D) @ (D, n_txt*W), into a reused buffer (column blocks if it is huge); with
+    `cols`, only the first `cols` caption rows (the trimmed GEMM)."""
     a = images.reshape(-1, D)  # (n_img*R, D)
-    b = captions.reshape(-1, D)  # (n_txt*W, D)
-    cols = max(1, min(b.shape[0], max_out_elems // a.shape[0]))
-    out = torch.empty(a.shape[0], cols)  # (n_img*R, cols)
+    b = captions.reshape(-1, D)[:cols]  # (cols, D)
+    block = max(1, min(b.shape[0], max_out_elems // a.shape[0]))
+    out = torch.empty(a.shape[0], block, device=DEVICE)  # (n_img*R, block)
 
     def run() -> None:
-        for j in range(0, b.shape[0], cols):
-            blk = b[j : j + cols]
+        for j in range(0, b.shape[0], block):
+            blk = b[j : j + block]
             torch.mm(a, blk.t(), out=out[:, : blk.shape[0]])
+        sync()
 
     return run
 
@@ -63,8 +95,8 @@ def loop_similarity(images: Tensor, captions: Tensor, cap_lens: Tensor, directio
     lam, lam_lse = (9.0, 6.0) if direction == "t2i" else (4.0, 5.0)
     n_img = images.shape[0]
     cols = []
-    for t in range(captions.shape[0]):
-        cap = captions[t, : int(cap_lens[t])].unsqueeze(0).expand(n_img, -1, -1)  # (n_img, L, D)
+    for t, n in enumerate(cap_lens.tolist()):
+        cap = captions[t, :n].unsqueeze(0).expand(n_img, -1, -1)  # (n_img, L, D)
         query, context = (cap, images) if direction == "t2i" else (images, cap)
         attn = F.leaky_relu(torch.bmm(context, query.transpose(1, 2)), 0.1)  # (n_img, Lc, Lq)
         attn = attn / (attn.norm(dim=2, keepdim=True) + 1e-8)
@@ -72,7 +104,20 @@ def loop_similarity(images: Tensor, captions: Tensor, cap_lens: Tensor, directio
         attended = torch.bmm(attn.transpose(1, 2), context)  # (n_img, Lq, D)
         rel = (query * attended).sum(-1) / (query.norm(dim=-1) * attended.norm(dim=-1)).clamp(min=1e-8)
         cols.append(torch.logsumexp(rel * lam_lse, dim=1) / lam_lse)  # (n_img,)
-    return torch.stack(cols, dim=1)  # (n_img, n_txt)
+    out = torch.stack(cols, dim=1)  # (n_img, n_txt)
+    sync()
+    return out
+
+
+def ours(images: Tensor, captions: Tensor, cap_lens: Tensor, direction: str, gemm_dtype=None) -> Callable[[], Tensor]:
+    lam = {} if direction == "t2i" else {"lambda_softmax": 4.0, "lambda_lse": 5.0}
+
+    def run() -> Tensor:
+        out = scan_similarity(images, captions, cap_lens, direction=direction, gemm_dtype=gemm_dtype, **lam)
+        sync()
+        return out
+
+    return run
 
 
 def best_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, float]:
@@ -93,18 +138,40 @@ def scoring_figures(n_img: int, n_txt: int, repeats: int, with_loop: bool) -> li
     fns: dict[str, Callable[[], object]] = {"gemm": gemm_fn(images, captions)}
     loops: dict[str, Callable[[], object]] = {}
     for d in ("t2i", "i2t"):
-        lam = {} if d == "t2i" else {"lambda_softmax": 4.0, "lambda_lse": 5.0}
-        fns[d] = lambda d=d, lam=lam: scan_similarity(images, captions, cap_lens, direction=d, **lam)
+        fns[d] = ours(images, captions, cap_lens, d)
         loops[f"loop {d}"] = lambda d=d: loop_similarity(images, captions, cap_lens, d)
     with torch.no_grad():
         t = best_times(fns, repeats)
-        if with_loop:  # tens of seconds each: one run is enough to see the ratio
-            t |= best_times(loops, 1, warmup=False)
+        if with_loop:  # tens of seconds each on a CPU: one run is enough to see the ratio
+            t |= best_times(loops, 1 if DEVICE.type == "cpu" else repeats, warmup=DEVICE.type != "cpu")
     rows = [(f"GEMM ({n_img * R}x{D}) @ ({D}x{n_txt * W})", t["gemm"], "1.00 (limit)")]
     for d in ("t2i", "i2t"):
         rows.append((f"scan_similarity {d}", t[d], f"{t[d] / t['gemm']:.2f} x GEMM"))
         if with_loop:
-            rows.append((f"per-caption loop {d} (1 run)", t[f"loop {d}"], f"ours {t[f'loop {d}'] / t[d]:.1f}x faster"))
+            rows.append((f"per-caption loop {d}", t[f"loop {d}"], f"ours {t[f'loop {d}'] / t[d]:.1f}x faster"))
+    return rows
+
+
+def bf16_figures(n_img: int, n_txt: int, repeats: int) -> list[tuple[str, float, str]]:
+    """The bf16-GEMM path (float32 elsewhere) against float32: time, and its error on these scores."""
+    images, captions, cap_lens = make_inputs(n_img, n_txt, seed=2)
+    rows = []
+    with torch.no_grad():
+        for d in ("t2i", "i2t"):
+            fp32, bf16 = ours(images, captions, cap_lens, d), ours(images, captions, cap_lens, d, torch.bfloat16)
+            t = best_times({"fp32": fp32, "bf16": bf16}, repeats)
+            a, b = fp32(), bf16()
+            err = (b - a).abs()
+            spread = float(a.std())
+            top1 = float((a.argmax(0) == b.argmax(0)).float().mean()) * 100  # per caption, its best image
+            rows.append(
+                (
+                    f"scan_similarity {d} bf16 GEMM",
+                    t["bf16"],
+                    f"{t['fp32'] / t['bf16']:.2f}x the fp32 speed; |bf16 - fp32| max {float(err.max()):.1e}, mean "
+                    f"{float(err.mean()):.1e} (scores' std {spread:.1e}); same top-1 image for {top1:.1f}% of captions",
+                )
+            )
     return rows
 
 
@@ -116,6 +183,7 @@ def training_figures(batch: int, repeats: int) -> list[tuple[str, float, str]]:
             im = images.clone().requires_grad_()
             cap = captions.clone().requires_grad_()
             fn(im, cap, cap_lens, "t2i").sum().backward()
+            sync()
 
         return run
 
@@ -135,9 +203,9 @@ def phase_figures(repeats: int) -> list[tuple[str, float, str]]:
     images, captions, _ = make_inputs(C, Q)
     ctx, qry = images.reshape(-1, D), captions.reshape(-1, D)  # (C*R, D), (Q*W, D)
     gram = torch.bmm(images, images.transpose(1, 2))  # (C, R, R)
-    s = torch.empty(C, R, Q, W)
-    e = torch.empty(C, R, Q, W)
-    scale = torch.rand(C, R, Q, 1)
+    s = torch.empty(C, R, Q, W, device=DEVICE)
+    e = torch.empty(C, R, Q, W, device=DEVICE)
+    scale = torch.rand(C, R, Q, 1, device=DEVICE)
     phases = {
         "GEMM": lambda: torch.mm(ctx, qry.t(), out=s.view(C * R, Q * W)),
         "leaky_relu": lambda: torch.ops.aten.leaky_relu.out(s, 0.1, out=e),
@@ -149,77 +217,110 @@ def phase_figures(repeats: int) -> list[tuple[str, float, str]]:
         "Gram bmm": lambda: torch.bmm(gram, e.view(C, R, Q * W), out=s.view(C, R, Q * W)),
         "quad: mul_ + sum over R": lambda: s.mul_(e).sum(dim=1),
     }
-    t = best_times(phases, repeats)
+    t = best_times({k: (lambda f=f: (f(), sync())) for k, f in phases.items()}, repeats)
     total = sum(t.values())
     rows = [(f"phase {k} ({C}x{R}x{Q}x{W} chunk)", v, f"{v / t['GEMM']:.3f} x GEMM") for k, v in t.items()]
     return rows + [("phases total", total, f"{total / t['GEMM']:.2f} x GEMM")]
 
 
-def full_child(direction: str, repeats: int) -> None:
-    """Runs in a fresh process: 1000 x 5000 in one direction; prints JSON with best times and peak RSS growth.
+def peak_mib() -> float:
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated(DEVICE) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
-    Ours runs first, so the peak RSS it leaves is its own (the GEMM's 1 GiB block buffer comes after).
-    """
+
+def full_child(kind: str) -> None:
+    """Runs in a fresh process: one timed 1000 x 5000 run of `kind` (gemm, trimmed GEMM of a direction, or
+    scan_similarity of a direction); prints JSON with the time and the peak memory (inputs included)."""
     images, captions, cap_lens = make_inputs(1000, 5000)
-    lam = {} if direction == "t2i" else {"lambda_softmax": 4.0, "lambda_lse": 5.0}
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, inputs included
+    base = peak_mib()
     with torch.no_grad():
-        ours = lambda: scan_similarity(images, captions, cap_lens, direction=direction, **lam)  # noqa: E731
-        t_ours = best_times({"ours": ours}, 1, warmup=False)["ours"]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fns = {"gemm": gemm_fn(images, captions), "ours": ours} if repeats > 1 else {"gemm": gemm_fn(images, captions)}
-        t = {"ours": t_ours} | best_times(fns, max(1, repeats - 1), warmup=False)
-    out = {
-        "gemm": t["gemm"],
-        "ours": min(t_ours, t["ours"]),
-        "growth_mib": (peak - rss0) / 1024,
-        "peak_mib": peak / 1024,
-    }
-    print(json.dumps(out))
+        if kind == "gemm":
+            fn = gemm_fn(images, captions)
+        elif kind.startswith("trimmed"):
+            d = kind.split()[1]
+            # the same number of caption rows as the chunks scan_similarity multiplies
+            fn = gemm_fn(images, captions, cols=trimmed_columns(cap_lens, 1000, d))
+        else:
+            fn = ours(images, captions, cap_lens, kind)
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), "inputs_mib": base}))
 
 
 def full_figures(repeats: int) -> list[tuple[str, float, str]]:
-    rows = []
+    kinds = ["gemm", "trimmed t2i", "t2i", "trimmed i2t", "i2t"]
+    best: dict[str, dict] = {}
+    for r in range(repeats):
+        for kind in kinds:
+            run = [sys.executable, __file__, "--child", kind, "--device", str(DEVICE)]
+            t0 = time.perf_counter()
+            res = json.loads(subprocess.run(run, check=True, capture_output=True, text=True).stdout)
+            wall = time.perf_counter() - t0
+            print(
+                f"[full {r + 1}/{repeats}] {kind:<11} {res['seconds']:7.1f} s  (process {wall:.0f} s, load {load()})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if kind not in best or res["seconds"] < best[kind]["seconds"]:
+                best[kind] = res
+    g = best["gemm"]["seconds"]
+    rows = [("GEMM (36000x1024) @ (1024x80000)", g, "1.00 (limit)")]
     for d in ("t2i", "i2t"):
-        run = [sys.executable, __file__, "--child", d, "--repeats", str(repeats)]
-        res = json.loads(subprocess.run(run, check=True, capture_output=True, text=True).stdout)
-        rows.append(("GEMM (36000x1024) @ (1024x80000)", res["gemm"], "1.00 (limit)"))
+        o, tr = best[d], best[f"trimmed {d}"]["seconds"]
+        rows.append((f"trimmed GEMM {d} (the columns ours multiplies)", tr, f"{tr / g:.2f} x GEMM"))
         rows.append(
             (
                 f"scan_similarity {d} 1000x5000",
-                res["ours"],
-                f"{res['ours'] / res['gemm']:.2f} x GEMM, peak RSS +{res['growth_mib']:.0f} MiB "
-                f"over the inputs ({res['peak_mib']:.0f} MiB total)",
+                o["seconds"],
+                f"{o['seconds'] / g:.2f} x GEMM, {o['seconds'] / tr:.2f} x trimmed GEMM; peak "
+                f"{o['peak_mib']:.0f} MiB ({o['peak_mib'] - o['inputs_mib']:.0f} over the inputs)",
             )
         )
     return rows
 
 
 def main() -> None:
+    global DEVICE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-img", type=int, default=100)
     p.add_argument("--n-txt", type=int, default=500)
     p.add_argument("--batch", type=int, default=128, help="training batch (images = captions)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs of each kind (default 5; 1 with --full)")
     p.add_argument("--full", action="store_true", help="also score 1000 x 5000 (Flickr30K test), minutes")
-    p.add_argument("--full-repeats", type=int, default=2, help="runs of each 1000 x 5000 timing (~1 min each)")
     p.add_argument("--phases", action="store_true", help="also time each pass on one default chunk")
+    p.add_argument("--bf16", action="store_true", help="also the bf16-GEMM scoring path against fp32")
     p.add_argument("--no-loop", action="store_true", help="skip the slow per-caption loop")
-    p.add_argument("--child", choices=["t2i", "i2t"], help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
     if args.child:
-        full_child(args.child, args.repeats)
+        full_child(args.child)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}")
-    rows = scoring_figures(args.n_img, args.n_txt, args.repeats, not args.no_loop)
-    rows += training_figures(args.batch, args.repeats)
+    small, full = args.repeats or 5, args.repeats or 1
+    name = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {DEVICE} ({name}), best of {small} ({full} at full size), load {load()}")
+    rows = scoring_figures(args.n_img, args.n_txt, small, not args.no_loop)
+    if not args.no_loop:
+        rows += training_figures(args.batch, small)
+    if args.bf16:
+        rows += bf16_figures(args.n_img, args.n_txt, small)
     if args.phases:
-        rows += phase_figures(args.repeats * 4)
+        rows += phase_figures(small * 4)
     if args.full:
-        rows += full_figures(args.full_repeats)
+        rows += full_figures(full)
     width = max(len(r[0]) for r in rows)
     for name, seconds, note in rows:
         print(f"{name:<{width}}  {seconds * 1e3:10.1f} ms  {note}")
+    print(f"load at the end {load()}")
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

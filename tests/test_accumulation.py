@@ -78,7 +78,7 @@ def test_accumulating_4_x_8_equals_one_batch_of_32(kind, tmp_path):
         logs_big = big.train_step([batch])
         torch.manual_seed(100 + step)
         logs_acc = acc.train_step(split(batch, 4))
-        assert logs_acc["loss"] == pytest.approx(logs_big["loss"], rel=1e-5)
+        assert float(logs_acc["loss"]) == pytest.approx(float(logs_big["loss"]), rel=1e-5)
     a, b = big.task.state_dict(), acc.task.state_dict()
     moved = max(float((a[k] - make_trainer(kind, 1, tmp_path / "init").task.state_dict()[k]).abs().max()) for k in a)
     assert moved > 1e-3  # the steps did change the weights

@@ -138,6 +138,7 @@ class EvalConfig:
     batch_size: int = 256  # encoding batch size
     chunk_size: int = 512  # rows (images) per block of the all-pairs score matrix
     every_epochs: int = 1  # validate every this many epochs
+    max_images: int = 0  # validation during training on the split's first N images and their captions (0: all)
     loss_batches: int = 10  # batches of val pairs on which validation also computes the training loss (0: off)
     metric: str = "rsum"  # key of the metrics dict that selects best.pt (higher is better)
     folds: int = 1  # mean over this many consecutive image folds (COCO 1K protocol: 5 folds of 1000)
@@ -268,6 +269,7 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
         ("eval.batch_size", e.batch_size, e.batch_size >= 1, "must be at least 1"),
         ("eval.chunk_size", e.chunk_size, e.chunk_size >= 1, "must be at least 1"),
         ("eval.every_epochs", e.every_epochs, e.every_epochs >= 1, "must be at least 1"),
+        ("eval.max_images", e.max_images, e.max_images >= 0, "must be >= 0 (0: the whole split)"),
         ("eval.folds", e.folds, e.folds >= 1, "must be at least 1"),
         ("eval.rerank_k", e.rerank_k, e.rerank_k >= 0, "must be >= 0 (0: no re-ranking)"),
         ("eval.rerank_batch", e.rerank_batch, e.rerank_batch >= 1, "must be at least 1"),

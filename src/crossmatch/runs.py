@@ -192,14 +192,16 @@ def make_evaluator(
     model: nn.Module,
     device: torch.device,
     progress: bool = False,
+    max_images: int = 0,
 ) -> Evaluator:
     """The Evaluator of one split with the config's protocol (folds, re-ranking, person search, and a
-    first-stage model from `eval.first_stage`, loaded and scored once on first use)."""
-    ds = open_split(cfg, split)
+    first-stage model from `eval.first_stage`, loaded and scored once on first use); with `max_images`,
+    of the split's first images only (quick validation, `eval.max_images`)."""
+    ds = open_split(cfg, split).first_images(max_images)
 
     def first_stage() -> torch.Tensor:
         first, first_cfg, first_tok = load_run(cfg.eval.first_stage, [f"data.root={cfg.data.root}"])
-        first_data = build_eval_data(first_cfg, open_split(first_cfg, split), first_tok, first)
+        first_data = build_eval_data(first_cfg, open_split(first_cfg, split).first_images(max_images), first_tok, first)
         return compute_scores(first.to(device), first_data, device, cfg.eval.chunk_size, progress)
 
     pids = image_pids(ds)  # person-search datasets: relevance by identity
@@ -240,13 +242,14 @@ def build_trainer(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = transform_from_config(cfg.data, train=True)
+    pin = dist.device.type == "cuda"
     if getattr(train_ds, "streaming", False):  # webdataset shards: a resumable stream, not an indexed split
         loader = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model))
         n_pairs = train_ds.num_pairs
     else:
         pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
         loader = build_train_loader(
-            pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
+            pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size, pin
         )
         n_pairs = len(pairs)
     if len(loader) == 0:
@@ -257,7 +260,7 @@ def build_trainer(
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
     scheduler = create_scheduler(optimizer, cfg.train, steps)
     progress = dist.is_main and sys.stderr.isatty()
-    evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device, progress)
+    evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device, progress, cfg.eval.max_images)
     check_metric(cfg.eval.metric, evaluator.metric_names, evaluator.protocol)  # before an epoch, not after it
     val_pairs = PairView(
         open_split(cfg, cfg.data.val_split),

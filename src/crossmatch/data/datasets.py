@@ -8,6 +8,7 @@ feed the loaders: `PairView` (one item per caption, for training), `ImageView` (
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -186,12 +187,32 @@ class ImageCaptionDataset:
         """The per-image torch Dataset of this split (formats with precomputed features return theirs)."""
         return ImageView(self, transform, max_boxes)
 
+    def first_images(self, n: int):
+        """This split cut to its first `n` images and their captions (`eval.max_images`: quick validation);
+        twin pairs are kept when both images remain. The split itself when it has at most `n` images."""
+        return first_images(self, n)
+
     @property
     def img_to_txt(self) -> list[list[int]]:
         return [r.caption_ids for r in self.images]
 
     def __repr__(self) -> str:
         return f"ImageCaptionDataset({self.root}, {len(self.images)} images, {len(self.captions)} captions)"
+
+
+def first_images(ds, n: int):
+    """A shallow copy of a split (ImageCaptionDataset or alike) restricted to its first `n` images. The
+    captions of an image follow those of the images before it, so the kept captions are a prefix and every
+    index (caption_ids, txt_to_img) stays valid."""
+    if n <= 0 or n >= len(ds.images):
+        return ds
+    n_txt = sum(len(r.caption_ids) for r in ds.images[:n])
+    if max(ds.txt_to_img[:n_txt]) >= n or min(ds.txt_to_img[n_txt:], default=n) < n:
+        raise DataError(f"cannot take the first {n} images of {ds!r}: its captions are not in image order")
+    sub = copy.copy(ds)
+    sub.images, sub.captions, sub.txt_to_img = ds.images[:n], ds.captions[:n_txt], ds.txt_to_img[:n_txt]
+    sub.twins = [(i, j) for i, j in ds.twins if i < n and j < n]
+    return sub
 
 
 class ImageView(Dataset):
@@ -264,8 +285,9 @@ class PairView(Dataset):
             if seed is None:
                 return {**self.images[cap["image_idx"]], **cap}
             with torch.random.fork_rng(devices=[]):
-                # The CPU generator only: torch.manual_seed would also reseed (and, before CUDA starts, queue
-                # with a captured stack) every GPU generator, for transforms that run on the CPU.
+                # The CPU generator only: torch.manual_seed would also (lazily) seed every CUDA device, which
+                # records a Python stack trace per call when CUDA is not initialised (a third of an item's time)
+                # and would reseed the CUDA stream that fork_rng(devices=[]) does not restore.
                 torch.default_generator.manual_seed(seed)
                 return {**self.images[cap["image_idx"]], **cap}
         except DataError as err:

@@ -77,9 +77,19 @@ class EpochSampler(Sampler):
 
 
 def build_train_loader(
-    dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """Per-rank batches of `batch_size`; the last incomplete batch is dropped (hinge losses need negatives)."""
+    """Per-rank batches of `batch_size`; the last incomplete batch is dropped (hinge losses need negatives).
+
+    Workers persist across epochs (no new processes and no empty pipeline at each epoch start; the
+    sampler lives in the main process, so `set_epoch` still applies). `pin_memory` (for a CUDA device)
+    lets the copy of each batch to the device overlap with compute."""
     sampler = EpochSampler(len(dataset), seed, rank, world_size)
     # A private generator: creating an iterator must not consume the global torch RNG, whose state the
     # checkpoint restores (a resumed run creates its iterator at another moment than the original).
@@ -90,6 +100,8 @@ def build_train_loader(
         collate_fn=collate,
         drop_last=True,
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )
 

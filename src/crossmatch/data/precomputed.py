@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from crossmatch.config import DataConfig
-from crossmatch.data.datasets import ImageRecord, read_karpathy_json
+from crossmatch.data.datasets import ImageRecord, first_images, read_karpathy_json
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
 
@@ -133,6 +133,13 @@ class PrecomputedFeatures:
         """Item i: {"image": (R, C) float32 features of image i, "image_idx": i}; `transform` and `max_boxes`
         do not apply to features."""
         return FeatureView(self.features, self.rows)
+
+    def first_images(self, n: int) -> PrecomputedFeatures:
+        """The split cut to its first `n` images and their captions (see `datasets.first_images`)."""
+        sub = first_images(self, n)
+        if sub is not self:
+            sub.rows = self.rows[: len(sub.images)]  # (n,)
+        return sub
 
     def __repr__(self) -> str:
         shape = tuple(self.features.shape)

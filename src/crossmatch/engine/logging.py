@@ -54,15 +54,18 @@ class MetricLogger:
             self._writers[split] = SummaryWriter(str(self.run_dir / "tb" / split))
         return self._writers[split]
 
-    def log(self, metrics: dict[str, float], step: int, split: str = "train") -> None:
+    def log(self, metrics: dict[str, float], step: int, split: str = "train", epoch: float | None = None) -> None:
+        """Write one row of scalars at optimizer step `step`; `epoch` (epochs done, fractional within an
+        epoch) goes into the JSONL row only, for per-epoch curves (`crossmatch.search.curves`)."""
         if not self.enabled:
             return
         if self.tensorboard:
             w = self._writer(split)
             for k, v in metrics.items():
                 w.add_scalar(tag(k, split), v, step)
+        where = {"split": split, "step": step, **({"epoch": round(epoch, 4)} if epoch is not None else {})}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"split": split, "step": step, **metrics}) + "\n")
+            f.write(json.dumps({**where, **metrics}) + "\n")
 
     def flush(self) -> None:
         for w in self._writers.values():

@@ -149,6 +149,7 @@ class Trainer:
             step_module = DistributedDataParallel(task, device_ids=ids)
         self.step_module = torch.compile(step_module) if self.cfg.compile else step_module
         self.state = TrainState()
+        self.epoch_seconds = 0.0  # wall time of the last train_epoch (validation excluded)
 
     @property
     def micro_batches(self) -> int:
@@ -220,31 +221,42 @@ class Trainer:
             disable=not self.show_progress,
             leave=False,
         )
-        t0, done0 = time.perf_counter(), s.step_in_epoch
+        t0, done0, waited = time.perf_counter(), s.step_in_epoch, 0.0
         batches = iter(self.train_loader)
         while s.step_in_epoch < n_steps:
             self.task.on_step(s.step_in_epoch / max(1, n_steps))  # for ramps within an epoch (ALBEF's alpha)
-            logs = self.train_step([next(batches) for _ in range(self.micro_batches)])
+            t_data = time.perf_counter()
+            micro = [next(batches) for _ in range(self.micro_batches)]
+            waited += time.perf_counter() - t_data  # time the step waited for the loader
+            logs = self.train_step(micro)
             s.step_in_epoch += 1
             s.global_step += 1
             every = self.cfg.checkpoint_every_steps
             if every and s.global_step % every == 0 and s.step_in_epoch < n_steps:
                 self.sinks.checkpointer.save(self.state_dict())  # mid-epoch: last.pt only
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            if self.show_progress:
+                bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
             if s.global_step % self.cfg.log_every == 0 or s.step_in_epoch == n_steps:
+                logs = {k: float(v) for k, v in logs.items()}  # the only host syncs of the logged values
                 logs["lr"] = self.optimizer.param_groups[0]["lr"]
-                logs["steps_per_s"] = (s.step_in_epoch - done0) / max(1e-9, time.perf_counter() - t0)
-                self.sinks.metric_logger.log(logs, s.global_step, "train")
+                elapsed = max(1e-9, time.perf_counter() - t0)
+                logs["steps_per_s"] = (s.step_in_epoch - done0) / elapsed
+                logs["data_wait"] = waited / elapsed  # share of the epoch's wall time spent waiting for batches
+                epoch = s.epoch + s.step_in_epoch / n_steps
+                self.sinks.metric_logger.log(logs, s.global_step, "train", epoch=epoch)
                 text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
                 log.info("epoch %d step %d/%d %s", s.epoch + 1, s.step_in_epoch, n_steps, text)
         bar.close()
+        self.epoch_seconds = time.perf_counter() - t0
 
-    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | float]:
         """One optimizer step over `accum_steps` micro-batches: forward (autocast), backward (scaled),
-        unscale, clip, step. Returns the step's scalar logs (loss terms averaged over micro-batches)."""
+        unscale, clip, step. Returns the step's scalar logs (loss terms averaged over micro-batches), as
+        detached 0-dim tensors where they are computed, so that a step that is not logged does not wait
+        for the device."""
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor | float] = {}
         if len(batches) > 1 and self.task.exact_accumulation:  # in-batch negatives over all micro-batches
             totals, batches = self._accumulated_step(batches), []
         for k, batch in enumerate(batches):
@@ -261,10 +273,10 @@ class Trainer:
                 self._check_finite(loss, losses)
                 self.scaler.scale(loss / len(batches)).backward()
             for name, v in {"loss": loss, **losses, **logs}.items():
-                totals[name] = totals.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
+                totals[name] = totals.get(name, 0.0) + (v.detach() if torch.is_tensor(v) else v) / len(batches)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip))
+            totals["grad_norm"] = nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip).detach()
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # fp16 only
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -322,10 +334,12 @@ class Trainer:
         """Validate, record, checkpoint (last, per-epoch, best)."""
         s = self.state
         due = (s.epoch + 1) % self.cfg.eval_every_epochs == 0 or s.epoch + 1 == self.cfg.epochs
+        t_val = time.perf_counter()
         metrics = self.evaluate() if due else {}
         val_losses = self.validation_loss() if due else {}
+        t_val = time.perf_counter() - t_val
         if val_losses:
-            self.sinks.metric_logger.log(val_losses, s.global_step, "val")
+            self.sinks.metric_logger.log(val_losses, s.global_step, "val", epoch=s.epoch + 1)
             log.info("epoch %d val %s", s.epoch + 1, " ".join(f"{k}={v:.4g}" for k, v in val_losses.items()))
         is_best = False
         if metrics:
@@ -334,15 +348,18 @@ class Trainer:
             is_best = value > s.best_metric
             if is_best:
                 s.best_metric, s.best_epoch = value, s.epoch + 1
-            self.sinks.metric_logger.log(metrics, s.global_step, "val")
+            self.sinks.metric_logger.log(metrics, s.global_step, "val", epoch=s.epoch + 1)
             log.info(
-                "epoch %d val %s=%.2f (best %.2f at epoch %d), peak memory %.0f MB",
+                "epoch %d val %s=%.2f (best %.2f at epoch %d), peak memory %.0f MB, validation %.1f s "
+                "(%.0f%% of the epoch's training time)",
                 s.epoch + 1,
                 self.cfg.metric,
                 value,
                 s.best_metric,
                 s.best_epoch,
                 peak_memory_mb(self.dist.device),
+                t_val,
+                100 * t_val / max(1e-9, self.epoch_seconds),
             )
         s.epoch, s.step_in_epoch, s.bad_images = s.epoch + 1, 0, []
         self.sinks.checkpointer.save(self.state_dict(), epoch_tag=s.epoch, is_best=is_best)

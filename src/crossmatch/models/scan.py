@@ -163,19 +163,29 @@ class ScanModel(nn.Module):
 
     # ---- scores -----------------------------------------------------------------------------------
     def similarity(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
-        """All pairs: regions (N_img, R, E) x words (N_txt, L, E) -> (N_img, N_txt) SCAN scores."""
+        """All pairs: regions (N_img, R, E) x words (N_txt, L, E) -> (N_img, N_txt) SCAN scores.
+
+        Under autocast (train.precision / eval.precision bf16 or fp16) only the large GEMM of raw scores runs
+        in the low precision; the normalisations, exponentials and sums run in float32 (in bf16 they would
+        round every attention weight to 3 significant digits)."""
         cfg = self.config
-        return scan_similarity(
-            img["regions"],
-            txt["words"],
-            txt["lengths"],
-            direction=cfg.direction,
-            raw_feature_norm=cfg.raw_feature_norm,
-            agg_func=cfg.agg_func,
-            lambda_softmax=cfg.lambda_softmax,
-            lambda_lse=cfg.lambda_lse,
-            img_chunk=cfg.score_chunk or None,
-        )
+        regions, words = img["regions"], txt["words"]
+        device = regions.device.type
+        gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        work = torch.promote_types(regions.dtype, torch.float32)  # float32 (float64 stays float64)
+        with torch.autocast(device, enabled=False):
+            return scan_similarity(
+                regions.to(work),
+                words.to(work),
+                txt["lengths"],
+                direction=cfg.direction,
+                raw_feature_norm=cfg.raw_feature_norm,
+                agg_func=cfg.agg_func,
+                lambda_softmax=cfg.lambda_softmax,
+                lambda_lse=cfg.lambda_lse,
+                img_chunk=cfg.score_chunk or None,
+                gemm_dtype=gemm_dtype,
+            )
 
     def word_attention(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
         """Each word's attention over the regions, for one image and one caption: (n, R), rows sum to 1.

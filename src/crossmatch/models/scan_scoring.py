@@ -20,7 +20,9 @@ per-caption loop that cuts each caption to its length.
 
 Speed: the work besides the GEMM is a handful of elementwise passes over the raw (C, Lc, Q, Lq) tensor.
 We run them chunk by chunk on chunks small enough to stay in cache, into two reused buffers, in place
-when no gradient is needed; see `benchmarks/scan_scoring.py` for the figures.
+when no gradient is needed. When the captions span several chunks they are sorted by length first and
+each chunk is cut to its longest caption, so padding costs neither GEMM columns nor elementwise work (on
+the shapes captions, 9-40 words padded to 32, this scores 1.5x faster); see `benchmarks/scan_scoring.py`.
 
 Legend: C context items in a chunk (images for t2i, captions for i2t), Lc items per context (R regions or
 W words), Q query items in a chunk, Lq items per query, D width, R regions, W words (padded length).
@@ -48,6 +50,7 @@ _MAX_UNSHIFTED_LAMBDA = 30.0
 _CHUNK_ELEMS = 1 << 22
 _MIN_GEMM_ROWS = 256
 _LOG2_E = math.log2(math.e)
+SORT_CAPTIONS = True  # sort captions by length when they span several chunks (False: benchmarks' before)
 
 
 def scan_similarity(
@@ -62,6 +65,7 @@ def scan_similarity(
     *,
     img_chunk: int | None = None,
     txt_chunk: int | None = None,
+    gemm_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """SCAN similarity of every image with every caption.
 
@@ -81,6 +85,9 @@ def scan_similarity(
         txt_chunk: captions per chunk (default: likewise). Memory stays bounded by the chunk, whatever
             n_img x n_txt: without gradients, two raw-chunk buffers are reused across all chunks (with
             gradients, autograd keeps each chunk's intermediates, a few times n_img x R x n_txt x W).
+        gemm_dtype: dtype of the one large GEMM of raw scores, e.g. torch.bfloat16 where tensor cores make
+            it several times faster (see benchmarks/scan_scoring.py --bf16 for its error); its result and
+            every other pass stay in the inputs' dtype. None: the inputs' dtype throughout.
 
     Returns:
         (n_img, n_txt) scores, differentiable with respect to `images` and `captions`.
@@ -103,56 +110,87 @@ def scan_similarity(
     if n_img == 0 or n_txt == 0:
         return images.new_zeros(n_img, n_txt)
 
-    word_mask = torch.arange(W, device=captions.device) < cap_lens.to(captions.device)[:, None]  # (n_txt, W)
-    # Zero the padding (garbage, maybe NaN) so padded words give exactly zero raw scores and Gram entries.
-    captions = torch.where(word_mask[..., None], captions, captions.new_zeros(()))  # (n_txt, W, D)
-
-    if direction == "t2i":
-        ctx, ctx_mask, qry, qry_mask = images, None, captions, word_mask  # regions are all real
-        ctx_chunk, qry_chunk = img_chunk, txt_chunk
-    else:
-        region_mask = torch.ones(n_img, R, dtype=torch.bool, device=images.device)  # (n_img, R)
-        ctx, ctx_mask, qry, qry_mask = captions, word_mask, images, region_mask
-        ctx_chunk, qry_chunk = txt_chunk, img_chunk
-    C, Lc = ctx.shape[:2]
-    Q, Lq = qry.shape[:2]
+    if direction == "t2i":  # context = image regions (all real), query = caption words
+        C, Lc, Q, Lq, ctx_chunk, qry_chunk = n_img, R, n_txt, W, img_chunk, txt_chunk
+    else:  # context = caption words, query = image regions
+        C, Lc, Q, Lq, ctx_chunk, qry_chunk = n_txt, W, n_img, R, txt_chunk, img_chunk
     ctx_chunk, qry_chunk = _chunk_sizes(C, Lc, Q, Lq, ctx_chunk, qry_chunk)
+    img_step, txt_step = (ctx_chunk, qry_chunk) if direction == "t2i" else (qry_chunk, ctx_chunk)
+    # (regions, mask, norms) per chunk of images: regions are all real (a mask only where they are the query)
+    img_parts = [
+        (x, None if direction == "t2i" else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), _norms(x))
+        for x in images.split(img_step)
+    ]  # (regions (n, R, D), mask (n, R) or None, norms (n, R))
+    # Captions split into chunks are sorted by length first, so each chunk is cut to its longest caption
+    # and padding costs nothing (exact: padded words only ever add zeros; the order is undone at the end).
+    order = torch.argsort(cap_lens, stable=True) if SORT_CAPTIONS and txt_step < n_txt else None
+    txt_parts = _caption_parts(captions, cap_lens, txt_step, order)
+    ctx_parts, qry_parts = (img_parts, txt_parts) if direction == "t2i" else (txt_parts, img_parts)
 
-    gram = torch.bmm(ctx, ctx.transpose(1, 2))  # (C, Lc, Lc)
-    # One extra row, the context mask, makes the Gram product also return the softmax's sum over real
-    # context items: z = mask^T e, for free instead of one more pass over the raw tensor.
-    ones = torch.ones(C, Lc, dtype=ctx.dtype, device=ctx.device) if ctx_mask is None else ctx_mask.to(ctx.dtype)
-    gram = torch.cat([gram, ones[:, None, :]], dim=1)  # (C, Lc+1, Lc)
-    qry_norm = torch.linalg.vector_norm(qry, dim=-1)  # (Q, Lq)
     inplace = not (torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad))
     buffers = None
     if inplace:
-        n = min(ctx_chunk, C) * Lc * min(qry_chunk, Q) * Lq
+        n = min(ctx_chunk, C) * Lc * min(qry_chunk, Q) * Lq  # the largest chunk: trimmed ones use a prefix
         n_aug = n // Lc * (Lc + 1)  # the first buffer also takes the Gram product and its extra row
-        buffers = (ctx.new_empty(n_aug), ctx.new_empty(n))  # reused by every chunk: no page faults, warm cache
+        buffers = (images.new_empty(n_aug), images.new_empty(n))  # reused by every chunk: no page faults, warm cache
 
+    gemm_dtype = gemm_dtype or images.dtype
+    qry_flat = [qry.reshape(-1, D).to(gemm_dtype) for qry, _, _ in qry_parts]  # (Q*Lq, D) each, cast once
     rows = []
-    for c0 in range(0, C, ctx_chunk):
-        cs = slice(c0, c0 + ctx_chunk)
-        ctx_flat = ctx[cs].reshape(-1, D)  # (C*Lc, D)
+    for ctx, ctx_mask, _ in ctx_parts:
+        gram = _gram_with_mask(ctx, ctx_mask)  # (C, Lc+1, Lc)
+        ctx_flat = ctx.reshape(-1, D).to(gemm_dtype)  # (C*Lc, D)
         cols = []
-        for q0 in range(0, Q, qry_chunk):
-            qs = slice(q0, q0 + qry_chunk)
+        for (_, qry_mask, qry_norm), flat in zip(qry_parts, qry_flat, strict=True):
             rel = _relevance(
-                ctx_flat,
-                gram[cs],
-                None if ctx_mask is None else ctx_mask[cs],
-                qry[qs],
-                qry_norm[qs],
-                qry_mask[qs],
-                raw_feature_norm,
-                lambda_softmax,
-                buffers,
+                ctx_flat, flat, gram, ctx_mask, qry_norm, qry_mask, raw_feature_norm, lambda_softmax, buffers
             )  # (C, Q, Lq)
-            cols.append(_pool(rel, qry_mask[qs], agg_func, lambda_lse))  # (C, Q)
+            cols.append(_pool(rel, qry_mask, agg_func, lambda_lse))  # (C, Q)
         rows.append(torch.cat(cols, dim=1))
     scores = torch.cat(rows, dim=0)  # (C, Q)
-    return scores if direction == "t2i" else scores.t()  # (n_img, n_txt)
+    scores = scores if direction == "t2i" else scores.t()  # (n_img, n_txt), captions in `order`
+    if order is not None:
+        scores = scores[:, torch.argsort(order).to(scores.device)]  # back to the input order of the captions
+    return scores
+
+
+def _norms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=-1)  # (n, L)
+
+
+def _caption_parts(
+    captions: Tensor, cap_lens: Tensor, step: int, order: Tensor | None
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Caption chunks of `step` captions as (words (n, Wk, D) with padding zeroed, mask (n, Wk), word norms
+    (n, Wk)). Padded positions may hold garbage, even NaN: zeroed, they give exactly zero raw scores and
+    Gram entries. With `order` (the captions sorted by length) each chunk gathers its captions in that
+    order and is cut to its longest one, Wk <= W; without, chunks are slices of the full width."""
+    n_txt = captions.shape[0]
+    lens = cap_lens.to(captions.device)
+    parts = []
+    if order is not None:
+        order = order.to(captions.device)
+        lens = lens[order]
+        ends = [min(k + step, n_txt) for k in range(0, n_txt, step)]
+        widths = lens[torch.tensor(ends, device=lens.device) - 1].tolist()  # sorted: a chunk's last is its longest
+    for k, k0 in enumerate(range(0, n_txt, step)):
+        rows = slice(k0, k0 + step)
+        words = captions[rows] if order is None else captions[order[rows], : widths[k]]  # (n, Wk, D)
+        mask = torch.arange(words.shape[1], device=words.device) < lens[rows, None]  # (n, Wk)
+        words = torch.where(mask[..., None], words, words.new_zeros(()))  # (n, Wk, D)
+        parts.append((words, mask, _norms(words)))
+    return parts
+
+
+def _gram_with_mask(ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
+    """A context chunk's Gram (C, Lc, Lc) with its mask appended as a last row: (C, Lc+1, Lc).
+
+    The extra row makes the Gram product also return the softmax's sum over real context items,
+    z = mask^T e, for free instead of one more pass over the raw tensor."""
+    C, Lc, _ = ctx.shape
+    gram = torch.bmm(ctx, ctx.transpose(1, 2))  # (C, Lc, Lc)
+    ones = torch.ones(C, Lc, dtype=ctx.dtype, device=ctx.device) if ctx_mask is None else ctx_mask.to(ctx.dtype)
+    return torch.cat([gram, ones[:, None, :]], dim=1)  # (C, Lc+1, Lc)
 
 
 def _chunk_sizes(C: int, Lc: int, Q: int, Lq: int, ctx_chunk: int | None, qry_chunk: int | None) -> tuple[int, int]:
@@ -172,9 +210,9 @@ def _chunk_sizes(C: int, Lc: int, Q: int, Lq: int, ctx_chunk: int | None, qry_ch
 
 def _relevance(
     ctx_flat: Tensor,
+    qry_flat: Tensor,
     gram: Tensor,
     ctx_mask: Tensor | None,
-    qry: Tensor,
     qry_norm: Tensor,
     qry_mask: Tensor,
     raw_feature_norm: str,
@@ -184,11 +222,11 @@ def _relevance(
     """Cosine between every query item and its attended context vector, for one chunk of pairs.
 
     Args:
-        ctx_flat: (C*Lc, D) context items of C contexts, padding zeroed.
-        gram: (C, Lc+1, Lc) their Grams, with the context mask appended as a last row.
+        ctx_flat: (C*Lc, D) context items of C contexts, padding zeroed, in the GEMM's dtype.
+        qry_flat: (Q*Lq, D) query items, padding zeroed, in the GEMM's dtype.
+        gram: (C, Lc+1, Lc) the contexts' Grams, with the context mask appended as a last row.
         ctx_mask: (C, Lc) true for real context items, or None when all are real.
-        qry: (Q, Lq, D) query items, padding zeroed.
-        qry_norm: (Q, Lq) their l2 norms.
+        qry_norm: (Q, Lq) the query items' l2 norms.
         qry_mask: (Q, Lq) true for real query items.
         raw_feature_norm: see `scan_similarity`.
         lambda_softmax: see `scan_similarity`.
@@ -199,13 +237,13 @@ def _relevance(
         (C, Q, Lq) relevances; entries of padded query items are meaningless.
     """
     C, Lc = gram.shape[0], gram.shape[2]
-    Q, Lq, D = qry.shape
+    Q, Lq = qry_norm.shape
     n = C * Lc * Q * Lq
     inplace = buffers is not None
     shape4 = (C, Lc, Q, Lq)
 
     s_out = buffers[0][:n].view(C * Lc, Q * Lq) if inplace else None
-    s = torch.mm(ctx_flat, qry.reshape(Q * Lq, D).t(), out=s_out).view(shape4)  # (C, Lc, Q, Lq) raw scores
+    s = _gemm(ctx_flat, qry_flat, s_out, gram.dtype).view(shape4)  # (C, Lc, Q, Lq) raw scores
 
     # Normalise across the query axis (innermost: contiguous) for each context item, giving x; then the
     # softmax across the context axis (dim 1) is e = exp(lambda * x - shift), a = e / z. lambda rides along
@@ -254,6 +292,19 @@ def _relevance(
     # Reference cosine: w12 / (w1 * w2).clamp(min=eps) with w1 = ||query item||, w2 = ||c||.
     c_norm = quad.clamp_min(0).sqrt() / z  # (C, Q, Lq)
     return (dot / z) / (qry_norm * c_norm).clamp_min(EPS)  # (C, Q, Lq)
+
+
+def _gemm(a: Tensor, b: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """a @ b^T: (M, D) x (N, D) -> (M, N) in `dtype` (into `out` when given), the operands in their own dtype."""
+    if a.dtype == dtype:
+        return torch.mm(a, b.t(), out=out)
+    if out is not None and a.is_cuda:  # no autograd here: mm(out_dtype=) has no derivative
+        try:  # bf16 operands, float32 accumulation written straight into the float32 buffer
+            return torch.mm(a, b.t(), out_dtype=dtype, out=out)
+        except (TypeError, RuntimeError):  # a torch without mm(out_dtype=): round through the operands' dtype
+            pass
+    raw = torch.mm(a, b.t())  # (M, N) in the operands' dtype
+    return out.copy_(raw) if out is not None else raw.to(dtype)
 
 
 def _softmax_last(x: Tensor, inplace: bool) -> Tensor:
