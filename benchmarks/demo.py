@@ -19,7 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+# OpenMP threads sleep while they wait, as under the `crossmatch` command (crossmatch.cli.main); set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from crossmatch.cli.demo import format_phases, run_demo  # noqa: E402

@@ -32,7 +32,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+# OpenMP threads sleep while they wait, as under the `crossmatch` command (crossmatch.cli.main); set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch import Tensor
 

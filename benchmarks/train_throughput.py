@@ -34,7 +34,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+# OpenMP threads sleep while they wait, as under the `crossmatch` command (crossmatch.cli.main); set before torch loads
+if "--child-steps" not in sys.argv:  # a child runs under exactly the policy its parent gave it
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -214,13 +218,43 @@ def validation_share(name: str, args, run_dir: Path, step_seconds: float) -> str
 # ---- the fixes, before against after ---------------------------------------------------------------
 def fix_figures(args, run_dir: Path) -> list[str]:
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    from torch.utils.data import DataLoader
 
-    from crossmatch.data.loaders import build_train_loader
+    from crossmatch.data.loaders import EpochSampler, collate
     from crossmatch.models import scan_scoring
 
-    trainer = build("demo", args.data, run_dir, ["data.num_workers=0"], "cpu")
+    trainer = build("demo", args.data, run_dir, ["data.num_workers=0"], args.device)
     pairs = trainer.train_loader.dataset
     lines = []
+
+    # logged values: a host sync (float()) of every value at every step, as before, or only at logged steps
+    loader = trainer.train_loader
+    loader.sampler.set_epoch(0)
+    it = iter(loader)
+    trainer.train_loader = FixedBatches([next(it) for _ in range(args.steps)], loader.batch_size)
+    real_step = trainer.train_step
+
+    def synced_step(batches):
+        logs = real_step(batches)
+        return {k: float(v) for k, v in logs.items()}
+
+    def loop(step) -> Callable[[], None]:
+        def run() -> None:
+            trainer.train_step = step
+            trainer_loop(trainer)
+            trainer.train_step = real_step
+
+        return run
+
+    t = best_times({"before": loop(synced_step), "after": loop(real_step)}, args.repeats)
+    lines.append(
+        _ratio(
+            f"Trainer, {trainer.dist.device}: float() of the logs every step -> at logged steps, ms/step",
+            t,
+            1e3 / args.steps,
+        )
+    )
+    trainer.train_loader = loader
 
     def item_old(i: int) -> dict:  # before: torch.manual_seed, which also (lazily) seeds every CUDA device
         with torch.random.fork_rng(devices=[]):
@@ -238,15 +272,15 @@ def fix_figures(args, run_dir: Path) -> list[str]:
     )
     lines.append(_ratio("per-item seeding (torch.manual_seed -> CPU generator), ms per item", t, 1e3 / n))
 
-    model = trainer.model
-    it = iter(trainer.train_loader)
-    batch = next(it)
+    model, device = trainer.model, trainer.dist.device
+    batch = to_device(next(iter(trainer.train_loader)), device)
     tower = model.text_tower
 
     def gru(fn) -> Callable[[], None]:
         def run() -> None:
             words, sentence = fn(batch["input_ids"], batch["attention_mask"])
             (words.sum() + sentence.sum()).backward()
+            sync(device)
 
         return run
 
@@ -263,14 +297,21 @@ def fix_figures(args, run_dir: Path) -> list[str]:
     x = batch["image"]
 
     def cnn_step(fn) -> Callable[[], None]:
-        return lambda: fn(x).sum().backward()
+        return lambda: (fn(x).sum().backward(), sync(device))
 
     t = best_times({"before": cnn_step(cnn.body), "after": cnn_step(cnn)}, args.repeats)
     lines.append(_ratio(f"SmallCNN fwd+bwd {tuple(x.shape)}: NCHW -> channels_last input, ms", t))
 
     def first_batch(persistent: bool) -> Callable[[], None]:
-        loader = build_train_loader(pairs, trainer.train_loader.batch_size, 0, num_workers=2)
-        loader.persistent_workers = persistent
+        bs = trainer.train_loader.batch_size
+        loader = DataLoader(
+            pairs,
+            bs,
+            sampler=EpochSampler(len(pairs)),
+            collate_fn=collate,
+            num_workers=2,
+            persistent_workers=persistent,
+        )
 
         def run() -> None:
             for epoch in range(2):
@@ -282,16 +323,17 @@ def fix_figures(args, run_dir: Path) -> list[str]:
     t = best_times({"before": first_batch(False), "after": first_batch(True)}, args.repeats)
     lines.append(_ratio("2 workers: first batch of 2 epochs, fresh -> persistent workers, ms", t))
 
-    img = torch.nn.functional.normalize(torch.randn(args.scan_images, 4, 256), dim=-1)
+    img = torch.nn.functional.normalize(torch.randn(args.scan_images, 4, 256, device=device), dim=-1)
     n_txt = 5 * args.scan_images
-    cap = torch.nn.functional.normalize(torch.randn(n_txt, 32, 256), dim=-1)
-    lens = torch.randint(9, 33, (n_txt,))  # like shapes captions (9-40 words, mean 19)
+    cap = torch.nn.functional.normalize(torch.randn(n_txt, 32, 256, device=device), dim=-1)
+    lens = torch.randint(9, 33, (n_txt,), device=device)  # like shapes captions (9-40 words, mean 19)
 
     def scan(sort: bool) -> Callable[[], None]:
         def run() -> None:
             scan_scoring.SORT_CAPTIONS = sort
             with torch.no_grad():
                 scan_scoring.scan_similarity(img, cap, lens)
+            sync(device)
             scan_scoring.SORT_CAPTIONS = True
 
         return run
@@ -300,6 +342,44 @@ def fix_figures(args, run_dir: Path) -> list[str]:
     lines.append(_ratio(f"SCAN scoring {args.scan_images}x{n_txt} (R=4, W=32): padded -> length-sorted chunks, ms", t))
     trainer.close()
     return lines
+
+
+def steps_child(args) -> None:
+    """In a fresh process (OpenMP reads its wait policy when torch loads): s/step of the demo's train_step."""
+    import json
+
+    trainer = build(args.child_recipe, args.data, Path(tempfile.mkdtemp()), ["data.num_workers=0"], "cpu")
+    loader = trainer.train_loader
+    loader.sampler.set_epoch(0)
+    it = iter(loader)
+    batches = [next(it) for _ in range(args.steps)]
+    trainer.train_step(batches[:1])  # warm-up
+    t0 = time.perf_counter()
+    for b in batches:
+        trainer.train_step([b])
+    print(json.dumps({"step_s": (time.perf_counter() - t0) / args.steps, "threads": torch.get_num_threads()}))
+
+
+def openmp_figures(args) -> list[str]:
+    """A training step with OpenMP threads that spin while they wait (libgomp's default) against threads that
+    sleep (OMP_WAIT_POLICY=PASSIVE, what the crossmatch command sets), each in fresh processes, interleaved."""
+    import json
+    import subprocess
+
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for policy in ("ACTIVE", "PASSIVE", "default"):
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if policy != "default":
+                env["OMP_WAIT_POLICY"] = policy
+            cmd = [sys.executable, __file__, "--child-steps", "--recipes", "demo", "--data", args.data]
+            cmd += ["--steps", str(args.steps)]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            best[policy] = min(best.get(policy, float("inf")), json.loads(out.splitlines()[-1])["step_s"])
+    return [
+        f"demo train_step, OpenMP wait policy: default {best['default']:.3f} s, ACTIVE {best['ACTIVE']:.3f} s, "
+        f"PASSIVE {best['PASSIVE']:.3f} s (default / PASSIVE = {best['default'] / best['PASSIVE']:.2f}x)   [{load()}]"
+    ]
 
 
 def _ratio(what: str, t: dict[str, float], unit: float = 1e3) -> str:
@@ -333,7 +413,13 @@ def main() -> None:
     p.add_argument("--scan-images", type=int, default=250, help="images of the SCAN scoring fix (x5 captions)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--openmp", action="store_true", help="also a demo step with spinning vs sleeping OpenMP threads")
+    p.add_argument("--child-steps", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child_steps:
+        args.child_recipe = args.recipes
+        steps_child(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for part in args.recipes.split(",") for n in GROUPS.get(part, [part])]
@@ -370,6 +456,9 @@ def main() -> None:
             print("fixes (before -> after, same run):")
             for line in fix_figures(args, tmp / "fixes"):
                 print("  " + line, flush=True)
+        if args.openmp:
+            for line in openmp_figures(args):
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -159,9 +159,16 @@ def test_search_reranks_with_a_fusion_model(trained, tmp_path, capsys):
 def test_demo_runs_the_whole_pipeline(shapes_root, tmp_path, capsys):
     run = tmp_path / "demo"
     small = ["data.image_size=32", "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=3"]
-    assert main(["demo", "--data", str(shapes_root), "--run-dir", str(run), *small]) == 0
+    assert main(["demo", "--data", str(shapes_root), "--run-dir", str(run), "--time", *small]) == 0
     out = capsys.readouterr().out
-    assert all(f"[{k}/4]" in out for k in range(1, 5)) and "<- match" in out
+    assert all(f"[{k}/6]" in out for k in range(1, 7)) and "<- match" in out
+    for phase in ("data", "train", "evaluate", "search", "curves", "total"):  # --time: one row each
+        assert any(line.startswith(phase) for line in out.splitlines()), phase
+    assert f"tensorboard --logdir {run / 'tb'}" in out
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and str(run / "curves.png") in out
+    page = (run / "report.html").read_text()
+    assert '<table class="metrics">' in page and "<th>rsum</th>" in page and str(run / "report.html") in out
     metrics = json.loads((run / "test_metrics.json").read_text())
     # the demo's table is what `crossmatch evaluate` reports for its best checkpoint on the test split
     again = run / "again.json"
