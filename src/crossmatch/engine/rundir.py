@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from pathlib import Path
 
 from crossmatch.errors import CrossmatchError
@@ -35,25 +36,38 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self, orphan_wait_s: float = 30.0) -> RunLock:
+        """Take the lock. A holder that is dead while its lock lives on (DataLoader workers forked from a
+        SIGKILLed trainer inherit the lock until they notice and exit) is waited for, up to `orphan_wait_s`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _read_pid(fd)
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirLockedError(
-                    f"run dir {self.path.parent} is in use by another trainer (pid {holder or 'unknown'}); "
-                    "wait for it to finish or choose another --run-dir"
-                ) from err
-            log.warning("cannot lock %s (%s): two trainers on this run dir would not be stopped", self.path, err)
-            return self  # a file system without flock support: run unlocked rather than not at all
+        deadline = time.monotonic() + orphan_wait_s
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and holder and not _alive(int(holder)):
+                    if time.monotonic() < deadline:
+                        time.sleep(0.2)  # the dead trainer's orphaned workers still hold the lock
+                        continue
+                self._refuse(err, holder)
+                return self  # a file system without flock support: run unlocked rather than not at all
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
+
+    def _refuse(self, err: OSError, holder: str) -> None:
+        """Raise for a live holder; only warn where the file system has no flock."""
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunDirLockedError(
+                f"run dir {self.path.parent} is in use by another trainer (pid {holder or 'unknown'}); "
+                "wait for it to finish or choose another --run-dir"
+            ) from err
+        log.warning("cannot lock %s (%s): two trainers on this run dir would not be stopped", self.path, err)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -66,6 +80,16 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def _read_pid(fd: int) -> str:
