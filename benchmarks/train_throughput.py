@@ -133,17 +133,51 @@ def trainer_loop(trainer) -> None:
     sync(trainer.dist.device)
 
 
-def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time of each function, interleaved, after one warm-up run of each."""
+def best_times(
+    fns: dict[str, Callable[[], object]], repeats: int, setup: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """Best wall time of each function, interleaved (the order alternates between repeats), after one warm-up
+    run of each; `setup` (untimed) runs before every call."""
     for fn in fns.values():
+        if setup:
+            setup()
         fn()
     best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            if setup:
+                setup()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[name]()
             best[name] = min(best[name], time.perf_counter() - t0)
+            CPU_TIMES[name] = min(CPU_TIMES.get(name, float("inf")), time.process_time() - c0)
     return best
+
+
+CPU_TIMES: dict[str, float] = {}  # best CPU time (all threads) of each name timed by the last best_times
+
+
+def snapshot(trainer) -> Callable[[], None]:
+    """A setup that puts the task, optimiser and schedule back as they are now, so that every timed run
+    trains the same weights from the same state (weights drifting over the runs change the speed)."""
+    import copy
+
+    state = copy.deepcopy(
+        {
+            "task": trainer.task.state_dict(),
+            "opt": trainer.optimizer.state_dict(),
+            "sched": trainer.scheduler.state_dict(),
+        }
+    )
+
+    def restore() -> None:
+        trainer.task.load_state_dict(state["task"])
+        trainer.optimizer.load_state_dict(state["opt"])
+        trainer.scheduler.load_state_dict(state["sched"])
+        trainer.state.step_in_epoch = 0
+
+    return restore
 
 
 def build(name: str, data_root: str, run_dir: Path, extra: list[str], device: str):
@@ -160,9 +194,27 @@ def engine_overhead(name: str, args, run_dir: Path) -> tuple[float, float]:
     batches = [next(it) for _ in range(args.steps)]
     trainer.train_loader = FixedBatches(batches, loader.batch_size)
     fns = {"trainer": lambda: trainer_loop(trainer), "bare": lambda: bare_loop(trainer, batches)}
-    t = best_times(fns, args.repeats)
+    CPU_TIMES.clear()
+    restore = snapshot(trainer)
+    t = best_times(fns, args.repeats, restore)
+    python = {}
+    for key, fn in fns.items():  # time spent in Python outside torch's C++ ops: robust to the machine's load
+        restore()
+        python[key] = python_seconds(fn) / args.steps
     trainer.close()
-    return t["trainer"] / args.steps, t["bare"] / args.steps
+    return t["trainer"] / args.steps, t["bare"] / args.steps, CPU_TIMES["trainer"] / CPU_TIMES["bare"], python
+
+
+def python_seconds(fn: Callable[[], object]) -> float:
+    """Seconds that `fn` spends in Python functions (cProfile's own time of every non-builtin function)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    return sum(v[2] for k, v in pstats.Stats(prof).stats.items() if k[0] != "~")
 
 
 class Capture:
@@ -217,7 +269,6 @@ def validation_share(name: str, args, run_dir: Path, step_seconds: float) -> str
 
 # ---- the fixes, before against after ---------------------------------------------------------------
 def fix_figures(args, run_dir: Path) -> list[str]:
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
     from torch.utils.data import DataLoader
 
     from crossmatch.data.loaders import EpochSampler, collate
@@ -246,7 +297,7 @@ def fix_figures(args, run_dir: Path) -> list[str]:
 
         return run
 
-    t = best_times({"before": loop(synced_step), "after": loop(real_step)}, args.repeats)
+    t = best_times({"before": loop(synced_step), "after": loop(real_step)}, args.repeats, snapshot(trainer))
     lines.append(
         _ratio(
             f"Trainer, {trainer.dist.device}: float() of the logs every step -> at logged steps, ms/step",
@@ -284,14 +335,14 @@ def fix_figures(args, run_dir: Path) -> list[str]:
 
         return run
 
-    def packed_unidirectional(ids, mask):  # before: every GRU ran on the packed sequence
-        lengths = mask.sum(1).clamp(min=1).cpu()
-        packed = pack_padded_sequence(tower.embed(ids), lengths, batch_first=True, enforce_sorted=False)
-        out, h_n = tower.gru(packed)
-        return pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])[0], h_n.mean(0)
+    def padded_unidirectional(ids, mask):  # the alternative measured (not adopted): a causal GRU on the padding
+        lengths = mask.sum(1).clamp(min=1)
+        words, _ = tower.gru(tower.embed(ids[:, : int(lengths.max())]))
+        return words, words[torch.arange(len(ids)), lengths - 1]
 
-    t = best_times({"before": gru(packed_unidirectional), "after": gru(tower.forward_padded)}, args.repeats)
-    lines.append(_ratio(f"GRU fwd+bwd, batch {batch['input_ids'].shape[0]}: packed -> padded (forward-only), ms", t))
+    t = best_times({"before": gru(tower.forward), "after": gru(padded_unidirectional)}, args.repeats)
+    n = batch["input_ids"].shape[0]
+    lines.append(_ratio(f"GRU fwd+bwd, batch {n}: packed (kept) -> padded forward-only (not adopted), ms", t))
 
     cnn = model.image_tower
     x = batch["image"]
@@ -435,11 +486,14 @@ def main() -> None:
         for name in names:
             step = None
             if not args.no_overhead:
-                trainer_s, bare_s = engine_overhead(name, args, tmp / f"{name}-overhead")
+                trainer_s, bare_s, cpu_ratio, py = engine_overhead(name, args, tmp / f"{name}-overhead")
                 step = trainer_s
+                extra = 100 * (py["trainer"] - py["bare"]) / bare_s
                 print(
                     f"{name:<11} Trainer {1 / trainer_s:7.2f} steps/s, bare loop {1 / bare_s:7.2f} steps/s: "
-                    f"Trainer / bare = {trainer_s / bare_s:.3f}   [{load()}]",
+                    f"Trainer / bare = {trainer_s / bare_s:.3f} in wall time, {cpu_ratio:.3f} in CPU time; Python "
+                    f"outside torch ops {1e3 * py['trainer']:.1f} vs {1e3 * py['bare']:.1f} ms/step "
+                    f"({extra:+.1f}% of a bare step)   [{load()}]",
                     flush=True,
                 )
             for w in workers:

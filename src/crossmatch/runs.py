@@ -156,7 +156,8 @@ def build_eval_data(cfg: RunConfig, ds: ImageCaptionDataset, tokenizer: CaptionT
         image_loader=build_eval_loader(
             ds.image_view(transform, needs_boxes(model)), cfg.eval.batch_size, cfg.data.num_workers
         ),
-        text_loader=build_eval_loader(CaptionView(ds, tokenizer), cfg.eval.batch_size, cfg.data.num_workers),
+        # captions are tokenised up front: a worker would only add inter-process copies
+        text_loader=build_eval_loader(CaptionView(ds, tokenizer), cfg.eval.batch_size),
         txt_to_img=torch.tensor(ds.txt_to_img),
         twins=ds.twins,
     )

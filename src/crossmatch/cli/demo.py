@@ -21,6 +21,8 @@ from crossmatch.cli.help import add_command
 # first conv (16 channels), 4 epochs of 60 steps of 128 pairs, lr 5e-4 (dropped x0.1 for the last epoch),
 # the first epoch with the sum of violations before hardest negatives. Validation during training uses the
 # first 250 val images (eval.max_images) and 4 batches of val loss; the test table uses the whole split.
+# One loader worker: without it a step waited for data 23% of the time, with it 3% (with 2 workers 4%;
+# benchmarks/train_throughput.py --recipes demo).
 DEMO_OVERRIDES = [
     "model.name=scan_boxes",
     "model.cnn_channels=[16,32,64]",
@@ -36,6 +38,7 @@ DEMO_OVERRIDES = [
     "loss.warmup_epochs=1",
     "eval.max_images=250",
     "eval.loss_batches=4",
+    "data.num_workers=1",
 ]
 DEMO_TRAIN_IMAGES = 10000  # the default shapes train split; the test split is always the standard 1000 images
 
@@ -126,7 +129,12 @@ def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrid
     phases.start("curves", steps, "drawing the training curves")
     from crossmatch.search.curves import plot_curves
 
-    curves = plot_curves(run / "metrics.jsonl", run / "curves.png", cfg.eval.metric, f"{cfg.model['name']} demo")
+    title = f"{cfg.model['name']} demo"
+    if cfg.loss.warmup_epochs:
+        title += f": {cfg.loss.warmup_epochs} warm-up epoch(s) sum every violation, then hardest negatives"
+    if cfg.eval.max_images:
+        title += f"; validation on the first {cfg.eval.max_images} val images"
+    curves = plot_curves(run / "metrics.jsonl", run / "curves.png", cfg.eval.metric, title)
     phases.start("files", steps, "what the demo wrote:")
     for what, path in (
         ("test metrics", metrics_json),
