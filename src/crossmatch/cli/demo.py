@@ -133,7 +133,7 @@ def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrid
     if cfg.loss.warmup_epochs:
         title += f": {cfg.loss.warmup_epochs} warm-up epoch(s) sum every violation, then hardest negatives"
     if cfg.eval.max_images:
-        title += f"; validation on the first {cfg.eval.max_images} val images"
+        title += f"\nvalidation on the first {cfg.eval.max_images} val images"
     curves = plot_curves(run / "metrics.jsonl", run / "curves.png", cfg.eval.metric, title)
     phases.start("files", steps, "what the demo wrote:")
     for what, path in (
