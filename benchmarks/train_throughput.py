@@ -111,7 +111,7 @@ def sync(device: torch.device) -> None:
 def bare_loop(trainer, batches: list[dict]) -> None:
     """The plain PyTorch loop over the trainer's own task, optimiser and schedule."""
     task, opt, sched, device = trainer.task, trainer.optimizer, trainer.scheduler, trainer.dist.device
-    clip, precision = trainer.tcfg.grad_clip, trainer.tcfg.precision
+    clip, precision = trainer.cfg.grad_clip, trainer.cfg.precision
     task.train()
     for batch in batches:
         batch = to_device(batch, device)
@@ -121,7 +121,7 @@ def bare_loop(trainer, batches: list[dict]) -> None:
         loss = sum(losses.values())
         loss.backward()
         if clip > 0:
-            torch.nn.utils.clip_grad_norm_(task.model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(task.parameters(), clip)
         opt.step()
         sched.step()
     sync(device)
@@ -182,7 +182,8 @@ def snapshot(trainer) -> Callable[[], None]:
 
 def build(name: str, data_root: str, run_dir: Path, extra: list[str], device: str):
     cfg = recipe_config(name, data_root, [f"train.device={device}", "train.max_steps_per_epoch=0", *extra])
-    return build_trainer(cfg, run_dir, init_distributed(cfg.train.device))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return build_trainer(cfg, run_dir, init_distributed(cfg.train.device))[0]  # (trainer, resolved config)
 
 
 def engine_overhead(name: str, args, run_dir: Path) -> tuple[float, float]:
@@ -236,7 +237,7 @@ class Capture:
 def data_wait(name: str, workers: int, args, run_dir: Path) -> tuple[float, float]:
     """(share of the wall time waiting for data, steps/s) on the second of two epochs of args.steps steps."""
     trainer = build(name, args.data, run_dir, [f"data.num_workers={workers}"], args.device)
-    trainer.tcfg.max_steps_per_epoch = args.steps
+    trainer.cfg.max_steps_per_epoch = args.steps
     trainer.sinks.metric_logger = capture = Capture()
     for epoch in range(2):  # the first epoch starts the workers
         trainer.state.epoch, trainer.state.step_in_epoch = epoch, 0
@@ -255,9 +256,9 @@ def validation_share(name: str, args, run_dir: Path, step_seconds: float) -> str
     t0 = time.perf_counter()
     trainer.validation_loss()
     t_loss = time.perf_counter() - t0
-    cfg = trainer.cfg
+    cap = recipe_config(name, args.data, []).train.max_steps_per_epoch  # the recipe's own epoch (build lifts it)
     steps = len(trainer.train_loader)
-    steps = min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch > 0 else steps
+    steps = min(steps, cap) if cap > 0 else steps
     epoch = steps * step_seconds
     n_img = len(trainer.evaluator.data.image_loader.dataset)
     trainer.close()
