@@ -9,16 +9,15 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from crossmatch.config import load_config, validate_config
 from crossmatch.data.datasets import ImageCaptionDataset, PairView
 from crossmatch.data.precomputed import PrecomputedFeatures
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import build_image_transform
-from crossmatch.errors import ConfigError, DataError, ModelError
+from crossmatch.errors import ConfigError, DataError
 from crossmatch.models import scan_scoring
-from crossmatch.models.layers import GRUTextEncoder, SmallCNN
+from crossmatch.models.layers import SmallCNN
 from crossmatch.search.curves import plot_curves, read_curves
 from tests.conftest import tiny_cfg, write_karpathy
 
@@ -80,70 +79,6 @@ def test_max_images_is_validated_and_limits_validation_only(shapes_root, tmp_pat
     test = make_evaluator(cfg, "test", tok, trainer.model, torch.device("cpu"))
     assert len(test.data.image_loader.dataset) == 12  # `crossmatch evaluate` sees the whole split
     trainer.close()
-
-
-def _gru_batch(B: int = 6, L: int = 9, vocab: int = 30, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, L + 1, (B,), generator=g)
-    lengths[0] = L
-    mask = torch.arange(L)[None] < lengths[:, None]
-    ids = torch.randint(1, vocab, (B, L), generator=g).masked_fill(~mask, 0)
-    return ids, mask, lengths
-
-
-def _packed_reference(tower: GRUTextEncoder, ids, mask):
-    """The packed path written out, as every GRU ran before: the reference for the padded one."""
-    lengths = mask.sum(1).cpu()
-    packed = pack_padded_sequence(tower.embed(ids), lengths, batch_first=True, enforce_sorted=False)
-    out, h_n = tower.gru(packed)
-    return pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])[0], h_n.mean(0)
-
-
-def test_padded_gru_equals_packed_on_real_words_and_sentence():
-    torch.manual_seed(0)
-    tower = GRUTextEncoder(30, word_dim=8, hidden=12)
-    ids, mask, lengths = _gru_batch()
-    words, sentence = tower(ids, mask)  # the padded path (forward-only GRU)
-    ref_words, ref_sentence = _packed_reference(tower, ids, mask)
-    assert words.shape == ref_words.shape == (6, 9, 12)
-    # float32 GEMMs over a different number of rows may round the last bits differently: 1e-6 is ~10 ulp
-    torch.testing.assert_close(words[mask], ref_words[mask], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(sentence, ref_sentence, atol=1e-6, rtol=1e-5)
-    # gradients reach the same parameters with the same values when only real positions are used
-    grads = []
-    for fn in (tower.forward, lambda i, m: _packed_reference(tower, i, m)):
-        tower.zero_grad()
-        w, s = fn(ids, mask)
-        (w[mask].sum() + 2 * s.sum()).backward()
-        grads.append([p.grad.clone() for p in tower.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-def test_padded_gru_ignores_what_lies_past_the_longest_caption():
-    torch.manual_seed(1)
-    tower = GRUTextEncoder(30, word_dim=8, hidden=12)
-    ids, mask, _ = _gru_batch(L=7)
-    wide_ids = F.pad(ids, (0, 5))  # five more padded positions
-    wide_mask = F.pad(mask, (0, 5))
-    words, sentence = tower(ids, mask)
-    wide_words, wide_sentence = tower(wide_ids, wide_mask)
-    assert wide_words.shape == (6, 12, 12)
-    torch.testing.assert_close(wide_words[:, :7], words)
-    assert torch.all(wide_words[:, 7:] == 0)  # never computed
-    torch.testing.assert_close(wide_sentence, sentence)
-
-
-def test_bidirectional_gru_stays_packed():
-    torch.manual_seed(2)
-    tower = GRUTextEncoder(30, word_dim=8, hidden=12, bidirectional=True)
-    ids, mask, _ = _gru_batch()
-    words, sentence = tower(ids, mask)
-    ref_words, ref_sentence = tower.forward_packed(ids, mask)
-    assert torch.equal(words, ref_words) and torch.equal(sentence, ref_sentence)
-    assert torch.all(words[~mask] == 0)
-    with pytest.raises(ModelError, match="bidirectional"):
-        tower.forward_padded(ids, mask)
 
 
 def test_channels_last_cnn_matches_the_plain_layout():
