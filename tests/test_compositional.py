@@ -62,7 +62,8 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_reader_of_captions_on_hand_written_cases() -> None:
     """The test's own reader, checked on a hand-made scene before it judges the generator."""
-    circle, square = {"shape": "circle", "color": "red", "size": "small"}, {"shape": "square", "color": "blue", "size": "large"}
+    circle = {"shape": "circle", "color": "red", "size": "small"}
+    square = {"shape": "square", "color": "blue", "size": "large"}
     img = {"objects": [circle, square], "boxes": [[4, 20, 20, 36], [40, 22, 60, 42]]}  # circle 38 px left of square
     assert true_of_scene("a small red circle left of a large blue square", img)
     assert true_of_scene("a big cobalt box is to the right of a tiny crimson disc", img)
