@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from crossmatch.data.datasets import ImageCaptionDataset
 from crossmatch.data.shapes import (
@@ -18,6 +20,7 @@ from crossmatch.data.shapes import (
     generate_shapes,
     relations,
 )
+from tests.conftest import FixedScores, save_tiny_checkpoint
 
 SIZE = 64
 SHAPE_OF = {w: k for k, words in SHAPE_WORDS.items() for w in words}
@@ -145,3 +148,149 @@ def test_dataset_without_negatives_has_empty_lists(tmp_path: Path) -> None:
     images[0]["sentences"] = [{"raw": "a cat"}]
     (tmp_path / "dataset.json").write_text(json.dumps({"images": images}))
     assert ImageCaptionDataset(tmp_path, "test").negatives == [[]]
+
+
+# ---- crossmatch evaluate --negatives -------------------------------------------------------------------------
+class SignTimesLength(torch.nn.Module):
+    """score(image, text) = s(image) * n(text): s = +1 for a dark image, -1 for a bright one; n = the caption's
+    token count. Every triple's outcome can be worked out by hand. With `fusion`, the pair score comes from
+    `score_pairs` and `similarity` returns zeros (so a scorer that used it would tie everything)."""
+
+    def __init__(self, fusion: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))  # a parameter, for .to(device) / next(parameters())
+        if fusion:
+            self.score_pairs = lambda img, txt: img["s"] * txt["n"]  # (b,)
+
+    def encode_image(self, batch):
+        return {"s": torch.where(batch["image"].mean((1, 2, 3)) < 0, 1.0, -1.0)}  # (B,)
+
+    def encode_text(self, batch):
+        return {"n": batch["attention_mask"].sum(1).float()}  # (B,)
+
+    def similarity(self, img, txt):
+        if hasattr(self, "score_pairs"):
+            return torch.zeros(len(img["s"]), len(txt["n"]))
+        return img["s"][:, None] * txt["n"][None, :]  # (N_img, N_txt)
+
+
+def _hand_made(root: Path) -> Path:
+    """Two images (dark, bright) and three triples; `type` A twice, B once."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(root / "images" / "dark.png")
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(root / "images" / "bright.png")
+    triples = [
+        # dark: s = +1, caption 4 words vs negative 3 words: 4 > 3, correct
+        {"image": "images/dark.png", "caption": "a red circle left", "negative": "a red circle", "type": "A"},
+        # bright: s = -1, -4 > -3 fails: wrong
+        {"image": "images/bright.png", "caption": "a red circle left", "negative": "a red circle", "type": "A"},
+        # bright (absolute path): -2 > -5, correct
+        {"image": str(root / "images/bright.png"), "caption": "a square", "negative": "a blue square left of it",
+         "type": "B"},
+    ]  # fmt: skip
+    path = root / "triples.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in triples))
+    return path
+
+
+@pytest.mark.parametrize("fusion", [False, True])
+def test_negatives_accuracy_per_type_hand_checked(tmp_path: Path, fusion: bool) -> None:
+    from crossmatch.config import load_config
+    from crossmatch.data.tokenizer import CaptionTokenizer
+    from crossmatch.runs import evaluate_negatives
+
+    path = _hand_made(tmp_path)
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.image_size=32", "model.name=tiny_vse"])
+    tok = CaptionTokenizer.train(["a red circle left of a blue square it"], max_words=cfg.data.max_words)
+    report = evaluate_negatives(cfg, SignTimesLength(fusion), tok, path, torch.device("cpu"))
+    assert report == {
+        "A": {"accuracy": 50.0, "correct": 1, "total": 2, "ties": 0},
+        "B": {"accuracy": 100.0, "correct": 1, "total": 1, "ties": 0},
+        "all": {"accuracy": pytest.approx(200 / 3), "correct": 2, "total": 3, "ties": 0},
+    }
+
+
+def test_compositional_accuracy_ties_fail() -> None:
+    from crossmatch.retrieval.compositional import compositional_accuracy
+
+    pos, neg = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([1.0, 1.0, 0.7])
+    report = compositional_accuracy(pos, neg, ["x", "x", "y"])
+    assert report["x"] == {"accuracy": 50.0, "correct": 1, "total": 2, "ties": 1}  # the tie (1.0 vs 1.0) fails
+    assert report["y"] == {"accuracy": 0.0, "correct": 0, "total": 1, "ties": 0}
+    assert report["all"] == {"accuracy": 100 / 3, "correct": 1, "total": 3, "ties": 1}
+
+
+def test_pair_scores_read_similarity_at_each_pair() -> None:
+    """The batched scorer against the full matrix, with batches that split an image's pairs."""
+    from crossmatch.retrieval.compositional import pair_scores
+
+    torch.manual_seed(0)
+    scores = torch.randn(5, 7)
+    model = FixedScores(scores)
+    pairs = torch.tensor([[4, 0], [0, 6], [2, 3], [0, 1], [4, 4], [1, 1], [2, 6]])
+    got = pair_scores(model, {"idx": torch.arange(5)}, {"idx": torch.arange(7)}, pairs, batch_size=3)
+    assert torch.equal(got, scores[pairs[:, 0], pairs[:, 1]])
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path: Path) -> Path:
+    return save_tiny_checkpoint(tmp_path / "m.pt", "tiny_vse")
+
+
+BAD_LINES = [
+    ('{"image": "images/nope.png", "caption": "a", "negative": "b", "type": "t"}', "image images/nope.png not found"),
+    ('{"image": "images/dark.png", "caption": "a cat", "negative": "  ", "type": "t"}', "empty 'negative'"),
+    ('{"image": "images/dark.png", "caption": "a cat", "negative": "A  cat", "type": "t"}', "the negative equals"),
+    ('{"image": "images/dark.png", "caption": "a cat", "negative": "a dog"', "not valid JSON"),
+    ('{"image": "images/dark.png", "caption": "a cat", "type": "t"}', "missing key 'negative'"),
+    ('["images/dark.png", "a cat", "a dog"]', "expected an object"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_LINES)
+def test_bad_negatives_file_names_file_and_line(tmp_path: Path, tiny_ckpt: Path, capsys, line: str, message: str):
+    from crossmatch.cli.main import main
+
+    path = _hand_made(tmp_path)
+    good = path.read_text().splitlines()
+    path.write_text("\n".join([good[0], "", line, good[1]]) + "\n")  # the bad triple on line 3
+    assert main(["evaluate", str(tiny_ckpt), "--negatives", str(path), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path} line 3: {message}" in err[0], err
+
+
+def test_evaluate_negatives_cli_on_shapes(shapes: tuple[Path, dict], tmp_path: Path, capsys) -> None:
+    """The whole command on the generator's own file: table printed, JSON written, counts those of the file."""
+    from crossmatch.cli.main import main
+
+    out, _ = shapes
+    triples = [json.loads(line) for line in (out / NEGATIVES_FILE).read_text().splitlines()]
+    ckpt = save_tiny_checkpoint(tmp_path / "m.pt", "tiny_vse", f"data.root={out}")
+    report = tmp_path / "neg.json"
+    assert main(["evaluate", str(ckpt), "--negatives", str(out / NEGATIVES_FILE), "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(report.read_text())
+    counts = Counter(t["type"] for t in triples)
+    assert {k: v["total"] for k, v in doc["types"].items()} == {**counts, "all": len(triples)}
+    for kind, row in doc["types"].items():
+        assert row["accuracy"] == pytest.approx(100 * row["correct"] / row["total"], abs=1e-4)
+        assert kind in printed
+
+
+def test_box_region_model_reads_boxes_from_the_dataset(shapes: tuple[Path, dict], tmp_path: Path, capsys) -> None:
+    """SCAN on box regions scores the file with each image's recorded boxes; an image the dataset does not
+    know cannot be scored that way and is named with its line."""
+    from crossmatch.cli.main import main
+
+    out, _ = shapes
+    ckpt = save_tiny_checkpoint(tmp_path / "scan.pt", "tiny_scan", "model.regions=boxes", f"data.root={out}")
+    assert main(["evaluate", str(ckpt), "--negatives", str(out / NEGATIVES_FILE)]) == 0
+    assert "all" in capsys.readouterr().out
+    stranger = tmp_path / "stranger.png"
+    Image.new("RGB", (32, 32)).save(stranger)
+    lines = (out / NEGATIVES_FILE).read_text().splitlines()[:2]
+    lines.append(json.dumps({**json.loads(lines[0]), "image": str(stranger)}))
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["evaluate", str(ckpt), "--negatives", str(path)]) == 2
+    assert f"{path} line 3: image {stranger} is not in the dataset" in capsys.readouterr().err

@@ -35,10 +35,10 @@ from crossmatch.config import (
     validate_config,
 )
 from crossmatch.data import formats
-from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, PairView
+from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, ImageView, PairView
 from crossmatch.data.loaders import build_eval_loader, build_train_loader
 from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
-from crossmatch.data.transforms import DEFAULT_PREPROCESS, describe_transform, transform_from_config
+from crossmatch.data.transforms import DEFAULT_PREPROCESS, WHITE, describe_transform, transform_from_config
 from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
@@ -48,6 +48,14 @@ from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConf
 from crossmatch.errors import CheckpointError, ConfigError, DataError
 from crossmatch.files import remove_orphans
 from crossmatch.models.registry import UnknownModelKeysError, create_model, create_tokenizer
+from crossmatch.retrieval.compositional import (
+    NegativesFileError,
+    Triple,
+    TripleSplit,
+    compositional_accuracy,
+    read_negatives,
+    score_triples,
+)
 from crossmatch.retrieval.evaluate import EvalData, compute_scores
 from crossmatch.retrieval.evaluator import Evaluator
 from crossmatch.retrieval.person import image_pids
@@ -211,6 +219,53 @@ def make_evaluator(
     evaluator.protocol = "person-search" if pids is not None else "retrieval"  # what it reports, for eval.metric
     evaluator.metric_names = selectable_metrics(person_search=pids is not None, twins=bool(ds.twins))
     return evaluator
+
+
+def evaluate_negatives(
+    cfg: RunConfig,
+    model: nn.Module,
+    tokenizer: CaptionTokenizer,
+    path: str | Path,
+    device: torch.device,
+    root: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float | int]]:
+    """Compositional accuracy of a model on a negatives file (crossmatch.retrieval.compositional), per
+    perturbation type and overall. Images resolve against `root` (default data.root) unless absolute;
+    box-region models read each image's boxes from the dataset's train/val/test splits."""
+    root = Path(root or cfg.data.root)
+    triples = read_negatives(path, root)
+    max_boxes = needs_boxes(model)
+    split = TripleSplit(triples, _boxes_from_dataset(cfg, path) if max_boxes else None)
+    split.max_image_pixels = cfg.data.max_image_pixels
+    split.background = tuple(cfg.data.background) if cfg.data.background else WHITE
+    transform = transform_from_config(cfg.data, train=False)
+    image_loader = build_eval_loader(ImageView(split, transform, max_boxes), cfg.eval.batch_size, cfg.data.num_workers)
+    text_loader = build_eval_loader(CaptionView(split, tokenizer), cfg.eval.batch_size)
+    pos, neg = score_triples(model.to(device), split, image_loader, text_loader, device, progress)
+    return compositional_accuracy(pos, neg, split.types)
+
+
+def _boxes_from_dataset(cfg: RunConfig, path: str | Path) -> Callable[[Triple], list | None]:
+    """triple -> its image's boxes, looked up (by resolved path) in the dataset's train, val and test splits."""
+    boxes: dict[Path, list | None] = {}
+    for name in dict.fromkeys((cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)):
+        try:
+            ds = open_split(cfg, name)
+        except DataError:
+            continue
+        boxes.update({r.path.resolve(): r.boxes for r in getattr(ds, "images", [])})
+
+    def lookup(t: Triple) -> list | None:
+        key = t.path.resolve()
+        if key not in boxes:
+            raise NegativesFileError(
+                f"{path} line {t.line}: image {t.image} is not in the dataset {cfg.data.root}, and "
+                f"{cfg.model['name']} reads object boxes from it"
+            )
+        return boxes[key]
+
+    return lookup
 
 
 def seed_everything(seed: int) -> None:
