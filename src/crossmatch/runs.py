@@ -36,6 +36,7 @@ from crossmatch.config import (
 )
 from crossmatch.data import formats
 from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, ImageView, PairView
+from crossmatch.data.hard_batches import HardBatchSampler, item_keys
 from crossmatch.data.loaders import build_eval_loader, build_train_loader
 from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, WHITE, describe_transform, transform_from_config
@@ -300,12 +301,18 @@ def build_trainer(
     transform = transform_from_config(cfg.data, train=True)
     pin = dist.device.type == "cuda"
     if getattr(train_ds, "streaming", False):  # webdataset shards: a resumable stream, not an indexed split
+        if cfg.data.hard_batches:
+            raise ConfigError("data.hard_batches needs an indexed train split, not a stream of webdataset shards")
         loader = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model))
         n_pairs = train_ds.num_pairs
     else:
         pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
+        sampler = None
+        if cfg.data.hard_batches:  # confusable pairs in the same batch
+            keys = item_keys(train_ds)
+            sampler = HardBatchSampler(*keys, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size)
         loader = build_train_loader(
-            pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size, pin
+            pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size, pin, sampler
         )
         n_pairs = len(pairs)
     if len(loader) == 0:
