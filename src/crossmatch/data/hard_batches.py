@@ -7,8 +7,8 @@ sampler groups the captions of images that share their objects and fills each ba
 - group key of an image: the shapes data records its objects, so the key is the multiset of its shapes (twins,
   which swap colours, sizes or positions, share it); other datasets: the nouns its captions share, by a small
   heuristic (`caption_nouns`: words that are neither function words nor colour/size/spatial words, present in more
-  than half of the image's captions). Within a group, images with the same bag of attributes (shape, colour,
-  size: exact twins) come next to each other, so a group cut at a batch boundary keeps them together.
+  than half of the image's captions). Within a group, images with the same bag of words (the same colours
+  and sizes, however bound: twins) come next to each other, so a group cut at a batch boundary keeps them together.
 - a group of one image only is no hard group: its captions fill the gaps left by the groups, at random.
 - epoch order: groups in random order, each cut into batch-sized pieces; the smaller end pieces are packed
   into batches whole (first fit decreasing), gaps are filled with the random items (what is still short of a
@@ -55,7 +55,9 @@ def image_keys(ds) -> list[tuple[Hashable, Hashable]]:
         objects = getattr(rec, "objects", None)
         if objects:
             shapes = tuple(sorted(str(o.get("shape")) for o in objects))
-            keys.append((shapes, tuple(sorted((str(o.get("color")), str(o.get("size"))) for o in objects))))
+            colours, sizes = (tuple(sorted(str(o.get(k)) for o in objects)) for k in ("color", "size"))
+            bag = (colours, sizes)
+            keys.append((shapes, bag))  # twins swap colours, sizes or positions: the same shapes, the same bag
             continue
         counts = Counter(w for t in rec.caption_ids for w in caption_nouns(ds.captions[t]))
         shared = frozenset(w for w, c in counts.items() if 2 * c > len(rec.caption_ids))
