@@ -294,3 +294,16 @@ def test_box_region_model_reads_boxes_from_the_dataset(shapes: tuple[Path, dict]
     path.write_text("\n".join(lines) + "\n")
     assert main(["evaluate", str(ckpt), "--negatives", str(path)]) == 2
     assert f"{path} line 3: image {stranger} is not in the dataset" in capsys.readouterr().err
+
+
+def test_negatives_survive_conversion_to_jsonl_and_back(shapes: tuple[Path, dict], tmp_path: Path) -> None:
+    from crossmatch.data.datasets import karpathy_to_entries
+    from crossmatch.data.jsonl import entries_to_karpathy
+
+    _, data = shapes
+    entries = karpathy_to_entries(data)
+    assert entries[0]["negatives"] == [s.get("negatives", []) for s in data["images"][0]["sentences"]]
+    back = entries_to_karpathy(entries)
+    for old, new in zip(data["images"], back["images"], strict=True):
+        assert "negatives" not in new
+        assert [s.get("negatives") for s in new["sentences"]] == [s.get("negatives") for s in old["sentences"]]
