@@ -307,3 +307,12 @@ def test_negatives_survive_conversion_to_jsonl_and_back(shapes: tuple[Path, dict
     for old, new in zip(data["images"], back["images"], strict=True):
         assert "negatives" not in new
         assert [s.get("negatives") for s in new["sentences"]] == [s.get("negatives") for s in old["sentences"]]
+
+
+def test_negatives_with_html_is_refused(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
+    from crossmatch.cli.main import main
+
+    path = _hand_made(tmp_path)
+    args = ["evaluate", str(tiny_ckpt), "--negatives", str(path), "--html", str(tmp_path / "r.html")]
+    assert main(args) == 2
+    assert "--html" in capsys.readouterr().err

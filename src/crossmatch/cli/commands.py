@@ -163,6 +163,8 @@ def run_evaluate(
     for option, path in (("--json", json_path), ("--html", html_path)):
         if path:
             check_writable(path, option)  # before the evaluation, not after it
+    if negatives and html_path:
+        raise ConfigError("--html reports retrieval failures; with --negatives, write the accuracies with --json")
     progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
     if (checkpoint is None) == (model_name is None) or (model_name is not None and not data_root):
         raise ConfigError("evaluate takes a CHECKPOINT, or --model NAME with --data ROOT (an untrained model)")
