@@ -35,10 +35,11 @@ from crossmatch.config import (
     validate_config,
 )
 from crossmatch.data import formats
-from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, PairView
+from crossmatch.data.datasets import CaptionView, ImageCaptionDataset, ImageView, PairView
+from crossmatch.data.hard_batches import HardBatchSampler, item_keys
 from crossmatch.data.loaders import build_eval_loader, build_train_loader
 from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
-from crossmatch.data.transforms import DEFAULT_PREPROCESS, describe_transform, transform_from_config
+from crossmatch.data.transforms import DEFAULT_PREPROCESS, WHITE, describe_transform, transform_from_config
 from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, setup_logging
@@ -48,6 +49,14 @@ from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConf
 from crossmatch.errors import CheckpointError, ConfigError, DataError
 from crossmatch.files import remove_orphans
 from crossmatch.models.registry import UnknownModelKeysError, create_model, create_tokenizer
+from crossmatch.retrieval.compositional import (
+    NegativesFileError,
+    Triple,
+    TripleSplit,
+    compositional_accuracy,
+    read_negatives,
+    score_triples,
+)
 from crossmatch.retrieval.evaluate import EvalData, compute_scores
 from crossmatch.retrieval.evaluator import Evaluator
 from crossmatch.retrieval.person import image_pids
@@ -213,6 +222,54 @@ def make_evaluator(
     return evaluator
 
 
+def evaluate_negatives(
+    cfg: RunConfig,
+    model: nn.Module,
+    tokenizer: CaptionTokenizer,
+    path: str | Path,
+    device: torch.device,
+    root: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float | int]]:
+    """Compositional accuracy of a model on a negatives file (crossmatch.retrieval.compositional), per
+    perturbation type and overall. Images resolve against `root` (default data.root) unless absolute;
+    box-region models read each image's boxes from the train/val/test splits of the dataset at `root`."""
+    root = Path(root or cfg.data.root)
+    triples = read_negatives(path, root)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))  # boxes: from that dataset
+    max_boxes = needs_boxes(model)
+    split = TripleSplit(triples, _boxes_from_dataset(cfg, path) if max_boxes else None)
+    split.max_image_pixels = cfg.data.max_image_pixels
+    split.background = tuple(cfg.data.background) if cfg.data.background else WHITE
+    transform = transform_from_config(cfg.data, train=False)
+    image_loader = build_eval_loader(ImageView(split, transform, max_boxes), cfg.eval.batch_size, cfg.data.num_workers)
+    text_loader = build_eval_loader(CaptionView(split, tokenizer), cfg.eval.batch_size)
+    pos, neg = score_triples(model.to(device), split, image_loader, text_loader, device, progress)
+    return compositional_accuracy(pos, neg, split.types)
+
+
+def _boxes_from_dataset(cfg: RunConfig, path: str | Path) -> Callable[[Triple], list | None]:
+    """triple -> its image's boxes, looked up (by resolved path) in the dataset's train, val and test splits."""
+    boxes: dict[Path, list | None] = {}
+    for name in dict.fromkeys((cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)):
+        try:
+            ds = open_split(cfg, name)
+        except DataError:
+            continue
+        boxes.update({r.path.resolve(): r.boxes for r in getattr(ds, "images", [])})
+
+    def lookup(t: Triple) -> list | None:
+        key = t.path.resolve()
+        if key not in boxes:
+            raise NegativesFileError(
+                f"{path} line {t.line}: image {t.image} is not in the dataset {cfg.data.root}, and "
+                f"{cfg.model['name']} reads object boxes from it"
+            )
+        return boxes[key]
+
+    return lookup
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -245,12 +302,18 @@ def build_trainer(
     transform = transform_from_config(cfg.data, train=True)
     pin = dist.device.type == "cuda"
     if getattr(train_ds, "streaming", False):  # webdataset shards: a resumable stream, not an indexed split
+        if cfg.data.hard_batches:
+            raise ConfigError("data.hard_batches needs an indexed train split, not a stream of webdataset shards")
         loader = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model))
         n_pairs = train_ds.num_pairs
     else:
         pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
+        sampler = None
+        if cfg.data.hard_batches:  # confusable pairs in the same batch
+            keys = item_keys(train_ds)
+            sampler = HardBatchSampler(*keys, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size)
         loader = build_train_loader(
-            pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size, pin
+            pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size, pin, sampler
         )
         n_pairs = len(pairs)
     if len(loader) == 0:

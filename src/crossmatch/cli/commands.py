@@ -25,15 +25,24 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         "crossmatch evaluate runs/vse --split test --json runs/vse/test.json",
         "crossmatch evaluate runs/albef/checkpoints/best.pt eval.rerank_k=16 --html report.html",
         "crossmatch evaluate --model clip model.arch=ViT-B-32 model.pretrained=openai --data data/f30k",
+        "crossmatch evaluate runs/vse --negatives data/shapes/test_negatives.jsonl --json runs/vse/negatives.json",
     )
     ev.add_argument(
         "checkpoint", nargs="?", help="a .pt or .safetensors file, or a run folder (uses checkpoints/best.pt)"
     )
     ev.add_argument("--model", default=None, help="instead of a checkpoint: a registered model built from its config")
-    ev.add_argument("--data", default=None, help="with --model: the dataset folder (data.root)")
+    ev.add_argument(
+        "--data", default=None, help="with --model: the dataset folder (data.root); with --negatives: the image root"
+    )
     ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
     ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
     ev.add_argument("--html", default=None, help="also write an HTML report of the worst-ranked text queries")
+    ev.add_argument(
+        "--negatives",
+        default=None,
+        help="instead of retrieval: accuracy on (image, caption, negative) triples of this JSONL file, per type "
+        "(--json writes it)",
+    )
     add_device_option(ev)
     ev.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.rerank_k=64 eval.folds=5")
 
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> bool:
             device=args.device,
             model_name=args.model,
             data_root=args.data,
+            negatives=args.negatives,
         )
     elif args.command == "search":
         run_search(
@@ -137,9 +147,12 @@ def run_evaluate(
     device: str = "auto",
     model_name: str | None = None,
     data_root: str | None = None,
-) -> dict[str, float]:
+    negatives: str | None = None,
+) -> dict:
     """Metrics of a checkpoint, or (`model_name` + `data_root`, no checkpoint) of a model built from its
-    config (zero-shot)."""
+    config (zero-shot). With `negatives` (a JSONL file of triples), the compositional accuracy per
+    perturbation type instead (crossmatch.retrieval.compositional), images resolved against `data_root` or
+    the run's data.root."""
     from crossmatch.config import validate_config
     from crossmatch.engine.distributed import init_distributed
     from crossmatch.errors import ConfigError
@@ -150,6 +163,8 @@ def run_evaluate(
     for option, path in (("--json", json_path), ("--html", html_path)):
         if path:
             check_writable(path, option)  # before the evaluation, not after it
+    if negatives and html_path:
+        raise ConfigError("--html reports retrieval failures; with --negatives, write the accuracies with --json")
     progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
     if (checkpoint is None) == (model_name is None) or (model_name is not None and not data_root):
         raise ConfigError("evaluate takes a CHECKPOINT, or --model NAME with --data ROOT (an untrained model)")
@@ -159,6 +174,8 @@ def run_evaluate(
         model, cfg, tokenizer = load_run(checkpoint, list(overrides))
     validate_config(cfg, training=False)
     dist = init_distributed(device)
+    if negatives:
+        return _evaluate_negatives(model, cfg, tokenizer, negatives, data_root, json_path, dist, progress)
     name = split_name(cfg, split)
     evaluator = make_evaluator(cfg, name, tokenizer, model, dist.device, progress)
     t0 = time.perf_counter()
@@ -184,6 +201,23 @@ def run_evaluate(
         )
         print(f"report written to {html_path}")
     return metrics
+
+
+def _evaluate_negatives(model, cfg, tokenizer, negatives, data_root, json_path, dist, progress) -> dict:
+    from crossmatch.files import write_text
+    from crossmatch.retrieval.compositional import format_accuracy_table
+    from crossmatch.runs import evaluate_negatives
+
+    t0 = time.perf_counter()
+    report = evaluate_negatives(cfg, model, tokenizer, negatives, dist.device, data_root, progress)
+    root = data_root or cfg.data.root
+    print(f"{cfg.model['name']} on {negatives} (images under {root}) ({time.perf_counter() - t0:.1f} s)")
+    print(format_accuracy_table(report))
+    if json_path and dist.is_main:
+        out = {k: {**v, "accuracy": round(v["accuracy"], METRIC_DECIMALS)} for k, v in report.items()}
+        doc = {"negatives": str(negatives), "model": cfg.model["name"], "types": out}
+        write_text(json_path, json.dumps(doc, indent=2))
+    return report
 
 
 def run_search(

@@ -27,11 +27,11 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     shapes = add_command(
         data_sub,
         "shapes",
-        "render the synthetic captioned-shapes dataset (Karpathy JSON + PNGs + object boxes)",
+        "render the synthetic captioned-shapes dataset (Karpathy JSON + PNGs + object boxes + exact negatives)",
         "crossmatch data shapes --out data/shapes",
         "crossmatch data shapes --out data/tiny --train 200 --val 50 --test 50 --size 32",
     )
-    shapes.add_argument("--out", required=True, help="output folder (dataset.json + images/)")
+    shapes.add_argument("--out", required=True, help="output folder (dataset.json, test_negatives.jsonl, images/)")
     shapes.add_argument("--train", type=int, default=10000, help="train images")
     shapes.add_argument("--val", type=int, default=1000, help="val images")
     shapes.add_argument("--test", type=int, default=1000, help="test images")
@@ -93,12 +93,12 @@ def run(args: argparse.Namespace) -> bool:
         print(f"wrote {path}: {split_text} images (one caption each); {skipped} SVG-only stamps left out")
         return True
     if args.data_command == "shapes":
-        from crossmatch.data.shapes import generate_shapes
+        from crossmatch.data.shapes import NEGATIVES_FILE, generate_shapes
 
         path = generate_shapes(
             args.out, args.train, args.val, args.test, seed=args.seed, size=args.size, progress=sys.stderr.isatty()
         )
-        print(f"wrote {path}")
+        print(f"wrote {path} (with exact negatives per caption) and {path.parent / NEGATIVES_FILE} (test triples)")
         return True
     from crossmatch.data.check import (
         check_entries,

@@ -28,6 +28,7 @@ class ImageRecord:
     caption_ids: list[int] = field(default_factory=list)  # indices into ImageCaptionDataset.captions
     boxes: list[list[float]] | None = None  # (K, 4) xyxy pixels, when the dataset records objects
     pid: int | None = None  # person identity (person-search datasets): relevance is by identity
+    objects: list[dict] | None = None  # shapes data: [{"shape", "color", "size"}] (groups of data.hard_batches)
 
 
 def read_text(path: Path, what: str) -> str:
@@ -70,7 +71,9 @@ KARPATHY_KEYS = ("filename", "filepath", "sentences", "sentids", "imgid", "split
 def karpathy_to_entries(data: dict) -> list[dict]:
     """Karpathy-split JSON ({"images": [...]}) -> canonical entries, in file order:
     {"image": filepath/filename, "captions": [raw, ...], "split", "id": imgid (else cocoid, else the file
-    name), and every other key (boxes, twin, pid, ...) copied through}.
+    name), and every other key (boxes, twin, pid, ...) copied through}; when a sentence has "negatives"
+    (exact compositional negatives, [{"raw", "type"}], written by `crossmatch data shapes`), the entry has
+    "negatives": one such list per caption.
 
     Raises:
         DataError: an entry that is not an object, a `filename`/`filepath` that is not a string, or
@@ -94,6 +97,8 @@ def karpathy_to_entries(data: dict) -> list[dict]:
             "id": img.get("imgid", img.get("cocoid", img["filename"])),
         }
         entry.update({k: v for k, v in img.items() if k not in KARPATHY_KEYS})
+        if any(isinstance(s, dict) and s.get("negatives") for s in sents):
+            entry["negatives"] = [s.get("negatives", []) if isinstance(s, dict) else [] for s in sents]
         entries.append(entry)
     return entries
 
@@ -113,6 +118,8 @@ class ImageCaptionDataset:
         txt_to_img: (n_txt,) index of each caption's image in `images`.
         img_to_txt: per image, the indices of its captions (any number, not assumed contiguous).
         twins: (i, j) index pairs of "twin" scenes (shapes data), each pair once.
+        negatives: per caption, its exact compositional negatives [{"raw": str, "type": str}] (the sentence's
+            "negatives" in the dataset file, written by `crossmatch data shapes`; [] when it has none).
         max_image_pixels: larger images are unreadable (`data.max_image_pixels`, set by `open_split`).
         background: RGB 0-255 behind transparent pixels (`data.background`, set by `open_split`).
     """
@@ -145,7 +152,7 @@ class ImageCaptionDataset:
         """Fill the split from canonical entries (see `karpathy_to_entries`), checking as it goes (that every
         image file exists, unless the images are not files: `files_on_disk` False)."""
         splits, name = ([split] if isinstance(split, str) else list(split)), Path(source).name
-        self.images, self.captions, self.txt_to_img = [], [], []
+        self.images, self.captions, self.txt_to_img, self.negatives = [], [], [], []
         id_to_index: dict = {}
         twin_of: dict = {}
         for entry in entries:
@@ -158,13 +165,18 @@ class ImageCaptionDataset:
                     "set data.allow_outside_root=true to allow it"
                 )
             pid = None if entry.get("pid") is None else int(entry["pid"])
-            rec = ImageRecord(image_dir / entry["image"], image_id, boxes=entry.get("boxes"), pid=pid)
-            for raw in entry.get("captions", []):
+            objects = entry.get("objects") if isinstance(entry.get("objects"), list) else None
+            rec = ImageRecord(image_dir / entry["image"], image_id, boxes=entry.get("boxes"), pid=pid, objects=objects)
+            negatives = entry.get("negatives") or []
+            if not isinstance(negatives, list) or not all(isinstance(n, list) for n in negatives):
+                raise DataError(f"image {entry['image']} (id {image_id}) in {name}: 'negatives' must be lists")
+            for c, raw in enumerate(entry.get("captions", [])):
                 if not isinstance(raw, str) or not raw.strip():
                     raise DataError(f"empty caption for image {entry['image']} (id {image_id}) in {name}")
                 rec.caption_ids.append(len(self.captions))
                 self.captions.append(raw.strip())
                 self.txt_to_img.append(len(self.images))
+                self.negatives.append(list(negatives[c]) if c < len(negatives) and negatives[c] else [])
             if not rec.caption_ids:
                 raise DataError(f"image {entry['image']} (id {image_id}) has no captions in {name}")
             if image_id in id_to_index:
@@ -211,6 +223,8 @@ def first_images(ds, n: int):
         raise DataError(f"cannot take the first {n} images of {ds!r}: its captions are not in image order")
     sub = copy.copy(ds)
     sub.images, sub.captions, sub.txt_to_img = ds.images[:n], ds.captions[:n_txt], ds.txt_to_img[:n_txt]
+    if getattr(ds, "negatives", None) is not None:
+        sub.negatives = ds.negatives[:n_txt]
     sub.twins = [(i, j) for i, j in ds.twins if i < n and j < n]
     return sub
 

@@ -71,16 +71,18 @@ def entries_to_karpathy(entries: list[dict], dataset: str = "converted") -> dict
     for i, e in enumerate(entries):
         path = PurePosixPath(e["image"])
         imgid = e.get("id", i)
-        sents = []
-        for raw in e["captions"]:
+        sents, negatives = [], e.get("negatives") or []
+        for c, raw in enumerate(e["captions"]):
             tokens = re.findall(r"\w+", raw.lower()) if isinstance(raw, str) else []
             sents.append({"raw": raw, "tokens": tokens, "imgid": imgid, "sentid": sentid})
+            if c < len(negatives) and negatives[c]:  # per-caption negatives go back onto their sentence
+                sents[-1]["negatives"] = negatives[c]
             sentid += 1
         img = {"filename": path.name, "imgid": imgid, "split": e.get("split")}
         if str(path.parent) != ".":
             img["filepath"] = str(path.parent)
         img.update({"sentids": [s["sentid"] for s in sents], "sentences": sents})
-        img.update({k: v for k, v in e.items() if k not in ENTRY_KEYS or k == "pid"})
+        img.update({k: v for k, v in e.items() if (k not in ENTRY_KEYS or k == "pid") and k != "negatives"})
         images.append(img)
     return {"dataset": dataset, "images": images}
 

@@ -84,13 +84,16 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """Per-rank batches of `batch_size`; the last incomplete batch is dropped (hinge losses need negatives).
+    The items come from `sampler` when given (it must have EpochSampler's `set_epoch(epoch, start)`, e.g.
+    `HardBatchSampler`), else from an `EpochSampler`.
 
     Workers persist across epochs (no new processes and no empty pipeline at each epoch start; the
     sampler lives in the main process, so `set_epoch` still applies). `pin_memory` (for a CUDA device)
     lets the copy of each batch to the device overlap with compute."""
-    sampler = EpochSampler(len(dataset), seed, rank, world_size)
+    sampler = sampler if sampler is not None else EpochSampler(len(dataset), seed, rank, world_size)
     # A private generator: creating an iterator must not consume the global torch RNG, whose state the
     # checkpoint restores (a resumed run creates its iterator at another moment than the original).
     return DataLoader(

@@ -8,11 +8,17 @@ swapped colours, sizes or positions, so a bag-of-words model cannot separate the
 Thrush et al., CVPR 2022, and ARO, Yuksekgonul et al., ICLR 2023).
 
 The output is ``images/*.png`` plus a Karpathy-split ``dataset.json`` (the Flickr30K/COCO format), so the
-loader that reads real data reads this too. Every image is a function of ``(seed, split, index)``: val/test
+loader that reads real data reads this too. The generator knows every scene, so each sentence also carries
+exact compositional negatives (``"negatives": [{"raw", "type"}]``: attributes swapped between two objects, the
+two sides of a relation swapped, a relation word flipped, one attribute replaced; NegCLIP and SugarCrepe,
+Yuksekgonul et al. 2023, Hsieh et al. 2023), each checked to be false of its scene, and the test split's
+(image, caption, negative) triples go to ``test_negatives.jsonl`` (what ``crossmatch evaluate --negatives``
+reads). Every image is a function of ``(seed, split, index)``: val/test
 scenes are planned in order in the parent process, where de-duplication needs a global view; train scenes,
 all captions and all pixels come from per-image RNGs in a process pool, so the worker count changes nothing.
 """
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -23,6 +29,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
@@ -221,45 +228,161 @@ def _key(objs: list[Obj], size: int) -> str:
 def _rel_phrase(rng: random.Random, rels: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     """A wording of one (or, when both hold, both) relations, and the relations it states."""
     if len(rels) == 2 and rng.random() < 0.3:
-        return f"{rels[1]} and to the {rels[0]} of", rels  # "above and to the left of"
+        return _compound(rels), rels  # "above and to the left of"
     rel = rng.choice(rels)
     return rng.choice(REL_WORDS[rel]), (rel,)
 
 
-def _caption(rng: random.Random, objs: list[Obj], size: int) -> tuple[str, frozenset[tuple[str, str, str]]]:
-    """One caption naming every object, and the relation facts it states."""
-    words = [(rng.choice(SIZE_WORDS[o["size"]]), rng.choice(COLORS[o["color"]][1]), rng.choice(SHAPE_WORDS[o["shape"]]))
+def _compound(rels: tuple[str, ...]) -> str:
+    """(horizontal, vertical) -> "above and to the left of"."""
+    return f"{rels[1]} and to the {rels[0]} of"
+
+
+@dataclass
+class Wording:
+    """The structure of one caption, so that it can be re-rendered with one thing changed (exact negatives).
+
+    Attributes:
+        template: one of ONE, TWO, THREE, THREE_ONE_REL.
+        words: per object of the scene, its [size word, colour word, shape word] (synonyms as written).
+        roles: template slot -> object index: x, y (first relation), z, w (second relation, or z alone).
+        phrases: "r" (x to y) and "s" (z to w) -> (relation phrase, the relations it states).
+    """
+
+    template: str
+    words: list[list[str]]
+    roles: dict[str, int]
+    phrases: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def render(self) -> str:
+        full = [f"a {s} {c} {sh}" for s, c, sh in self.words]  # first mention: size, colour, shape
+        ref = [f"the {c} {sh}" for _, c, sh in self.words]  # later mentions: unique because (shape, colour) is
+        fields = {k: full[i] for k, i in self.roles.items()} | {f"{k}r": ref[i] for k, i in self.roles.items()}
+        return self.template.format(**fields, **{k: phrase for k, (phrase, _) in self.phrases.items()})
+
+    def described(self) -> list[str]:
+        """Canonical description of every object the caption names (sorted), e.g. ["small red circle"]."""
+        return sorted(f"{SIZE_OF[s]} {COLOR_OF[c]} {SHAPE_OF[sh]}" for s, c, sh in self.words)
+
+    def stated(self) -> frozenset[tuple[str, str, str]]:
+        """The (object, relation, object) facts the caption states, objects by canonical description."""
+        name = [f"{SIZE_OF[s]} {COLOR_OF[c]} {SHAPE_OF[sh]}" for s, c, sh in self.words]
+        pairs = {"r": ("x", "y"), "s": ("z", "w")}
+        return frozenset(
+            (name[self.roles[a]], rel, name[self.roles[b]])
+            for slot, (_, rels) in self.phrases.items()
+            for a, b in [pairs[slot]]
+            for rel in rels
+        )
+
+    def true_of(self, objs: list[dict], boxes: list[list[float]], size: int) -> bool:
+        """The caption names exactly the scene's objects and every relation it states holds."""
+        same_objects = self.described() == sorted(describe(o) for o in objs)
+        return same_objects and self.stated() <= scene_facts(objs, boxes, size)
+
+
+SHAPE_OF = {w: k for k, words in SHAPE_WORDS.items() for w in words}  # synonym -> canonical name
+COLOR_OF = {w: k for k, (_, words) in COLORS.items() for w in words}
+SIZE_OF = {w: k for k, words in SIZE_WORDS.items() for w in words}
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+FLIP_PHRASE = {  # each relation phrase of REL_WORDS -> its opposite, worded alike
+    **{a: b for a, b in zip(REL_WORDS["left"], REL_WORDS["right"], strict=True)},
+    **{b: a for a, b in zip(REL_WORDS["left"], REL_WORDS["right"], strict=True)},
+    "above": "below", "below": "above", "over": "under", "under": "over", "beneath": "above",
+    "higher than": "lower than", "lower than": "higher than",
+}  # fmt: skip
+
+
+def _wording(rng: random.Random, objs: list[Obj], size: int) -> Wording:
+    """One caption naming every object (its structure; `Wording.render` gives the text)."""
+    words = [[rng.choice(SIZE_WORDS[o["size"]]), rng.choice(COLORS[o["color"]][1]), rng.choice(SHAPE_WORDS[o["shape"]])]
              for o in objs]  # fmt: skip
-    full = [f"a {s} {c} {sh}" for s, c, sh in words]  # first mention: size, colour, shape
-    ref = [f"the {c} {sh}" for _, c, sh in words]  # later mentions: unique because (shape, colour) is
     if len(objs) == 1:
-        return rng.choice(ONE).format(x=full[0]), frozenset()
+        return Wording(rng.choice(ONE), words, {"x": 0})
     x, y, *rest = rng.sample(range(len(objs)), len(objs))
-    r, r_rels = _rel_phrase(rng, relations(objs[x]["box"], objs[y]["box"], size))  # _valid(): every pair related
-    stated = {(describe(objs[x]), rel, describe(objs[y])) for rel in r_rels}
-    fields = {"x": full[x], "y": full[y], "xr": ref[x], "yr": ref[y], "r": r}
+    r = _rel_phrase(rng, relations(objs[x]["box"], objs[y]["box"], size))  # _valid(): every pair related
     if not rest:
-        return rng.choice(TWO).format(**fields), frozenset(stated)
+        return Wording(rng.choice(TWO), words, {"x": x, "y": y}, {"r": r})
     z = rest[0]
-    fields.update(z=full[z], zr=ref[z])
     if rng.random() < 0.25:
-        return rng.choice(THREE_ONE_REL).format(**fields), frozenset(stated)
+        return Wording(rng.choice(THREE_ONE_REL), words, {"x": x, "y": y, "z": z}, {"r": r})
     w = rng.choice((x, y))
-    s, s_rels = _rel_phrase(rng, relations(objs[z]["box"], objs[w]["box"], size))
-    stated |= {(describe(objs[z]), rel, describe(objs[w])) for rel in s_rels}
-    return rng.choice(THREE).format(wr=ref[w], s=s, **fields), frozenset(stated)
+    s = _rel_phrase(rng, relations(objs[z]["box"], objs[w]["box"], size))
+    return Wording(rng.choice(THREE), words, {"x": x, "y": y, "z": z, "w": w}, {"r": r, "s": s})
 
 
-def _captions(rng: random.Random, objs: list[Obj], size: int, twin: list[Obj] | None, n: int = 5) -> list[str]:
+# Perturbation types of the exact negatives (the "type" of each entry of a sentence's "negatives").
+SWAP_ATTRIBUTES = "swap_attributes"  # two objects exchange their colour (or size) words
+SWAP_RELATION = "swap_relation"  # the two sides of a relation change places ("X left of Y" -> "Y left of X")
+FLIP_RELATION = "flip_relation"  # a relation word becomes its opposite (left/right, above/below)
+REPLACE_ATTRIBUTE = "replace_attribute"  # one object's colour (or size) becomes another value
+NEGATIVE_TYPES = (SWAP_ATTRIBUTES, SWAP_RELATION, FLIP_RELATION, REPLACE_ATTRIBUTE)
+
+
+def _flipped(phrase: str, rels: tuple[str, ...], k: int) -> tuple[str, tuple[str, ...]]:
+    """The phrase with its k-th stated relation turned into the opposite one."""
+    new = tuple(OPPOSITE[r] if j == k else r for j, r in enumerate(rels))
+    return (_compound(new) if len(rels) == 2 else FLIP_PHRASE[phrase]), new
+
+
+def _candidates(wording: Wording, objs: list[Obj], rng: random.Random) -> dict[str, list[Wording]]:
+    """Every perturbed wording of each type (not yet checked against the scene)."""
+    out: dict[str, list[Wording]] = {t: [] for t in NEGATIVE_TYPES}
+    used = sorted(set(wording.roles.values()))
+    for a, b in itertools.combinations(used, 2):
+        for kind in (1, 0):  # colour, then size
+            words = [list(w) for w in wording.words]
+            words[a][kind], words[b][kind] = words[b][kind], words[a][kind]
+            out[SWAP_ATTRIBUTES].append(dataclasses.replace(wording, words=words))
+    if "r" in wording.phrases:
+        roles = dict(wording.roles, x=wording.roles["y"], y=wording.roles["x"])
+        out[SWAP_RELATION].append(dataclasses.replace(wording, roles=roles))
+    for slot, (phrase, rels) in wording.phrases.items():
+        for k in range(len(rels)):
+            phrases = {**wording.phrases, slot: _flipped(phrase, rels, k)}
+            out[FLIP_RELATION].append(dataclasses.replace(wording, phrases=phrases))
+    taken = {(o["shape"], o["color"]) for o in objs}
+    for i in used:
+        o = objs[i]
+        for kind, values in ((1, COLOR_NAMES), (0, tuple(SIZE_WORDS))):
+            for value in values:
+                current = o["color"] if kind == 1 else o["size"]
+                if value == current or (kind == 1 and (o["shape"], value) in taken):  # "the red circle" stays unique
+                    continue
+                words = [list(w) for w in wording.words]
+                synonyms = COLORS[value][1] if kind == 1 else SIZE_WORDS[value]
+                words[i][kind] = rng.choice(synonyms)
+                out[REPLACE_ATTRIBUTE].append(dataclasses.replace(wording, words=words))
+    return out
+
+
+def exact_negatives(wording: Wording, objs: list[Obj], size: int, rng: random.Random) -> list[dict[str, str]]:
+    """At most one negative of each type for a caption: {"raw": text, "type": one of NEGATIVE_TYPES}.
+
+    Each is checked against the scene: it differs from the caption, from the other negatives, and is false of
+    the scene (names other objects than the scene holds, or states a relation that does not hold)."""
+    caption, boxes = wording.render(), [o["box"] for o in objs]
+    out, seen = [], {caption}
+    for kind, options in _candidates(wording, objs, rng).items():
+        valid = [w for w in options if w.render() not in seen and not w.true_of(objs, boxes, size)]
+        if valid:
+            raw = rng.choice(valid).render()
+            seen.add(raw)
+            out.append({"raw": raw, "type": kind})
+    return out
+
+
+def _captions(rng: random.Random, objs: list[Obj], size: int, twin: list[Obj] | None, n: int = 5) -> list[Wording]:
     """n distinct captions; with a twin, none of them may also be true of the twin (else retrieval is ambiguous)."""
     own_objs = sorted(describe(o) for o in objs)
     same_objs = twin is not None and own_objs == sorted(describe(o) for o in twin)
     twin_facts = scene_facts(twin, [o["box"] for o in twin], size) if same_objs else frozenset()
-    out: list[str] = []
+    out: list[Wording] = []
     for _ in range(MAX_TRIES):
-        raw, stated = _caption(rng, objs, size)
-        if raw not in out and not (same_objs and stated <= twin_facts):
-            out.append(raw)
+        wording = _wording(rng, objs, size)
+        raw, stated = wording.render(), wording.stated()
+        if raw not in {w.render() for w in out} and not (same_objs and stated <= twin_facts):
+            out.append(wording)
             if len(out) == n:
                 return out
     raise RuntimeError(f"could not word {n} distinct captions for {own_objs}")
@@ -299,8 +422,9 @@ def _init_worker(state: dict[str, Any]) -> None:
     _STATE.update(state)
 
 
-def _work(job: tuple[str, int, bool, list[list[Obj]] | None]) -> tuple[str, int, list[tuple[list[Obj], list[str]]]]:
-    """Sample (train only), caption and render one slot; returns (split, position, [(objects, captions)])."""
+def _work(job: tuple[str, int, bool, list[list[Obj]] | None]) -> tuple[str, int, list[tuple[list[Obj], list[dict]]]]:
+    """Sample (train only), caption and render one slot; returns (split, position, [(objects, sentences)]), each
+    sentence {"raw": caption, "negatives": [{"raw", "type"}, ...]}."""
     split, p, pair, scenes = job
     seed, size, out = _STATE["seed"], _STATE["size"], _STATE["out"]
     if scenes is None:  # train: val/test keys are final, so train scenes can be drawn here in parallel
@@ -309,7 +433,12 @@ def _work(job: tuple[str, int, bool, list[list[Obj]] | None]) -> tuple[str, int,
     result = []
     for k, objs in enumerate(scenes):
         twin = scenes[1 - k] if len(scenes) == 2 else None
-        result.append((objs, _captions(rng, objs, size, twin)))
+        sentences = []
+        for c, wording in enumerate(_captions(rng, objs, size, twin)):
+            # own generator per caption: the negatives never shift the captions (or pixels) of a dataset
+            neg_rng = random.Random(f"shapes/{seed}/{split}/{p + k}/negatives/{c}")
+            sentences.append({"raw": wording.render(), "negatives": exact_negatives(wording, objs, size, neg_rng)})
+        result.append((objs, sentences))
         _render(
             f"{out}/images/{_STATE['offsets'][split] + p + k:06d}.png", objs, size, [seed, SPLITS.index(split), p + k]
         )
@@ -359,10 +488,15 @@ def _render(path: str, objs: list[Obj], size: int, entropy: list[int]) -> None:
     img.save(path, format="PNG")
 
 
-def _entry(objs: list[Obj], captions: list[str], imgid: int, split: str) -> dict:
-    """One image of the Karpathy JSON; every image has 5 captions, so sentids are 5 * imgid + k."""
-    sents = [{"raw": raw, "tokens": re.findall(r"[a-z]+", raw.lower()), "imgid": imgid, "sentid": 5 * imgid + k}
-             for k, raw in enumerate(captions)]  # fmt: skip
+def _entry(objs: list[Obj], sentences: list[dict], imgid: int, split: str) -> dict:
+    """One image of the Karpathy JSON; every image has 5 captions, so sentids are 5 * imgid + k. A sentence
+    keeps its exact negatives under "negatives" (when it has any)."""
+    sents = []
+    for k, sent in enumerate(sentences):
+        raw, sentid = sent["raw"], 5 * imgid + k
+        sents.append({"raw": raw, "tokens": re.findall(r"[a-z]+", raw.lower()), "imgid": imgid, "sentid": sentid})
+        if sent["negatives"]:
+            sents[-1]["negatives"] = sent["negatives"]
     return {"filename": f"{imgid:06d}.png", "imgid": imgid, "split": split, "sentids": [s["sentid"] for s in sents],
             "sentences": sents, "boxes": [o["box"] for o in objs],
             "objects": [{k: o[k] for k in ("shape", "color", "size")} for o in objs]}  # fmt: skip
@@ -417,11 +551,28 @@ def generate_shapes(
         _collect(map(_work, jobs), images, offsets, len(jobs), progress)
 
     json_path = out / "dataset.json"
+    ordered = [images[i] for i in range(len(images))]
+    write_text(out / NEGATIVES_FILE, "".join(json.dumps(t) + "\n" for t in negative_triples(ordered, "test")))
     # the json appears only once every image is written
-    write_text(json_path, json.dumps({"dataset": "shapes", "images": [images[i] for i in range(len(images))]}))
+    write_text(json_path, json.dumps({"dataset": "shapes", "images": ordered}))
     logger.info("shapes: %d images at %d px in %.1fs with %d workers -> %s", len(images), size,
                 time.perf_counter() - t0, workers, json_path)  # fmt: skip
     return json_path
+
+
+NEGATIVES_FILE = "test_negatives.jsonl"
+
+
+def negative_triples(images: Iterable[dict], split: str = "test") -> Iterator[dict[str, str]]:
+    """The SugarCrepe/ARO-style triples of one split from Karpathy image entries with sentence "negatives":
+    {"image": "images/<filename>" (relative to the dataset root), "caption", "negative", "type"}, in file order."""
+    for img in images:
+        if img["split"] != split:
+            continue
+        for sent in img["sentences"]:
+            for neg in sent.get("negatives", []):
+                yield {"image": f"images/{img['filename']}", "caption": sent["raw"], "negative": neg["raw"],
+                       "type": neg["type"]}  # fmt: skip
 
 
 def _collect(results: Iterable, images: dict[int, dict], offsets: dict[str, int], total: int, progress: bool) -> None:
@@ -431,8 +582,8 @@ def _collect(results: Iterable, images: dict[int, dict], offsets: dict[str, int]
 
         results = tqdm(results, total=total, desc="shapes", unit="slot")
     for split, p, scenes in results:
-        for k, (objs, captions) in enumerate(scenes):
+        for k, (objs, sentences) in enumerate(scenes):
             imgid = offsets[split] + p + k
-            images[imgid] = _entry(objs, captions, imgid, split)
+            images[imgid] = _entry(objs, sentences, imgid, split)
             if len(scenes) == 2 and split != "train":
                 images[imgid]["twin"] = offsets[split] + p + 1 - k
