@@ -176,3 +176,27 @@ def test_trains_through_the_cli_and_round_trips(name, shapes_root, tmp_path):
     frozen = [k for k in start if k.startswith("image_tower.")]
     assert all(torch.equal(ckpt["model"][k], start[k]) for k in frozen)  # the frozen CNN does not
     check_round_trip(run, tmp_path, ["eval.rerank_k=4"])
+
+
+@pytest.mark.parametrize("tower, n_tokens", [("test_resnet", 4), ("test_vit", 17)])
+def test_any_timm_tower_gives_image_tokens_and_the_defaults_freeze_it(tower, n_tokens):
+    from crossmatch.config import LossConfig
+    from crossmatch.tasks import build_task
+
+    torch.manual_seed(0)
+    model = create_model("albef_minilm", image_tower=tower, pretrained=False, image_size=64, queue_size=8)
+    assert model.visual_encoder.n_tokens == n_tokens  # a 2 x 2 CNN map at 64 px; a ViT's 16 patches + [CLS]
+    assert not hasattr(model, "image_tower_m")  # the frozen tower is shared with the momentum encoders
+    ids = [[101, 2000 + i, 2100 + i, 102] for i in range(4)]
+    batch = collate([{"image": torch.randn(3, 64, 64), "input_ids": x, "image_idx": i} for i, x in enumerate(ids)])
+    task = build_task(model, LossConfig()).train()
+    assert not model.image_tower.tower.training  # frozen: eval mode, BatchNorm statistics fixed
+    losses, logs = task.training_step(batch)
+    assert set(losses) == {"itc_loss", "itm_loss"} and logs["alpha"] == 0.0  # alpha ramps from 0 in epoch 0
+    sum(losses.values()).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith(("image_tower.", "text_encoder_m.")) for n in trainable)
+    no_grad = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+    assert no_grad == []  # text, fusion, image projection, heads: all reached
+    unfrozen = create_model("albef_minilm", image_tower=tower, pretrained=False, image_size=64, freeze_image=False)
+    assert hasattr(unfrozen, "image_tower_m")

@@ -48,11 +48,11 @@ from crossmatch.models.transformer import ImageEmbedding, PatchEmbed
 from crossmatch.models.vilt import ViLT
 
 
-class CnnFeatures(nn.Module):
-    """An ImageTower's feature map, (B, 3, H, W) -> (B, C, h, w). A frozen tower runs without gradients, and
-    its output for the last batch is kept (the momentum encoders read the same images right after), and with
-    `cache` every image's by content (exact: a frozen tower is in eval mode, so an image's output does not
-    depend on its batch)."""
+class TowerFeatures(nn.Module):
+    """A pretrained image tower's spatial output: a CNN's feature map (B, C, h, w), or a timm ViT's tokens
+    (B, N, C). A frozen tower runs without gradients, and its output for the last batch is kept (the momentum
+    encoders read the same images right after), and with `cache` every image's by content (exact: a frozen
+    tower is in eval mode, so an image's output does not depend on its batch)."""
 
     def __init__(self, name: str, pretrained: bool, freeze: bool, cache: bool = False):
         super().__init__()
@@ -60,32 +60,38 @@ class CnnFeatures(nn.Module):
         self.cache = FrozenOutputCache() if cache and freeze else None
         self._last: tuple[Tensor, Tensor] | None = None
 
+    def spatial(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, C, h, w) feature map or (B, N, C) tokens."""
+        return self.tower.body.forward_features(image) if self.tower.is_timm else self.tower.feature_map(image)
+
     @torch.no_grad()
     def grid_size(self, image_size: int) -> int:
-        """R = h * w for a square image of side `image_size` (a dry run in eval mode: BN statistics stay)."""
+        """R, the cells (h * w) or tokens (N) of a square image of side `image_size` (a dry run in eval mode,
+        so BatchNorm statistics stay)."""
         was = self.tower.training
-        fmap = self.tower.eval().feature_map(torch.zeros(1, 3, image_size, image_size))  # (1, C, h, w)
+        self.tower.eval()
+        out = self.spatial(torch.zeros(1, 3, image_size, image_size))
         self.tower.train(was)
-        return fmap.shape[2] * fmap.shape[3]
+        return out.shape[2] * out.shape[3] if out.ndim == 4 else out.shape[1]
 
     def forward(self, image: Tensor) -> Tensor:
         if not self.tower.frozen:
-            return self.tower.feature_map(image)  # (B, C, h, w)
+            return self.spatial(image)
         if self._last is not None and self._last[0] is image:
             return self._last[1]
         with torch.no_grad():
             if self.cache is not None:
-                fmap = self.cache([_sha1(x) for x in image], lambda rows: self.tower.feature_map(image[rows]))
+                out = self.cache([_sha1(x) for x in image], lambda rows: self.spatial(image[rows]))
             else:
-                fmap = self.tower.feature_map(image)  # (B, C, h, w)
-        self._last = (image, fmap)
-        return fmap
+                out = self.spatial(image)  # (B, C, h, w) or (B, N, C)
+        self._last = (image, out)
+        return out
 
 
 class ImageTokens(nn.Module):
     """A feature map as tokens: [global average; h*w cells] -> Linear(C, D) + learned positions, LayerNorm,
     then `depth` new BERT-shaped self-attention layers. (B, C, h, w) -> (B, 1+R, D); token 0 stands for the
-    whole image (ALBEF's image [CLS])."""
+    whole image (ALBEF's image [CLS]). A ViT's (B, N, C) tokens go the same way ([their mean; the N tokens])."""
 
     def __init__(self, channels: int, n_tokens: int, shape: BertShape, depth: int, dropout: float):
         super().__init__()
@@ -97,17 +103,17 @@ class ImageTokens(nn.Module):
         self.layers = BertStack(shape, depth, dropout)
 
     def forward(self, fmap: Tensor) -> Tensor:
-        regions = feature_map_to_regions(fmap)  # (B, C, h, w) -> (B, R, C)
+        regions = feature_map_to_regions(fmap) if fmap.ndim == 4 else fmap  # (B, C, h, w) -> (B, R, C)
         if regions.shape[1] != self.n_tokens:
             raise ModelError(f"image gives {regions.shape[1]} tokens but the model was built for {self.n_tokens}")
-        x = torch.cat([fmap.mean((2, 3))[:, None], regions], 1)  # (B, 1+R, C): global average first
+        x = torch.cat([regions.mean(1, keepdim=True), regions], 1)  # (B, 1+R, C): global average first
         return self.layers(self.drop(self.norm(self.proj(x) + self.pos)))  # (B, 1+R, D)
 
 
 class CnnImageEmbed(nn.Module):
-    """CnnFeatures + ImageTokens without layers: (B, 3, H, W) -> (B, 1+R, D) (ViLT's image input)."""
+    """TowerFeatures + ImageTokens without layers: (B, 3, H, W) -> (B, 1+R, D) (ViLT's image input)."""
 
-    def __init__(self, features: CnnFeatures, tokens: ImageTokens):
+    def __init__(self, features: TowerFeatures, tokens: ImageTokens):
         super().__init__()
         self.features, self.tokens = features, tokens
 
@@ -132,8 +138,8 @@ def _text_tokens(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 class AlbefPretrainedConfig:
     text_checkpoint: str = "minilm"  # BERT-family checkpoint folder, packaged short name or hub id
     text_layers: int = 0  # layers of the text encoder; 0 = the first half (ALBEF); the rest are fusion layers
-    image_tower: str = "efficientnet_lite0"  # CNN whose feature map gives the tokens: efficientnet_lite0 |
-    # torchvision.resnet18/50 | a timm CNN name (timm weights are downloaded)
+    image_tower: str = "efficientnet_lite0"  # tower whose feature map (or ViT tokens) gives the image tokens:
+    # efficientnet_lite0 (packaged) | torchvision.resnet18/50 | any timm name (its weights are downloaded)
     image_layers: int = 1  # new BERT-shaped self-attention layers over the projected image tokens (0: none)
     freeze_image: bool = True  # the CNN stays fixed in eval mode (on CPU its backward would dominate a step)
     freeze_text: bool = False  # True: text embeddings + text layers fixed (the fusion layers still train)
@@ -174,7 +180,7 @@ class AlbefPretrained(ALBEF):
         if not 0 < n_text < shape.layers:
             raise ModelError(f"model.text_layers={n_text}: the checkpoint has {shape.layers} layers, fusion needs >= 1")
         D, p = shape.width, cfg.dropout
-        self.image_tower = CnnFeatures(cfg.image_tower, load, cfg.freeze_image, cfg.cache_frozen)
+        self.image_tower = TowerFeatures(cfg.image_tower, load, cfg.freeze_image, cfg.cache_frozen)
         self.preprocess = self.image_tower.tower.preprocess  # filled into data.* by runs.resolve_preprocess
         n_cells = self.image_tower.grid_size(cfg.image_size)
         self.visual_encoder = ImageTokens(self.image_tower.tower.out_dim, n_cells, shape, cfg.image_layers, p)
@@ -281,7 +287,7 @@ class ViltPretrained(ViLT):
             self.image_embed = ImageEmbedding(PatchEmbed(cfg.patch_size, D), cfg.image_size, D, p)
             self.preprocess = None  # pixels as the data section says (no pretrained image statistics)
         else:
-            features = CnnFeatures(cfg.image_tower, load, cfg.freeze_image, cfg.cache_frozen)
+            features = TowerFeatures(cfg.image_tower, load, cfg.freeze_image, cfg.cache_frozen)
             tokens = ImageTokens(features.tower.out_dim, features.grid_size(cfg.image_size), shape, 0, p)
             self.image_embed = CnnImageEmbed(features, tokens)
             self.preprocess = features.tower.preprocess
