@@ -130,7 +130,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     grad_checkpointing: bool = False  # activation checkpointing in the towers that support it (clip)
-    layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (clip towers)
+    layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (the towers)
+    tower_lr: float = 0.0  # lr of the towers' parameters (vse_pretrained, clip), before layer_decay; 0 = train.lr
 
 
 @dataclass
@@ -281,6 +282,7 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
             ("train.batch_size", t.batch_size, t.batch_size >= 1, "must be at least 1"),
             ("train.lr", t.lr, math.isfinite(t.lr) and 0 < t.lr <= MAX_LR, f"must be > 0 and at most {MAX_LR:.1e}"),
             ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
+            ("train.tower_lr", t.tower_lr, math.isfinite(t.tower_lr) and 0 <= t.tower_lr <= MAX_LR, "must be >= 0"),
             ("train.lr_step_epochs", t.lr_step_epochs, t.lr_step_epochs >= 1, "must be at least 1"),
             ("train.lr_gamma", t.lr_gamma, math.isfinite(t.lr_gamma) and t.lr_gamma > 0, "must be > 0"),
             ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),
