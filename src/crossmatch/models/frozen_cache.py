@@ -115,7 +115,8 @@ class DiskOutputCache:
             return
         self.items, self.elements = items, elements
         for key, (offset, shape, sha) in items.items():
-            if offset + _numel(shape) > elements or hashlib.sha1(self._slice(offset, shape).tobytes()).hexdigest() != sha:
+            inside = offset + _numel(shape) <= elements
+            if not inside or hashlib.sha1(self._slice(offset, shape).tobytes()).hexdigest() != sha:
                 self._reset(f"row {key[:12]} does not match its checksum (corrupt)")
                 return
         if size > 2 * elements:  # rows appended by a run stopped before it wrote the index: not indexed, dropped
