@@ -208,7 +208,8 @@ class ScanModel(nn.Module):
 
     def region_layout(self, batch: dict[str, Tensor]) -> tuple[int, int] | Tensor | None:
         """Where the regions of `batch["image"]` lie, for drawing: (h, w) of the grid (cells in row-major
-        order), (B, R, 4) xyxy boxes as fractions of the image's width (x) and height (y), or None for precomputed features."""
+        order), (B, R, 4) xyxy boxes as fractions of the image's width (x) and height (y), or None for
+        precomputed features."""
         if self.config.regions == "precomputed":
             return None
         if self.config.regions == "boxes":
