@@ -300,7 +300,8 @@ class ImageTower(_FreezableTower):
         if freeze:
             freeze_(self)
             self.eval()
-            self._unfreeze_last(self.blocks(), unfreeze_blocks, "unfreeze_image_blocks")
+            if unfreeze_blocks:  # (a timm tower without `blocks` stays wholly frozen)
+                self._unfreeze_last(self.blocks(), unfreeze_blocks, "unfreeze_image_blocks")
 
     def blocks(self) -> list[nn.Module]:
         """The tower's blocks, input first: EfficientNet's blocks across its stages, a timm ViT's blocks,
