@@ -249,3 +249,12 @@ def test_another_unfreezing_or_other_weights_use_another_cache_folder(tmp_path):
         c.encode_image(batch_of(1, 64))
     folders = {a.image_cache.folder, b.image_cache.folder, c.image_cache.folder}
     assert len(folders) == 3 and c.image_cache.hits == 0
+
+
+def test_a_named_cache_dir_is_used_outside_a_run_too(tmp_path):
+    model = model_of(cache_frozen=True, cache_dir=str(tmp_path / "shared")).eval()
+    with torch.no_grad():
+        model.encode_image(batch_of())
+        model.encode_text(batch_of())
+    assert isinstance(model.image_cache, DiskOutputCache) and isinstance(model.text_cache, DiskOutputCache)
+    assert model.image_cache.folder.parent == tmp_path / "shared" / "image" and model.text_cache.misses == 3

@@ -377,7 +377,7 @@ class PretrainedDualConfig:
     embed_dim: int = 512  # joint embedding width E
     vocab_size: int = 0  # set at build time from the tokenizer; must be the text tower's (0: unchecked)
     cache_frozen: bool = False  # compute the frozen towers' (or frozen first blocks') per-item outputs once
-    cache_dir: str = ""  # folder of the float16 disk cache; "" = in memory, or <run dir>/frozen_cache when training
+    cache_dir: str = ""  # folder of the float16 disk cache; "": <run dir>/frozen_cache when training, else in memory
     unfreeze_image_blocks: int = 0  # with freeze_image: the last N image blocks (and the head after them) train
     unfreeze_text_layers: int = 0  # with freeze_text: the last N encoder layers of the text tower train
 
@@ -409,6 +409,8 @@ class PretrainedDualEncoder(JointEmbedding):
         self.image_cache, self.text_cache = MemoryOutputCache(), MemoryOutputCache()  # used with cache_frozen
         self.cache_images = True  # False when the image input is augmented (runs.build_trainer)
         self._disk_root = cfg.cache_dir
+        if cfg.cache_dir:  # a named folder: on disk wherever the model runs (opened on first use)
+            self.image_cache = self.text_cache = None
 
     def use_cache_dir(self, folder: str | Path, cache_images: bool = True) -> None:
         """Keep the frozen outputs in float16 files under `folder` (a run's frozen_cache/) unless the config
