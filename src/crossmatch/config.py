@@ -27,7 +27,7 @@ class DataConfig:
     json_name: str = ""  # karpathy: the JSON file in root (default dataset.json; dataset_coco.json for COCO)
     image_dir: str = ""  # karpathy: image folder (default {root}/images)
     restval: bool = False  # karpathy COCO: fold the "restval" split into train
-    image_size: int = 64  # square side the image transform resizes to
+    image_size: Any = 64  # int: the square side the images are resized to; [H, W]: non-square (e.g. [384, 128])
     train_split: str = "train"  # split names as written in the dataset file
     val_split: str = "val"
     test_split: str = "test"
@@ -131,7 +131,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     grad_checkpointing: bool = False  # activation checkpointing in the towers that support it (clip)
-    layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (clip towers)
+    layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (the towers)
+    tower_lr: float = 0.0  # lr of the towers' parameters (vse_pretrained, clip), before layer_decay; 0 = train.lr
 
 
 @dataclass
@@ -238,6 +239,24 @@ def check_metric(metric: str, reported: tuple[str, ...] | list[str], protocol: s
         raise ConfigError(f"eval.metric={metric!r} cannot select best.pt ({why}); choose one of {', '.join(reported)}")
 
 
+def image_hw(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """(H, W) of a `data.image_size`: a side S is (S, S), a pair [H, W] is itself.
+
+    Raises:
+        ConfigError: neither a positive int nor two positive ints.
+    """
+    if not _is_size(size):
+        raise ConfigError(f"data.image_size={size!r}: must be a side >= 1 or [H, W], each >= 1")
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _is_size(value) -> bool:
+    def side(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    return side(value) or (isinstance(value, (list, tuple)) and len(value) == 2 and all(side(v) for v in value))
+
+
 def _is_colour(value) -> bool:
     """[] (the model's colour, else white) or three integers 0-255."""
     if not isinstance(value, list):
@@ -260,7 +279,7 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
     """
     d, t, e = cfg.data, cfg.train, cfg.eval
     rules = [
-        ("data.image_size", d.image_size, d.image_size >= 1, "must be at least 1"),
+        ("data.image_size", d.image_size, _is_size(d.image_size), "must be a side >= 1 or [H, W], each >= 1"),
         ("data.max_words", d.max_words, d.max_words >= 1, "must be at least 1"),
         ("data.min_word_freq", d.min_word_freq, d.min_word_freq >= 0, "must be >= 0"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0 (0: load in the main process)"),
@@ -282,6 +301,7 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
             ("train.batch_size", t.batch_size, t.batch_size >= 1, "must be at least 1"),
             ("train.lr", t.lr, math.isfinite(t.lr) and 0 < t.lr <= MAX_LR, f"must be > 0 and at most {MAX_LR:.1e}"),
             ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
+            ("train.tower_lr", t.tower_lr, math.isfinite(t.tower_lr) and 0 <= t.tower_lr <= MAX_LR, "must be >= 0"),
             ("train.lr_step_epochs", t.lr_step_epochs, t.lr_step_epochs >= 1, "must be at least 1"),
             ("train.lr_gamma", t.lr_gamma, math.isfinite(t.lr_gamma) and t.lr_gamma > 0, "must be > 0"),
             ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),

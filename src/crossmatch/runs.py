@@ -292,6 +292,9 @@ def build_trainer(
     # config.yaml and every checkpoint
     cfg = dataclasses.replace(cfg, model=resolved_model_section(cfg.model["name"], model))
     cfg = resolve_preprocess(cfg, model)
+    if cfg.model.get("cache_frozen") and hasattr(model, "use_cache_dir"):  # frozen outputs: once, on disk
+        folder = run_dir / "frozen_cache" / (f"rank{dist.rank}" if dist.world_size > 1 else "")
+        model.use_cache_dir(folder, cache_images=not cfg.data.augment)
     if cfg.train.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ConfigError(f"train.grad_checkpointing: model {cfg.model['name']} has no tower that supports it")

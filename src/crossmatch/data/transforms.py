@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from crossmatch.config import image_hw
 from crossmatch.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -90,7 +91,7 @@ INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.Inter
 
 
 def build_image_transform(
-    image_size: int,
+    image_size: int | list[int] | tuple[int, int],
     train: bool,
     augment: bool = True,
     mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
@@ -99,42 +100,70 @@ def build_image_transform(
     interpolation: str = "bilinear",
     background: tuple[int, ...] | list[int] = WHITE,
 ) -> v2.Compose:
-    """(3, H, W) uint8 [+ boxes] -> (3, S, S) float normalised [+ boxes in the new pixel frame].
+    """(3, h, w) uint8 [+ boxes] -> (3, H, W) float normalised [+ boxes in the new pixel frame]; `image_size`
+    is a side S (H = W = S) or [H, W].
 
-    Evaluation resizes to S x S (`squash`), the shorter side to S then centre-crops (`shortest`, as
-    open_clip and timm do), or the longer side to S then pads with `background` (`letterbox`); training
-    with `augment` takes a mild random resized crop instead (of the letterboxed square for `letterbox`)."""
+    Evaluation resizes to H x W (`squash`), scales to cover H x W then centre-crops (`shortest`: the shorter
+    side to S for a square, as open_clip and timm do), or scales to fit inside H x W then pads with
+    `background` (`letterbox`); training with `augment` takes a mild random resized crop instead (of the
+    letterboxed frame for `letterbox`), of about the target's aspect ratio."""
     if resize not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
         raise DataError(f"unknown data.resize {resize!r} or data.interpolation {interpolation!r}")
     mode = INTERPOLATIONS[interpolation]
-    letterbox = [Letterbox(image_size, mode, background)] if resize == "letterbox" else []
+    H, W = image_hw(image_size)
+    letterbox = [Letterbox((H, W), mode, background)] if resize == "letterbox" else []
     if train and augment:
         # Mild crops only: a large crop could cut an object out of the scene its caption describes.
-        crop = v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=mode, antialias=True)
+        ratio = (0.9 * W / H, 1.1 * W / H)  # width / height of the crop, around the output's
+        crop = v2.RandomResizedCrop((H, W), scale=(0.8, 1.0), ratio=ratio, interpolation=mode, antialias=True)
         geometry = [*letterbox, crop]
     elif letterbox:
         geometry = letterbox
+    elif resize == "shortest" and H == W:
+        geometry = [v2.Resize(H, interpolation=mode, antialias=True), v2.CenterCrop(H)]  # 0.1.0's square path
     elif resize == "shortest":
-        geometry = [v2.Resize(image_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+        geometry = [CoverResize((H, W), mode), v2.CenterCrop((H, W))]
     else:
-        geometry = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
+        geometry = [v2.Resize((H, W), interpolation=mode, antialias=True)]
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
-class Letterbox(v2.Transform):
-    """Resize the longer side to `size` (aspect ratio kept), then pad to `size` x `size` with `fill`
-    (RGB 0-255), the image centred. Boxes are scaled and shifted with it."""
+class CoverResize(v2.Transform):
+    """Resize, aspect ratio kept, to the smallest size that covers `size` = (H, W) (before a centre crop)."""
 
-    def __init__(self, size: int, interpolation: v2.InterpolationMode, fill: tuple[int, ...] | list[int] = WHITE):
+    def __init__(self, size: tuple[int, int], interpolation: v2.InterpolationMode):
         super().__init__()
-        self.size, self.interpolation, self.fill = size, interpolation, [int(c) for c in fill]
+        self.size, self.interpolation = size, interpolation
 
     def make_params(self, flat_inputs: list) -> dict:
         h, w = v2.query_size(flat_inputs)
-        scale = self.size / max(h, w)
-        nh, nw = min(self.size, max(1, round(h * scale))), min(self.size, max(1, round(w * scale)))
-        top, left = (self.size - nh) // 2, (self.size - nw) // 2
-        return {"hw": (nh, nw), "pad": [left, top, self.size - nw - left, self.size - nh - top]}
+        scale = max(self.size[0] / h, self.size[1] / w)
+        return {"hw": [max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale))]}
+
+    def transform(self, inpt, params: dict):
+        return TF.resize(inpt, params["hw"], interpolation=self.interpolation, antialias=True)
+
+
+class Letterbox(v2.Transform):
+    """Resize to fit inside `size` (a side, or (H, W)) with the aspect ratio kept, then pad to it with `fill`
+    (RGB 0-255), the image centred. Boxes are scaled and shifted with it."""
+
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        interpolation: v2.InterpolationMode,
+        fill: tuple[int, ...] | list[int] = WHITE,
+    ):
+        super().__init__()
+        self.size, self.interpolation, self.fill = image_hw(size), interpolation, [int(c) for c in fill]
+
+    def make_params(self, flat_inputs: list) -> dict:
+        h, w = v2.query_size(flat_inputs)
+        H, W = self.size
+        scale = min(H / h, W / w)  # for a square: side / max(h, w), as before
+        nh, nw = min(H, max(1, round(h * scale))), min(W, max(1, round(w * scale)))
+        top, left = (H - nh) // 2, (W - nw) // 2
+        return {"hw": (nh, nw), "pad": [left, top, W - nw - left, H - nh - top]}
 
     def transform(self, inpt, params: dict):
         out = TF.resize(inpt, list(params["hw"]), interpolation=self.interpolation, antialias=True)
@@ -158,11 +187,12 @@ def preprocess_kwargs(data_cfg) -> dict:
 def describe_transform(data_cfg) -> str:
     """One line saying what `transform_from_config(data_cfg, ...)` does, for the run header."""
     kw = {**DEFAULT_PREPROCESS, **preprocess_kwargs(data_cfg)}
-    side = data_cfg.image_size
-    train = f"random resized crop (scale 0.8-1, ratio 0.9-1.1) to {side}x{side}" if data_cfg.augment else "as eval"
+    H, W = image_hw(data_cfg.image_size)
+    side = f"{H}x{W}"
+    train = f"random resized crop (scale 0.8-1, ratio 0.9-1.1) to {side}" if data_cfg.augment else "as eval"
     mean, std = tuple(round(v, 4) for v in kw["mean"]), tuple(round(v, 4) for v in kw["std"])
     return (
-        f"RGB, {kw['resize']} resize to {side}x{side} ({kw['interpolation']}), mean {mean} / std {std};"
+        f"RGB, {kw['resize']} resize to {side} ({kw['interpolation']}), mean {mean} / std {std};"
         f" transparency on {tuple(kw['background'])}, EXIF orientation applied; train: {train}, no flips"
     )
 

@@ -30,21 +30,39 @@ def lr_scales(module: nn.Module, layer_decay: float) -> dict[str, float]:
     return {prefix + name: layer_decay ** (top - d) for name, (d, top) in model.layer_depths().items()}
 
 
+def tower_lrs(module: nn.Module, cfg: TrainConfig) -> dict[str, float]:
+    """Parameter name -> lr for the parameters whose lr is not train.lr: the towers' (the names the model's
+    `layer_depths()` lists) get (train.tower_lr or train.lr) * layer_decay ** (n - d); see lr_scales.
+
+    Raises:
+        ConfigError: as lr_scales; or train.tower_lr is set for a model that does not describe its towers.
+    """
+    if cfg.tower_lr == 0:
+        return {name: cfg.lr * scale for name, scale in lr_scales(module, cfg.layer_decay).items()}
+    model = getattr(module, "model", module)
+    if not hasattr(model, "layer_depths"):
+        raise ConfigError(f"train.tower_lr: {type(model).__name__} has no pretrained towers (vse_pretrained, clip do)")
+    scales = lr_scales(module, cfg.layer_decay) or {
+        ("model." if model is not module else "") + name: 1.0 for name in model.layer_depths()
+    }
+    return {name: cfg.tower_lr * scale for name, scale in scales.items()}
+
+
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """adam | adamw | sgd. No weight decay on biases, norms and temperatures (1-D or scalar params);
-    with train.layer_decay < 1, one group per (decay, lr scale) pair (see lr_scales)."""
-    scales = lr_scales(model, cfg.layer_decay)
+    with train.layer_decay < 1 or train.tower_lr, one more group per (decay, lr) pair (see tower_lrs)."""
+    lrs = tower_lrs(model, cfg)
     grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            grouped.setdefault((p.ndim >= 2, scales.get(name, 1.0)), []).append(p)
+            grouped.setdefault((p.ndim >= 2, lrs.get(name, cfg.lr)), []).append(p)
     groups = [
-        {"params": grouped.get((True, 1.0), []), "weight_decay": cfg.weight_decay},
-        {"params": grouped.get((False, 1.0), []), "weight_decay": 0.0},
+        {"params": grouped.get((True, cfg.lr), []), "weight_decay": cfg.weight_decay},
+        {"params": grouped.get((False, cfg.lr), []), "weight_decay": 0.0},
     ]  # the two groups of a run without layer decay, in this order (checkpoints of optimiser state rely on it)
-    for (decay, scale), params in sorted(grouped.items(), key=lambda kv: (-kv[0][1], not kv[0][0])):
-        if scale != 1.0:
-            groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale})
+    for (decay, lr), params in sorted(grouped.items(), key=lambda kv: (-kv[0][1], not kv[0][0])):
+        if lr != cfg.lr:
+            groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.optimizer == "adamw":

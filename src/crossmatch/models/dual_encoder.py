@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from crossmatch.config import image_hw
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
 from crossmatch.models.registry import build_config, register_model
 
@@ -22,7 +23,7 @@ class DualEncoderConfig:
     pretrained: bool = False  # ImageNet weights for the ResNet towers (needs internet the first time)
     cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN conv widths
     batch_norm: bool = True  # BatchNorm after each SmallCNN conv (SyncBatchNorm under multi-GPU DDP)
-    image_size: int = 64  # input side; fixes the SmallCNN flatten size
+    image_size: int | list[int] = 64  # input side or [H, W]; fixes the SmallCNN flatten size
     word_dim: int = 300  # word embedding width
     text_hidden: int = 1024  # GRU width
     bidirectional: bool = False  # bi-GRU (the two directions are averaged)
@@ -59,7 +60,7 @@ class DualEncoder(JointEmbedding):
         if cfg.image_tower == "cnn":
             # The classic toy setup flattens the whole last map; its size follows from the input side.
             with torch.no_grad():
-                n_flat = self.image_tower(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).numel()
+                n_flat = self.image_tower(torch.zeros(1, 3, *image_hw(cfg.image_size))).numel()
             self.image_pool = nn.Flatten(1)
         else:
             n_flat = self.image_tower.out_channels

@@ -99,11 +99,12 @@ def feature_map_to_regions(fmap: Tensor) -> Tensor:
     return fmap.flatten(2).transpose(1, 2)
 
 
-def pool_boxes(fmap: Tensor, boxes: Tensor, image_size: int, out: int = 2) -> Tensor:
+def pool_boxes(fmap: Tensor, boxes: Tensor, image_size: int | tuple[int, int] | list[int], out: int = 2) -> Tensor:
     """Bilinear box pooling (RoIAlign-like) with `affine_grid` + `grid_sample`.
 
     Args:
-        fmap: (B, C, h, w) feature map of images of side `image_size`.
+        fmap: (B, C, h, w) feature map of images of `image_size`: a side S, or (H, W) for non-square inputs
+            (x is scaled by W, y by H).
         boxes: (B, K, 4) boxes as (x0, y0, x1, y1) in pixels of the input image.
         out: each box is sampled on an (out x out) grid and averaged.
     Returns:
@@ -111,7 +112,9 @@ def pool_boxes(fmap: Tensor, boxes: Tensor, image_size: int, out: int = 2) -> Te
     """
     B, C, h, w = fmap.shape
     K = boxes.shape[1]
-    b = boxes.reshape(B * K, 4) / image_size * 2 - 1  # (B*K, 4) in [-1, 1]
+    H, W = (image_size, image_size) if isinstance(image_size, (int, float)) else image_size
+    frame = boxes.new_tensor([W, H, W, H])  # (4,) the x0, y0, x1, y1 extents
+    b = boxes.reshape(B * K, 4) / frame * 2 - 1  # (B*K, 4) in [-1, 1]
     cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
     sx, sy = (b[:, 2] - b[:, 0]) / 2, (b[:, 3] - b[:, 1]) / 2
     theta = torch.zeros(B * K, 2, 3, device=fmap.device, dtype=fmap.dtype)

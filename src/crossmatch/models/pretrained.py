@@ -15,9 +15,7 @@ Legend: B batch, C channels, h/w feature-map height/width, R regions (h*w), L to
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 
 from crossmatch.errors import ModelError
 from crossmatch.models.dual_encoder import JointEmbedding
+from crossmatch.models.frozen_cache import DiskOutputCache, MemoryOutputCache, input_key, weights_digest
 from crossmatch.models.layers import ResNetTower, l2norm
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.weights import INSTALL_HINT, efficientnet_lite0_file, resolve_text_checkpoint
@@ -49,12 +48,36 @@ def freeze_(module: nn.Module) -> None:
 
 class _FreezableTower(nn.Module):
     """A frozen tower stays in eval mode, so neither its weights nor its BatchNorm statistics or dropout
-    change while the rest of the model trains."""
+    change while the rest of the model trains. A partially frozen tower (its last `unfrozen` blocks train)
+    keeps its frozen part (`frozen_parts()`) in eval mode: frozen BatchNorm statistics do not move and
+    frozen dropout is off, so the frozen part's output depends on its input alone (and can be cached)."""
 
     frozen: bool = False
+    unfrozen: int = 0  # trainable last blocks of a frozen tower (0: all frozen)
 
     def train(self, mode: bool = True) -> _FreezableTower:
-        return super().train(mode and not self.frozen)
+        super().train(mode and (not self.frozen or self.unfrozen > 0))
+        for part in self.frozen_parts() if self.unfrozen else []:
+            part.eval()
+        return self
+
+    def frozen_parts(self) -> list[nn.Module]:
+        """The modules before the first trainable block (the whole tower when all is frozen)."""
+        return [self]
+
+    def _unfreeze_last(self, blocks: list[nn.Module], n: int, what: str) -> None:
+        """Make the last n of `blocks` and every parameter registered after them trainable (the tower's head:
+        EfficientNet's conv_head/bn2, a ViT's final norm); the stem and earlier blocks stay frozen."""
+        if not 0 <= n <= len(blocks):
+            raise ModelError(f"model.{what}={n}: the tower has {len(blocks)} blocks (0 to {len(blocks)})")
+        self.unfrozen = n
+        if n == 0:
+            return
+        first = {id(p) for p in blocks[len(blocks) - n].parameters()}
+        trainable = False
+        for p in self.parameters():
+            trainable = trainable or id(p) in first
+            p.requires_grad_(trainable)
 
 
 class HFTextTower(_FreezableTower):
@@ -65,10 +88,17 @@ class HFTextTower(_FreezableTower):
         freeze: no gradients and eval mode for every weight of the tower.
         pooling: `mean` (average of the real tokens, the sentence-transformers pooling of MiniLM) or `cls`.
         pretrained: load the weights; False builds the same architecture randomly initialised.
+        unfreeze_layers: with `freeze`, the last N encoder layers train (0: all frozen). The embeddings, the
+            earlier layers and the unused pooler stay frozen and in eval mode.
     """
 
     def __init__(
-        self, path_or_name: str = "minilm", freeze: bool = True, pooling: str = "mean", pretrained: bool = True
+        self,
+        path_or_name: str = "minilm",
+        freeze: bool = True,
+        pooling: str = "mean",
+        pretrained: bool = True,
+        unfreeze_layers: int = 0,
     ):
         super().__init__()
         if pooling not in ("mean", "cls"):
@@ -82,18 +112,69 @@ class HFTextTower(_FreezableTower):
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
             self.model = transformers.AutoModel.from_config(config)
         self.pooling, self.out_dim, self.frozen = pooling, self.model.config.hidden_size, freeze
+        if unfreeze_layers and not freeze:
+            raise ModelError("model.unfreeze_text_layers needs model.freeze_text=true (false trains the whole tower)")
         if freeze:
             freeze_(self)
             self.eval()
+            self._unfreeze_last(list(self.layers()), unfreeze_layers, "unfreeze_text_layers")
+            if getattr(self.model, "pooler", None) is not None:
+                freeze_(self.model.pooler)  # registered after the layers, but never used: no gradient
+
+    def layers(self) -> nn.ModuleList:
+        """The encoder layers, input first (BERT's `encoder.layer`)."""
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ModelError(f"text tower {type(self.model).__name__}: no BERT-style encoder.layer list")
+        return layers
+
+    def frozen_parts(self) -> list[nn.Module]:
+        pooler = getattr(self.model, "pooler", None)
+        return [self.model.embeddings, *self.layers()[: self.split()], *([pooler] if pooler is not None else [])]
+
+    def split(self) -> int:
+        """Index of the first trainable layer: run_prefix's output is the input of that layer."""
+        return len(self.layers()) - self.unfrozen
+
+    def _mask(self, hidden: Tensor, mask: Tensor):
+        """The attention mask the layers take, built as BertModel.forward builds it."""
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:  # transformers < 4.53
+            return self.model.get_extended_attention_mask(mask, mask.shape)
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=mask)
+
+    def _run_layers(self, hidden: Tensor, mask: Tensor, layers) -> Tensor:
+        """hidden (B, L, D) through `layers` with the (B, L) attention mask -> (B, L, D)."""
+        attn = self._mask(hidden, mask)
+        for layer in layers:
+            out = layer(hidden, attn)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+        return hidden
+
+    def run_prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The frozen part: embeddings and the layers before `split()` -> (B, L, D) states."""
+        mask = attention_mask.long()  # (B, L)
+        hidden = self.model.embeddings(input_ids=input_ids)  # (B, L, D)
+        return self._run_layers(hidden, mask, self.layers()[: self.split()])
+
+    def run_suffix(self, hidden: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The trainable layers on run_prefix's (B, L, D) states -> token states (B, L, D), sentence (B, D)."""
+        tokens = self._run_layers(hidden, attention_mask.long(), self.layers()[self.split() :])  # (B, L, D)
+        return tokens, self._pool(tokens, attention_mask.long())
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask (B, L) -> token states (B, L, D) and the pooled sentence (B, D)."""
         mask = attention_mask.long()  # (B, L)
         tokens = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+        return tokens, self._pool(tokens, mask)
+
+    def _pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """(B, L, D) token states, (B, L) mask -> (B, D) sentence."""
         if self.pooling == "cls":
-            return tokens, tokens[:, 0]  # (B, D)
+            return tokens[:, 0]  # (B, D)
         m = mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
-        return tokens, (tokens * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, D)
+        return (tokens * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, D)
 
 
 def map_lukemelas_to_timm(
@@ -193,7 +274,9 @@ class ImageTower(_FreezableTower):
     `size` when fixed), the fields of a run's `data` section that `runs.resolve_preprocess` fills.
     """
 
-    def __init__(self, name: str = "efficientnet_lite0", pretrained: bool = True, freeze: bool = True):
+    def __init__(
+        self, name: str = "efficientnet_lite0", pretrained: bool = True, freeze: bool = True, unfreeze_blocks: int = 0
+    ):
         super().__init__()
         self.name, self.frozen = name, freeze
         if name == "efficientnet_lite0":
@@ -212,9 +295,55 @@ class ImageTower(_FreezableTower):
         else:
             self.preprocess = {**TORCHVISION_PREPROCESS, "native_size": 224}
         self.out_dim = self.body.num_features if self.is_timm else self.body.out_channels
+        if unfreeze_blocks and not freeze:
+            raise ModelError("model.unfreeze_image_blocks needs model.freeze_image=true (false trains the whole tower)")
         if freeze:
             freeze_(self)
             self.eval()
+            if unfreeze_blocks:  # (a timm tower without `blocks` stays wholly frozen)
+                self._unfreeze_last(self.blocks(), unfreeze_blocks, "unfreeze_image_blocks")
+
+    def blocks(self) -> list[nn.Module]:
+        """The tower's blocks, input first: EfficientNet's blocks across its stages, a timm ViT's blocks,
+        a ResNet's residual blocks across layer1-4."""
+        if not self.is_timm:
+            return [block for layer in list(self.body.body)[4:] for block in layer]  # after conv1, bn1, relu, pool
+        blocks = getattr(self.body, "blocks", None)
+        if blocks is None:
+            raise ModelError(f"image tower {self.name!r}: no `blocks` to unfreeze")
+        if all(isinstance(stage, nn.Sequential) for stage in blocks):  # EfficientNet / MobileNet stages
+            return [block for stage in blocks for block in stage]
+        return list(blocks)
+
+    def splittable(self) -> bool:
+        """Whether run_prefix / run_suffix exist (EfficientNet-style timm models: conv_stem, blocks, conv_head)."""
+        return self.is_timm and all(hasattr(self.body, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
+
+    def frozen_parts(self) -> list[nn.Module]:
+        blocks = self.blocks()
+        first = blocks[len(blocks) - self.unfrozen]
+        first_name = next(n for n, m in self.named_modules() if m is first)
+        out = []
+        for name, m in self.named_modules():  # registration order: the stem and the earlier blocks come first
+            if m is first:
+                break
+            if name and not first_name.startswith(name + "."):  # not a container of the trainable blocks
+                out.append(m)
+        return out
+
+    def run_prefix(self, image: Tensor) -> Tensor:
+        """The frozen part of a splittable tower: (B, 3, H, W) -> (B, C', h', w'), the input of its first
+        trainable block."""
+        x = self.body.bn1(self.body.conv_stem(image))
+        for block in self.blocks()[: len(self.blocks()) - self.unfrozen]:
+            x = block(x)
+        return x
+
+    def run_suffix(self, x: Tensor) -> Tensor:
+        """The trainable blocks and head on run_prefix's (B, C', h', w') -> pooled (B, C)."""
+        for block in self.blocks()[len(self.blocks()) - self.unfrozen :]:
+            x = block(x)
+        return self.pool(self.body.bn2(self.body.conv_head(x)))
 
     def feature_map(self, image: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, C, h, w)."""
@@ -234,31 +363,7 @@ class ImageTower(_FreezableTower):
         return self.pool(self.feature_map(image))
 
 
-class FrozenOutputCache:
-    """Per-item outputs of a frozen tower, kept in memory and keyed by the SHA-1 of each item's input bytes:
-    an item seen again (the same preprocessed pixels, the same token ids) costs a lookup, not a forward
-    pass. Exact for a frozen tower in eval mode (no dropout, BatchNorm running statistics): an item's output
-    does not depend on the rest of its batch. Useful only when the input is not augmented (data.augment
-    false); at most `max_items` are kept (then items are computed as without a cache)."""
-
-    def __init__(self, max_items: int = 50_000):
-        self.store: dict[bytes, Tensor] = {}
-        self.max_items, self.hits, self.misses = max_items, 0, 0
-
-    def __call__(self, keys: list[bytes], compute: Callable[[list[int]], Tensor]) -> Tensor:
-        """keys: one per item of the batch; compute(indices) -> (len(indices), ...) outputs of those items.
-        Returns the (B, ...) outputs of every item."""
-        missing = [i for i, k in enumerate(keys) if k not in self.store]
-        fresh = dict(zip(missing, compute(missing).detach(), strict=True)) if missing else {}
-        for i, out in fresh.items():
-            if len(self.store) < self.max_items:
-                self.store[keys[i]] = out
-        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
-        return torch.stack([fresh[i] if i in fresh else self.store[k] for i, k in enumerate(keys)])
-
-
-def _sha1(t: Tensor) -> bytes:
-    return hashlib.sha1(t.detach().contiguous().cpu().numpy().tobytes()).digest()
+FrozenOutputCache = MemoryOutputCache  # its name before the disk cache
 
 
 @dataclass
@@ -271,17 +376,27 @@ class PretrainedDualConfig:
     freeze_image: bool = True  # keep the image tower fixed
     embed_dim: int = 512  # joint embedding width E
     vocab_size: int = 0  # set at build time from the tokenizer; must be the text tower's (0: unchecked)
-    cache_frozen: bool = False  # keep frozen towers' per-item outputs in memory (worth it with data.augment=false)
+    cache_frozen: bool = False  # compute the frozen towers' (or frozen first blocks') per-item outputs once
+    cache_dir: str = ""  # folder of the float16 disk cache; "": <run dir>/frozen_cache when training, else in memory
+    unfreeze_image_blocks: int = 0  # with freeze_image: the last N image blocks (and the head after them) train
+    unfreeze_text_layers: int = 0  # with freeze_text: the last N encoder layers of the text tower train
 
 
 class PretrainedDualEncoder(JointEmbedding):
-    """Pretrained image and text towers + linear projections to l2-normalised (B, E); score = cosine."""
+    """Pretrained image and text towers + linear projections to l2-normalised (B, E); score = cosine.
+
+    With `cache_frozen`, what is frozen is computed once per item: a frozen tower's pooled output, or the
+    input of the first trainable block of a partially unfrozen one (EfficientNet-style image towers; BERT
+    text towers: the real tokens' states), so later epochs run only the trainable blocks and projections.
+    """
 
     def __init__(self, cfg: PretrainedDualConfig):
         super().__init__()
         self.config = cfg
-        self.image_tower = ImageTower(cfg.image_tower, cfg.pretrained, cfg.freeze_image)
-        self.text_tower = HFTextTower(cfg.text_tower, cfg.freeze_text, cfg.text_pooling, cfg.pretrained)
+        self.image_tower = ImageTower(cfg.image_tower, cfg.pretrained, cfg.freeze_image, cfg.unfreeze_image_blocks)
+        self.text_tower = HFTextTower(
+            cfg.text_tower, cfg.freeze_text, cfg.text_pooling, cfg.pretrained, cfg.unfreeze_text_layers
+        )
         tower_vocab = self.text_tower.model.config.vocab_size
         if cfg.vocab_size and cfg.vocab_size != tower_vocab:
             raise ModelError(
@@ -291,25 +406,86 @@ class PretrainedDualEncoder(JointEmbedding):
         self.preprocess = self.image_tower.preprocess  # the image tower's: filled into data.* by resolve_preprocess
         self.image_proj = nn.Linear(self.image_tower.out_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim)
-        self.image_cache, self.text_cache = FrozenOutputCache(), FrozenOutputCache()  # used with cache_frozen
+        self.image_cache, self.text_cache = MemoryOutputCache(), MemoryOutputCache()  # used with cache_frozen
+        self.cache_images = True  # False when the image input is augmented (runs.build_trainer)
+        self._disk_root = cfg.cache_dir
+        if cfg.cache_dir:  # a named folder: on disk wherever the model runs (opened on first use)
+            self.image_cache = self.text_cache = None
+
+    def use_cache_dir(self, folder: str | Path, cache_images: bool = True) -> None:
+        """Keep the frozen outputs in float16 files under `folder` (a run's frozen_cache/) unless the config
+        names its own model.cache_dir; `cache_images=False` when the training images are augmented."""
+        self._disk_root, self.cache_images = self.config.cache_dir or str(folder), cache_images
+        self.image_cache = self.text_cache = None  # opened on first use, once the weights are final
+
+    def _cache(self, which: str):
+        """The image or text cache, opening a disk cache for the tower's frozen part on first use."""
+        cache = getattr(self, f"{which}_cache")
+        if cache is None:
+            tower = self.image_tower if which == "image" else self.text_tower
+            name = self.config.image_tower if which == "image" else self.config.text_tower
+            parts = tower.frozen_parts() if tower.unfrozen else [tower]
+            fingerprint = {"tower": f"{type(tower).__name__}:{name}", "unfrozen": tower.unfrozen}
+            fingerprint["weights"] = weights_digest(parts)
+            fingerprint["pooling"] = getattr(tower, "pooling", "")
+            cache = DiskOutputCache(Path(self._disk_root) / which, fingerprint)
+            setattr(self, f"{which}_cache", cache)
+        return cache
 
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E)} l2-normalised."""
-        image = batch["image"]  # (B, 3, H, W)
-        if self.config.cache_frozen and self.image_tower.frozen:
-            pooled = self.image_cache([_sha1(x) for x in image], lambda rows: self.image_tower(image[rows]))  # (B, C)
+        image, tower = batch["image"], self.image_tower  # (B, 3, H, W)
+        cached = self.config.cache_frozen and self.cache_images and tower.frozen
+        if cached and not tower.unfrozen:
+            pooled = self._cache("image")([input_key(x) for x in image], lambda rows: tower(image[rows]))  # (B, C)
+        elif cached and tower.splittable():
+            keys = [input_key(x) for x in image]
+            x = self._cache("image")(keys, lambda rows: tower.run_prefix(image[rows]))  # (B, C', h', w')
+            pooled = tower.run_suffix(x.to(image.device, image.dtype))  # (B, C)
         else:
-            pooled = self.image_tower(image)  # (B, C)
-        return {"embed": l2norm(self.image_proj(pooled))}  # (B, E)
+            pooled = tower(image)  # (B, C)
+        return {"embed": l2norm(self.image_proj(pooled.to(image.device)))}  # (B, E)
 
     def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
-        if not (self.config.cache_frozen and self.text_tower.frozen):
+        tower = self.text_tower
+        if not (self.config.cache_frozen and tower.frozen):
             return super().encode_text(batch)
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, L) each
-        keys = [_sha1(row[m.bool()]) for row, m in zip(ids, mask, strict=True)]  # the real tokens only
-        sentence = self.text_cache(keys, lambda rows: self.text_tower(ids[rows], mask[rows])[1])  # (B, D)
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()  # (B, L) each
+        keys = [input_key(row[m]) for row, m in zip(ids, mask, strict=True)]  # the real tokens only
+        if not tower.unfrozen:
+            sentence = self._cache("text")(keys, lambda rows: tower(ids[rows], mask[rows])[1])  # (B, D)
+            return {"embed": l2norm(self.text_proj(sentence.to(ids.device)))}  # (B, E)
+
+        def prefix(rows: list[int]) -> list[Tensor]:  # the real tokens' states of each caption: (n_i, D)
+            states = tower.run_prefix(ids[rows], mask[rows])  # (b, L, D)
+            return [s[m] for s, m in zip(states, mask[rows], strict=True)]
+
+        B, L = ids.shape
+        hidden = torch.zeros(B, L, tower.out_dim, device=ids.device)  # (B, L, D); padded positions are masked
+        for b, row in enumerate(self._cache("text").rows(keys, prefix)):
+            hidden[b, mask[b]] = row.to(hidden.device, hidden.dtype)
+        sentence = tower.run_suffix(hidden, mask)[1]  # (B, D)
         return {"embed": l2norm(self.text_proj(sentence))}  # (B, E)
+
+    def layer_depths(self) -> dict[str, tuple[int, int]]:
+        """Tower parameter name -> (depth, tower depth) for layer-wise lr decay (engine/optim.py): a tower of
+        n blocks has its stem / embeddings at 0, block i at i + 1 and what follows the blocks (EfficientNet's
+        conv_head, a ViT's final norm) at n + 1, the top (lr * layer_decay ** 0). Only the towers: the
+        projections are not listed (they train at train.lr)."""
+        out = {}
+        for prefix, tower, blocks in (
+            ("image_tower.", self.image_tower, self.image_tower.blocks()),
+            ("text_tower.", self.text_tower, list(self.text_tower.layers())),
+        ):
+            top = len(blocks) + 1
+            depth_of = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
+            seen_blocks = False
+            for name, p in tower.named_parameters():
+                d = depth_of.get(id(p))
+                seen_blocks = seen_blocks or d is not None
+                out[prefix + name] = (d if d is not None else (top if seen_blocks else 0), top)
+        return out
 
     # similarity and forward come from JointEmbedding.
 

@@ -53,7 +53,7 @@ class ScanConfig:
     pretrained: bool = False  # ImageNet weights for the ResNet towers (needs internet the first time)
     cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN conv widths
     batch_norm: bool = True  # BatchNorm after each SmallCNN conv
-    image_size: int = 64  # input side (set from data.image_size); unused by precomputed regions
+    image_size: int | list[int] = 64  # input side or [H, W] (from data.image_size); unused by precomputed regions
     feature_dim: int = 2048  # precomputed: width of the stored region features (bottom-up attention: 2048)
     n_boxes: int = 3  # boxes: object-box slots per image (R = 1 + n_boxes); the shapes data has 1-3 objects
     embed_dim: int = 1024  # joint width E of regions and words
@@ -120,11 +120,12 @@ class ScanModel(nn.Module):
         """The (B, 1 + n_boxes, 4) xyxy pixel boxes of box regions: the whole image, then the first
         n_boxes real boxes of `batch["boxes"]` (mask `batch["box_mask"]`), empty slots filled by coarse
         grid cells. Works without "boxes" in the batch (every slot is then a grid cell)."""
-        image = batch["image"]  # (B, 3, S, S)
-        B, S, n = image.shape[0], float(image.shape[-1]), self.config.n_boxes
+        image = batch["image"]  # (B, 3, H, W)
+        B, n = image.shape[0], self.config.n_boxes
+        H, W = float(image.shape[-2]), float(image.shape[-1])
         g = math.ceil(math.sqrt(n))
-        step = S / g
-        cells = [[c * step, r * step, (c + 1) * step, (r + 1) * step] for r in range(g) for c in range(g)][:n]
+        sy, sx = H / g, W / g  # a g x g grid of cells over the (possibly non-square) image
+        cells = [[c * sx, r * sy, (c + 1) * sx, (r + 1) * sy] for r in range(g) for c in range(g)][:n]
         slots = torch.tensor(cells, dtype=image.dtype, device=image.device).expand(B, n, 4).clone()  # (B, n, 4)
         boxes = batch.get("boxes")
         if boxes is not None and boxes.shape[1] > 0:
@@ -132,19 +133,19 @@ class ScanModel(nn.Module):
             real = batch.get("box_mask")
             real = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device) if real is None else real
             slots[:, :k] = torch.where(real[:, :k, None], boxes[:, :k].to(slots), slots[:, :k])  # (B, k, 4)
-        whole = torch.tensor([0.0, 0.0, S, S], dtype=image.dtype, device=image.device).expand(B, 1, 4)
+        whole = torch.tensor([0.0, 0.0, W, H], dtype=image.dtype, device=image.device).expand(B, 1, 4)
         return torch.cat([whole, slots], dim=1)  # (B, 1 + n, 4)
 
     def region_features(self, batch: dict[str, Tensor]) -> Tensor:
         """Region features before the projection: (B, R, C) (C = feature_dim for precomputed regions)."""
         if self.config.regions == "precomputed":
             return batch["image"]  # (B, R, feature_dim)
-        image = batch["image"]  # (B, 3, S, S)
+        image = batch["image"]  # (B, 3, H, W)
         fmap = self.image_tower(image)  # (B, C, h, w)
         if self.config.regions == "grid":
             return feature_map_to_regions(fmap)  # (B, h*w, C)
         boxes = self.region_boxes(batch)  # (B, 1 + n, 4)
-        pooled = pool_boxes(fmap, boxes[:, 1:], image.shape[-1])  # (B, n, C)
+        pooled = pool_boxes(fmap, boxes[:, 1:], tuple(image.shape[-2:]))  # (B, n, C)
         return torch.cat([fmap.mean((2, 3))[:, None], pooled], dim=1)  # (B, 1 + n, C): whole image first
 
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -207,11 +208,14 @@ class ScanModel(nn.Module):
 
     def region_layout(self, batch: dict[str, Tensor]) -> tuple[int, int] | Tensor | None:
         """Where the regions of `batch["image"]` lie, for drawing: (h, w) of the grid (cells in row-major
-        order), (B, R, 4) xyxy boxes as fractions of the image side, or None for precomputed features."""
+        order), (B, R, 4) xyxy boxes as fractions of the image's width (x) and height (y), or None for
+        precomputed features."""
         if self.config.regions == "precomputed":
             return None
         if self.config.regions == "boxes":
-            return self.region_boxes(batch) / batch["image"].shape[-1]  # (B, R, 4)
+            H, W = batch["image"].shape[-2:]
+            boxes = self.region_boxes(batch)  # (B, R, 4) pixels
+            return boxes / boxes.new_tensor([W, H, W, H])  # (B, R, 4) fractions
         with torch.no_grad():
             h, w = self.image_tower(batch["image"][:1]).shape[-2:]
         return int(h), int(w)

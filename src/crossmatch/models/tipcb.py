@@ -35,7 +35,7 @@ class TipcbConfig:
     image_tower: str = "resnet50"  # cnn | resnet18 | resnet50 (TIPCB: ResNet-50)
     pretrained: bool = False  # ImageNet weights for the ResNet towers (needs internet the first time)
     cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN conv widths (image_tower=cnn)
-    image_size: int = 224  # input side it is trained at (informational: the stripes pool any map size)
+    image_size: int | list[int] = 224  # input side or [H, W] it is trained at (informational: stripes pool any map)
     word_dim: int = 300  # word embedding width
     text_hidden: int = 1024  # bi-GRU width D (the two directions are averaged)
     embed_dim: int = 1024  # joint embedding width E (TIPCB: 2048)

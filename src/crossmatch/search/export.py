@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from crossmatch.config import image_hw
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.tokenizer import PAD_ID, SPECIAL_TOKENS, UNK_ID, CaptionTokenizer
 from crossmatch.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -159,7 +160,7 @@ def _tensor_outputs(out: dict[str, Any]) -> list[str]:
 def probe(model: nn.Module, image_size: int, vocab_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """encode_image / encode_text outputs on a tiny batch, to see what the model returns."""
     with torch.no_grad():
-        img = model.encode_image({"image": torch.zeros(2, 3, image_size, image_size)})
+        img = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size))})
         ids, mask = _example_text(vocab_size, 2, 2, seed=0)
         txt = model.encode_text({"input_ids": ids, "attention_mask": mask > 0})
     return img, txt
@@ -215,7 +216,7 @@ def output_shapes(model: nn.Module, image_size: int, vocab_size: int, max_len: i
     with torch.no_grad():
         for B, L in ((2, max(1, max_len - 1)), (3, max_len)):
             ids, mask = _example_text(vocab_size, B, L, seed=0)
-            img = model.encode_image({"image": torch.zeros(B, 3, image_size, image_size)})
+            img = model.encode_image({"image": torch.zeros(B, 3, *image_hw(image_size))})
             runs.append((L, {"image": img, "text": model.encode_text({"input_ids": ids, "attention_mask": mask > 0})}))
     (L0, first), (_, second) = runs
     shapes: dict[str, dict[str, dict]] = {"image": {}, "text": {}}
@@ -266,7 +267,7 @@ def verify_parity(
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for B, L in ((1, 1), (5, tok["max_len"])):
-            image = torch.randn(B, 3, image_size, image_size, generator=g)  # (B, 3, S, S)
+            image = torch.randn(B, 3, *image_hw(image_size), generator=g)  # (B, 3, S, S)
             ref = _ImageGraph(model, keys["image"])(image)
             got = img_sess.run(keys["image"], {"image": image.numpy()})
             worst["image"] = max(worst["image"], _max_diff(got, ref, keys["image"], None))
@@ -320,7 +321,7 @@ def manifest(
         ),
         "image_encoder": {
             "file": files["image"],
-            "inputs": {"image": {"shape": ["batch", 3, image_size, image_size], "dtype": "float32"}},
+            "inputs": {"image": {"shape": ["batch", 3, *image_hw(image_size)], "dtype": "float32"}},
             "outputs": {k: shapes["image"][k] for k in keys["image"]},
         },
         "text_encoder": {
@@ -333,7 +334,7 @@ def manifest(
         },
         "preprocessing": {
             "color": "RGB",
-            "resize": [image_size, image_size],
+            "resize": list(image_hw(image_size)),
             "resize_mode": f"{pp['interpolation']} with antialias, {RESIZE_MODES.get(pp['resize'], pp['resize'])}",
             "scale": 1 / 255,
             "mean": list(pp["mean"]),
@@ -394,7 +395,7 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     graph_model = onnx_friendly(model)
     ids, mask = _example_text(vocab, 3, min(7, max_len), seed=0)  # B, L > 1: size-1 examples would stay static
-    image = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    image = torch.randn(2, 3, *image_hw(image_size), generator=torch.Generator().manual_seed(0))
     names = {"inputs": ["image"], "outputs": keys["image"]}
     _export_graph(_ImageGraph(graph_model, keys["image"]), (image,), out_dir / files["image"], names, opset)
     names = {"inputs": ["input_ids", "attention_mask"], "outputs": keys["text"]}

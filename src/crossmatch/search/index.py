@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from crossmatch.config import image_hw
 from crossmatch.data.loaders import build_eval_loader, pad_sequences
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, build_image_transform, load_image
 from crossmatch.engine.sharding import PARTS, batch_aligned_range, part_dir, write_npy_concat
@@ -76,7 +77,7 @@ def list_images(image_dir: str | Path) -> list[Path]:
 def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | torch.device = "cpu") -> int:
     """E of a single-vector model (in eval mode), checked on two blank images; other models are a ModelError."""
     with torch.no_grad():
-        out = model.encode_image({"image": torch.zeros(2, 3, image_size, image_size, device=device)})
+        out = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
     if set(out) != {"embed"} or out["embed"].ndim != 2:
         shapes = {k: tuple(v.shape) for k, v in out.items()}
         raise ModelError(
