@@ -41,8 +41,9 @@ from crossmatch.models.bert import (
     pooler_map,
     read_checkpoint,
 )
+from crossmatch.models.frozen_cache import MemoryOutputCache, input_key
 from crossmatch.models.layers import feature_map_to_regions, l2norm
-from crossmatch.models.pretrained import FrozenOutputCache, ImageTower, _sha1
+from crossmatch.models.pretrained import ImageTower
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import ImageEmbedding, PatchEmbed
 from crossmatch.models.vilt import ViLT
@@ -57,7 +58,7 @@ class TowerFeatures(nn.Module):
     def __init__(self, name: str, pretrained: bool, freeze: bool, cache: bool = False):
         super().__init__()
         self.tower = ImageTower(name, pretrained, freeze)
-        self.cache = FrozenOutputCache() if cache and freeze else None
+        self.cache = MemoryOutputCache() if cache and freeze else None
         self._last: tuple[Tensor, Tensor] | None = None
 
     def spatial(self, image: Tensor) -> Tensor:
@@ -81,7 +82,7 @@ class TowerFeatures(nn.Module):
             return self._last[1]
         with torch.no_grad():
             if self.cache is not None:
-                out = self.cache([_sha1(x) for x in image], lambda rows: self.spatial(image[rows]))
+                out = self.cache([input_key(x) for x in image], lambda rows: self.spatial(image[rows]))
             else:
                 out = self.spatial(image)  # (B, C, h, w) or (B, N, C)
         self._last = (image, out)

@@ -363,9 +363,6 @@ class ImageTower(_FreezableTower):
         return self.pool(self.feature_map(image))
 
 
-FrozenOutputCache = MemoryOutputCache  # its name before the disk cache
-
-
 @dataclass
 class PretrainedDualConfig:
     text_tower: str = "minilm"  # checkpoint folder, packaged name (minilm) or hub id of a BERT-family model
