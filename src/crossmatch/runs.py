@@ -244,11 +244,17 @@ def build_trainer(
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = transform_from_config(cfg.data, train=True)
     pin = dist.device.type == "cuda"
+    K = cfg.loss.text_negatives
+    if K and not task.uses_text_negatives:
+        raise ConfigError(f"loss.text_negatives={K}: the {type(task).__name__} objective takes no text negatives")
+    if K and getattr(train_ds, "streaming", False):
+        raise ConfigError(f"loss.text_negatives={K} needs an indexed dataset (not data.format={cfg.data.format})")
     if getattr(train_ds, "streaming", False):  # webdataset shards: a resumable stream, not an indexed split
         loader = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model))
         n_pairs = train_ds.num_pairs
     else:
-        pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
+        skip_bad = cfg.data.max_bad_samples > 0
+        pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=skip_bad, text_negatives=K)
         loader = build_train_loader(
             pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size, pin
         )
@@ -269,6 +275,7 @@ def build_trainer(
         transform_from_config(cfg.data, train=False),
         needs_boxes(model),
         skip_bad=cfg.data.max_bad_samples > 0,
+        text_negatives=K,  # the validation loss is the training loss, negatives included
     )
     val_loader = build_train_loader(
         val_pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size
