@@ -69,8 +69,8 @@ CANONICAL = {
     "size": {c: ws[0] for c, ws in _SIZE_CLASSES.items()},
 }
 
-# Relation phrase -> its opposite (None: no clear opposite, swap only). Longest phrases match first.
-RELATIONS: dict[str, str | None] = {
+# Relation phrase -> its opposite. Longest phrases match first.
+RELATIONS: dict[str, str] = {
     "left of": "right of",
     "right of": "left of",
     "to the left of": "to the right of",
@@ -95,8 +95,7 @@ RELATIONS: dict[str, str | None] = {
     "smaller than": "bigger than",
     "taller than": "shorter than",
     "shorter than": "taller than",
-    "on": None,
-}
+}  # no bare "on": "a play on the name", "two squares on the first move" relate no two objects
 _REL_TOKENS = sorted((tuple(p.split()) for p in RELATIONS), key=len, reverse=True)
 DETERMINERS = set("a an the one two three four five some several many another this that these those".split())
 _PLURAL_DETS = {"two", "three", "four", "five", "some", "several", "many", "these", "those"}
@@ -125,6 +124,10 @@ _LOWERCASE_FIRST = DETERMINERS | LINKERS | FUNCTION_WORDS | set(ATTRIBUTES["colo
 _TOKEN = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*|\d+|\s+|[^\w\s]|_")
 
 
+def _is_attribute(word: str) -> bool:
+    return any(word in lex for lex in ATTRIBUTES.values())
+
+
 @dataclass
 class _Mention:
     start: int  # token range [start, end) of the noun phrase, determiner included
@@ -146,7 +149,8 @@ class _Parse:
         self.tokens = _TOKEN.findall(caption)
         self.capital = bool(self.tokens) and self.tokens[0][:1].isupper()
         words = [i for i, t in enumerate(self.tokens) if not t.isspace()]
-        if words and self.tokens[words[0]].lower() in _LOWERCASE_FIRST and self.tokens[words[0]][1:].islower():
+        first = self.tokens[words[0]] if words else ""
+        if first.lower() in _LOWERCASE_FIRST and first == first.capitalize():
             self.tokens[words[0]] = self.tokens[words[0]].lower()  # "A red ..." -> "a red ...": may move inside
         self.lc = [t.lower() for t in self.tokens]
         self.words = words  # token indices of the non-space tokens
@@ -203,6 +207,9 @@ class _Parse:
 
     def _add_mention(self, start: int, end: int, span: range, definite: bool) -> None:
         head = self.lc[self.words[span[-1]]]
+        after = [self.lc[self.words[w]] for w in range(end, min(end + 2, len(self.words)))]
+        if _is_attribute(head) and len(after) == 2 and after[0] in ("and", "or", ",") and _is_attribute(after[1]):
+            self.ambiguous = True  # "a red and white flower": coordinated attributes, not an object named "red"
         if head in NON_OBJECT_HEADS:
             return
         attrs: dict[str, list[int]] = {}
@@ -351,8 +358,6 @@ def _flip_relation(p: _Parse) -> list[str]:
         if p.entity_key(p.mentions[a].entity) == p.entity_key(p.mentions[b].entity):
             continue  # "a circle above a circle" says what "a circle below a circle" says
         flipped = RELATIONS[" ".join(p.lc[i] for i in range(s, e) if not p.lc[i].isspace())]
-        if flipped is None:
-            continue
         out.append(p.render(p.tokens[:s] + [_match_case(flipped, p.tokens[s])] + p.tokens[e:]))
     return out
 
