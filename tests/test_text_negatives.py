@@ -129,6 +129,46 @@ def test_itc_without_negatives_is_bitwise_what_it_was():
     assert torch.equal(ItcLoss()(img, txt, ids, torch.tensor(0.2)), ref_itc)
 
 
+def test_siglip_without_negatives_is_bitwise_what_it_was():
+    img, txt, ids = unit(4, 8, seed=8).float(), unit(4, 8, seed=9).float(), torch.tensor([0, 1, 1, 2])
+    t, b = torch.tensor(4.0), torch.tensor(-1.0)
+    logits = t * img @ txt.t() + b
+    sign = 2.0 * (ids[:, None] == ids[None, :]).float() - 1.0
+    assert torch.equal(SigLipLoss()(img, txt, ids, t, b), -F.logsigmoid(sign * logits).sum() / 4)
+
+
+def test_vilt_without_negatives_is_bitwise_its_old_objective():
+    """ViLT's step was restructured for text negatives: without them it must compute what it did before."""
+    from crossmatch.losses.itm import sample_random_negatives
+    from crossmatch.tensors import slice_features
+
+    torch.manual_seed(0)
+    model = vilt.tiny_vilt(vocab_size=VOCAB).eval()
+    task = build_task(model, LossConfig())
+    batch = make_batch([0, 1, 1, 2, 3])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        got, _ = task.training_step(batch)
+    torch.manual_seed(5)
+    with torch.no_grad():  # the objective as it was written before text negatives
+        cfg, idx, m = task.cfg, batch["image_idx"], model
+        img, txt = m.encode_image(batch), m.encode_text(batch)
+        neg, valid = sample_random_negatives(idx, cfg.n_negatives)
+        B, K = 5, neg.shape[1]
+        txt_rows = torch.cat([torch.arange(B)[:, None], neg], 1)
+        img_rows = torch.arange(B)[:, None].expand(B, 1 + K)
+        logits = m.itm_logits(slice_features(img, img_rows.flatten()), slice_features(txt, txt_rows.flatten()))
+        logits = logits.view(B, 1 + K, 2)
+        ok = torch.cat([valid.new_ones(B, 1), valid], 1)
+        scores = logits[..., 1].masked_fill(~ok, float("-inf"))
+        rank = F.cross_entropy(scores, scores.new_zeros(B, dtype=torch.long))
+        itm = task.itm(logits[:, 0], logits[:, 1:2][valid[:, :1]])
+        itc = task.itc(img["embed"], txt["embed"], idx, m.temp)
+    assert (
+        torch.equal(got["rank_loss"], rank) and torch.equal(got["itm_loss"], itm) and torch.equal(got["itc_loss"], itc)
+    )
+
+
 def test_siglip_text_negatives_are_negative_pairs():
     img, txt, neg = unit(3, 8, seed=5), unit(3, 8, seed=6), unit(3, 2, 8, seed=7)
     ids, valid = torch.tensor([0, 1, 2]), torch.tensor([[1, 0], [1, 1], [0, 0]], dtype=torch.bool)
