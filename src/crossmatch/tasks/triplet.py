@@ -50,5 +50,7 @@ class TripletTask(Task):
             img, txt = gather_features(img, self.world_size), gather_features(txt, self.world_size)
         image_idx = gather_features({"i": batch["image_idx"]}, self.world_size)["i"]  # (B_global,)
         scores = self.model.similarity(img, txt)  # (B_global, B_global)
-        loss = self.loss(scores, image_idx, neg_scores, neg_valid)
+        loss = (
+            self.loss(scores, image_idx) if neg_scores is None else self.loss(scores, image_idx, neg_scores, neg_valid)
+        )
         return {"triplet_loss": loss}, {"hardest": float(self.loss.max_violation)}
