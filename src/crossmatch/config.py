@@ -97,6 +97,10 @@ class LossConfig:
     margin: float = 0.2  # hinge margin (VSE++, SCAN)
     max_violation: bool = True  # hardest negative in the batch instead of the sum over negatives
     warmup_epochs: int = 0  # epochs with the sum of violations before switching to hardest negatives
+    # K perturbed captions per pair as extra negatives (hinge: image -> negative caption; ITC: extra i2t
+    # columns; ALBEF/ViLT: ITM pairs labelled 0), from the dataset's exact negatives or the rule-based
+    # perturber (crossmatch.data.negatives); 0: off
+    text_negatives: int = 0
     albef: AlbefLossConfig = field(default_factory=AlbefLossConfig)
     vilt: ViltLossConfig = field(default_factory=ViltLossConfig)
     identity: IdentityLossConfig = field(default_factory=IdentityLossConfig)
@@ -311,6 +315,7 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
             ("train.accum_steps", t.accum_steps, t.accum_steps >= 1, "must be at least 1"),
             ("loss.margin", cfg.loss.margin, math.isfinite(cfg.loss.margin), "must be a finite number"),
             ("loss.warmup_epochs", cfg.loss.warmup_epochs, cfg.loss.warmup_epochs >= 0, "must be >= 0"),
+            ("loss.text_negatives", cfg.loss.text_negatives, cfg.loss.text_negatives >= 0, "must be >= 0"),
             ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),
             ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, "must be >= 0"),
         ]

@@ -304,13 +304,19 @@ def build_trainer(
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
     transform = transform_from_config(cfg.data, train=True)
     pin = dist.device.type == "cuda"
+    K = cfg.loss.text_negatives
+    if K and not task.uses_text_negatives:
+        raise ConfigError(f"loss.text_negatives={K}: the {type(task).__name__} objective takes no text negatives")
+    if K and getattr(train_ds, "streaming", False):
+        raise ConfigError(f"loss.text_negatives={K} needs an indexed dataset (not data.format={cfg.data.format})")
     if getattr(train_ds, "streaming", False):  # webdataset shards: a resumable stream, not an indexed split
         if cfg.data.hard_batches:
             raise ConfigError("data.hard_batches needs an indexed train split, not a stream of webdataset shards")
         loader = build_stream_loader(cfg, train_ds, tokenizer, transform, dist, needs_boxes(model))
         n_pairs = train_ds.num_pairs
     else:
-        pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=cfg.data.max_bad_samples > 0)
+        skip_bad = cfg.data.max_bad_samples > 0
+        pairs = PairView(train_ds, tokenizer, transform, needs_boxes(model), skip_bad=skip_bad, text_negatives=K)
         sampler = None
         if cfg.data.hard_batches:  # confusable pairs in the same batch
             keys = item_keys(train_ds)
@@ -335,6 +341,7 @@ def build_trainer(
         transform_from_config(cfg.data, train=False),
         needs_boxes(model),
         skip_bad=cfg.data.max_bad_samples > 0,
+        text_negatives=K,  # the validation loss is the training loss, negatives included
     )
     val_loader = build_train_loader(
         val_pairs, cfg.train.batch_size, cfg.train.seed, cfg.data.num_workers, dist.rank, dist.world_size

@@ -4,6 +4,12 @@
 A split is read once into `ImageCaptionDataset` (records only, no pixels). Three torch Dataset views
 feed the loaders: `PairView` (one item per caption, for training), `ImageView` (one item per image) and
 `CaptionView` (one item per caption), so evaluation encodes every image and every caption exactly once.
+
+Text negatives (`loss.text_negatives: K`): a sentence of the Karpathy JSON may carry its own exact negatives,
+`"negatives": [{"raw": str, "type": str}, ...]` (written by the shapes generator, which knows each scene);
+`PairView` then draws K of them per pair, and for captions without such a list K from the rule-based
+perturber (`crossmatch.data.negatives`), seeded by the item seed, so the stream stays a pure function of
+(seed, epoch, position).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 from torch.utils.data import Dataset
 
+from crossmatch.data.negatives import Negative, normalise, perturb, pick
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, WHITE, apply_transform, load_image
 from crossmatch.errors import DataError
@@ -103,6 +110,22 @@ def karpathy_to_entries(data: dict) -> list[dict]:
     return entries
 
 
+def read_negatives(negs, caption: str, where: str) -> list[dict]:
+    """A sentence's "negatives" list, checked: [{"raw": text, "type": name}] with the text stripped;
+    DataError for one that is not {"raw": non-empty str, "type": str} or that equals its caption."""
+    if not isinstance(negs, list):
+        raise DataError(f"'negatives' of caption {caption!r} of {where} must be a list, not {type(negs).__name__}")
+    out = []
+    for n, neg in enumerate(negs):
+        raw = neg.get("raw") if isinstance(neg, dict) else None
+        if not isinstance(raw, str) or not raw.strip() or not isinstance(neg.get("type"), str):
+            raise DataError(f"negative {n} of caption {caption!r} of {where}: expected {{'raw': text, 'type': name}}")
+        if normalise(raw) == normalise(caption):
+            raise DataError(f"negative {n} of caption {caption!r} of {where} equals the caption")
+        out.append({"raw": raw.strip(), "type": neg["type"]})
+    return out
+
+
 def outside_root(image: str) -> bool:
     """True when an entry's image path leaves its image folder: absolute, or through `..`."""
     path = PurePosixPath(image)
@@ -167,16 +190,17 @@ class ImageCaptionDataset:
             pid = None if entry.get("pid") is None else int(entry["pid"])
             objects = entry.get("objects") if isinstance(entry.get("objects"), list) else None
             rec = ImageRecord(image_dir / entry["image"], image_id, boxes=entry.get("boxes"), pid=pid, objects=objects)
-            negatives = entry.get("negatives") or []
-            if not isinstance(negatives, list) or not all(isinstance(n, list) for n in negatives):
-                raise DataError(f"image {entry['image']} (id {image_id}) in {name}: 'negatives' must be lists")
-            for c, raw in enumerate(entry.get("captions", [])):
+            captions = entry.get("captions", [])
+            negatives = list(entry.get("negatives") or [])[: len(captions)]
+            negatives += [None] * (len(captions) - len(negatives))
+            for raw, negs in zip(captions, negatives, strict=True):
                 if not isinstance(raw, str) or not raw.strip():
                     raise DataError(f"empty caption for image {entry['image']} (id {image_id}) in {name}")
                 rec.caption_ids.append(len(self.captions))
                 self.captions.append(raw.strip())
+                where = f"image {entry['image']} (id {image_id}) in {name}"
+                self.negatives.append([] if not negs else read_negatives(negs, raw.strip(), where))
                 self.txt_to_img.append(len(self.images))
-                self.negatives.append(list(negatives[c]) if c < len(negatives) and negatives[c] else [])
             if not rec.caption_ids:
                 raise DataError(f"image {entry['image']} (id {image_id}) has no captions in {name}")
             if image_id in id_to_index:
@@ -275,6 +299,11 @@ class PairView(Dataset):
     its own generator, so a run resumed mid-epoch or with other worker counts sees identical crops.
     With `skip_bad`, an unreadable image yields {"skipped": (image index, reason)} instead of raising;
     `collate` drops it and the Trainer counts the image against `data.max_bad_samples` once per epoch.
+
+    With `text_negatives` K > 0 an item also holds "neg_input_ids": K id lists and "neg_valid": K bools:
+    K negatives of the caption (the dataset's exact ones when it has them, else the perturber's), drawn
+    with the item seed (the caption index when there is none); a caption with fewer than K has its
+    remaining slots filled with its own ids and marked invalid (never used as a negative).
     """
 
     def __init__(
@@ -284,10 +313,28 @@ class PairView(Dataset):
         transform,
         max_boxes: int = 0,
         skip_bad: bool = False,
+        text_negatives: int = 0,
     ):
         self.images = ds.image_view(transform, max_boxes)
         self.captions = CaptionView(ds, tokenizer)
         self.skip_bad = skip_bad
+        self.ds, self.tokenizer, self.text_negatives = ds, tokenizer, text_negatives
+
+    def negatives(self, t: int, seed: int) -> list[Negative]:
+        """Up to `text_negatives` negatives of caption t, a pure function of (t, seed)."""
+        exact = getattr(self.ds, "negatives", None)
+        exact = exact[t] if exact else []
+        if not exact:  # the dataset file gives none for this caption: the rule-based perturber
+            return perturb(self.ds.captions[t], self.text_negatives, seed)
+        return pick([Negative(n["raw"], n["type"]) for n in exact], self.text_negatives, seed)
+
+    def _with_negatives(self, item: dict, t: int, seed: int | None) -> dict:
+        K = self.text_negatives
+        negs = self.negatives(t, t if seed is None else seed)
+        ids = self.tokenizer.encode_batch([n.text for n in negs]) if negs else []
+        item["neg_input_ids"] = ids + [item["input_ids"]] * (K - len(ids))  # K lists
+        item["neg_valid"] = [True] * len(ids) + [False] * (K - len(ids))  # K bools
+        return item
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -295,6 +342,8 @@ class PairView(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         t, seed = index if isinstance(index, tuple) else (index, None)
         cap = self.captions[t]
+        if self.text_negatives > 0:
+            cap = self._with_negatives(dict(cap), t, seed)
         try:
             if seed is None:
                 return {**self.images[cap["image_idx"]], **cap}

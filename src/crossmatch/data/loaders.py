@@ -2,7 +2,9 @@
 
 Batch dict (B items): image (B, 3, S, S) float; input_ids (B, L) long, 0-padded; attention_mask (B, L)
 bool; image_idx, text_idx (B,) long; pid (B,) long person identities when the dataset has them;
-boxes (B, K, 4) and box_mask (B, K) when box regions are used.
+boxes (B, K, 4) and box_mask (B, K) when box regions are used; with text negatives (`PairView`
+text_negatives = N > 0) neg_input_ids (B, N, L_neg) long and neg_attention_mask (B, N, L_neg) bool (padded
+like captions), neg_valid (B, N) bool (False: an empty slot, filled with the positive caption).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, S, S)
     if "input_ids" in first:
         batch["input_ids"], batch["attention_mask"] = pad_sequences([it["input_ids"] for it in items])  # (B, L)
+    if "neg_input_ids" in first:
+        B, N = len(items), len(first["neg_valid"])
+        ids, mask = pad_sequences([seq for it in items for seq in it["neg_input_ids"]])  # (B*N, L_neg)
+        batch["neg_input_ids"], batch["neg_attention_mask"] = ids.view(B, N, -1), mask.view(B, N, -1)  # (B, N, L)
+        batch["neg_valid"] = torch.tensor([it["neg_valid"] for it in items], dtype=torch.bool)  # (B, N)
     for key in ("image_idx", "text_idx", "pid"):
         if key in first:
             batch[key] = torch.tensor([it[key] for it in items], dtype=torch.long)  # (B,)

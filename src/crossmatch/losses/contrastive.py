@@ -15,7 +15,13 @@ default it scores the whole global matrix; with `local` (open_clip's `--local-lo
 against all columns, normalised by its own row count. Either way the DDP-averaged gradient equals the
 single-process gradient on the global batch: the all-gather's backward sums the rows' gradients over ranks.
 
-Legend: B rows scored here (this rank's batch with `local`, else all ranks'), N columns (all ranks'), E embedding.
+Text negatives (NegCLIP, Yuksekgonul et al., ICLR 2023; `loss.text_negatives`): K perturbed captions per
+pair b are extra columns of row b of the image -> caption logits only (target 0; never rows: they have no
+image), `neg_valid` False marking empty slots, which are left out of the softmax. SigLIP scores them as
+further negative pairs (z = -1). Under DDP they follow their row (gathered with it unless `local`).
+
+Legend: B rows scored here (this rank's batch with `local`, else all ranks'), N columns (all ranks'), E embedding,
+K text negatives per pair.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossmatch.losses.itm import positive_targets, soft_cross_entropy
+from crossmatch.losses.itm import positive_targets, soft_cross_entropy, with_negative_columns
 from crossmatch.tensors import gather
 
 
@@ -34,6 +40,15 @@ class _GatheredLoss(nn.Module):
     def __init__(self, rank: int = 0, world_size: int = 1, local: bool = False):
         super().__init__()
         self.rank, self.world_size, self.local = rank, world_size, local
+
+    def negative_logits(self, image_feat: Tensor, neg_feat: Tensor, neg_valid: Tensor, scale: Tensor):
+        """Row b's logits against its own K text negatives: (B_rank, E), (B_rank, K, E), (B_rank, K) -> (B, K)
+        and the (B, K) valid mask, gathered over ranks unless `local` (so they follow their rows)."""
+        logits = scale * torch.einsum("be,bke->bk", image_feat, neg_feat)  # (B_rank, K)
+        if not self.local:
+            logits = gather(logits, self.world_size)  # (B, K)
+            neg_valid = gather(neg_valid.to(torch.uint8), self.world_size).bool()  # (B, K)
+        return logits, neg_valid
 
     def rows_and_columns(self, image_feat: Tensor, text_feat: Tensor, image_idx: Tensor):
         """(B_rank, E), (B_rank, E), (B_rank,) -> rows (img, txt, idx) and columns (img, txt, idx), all gathered."""
@@ -45,14 +60,27 @@ class _GatheredLoss(nn.Module):
 class InfoNCELoss(_GatheredLoss):
     """CLIP's symmetric cross-entropy over the scaled cosine matrix, every caption of the same image a positive."""
 
-    def forward(self, image_feat: Tensor, text_feat: Tensor, image_idx: Tensor, scale: Tensor) -> Tensor:
-        """image_feat, text_feat (B_rank, E) l2-normalised, image_idx (B_rank,), scale: the scalar s -> scalar."""
+    def forward(
+        self,
+        image_feat: Tensor,
+        text_feat: Tensor,
+        image_idx: Tensor,
+        scale: Tensor,
+        neg_feat: Tensor | None = None,
+        neg_valid: Tensor | None = None,
+    ) -> Tensor:
+        """image_feat, text_feat (B_rank, E) l2-normalised, image_idx (B_rank,), scale: the scalar s; optional
+        text negatives neg_feat (B_rank, K, E) l2-normalised with neg_valid (B_rank, K) -> scalar."""
         (img, txt, idx), (img_all, txt_all, idx_all) = self.rows_and_columns(image_feat, text_feat, image_idx)
         # (B, N), float32 at least (bf16 targets would round 1/3); the same-image relation is symmetric
         targets = positive_targets(idx, idx_all, torch.promote_types(img.dtype, torch.float32))
         logits_i2t = scale * img @ txt_all.t()  # (B, N) image rows over all captions
         logits_t2i = scale * txt @ img_all.t()  # (B, N) caption rows over all images
-        return (soft_cross_entropy(logits_i2t, targets) + soft_cross_entropy(logits_t2i, targets)) / 2
+        if neg_feat is None:
+            return (soft_cross_entropy(logits_i2t, targets) + soft_cross_entropy(logits_t2i, targets)) / 2
+        neg, valid = self.negative_logits(image_feat, neg_feat, neg_valid, scale)  # (B, K)
+        i2t, i2t_targets = with_negative_columns(logits_i2t, targets, neg, valid)  # (B, N + K)
+        return (soft_cross_entropy(i2t, i2t_targets) + soft_cross_entropy(logits_t2i, targets)) / 2
 
 
 class SigLipLoss(_GatheredLoss):
@@ -61,9 +89,23 @@ class SigLipLoss(_GatheredLoss):
     Gathering every rank's captions stands in for the paper's rank-to-rank chunk exchange (same value, more
     memory on very large batches)."""
 
-    def forward(self, image_feat: Tensor, text_feat: Tensor, image_idx: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-        """image_feat, text_feat (B_rank, E) l2-normalised, image_idx (B_rank,), scale s and bias b -> scalar."""
+    def forward(
+        self,
+        image_feat: Tensor,
+        text_feat: Tensor,
+        image_idx: Tensor,
+        scale: Tensor,
+        bias: Tensor,
+        neg_feat: Tensor | None = None,
+        neg_valid: Tensor | None = None,
+    ) -> Tensor:
+        """image_feat, text_feat (B_rank, E) l2-normalised, image_idx (B_rank,), scale s and bias b; optional
+        text negatives neg_feat (B_rank, K, E) with neg_valid (B_rank, K), each a pair with z = -1 -> scalar."""
         (img, _, idx), (_, txt_all, idx_all) = self.rows_and_columns(image_feat, text_feat, image_idx)
         logits = scale * img @ txt_all.t() + bias  # (B, N)
         sign = 2.0 * (idx[:, None] == idx_all[None, :]).to(logits.dtype) - 1.0  # (B, N) z: +1 positive, -1 negative
-        return -F.logsigmoid(sign * logits).sum() / img.shape[0]
+        loss = -F.logsigmoid(sign * logits).sum()
+        if neg_feat is not None:
+            neg, valid = self.negative_logits(image_feat, neg_feat, neg_valid, scale)  # (B, K)
+            loss = loss - F.logsigmoid(-(neg + bias))[valid].sum()
+        return loss / img.shape[0]

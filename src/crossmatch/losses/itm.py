@@ -36,6 +36,14 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
 
 
+def with_negative_columns(logits: Tensor, targets: Tensor, neg: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits (B, N) and soft targets (B, N) with K more columns of text negatives (B, K), target 0; an
+    empty slot (valid False) gets the lowest finite logit, so it takes no probability and no gradient (-inf
+    would make 0 * log 0 = nan in the cross-entropy)."""
+    neg = neg.to(logits.dtype).masked_fill(~valid, torch.finfo(logits.dtype).min)  # (B, K)
+    return torch.cat([logits, neg], 1), torch.cat([targets, targets.new_zeros(neg.shape)], 1)  # (B, N + K)
+
+
 @dataclass
 class MomentumBank:
     """What momentum distillation adds to ITC: the momentum features of this batch and the queues."""
@@ -67,8 +75,14 @@ class ItcLoss(nn.Module):
         temp: Tensor,
         bank: MomentumBank | None = None,
         alpha: float = 0.0,
+        neg_feat: Tensor | None = None,
+        neg_valid: Tensor | None = None,
     ) -> Tensor:
-        """image_feat, text_feat (B, E) l2-normalised, image_idx (B,), temp scalar -> scalar loss."""
+        """image_feat, text_feat (B, E) l2-normalised, image_idx (B,), temp scalar -> scalar loss.
+
+        Text negatives neg_feat (B, K, E) l2-normalised with neg_valid (B, K) are K extra i2t columns of
+        their own row (target 0, empty slots left out; with distillation the momentum target puts no mass
+        on them either: it is a distribution over the other columns)."""
         idx_all = gather(image_idx, self.world_size)  # (N,)
         if bank is None:
             img_cols, txt_cols = gather(image_feat, self.world_size), gather(text_feat, self.world_size)  # (N, E)
@@ -85,6 +99,9 @@ class ItcLoss(nn.Module):
                 t_t2i = alpha * F.softmax(bank.text_feat @ img_cols.t() / temp, 1) + (1 - alpha) * hard
         sim_i2t = image_feat @ txt_cols.t() / temp  # (B, N[+Q])
         sim_t2i = text_feat @ img_cols.t() / temp  # (B, N[+Q])
+        if neg_feat is not None:
+            neg = torch.einsum("be,bke->bk", image_feat, neg_feat) / temp  # (B, K) row b's own negatives
+            sim_i2t, t_i2t = with_negative_columns(sim_i2t, t_i2t, neg, neg_valid)  # (B, N[+Q] + K)
         return (soft_cross_entropy(sim_i2t, t_i2t) + soft_cross_entropy(sim_t2i, t_t2i)) / 2
 
 

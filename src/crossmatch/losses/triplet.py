@@ -6,10 +6,18 @@ where caption t describes image i:
     cost_img[i, t] = clamp(margin + S[i, t] - S_pos(i), 0)   caption t as a negative for image i
 with positives masked out (several captions of one image in a batch are not negatives of each other).
 The loss sums all violations, or with max_violation keeps only the hardest negative of each query.
+
+Text negatives (NegCLIP-style perturbed captions, `loss.text_negatives`): N_neg extra captions per pair b,
+scored only against pair b's image, enter the image -> caption side as further negatives of that image:
+    cost_neg[b, k] = clamp(margin + S_neg[b, k] - S[b, b], 0)   (0 where the slot is empty)
+summed with cost_txt's row b, or taking part in that row's max with max_violation.
+
+Legend: B pairs of the batch, K text negatives per pair.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -19,12 +27,16 @@ class TripletLoss(nn.Module):
         self.margin = margin
         self.max_violation = max_violation
 
-    def forward(self, scores: Tensor, image_ids: Tensor) -> Tensor:
+    def forward(
+        self, scores: Tensor, image_ids: Tensor, neg_scores: Tensor | None = None, neg_valid: Tensor | None = None
+    ) -> Tensor:
         """Hinge loss for a batch of B (image, caption) pairs.
 
         Args:
             scores: (B, B) score of image i (row) with caption t (column); pair b is (image b, caption b).
             image_ids: (B,) dataset index of each pair's image; pairs with the same id are positives.
+            neg_scores: optional (B, K) score of image b with text negative k of pair b.
+            neg_valid: (B, K) bool with `neg_scores`: False for empty slots (ignored).
         Returns:
             Scalar loss, summed over the batch (the VSE++ convention).
         """
@@ -34,6 +46,10 @@ class TripletLoss(nn.Module):
         cost_img = (self.margin + scores - pos[None, :]).clamp(min=0).masked_fill(positive, 0)  # (B, B)
         # Image i against every caption t: violation if a wrong caption beats i's own caption.
         cost_txt = (self.margin + scores - pos[:, None]).clamp(min=0).masked_fill(positive, 0)  # (B, B)
+        if neg_scores is not None:
+            # Image b against its own text negatives: more columns of its row (never positives).
+            cost_neg = (self.margin + neg_scores - pos[:, None]).clamp(min=0).masked_fill(~neg_valid, 0)  # (B, K)
+            cost_txt = torch.cat([cost_txt, cost_neg], 1)  # (B, B + K)
         if self.max_violation:
             return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum()
         return cost_img.sum() + cost_txt.sum()

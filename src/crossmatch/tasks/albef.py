@@ -2,7 +2,11 @@
 captions of an image positive (+ momentum distillation against EMA copies and feature queues), ITM with
 hard negatives drawn from the in-batch ITC similarities, optional MLM on the fusion output.
 
-Legend: B batch, L tokens (with [CLS]), D width, E embedding, V vocabulary, Q queue length.
+Text negatives (`loss.text_negatives` K > 0): the K perturbed captions of each pair are extra i2t ITC
+columns of their own row and ITM negative pairs (image b, negative k of pair b) -> label 0.
+
+Legend: B batch, K text negatives per pair, L tokens (with [CLS]), D width, E embedding, V vocabulary, Q queue
+length.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from crossmatch.losses.itm import ItcLoss, ItmLoss, MomentumBank, sample_hard_ne
 from crossmatch.models.albef import ALBEF
 from crossmatch.models.transformer import prepend_cls
 from crossmatch.tasks.base import Task, register_task
+from crossmatch.tasks.text_negatives import encode_negatives, flat
 from crossmatch.tensors import gather, slice_features
 
 
@@ -45,6 +50,8 @@ class AlbefTask(Task):
     done), so alpha ramps over the first epoch and is config.alpha from epoch 1 on.
     """
 
+    uses_text_negatives = True
+
     def __init__(self, model: ALBEF, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
         self.cfg = cfg.albef
@@ -66,7 +73,9 @@ class AlbefTask(Task):
         return not self.model.config.momentum
 
     def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        return {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        feats = {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        neg = encode_negatives(self.model, batch)  # embed (B, K, E), tokens (B, K, 1+L, D), mask; or None
+        return feats if neg is None else {**feats, "neg_text": neg}
 
     def objective(self, feats: dict[str, dict[str, Tensor]], batch: dict) -> tuple[dict[str, Tensor], dict[str, float]]:
         """ITC + ITM (+ MLM) on the unimodal features of the whole batch; the fusion layers run here."""
@@ -84,9 +93,11 @@ class AlbefTask(Task):
         img, txt = feats["image"], feats["text"]
         bank = self.momentum_bank(batch, update) if m.config.momentum else None
         alpha = self.alpha() if m.config.momentum else 0.0
+        neg = feats.get("neg_text")
+        neg_itc = {} if neg is None else {"neg_feat": neg["embed"], "neg_valid": batch["neg_valid"]}
         losses = {
-            "itc_loss": cfg.itc_weight * self.itc(img["embed"], txt["embed"], idx, m.temp, bank, alpha),
-            "itm_loss": cfg.itm_weight * self._itm(img, txt, idx),
+            "itc_loss": cfg.itc_weight * self.itc(img["embed"], txt["embed"], idx, m.temp, bank, alpha, **neg_itc),
+            "itm_loss": cfg.itm_weight * self._itm(img, txt, idx, neg, batch.get("neg_valid")),
         }
         if m.config.mlm:
             losses["mlm_loss"] = cfg.mlm_weight * self._mlm(batch, img, txt["mask"])
@@ -101,8 +112,16 @@ class AlbefTask(Task):
         img_feat, txt_feat = m.momentum_features(batch, update)
         return MomentumBank(img_feat, txt_feat, m.image_queue.clone(), m.text_queue.clone(), m.idx_queue.clone())
 
-    def _itm(self, img: dict[str, Tensor], txt: dict[str, Tensor], idx: Tensor) -> Tensor:
-        """ITM over [positives; captions with a hard negative image; images with a hard negative caption]."""
+    def _itm(
+        self,
+        img: dict[str, Tensor],
+        txt: dict[str, Tensor],
+        idx: Tensor,
+        neg: dict[str, Tensor] | None = None,
+        neg_valid: Tensor | None = None,
+    ) -> Tensor:
+        """ITM over [positives; captions with a hard negative image; images with a hard negative caption]
+        (+ each image with its valid text negatives, label 0)."""
         with torch.no_grad():
             sim = img["embed"] @ txt["embed"].t() / self.model.temp  # (B, B) image rows, caption columns
         neg_txt, neg_img = sample_hard_negatives(sim, sim.t(), idx)  # (B,), (B,); -1: no negative
@@ -115,7 +134,12 @@ class AlbefTask(Task):
         logits = self.model.itm_logits(
             slice_features(img, img_rows), slice_features(txt, txt_rows)
         )  # (B + n_t + n_i, 2)
-        return self.itm(logits[:B], logits[B:])
+        if neg is None:
+            return self.itm(logits[:B], logits[B:])
+        pair, slot = neg_valid.nonzero(as_tuple=True)  # (n_neg,) each: pair b, its negative k
+        K = neg_valid.shape[1]
+        neg_logits = self.model.itm_logits(slice_features(img, pair), slice_features(flat(neg), pair * K + slot))
+        return self.itm(logits[:B], torch.cat([logits[B:], neg_logits]))  # negatives: (n_t + n_i + n_neg, 2)
 
     def _mlm(self, batch: dict[str, Tensor], img: dict[str, Tensor], mask: Tensor) -> Tensor:
         """Predict masked words from the fusion output of the masked caption and its image."""

@@ -28,6 +28,8 @@ LOSS_NAMES = ("hinge", "infonce", "siglip")
 class Task(nn.Module):
     """Model + loss. Subclasses implement `training_step`, or `encode` and `objective`."""
 
+    uses_text_negatives = False  # True: the objective reads the batch's text negatives (loss.text_negatives)
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model

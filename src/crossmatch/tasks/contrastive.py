@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from crossmatch.config import LossConfig
 from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
 from crossmatch.tasks.base import Task
+from crossmatch.tasks.text_negatives import encode_negatives
 
 DEFAULT_INIT = {
     "infonce": {"logit_scale": math.log(1 / 0.07)},
@@ -26,7 +27,10 @@ DEFAULT_INIT = {
 
 
 class ContrastiveTask(Task):
-    """Dual encoder + InfoNCE or SigLIP over the (gathered) batch; `encode` + `objective` for exact accumulation."""
+    """Dual encoder + InfoNCE or SigLIP over the (gathered) batch; `encode` + `objective` for exact accumulation.
+    Text negatives (`loss.text_negatives`): extra image -> caption columns of their own row."""
+
+    uses_text_negatives = True
 
     def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
@@ -46,7 +50,9 @@ class ContrastiveTask(Task):
             self.loss = InfoNCELoss(rank, world_size, cfg.local)
 
     def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        return {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        feats = {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        neg = encode_negatives(self.model, batch)  # {"embed": (B, K, E)} or None
+        return feats if neg is None else {**feats, "neg_text": neg}
 
     def objective(self, feats: dict[str, dict[str, Tensor]], batch: dict) -> tuple[dict[str, Tensor], dict[str, float]]:
         with torch.no_grad():
@@ -54,7 +60,10 @@ class ContrastiveTask(Task):
         scale = self.logit_scale.exp()
         img, txt, idx = feats["image"]["embed"], feats["text"]["embed"], batch["image_idx"]  # (B, E), (B, E), (B,)
         logs = {"logit_scale": float(scale.detach())}
+        neg = {}
+        if "neg_text" in feats:
+            neg = {"neg_feat": feats["neg_text"]["embed"], "neg_valid": batch["neg_valid"]}  # (B, K, E), (B, K)
         if self.logit_bias is None:
-            return {"infonce_loss": self.loss(img, txt, idx, scale)}, logs
+            return {"infonce_loss": self.loss(img, txt, idx, scale, **neg)}, logs
         logs["logit_bias"] = float(self.logit_bias.detach())
-        return {"siglip_loss": self.loss(img, txt, idx, scale, self.logit_bias)}, logs
+        return {"siglip_loss": self.loss(img, txt, idx, scale, self.logit_bias, **neg)}, logs

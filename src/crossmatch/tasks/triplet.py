@@ -1,7 +1,10 @@
 """The hinge triplet objective of VSE++ (Faghri et al., BMVC 2018) and SCAN (Lee et al., ECCV 2018) on the
 batch score matrix, with hardest negatives (optionally after a VSE-infinity style warm-up).
 
-Legend: B batch (all ranks' pairs when distributed).
+With text negatives (`loss.text_negatives` K > 0), each image also meets the K perturbed captions of its
+own pair as further negatives (image -> caption side of the hinge; see losses/triplet.py).
+
+Legend: B batch (all ranks' pairs when distributed), K text negatives per pair.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from torch import nn
 from crossmatch.config import LossConfig
 from crossmatch.losses.triplet import TripletLoss
 from crossmatch.tasks.base import Task
+from crossmatch.tasks.text_negatives import encode_negatives, gather_rows, paired_scores
 from crossmatch.tensors import gather_features
 
 
 class TripletTask(Task):
     """VSE++ / SCAN: hinge triplet loss on the batch score matrix `model.similarity(img, txt)`."""
+
+    uses_text_negatives = True
 
     def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
@@ -27,15 +33,24 @@ class TripletTask(Task):
         self.loss.max_violation = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
 
     def encode(self, batch):
-        return {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        feats = {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        neg = encode_negatives(self.model, batch)  # each (B, K, ...), or None
+        return feats if neg is None else {**feats, "neg_text": neg}
 
     def objective(self, feats, batch):
         img, txt = feats["image"], feats["text"]
+        neg_scores = neg_valid = None
+        if "neg_text" in feats:  # this rank's images against their own negatives, before any gather
+            neg_scores, neg_valid = gather_rows(
+                paired_scores(self.model, img, feats["neg_text"]), batch["neg_valid"], self.world_size
+            )  # (B_global, K) each
         if self.world_size > 1:
             # Every rank scores the global batch, so hardest negatives come from all ranks and the
             # DDP-averaged gradient equals the single-process gradient of the same global batch.
             img, txt = gather_features(img, self.world_size), gather_features(txt, self.world_size)
         image_idx = gather_features({"i": batch["image_idx"]}, self.world_size)["i"]  # (B_global,)
         scores = self.model.similarity(img, txt)  # (B_global, B_global)
-        loss = self.loss(scores, image_idx)
+        loss = (
+            self.loss(scores, image_idx) if neg_scores is None else self.loss(scores, image_idx, neg_scores, neg_valid)
+        )
         return {"triplet_loss": loss}, {"hardest": float(self.loss.max_violation)}

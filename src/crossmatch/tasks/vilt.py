@@ -2,7 +2,11 @@
 K random captions of other images scored by the ITM head, an ITM loss, and an ITC loss for the cheap
 first-stage embedding head.
 
-Legend: B batch, K negatives, E embedding.
+Text negatives (`loss.text_negatives` N > 0): the N perturbed captions of each pair join the ranking
+candidates of its row, are ITM negative pairs (image b, negative of pair b) -> label 0, and extra i2t ITC
+columns of the cheap head.
+
+Legend: B batch, K random negatives, N text negatives per pair, E embedding.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from crossmatch.config import LossConfig
 from crossmatch.losses.itm import ItcLoss, ItmLoss, sample_random_negatives
 from crossmatch.models.vilt import ViLT
 from crossmatch.tasks.base import Task, register_task
+from crossmatch.tasks.text_negatives import encode_negatives, flat
 from crossmatch.tensors import slice_features
 
 
@@ -26,6 +31,8 @@ class ViltTask(Task):
     of other images] with caption b as the target. itm_loss: 2-way cross-entropy over the B positives and,
     to keep the classes balanced, the first random negative of each row.
     """
+
+    uses_text_negatives = True
 
     def __init__(self, model: ViLT, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
@@ -46,12 +53,21 @@ class ViltTask(Task):
             B, 1 + K, 2
         )
         ok = torch.cat([valid.new_ones(B, 1), valid], 1)  # (B, 1+K): a row short of negatives masks its rest
-        scores = logits[..., 1].masked_fill(~ok, float("-inf"))  # (B, 1+K)
+        negatives = logits[:, 1:2][valid[:, :1]]  # (<=B, 2): the first random negative of each row
+        text_neg, neg_itc = encode_negatives(m, batch), {}  # (B, N, ...) text negatives, or None
+        if text_neg is not None:
+            N, neg_valid = batch["neg_valid"].shape[1], batch["neg_valid"]  # (B, N)
+            rows = torch.arange(B, device=idx.device).repeat_interleave(N)  # (B*N,) image of each negative
+            neg_logits = m.itm_logits(slice_features(img, rows), flat(text_neg)).view(B, N, 2)  # (B, N, 2)
+            logits, ok = torch.cat([logits, neg_logits], 1), torch.cat([ok, neg_valid], 1)  # (B, 1+K+N, ...)
+            negatives = torch.cat([negatives, neg_logits[neg_valid]])  # (<=B + n_neg, 2)
+            neg_itc = {"neg_feat": text_neg["embed"], "neg_valid": neg_valid}
+        scores = logits[..., 1].masked_fill(~ok, float("-inf"))  # (B, 1+K[+N])
         rank = F.cross_entropy(scores, scores.new_zeros(B, dtype=torch.long))
-        itm = self.itm(logits[:, 0], logits[:, 1:2][valid[:, :1]])  # (B, 2) positives, (<=B, 2) negatives
+        itm = self.itm(logits[:, 0], negatives)  # (B, 2) positives
         losses = {
             "rank_loss": cfg.rank_weight * rank,
             "itm_loss": cfg.itm_weight * itm,
-            "itc_loss": cfg.itc_weight * self.itc(img["embed"], txt["embed"], idx, m.temp),
+            "itc_loss": cfg.itc_weight * self.itc(img["embed"], txt["embed"], idx, m.temp, **neg_itc),
         }
         return losses, {"temp": m.temp.item()}

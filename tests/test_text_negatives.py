@@ -1,0 +1,334 @@
+"""Text negatives (`loss.text_negatives`) in the data view, the hinge, ITC and ITM losses, and training resume.
+
+Each loss with K negatives is checked against a plain-Python loop over the same numbers; float64 inputs, so
+the only difference is summation order (tolerance 1e-12)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crossmatch.config import LossConfig
+from crossmatch.data.datasets import ImageCaptionDataset, PairView
+from crossmatch.data.loaders import collate
+from crossmatch.data.negatives import normalise
+from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.errors import DataError
+from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
+from crossmatch.losses.itm import ItcLoss, positive_targets, soft_cross_entropy
+from crossmatch.losses.triplet import TripletLoss
+from crossmatch.models import albef, scan, vilt
+from crossmatch.tasks.base import build_task
+from crossmatch.tasks.text_negatives import encode_negatives, paired_scores
+from tests import conftest
+from tests.test_fusion_models import VOCAB, make_batch
+
+TOL = {"rel": 1e-12, "abs": 1e-12}  # float64: the loops only sum in another order
+
+
+# ---- the hinge -----------------------------------------------------------------------------------------
+def hinge_reference(S, ids, neg, valid, margin, hardest):
+    """VSE++'s hinge written as loops: each caption against the other images, each image against the other
+    captions and its own valid text negatives."""
+    B, total = len(S), 0.0
+    for t in range(B):
+        costs = [max(0.0, margin + S[i][t] - S[t][t]) for i in range(B) if ids[i] != ids[t]]
+        total += max(costs, default=0.0) if hardest else sum(costs)
+    for i in range(B):
+        costs = [max(0.0, margin + S[i][t] - S[i][i]) for t in range(B) if ids[t] != ids[i]]
+        costs += [max(0.0, margin + n - S[i][i]) for n, ok in zip(neg[i], valid[i], strict=True) if ok]
+        total += max(costs, default=0.0) if hardest else sum(costs)
+    return total
+
+
+def test_hinge_with_text_negatives_hand_example():
+    S = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+    neg = torch.tensor([[0.85], [0.1]], dtype=torch.float64)
+    loss = TripletLoss(0.2, max_violation=True)(S, torch.tensor([0, 1]), neg, torch.tensor([[True], [True]]))
+    # only image 0's negative violates: 0.2 + 0.85 - 0.9 = 0.15
+    assert loss.item() == pytest.approx(0.15, **TOL)
+
+
+@pytest.mark.parametrize("hardest", [True, False])
+def test_hinge_with_text_negatives_equals_the_loop(hardest):
+    g = torch.Generator().manual_seed(0)
+    S = torch.rand(5, 5, generator=g, dtype=torch.float64)
+    neg = torch.rand(5, 3, generator=g, dtype=torch.float64) + 0.3  # many violations
+    valid = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    ids = torch.tensor([0, 0, 1, 2, 3])  # pairs 0 and 1 show one image
+    got = TripletLoss(0.2, hardest)(S, ids, neg, valid).item()
+    assert got == pytest.approx(
+        hinge_reference(S.tolist(), ids.tolist(), neg.tolist(), valid.tolist(), 0.2, hardest), **TOL
+    )
+    # the text negatives change the loss (else this test could not fail), empty slots change nothing
+    assert got != pytest.approx(TripletLoss(0.2, hardest)(S, ids).item())
+    empty = TripletLoss(0.2, hardest)(S, ids, neg, torch.zeros_like(valid)).item()
+    assert empty == pytest.approx(TripletLoss(0.2, hardest)(S, ids).item(), **TOL)
+
+
+def test_hinge_without_negatives_is_bitwise_the_vse_formula():
+    g = torch.Generator().manual_seed(1)
+    S, ids = torch.rand(6, 6, generator=g), torch.tensor([0, 1, 1, 2, 3, 4])
+    pos = S.diagonal()
+    positive = ids[:, None] == ids[None, :]
+    cost_img = (0.2 + S - pos[None, :]).clamp(min=0).masked_fill(positive, 0)
+    cost_txt = (0.2 + S - pos[:, None]).clamp(min=0).masked_fill(positive, 0)
+    assert torch.equal(TripletLoss(0.2, True)(S, ids), cost_img.max(0).values.sum() + cost_txt.max(1).values.sum())
+    assert torch.equal(TripletLoss(0.2, False)(S, ids), cost_img.sum() + cost_txt.sum())
+
+
+# ---- ITC -----------------------------------------------------------------------------------------------
+def itc_reference(img, txt, ids, neg, valid, scale):
+    """(CE_i2t + CE_t2i) / 2 by loops; row i's i2t columns are every caption and its own valid negatives."""
+    B = len(img)
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    def ce(logits, targets):
+        m = max(logits)
+        lse = m + math.log(sum(math.exp(x - m) for x in logits))
+        return -sum(t * (x - lse) for x, t in zip(logits, targets, strict=True))
+
+    i2t = t2i = 0.0
+    for i in range(B):
+        n_pos = sum(ids[j] == ids[i] for j in range(B))
+        targets = [float(ids[j] == ids[i]) / n_pos for j in range(B)]
+        extra = [scale * dot(img[i], n) for n, ok in zip(neg[i], valid[i], strict=True) if ok]
+        i2t += ce([scale * dot(img[i], txt[j]) for j in range(B)] + extra, targets + [0.0] * len(extra))
+        t2i += ce([scale * dot(txt[i], img[j]) for j in range(B)], targets)
+    return (i2t / B + t2i / B) / 2
+
+
+def unit(*shape, seed):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
+
+
+def test_infonce_and_albef_itc_extra_columns_equal_the_loop():
+    img, txt, neg = unit(4, 8, seed=0), unit(4, 8, seed=1), unit(4, 2, 8, seed=2)
+    ids, valid = torch.tensor([0, 1, 1, 2]), torch.tensor([[1, 1], [1, 0], [0, 0], [0, 1]], dtype=torch.bool)
+    ref = itc_reference(img.tolist(), txt.tolist(), ids.tolist(), neg.tolist(), valid.tolist(), 5.0)
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    assert InfoNCELoss()(img, txt, ids, scale, neg, valid).item() == pytest.approx(ref, **TOL)
+    # ALBEF's ITC divides by the temperature instead of multiplying by the scale
+    assert ItcLoss()(img, txt, ids, 1 / scale, neg_feat=neg, neg_valid=valid).item() == pytest.approx(ref, **TOL)
+    without = itc_reference(img.tolist(), txt.tolist(), ids.tolist(), neg.tolist(), [[0, 0]] * 4, 5.0)
+    assert without != pytest.approx(ref)
+
+
+def test_itc_without_negatives_is_bitwise_what_it_was():
+    img, txt, ids = unit(5, 8, seed=3).float(), unit(5, 8, seed=4).float(), torch.tensor([0, 0, 1, 2, 3])
+    targets = positive_targets(ids, ids)
+    ref = (soft_cross_entropy(5.0 * img @ txt.t(), targets) + soft_cross_entropy(5.0 * txt @ img.t(), targets)) / 2
+    assert torch.equal(InfoNCELoss()(img, txt, ids, torch.tensor(5.0)), ref)
+    ref_itc = (soft_cross_entropy(img @ txt.t() / 0.2, targets) + soft_cross_entropy(txt @ img.t() / 0.2, targets)) / 2
+    assert torch.equal(ItcLoss()(img, txt, ids, torch.tensor(0.2)), ref_itc)
+
+
+def test_siglip_without_negatives_is_bitwise_what_it_was():
+    img, txt, ids = unit(4, 8, seed=8).float(), unit(4, 8, seed=9).float(), torch.tensor([0, 1, 1, 2])
+    t, b = torch.tensor(4.0), torch.tensor(-1.0)
+    logits = t * img @ txt.t() + b
+    sign = 2.0 * (ids[:, None] == ids[None, :]).float() - 1.0
+    assert torch.equal(SigLipLoss()(img, txt, ids, t, b), -F.logsigmoid(sign * logits).sum() / 4)
+
+
+def test_vilt_without_negatives_is_bitwise_its_old_objective():
+    """ViLT's step was restructured for text negatives: without them it must compute what it did before."""
+    from crossmatch.losses.itm import sample_random_negatives
+    from crossmatch.tensors import slice_features
+
+    torch.manual_seed(0)
+    model = vilt.tiny_vilt(vocab_size=VOCAB).eval()
+    task = build_task(model, LossConfig())
+    batch = make_batch([0, 1, 1, 2, 3])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        got, _ = task.training_step(batch)
+    torch.manual_seed(5)
+    with torch.no_grad():  # the objective as it was written before text negatives
+        cfg, idx, m = task.cfg, batch["image_idx"], model
+        img, txt = m.encode_image(batch), m.encode_text(batch)
+        neg, valid = sample_random_negatives(idx, cfg.n_negatives)
+        B, K = 5, neg.shape[1]
+        txt_rows = torch.cat([torch.arange(B)[:, None], neg], 1)
+        img_rows = torch.arange(B)[:, None].expand(B, 1 + K)
+        logits = m.itm_logits(slice_features(img, img_rows.flatten()), slice_features(txt, txt_rows.flatten()))
+        logits = logits.view(B, 1 + K, 2)
+        ok = torch.cat([valid.new_ones(B, 1), valid], 1)
+        scores = logits[..., 1].masked_fill(~ok, float("-inf"))
+        rank = F.cross_entropy(scores, scores.new_zeros(B, dtype=torch.long))
+        itm = task.itm(logits[:, 0], logits[:, 1:2][valid[:, :1]])
+        itc = task.itc(img["embed"], txt["embed"], idx, m.temp)
+    assert (
+        torch.equal(got["rank_loss"], rank) and torch.equal(got["itm_loss"], itm) and torch.equal(got["itc_loss"], itc)
+    )
+
+
+def test_siglip_text_negatives_are_negative_pairs():
+    img, txt, neg = unit(3, 8, seed=5), unit(3, 8, seed=6), unit(3, 2, 8, seed=7)
+    ids, valid = torch.tensor([0, 1, 2]), torch.tensor([[1, 0], [1, 1], [0, 0]], dtype=torch.bool)
+    t, b = torch.tensor(4.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+
+    def logsig(x):
+        return -math.log1p(math.exp(-x))
+
+    ref = 0.0
+    for i in range(3):
+        for j in range(3):
+            z = 1.0 if i == j else -1.0
+            ref -= logsig(z * (4.0 * float(img[i] @ txt[j]) - 1.0))
+        for k in range(2):
+            if valid[i, k]:
+                ref -= logsig(-(4.0 * float(img[i] @ neg[i, k]) - 1.0))
+    assert SigLipLoss()(img, txt, ids, t, b, neg, valid).item() == pytest.approx(ref / 3, **TOL)
+
+
+# ---- scores of text negatives ----------------------------------------------------------------------------
+def test_scan_paired_scores_equal_the_full_matrix_blocks():
+    torch.manual_seed(0)
+    model = scan.tiny_scan(vocab_size=VOCAB).eval()
+    batch = make_batch([0, 1, 2], seed=1)
+    B, K, L = 3, 2, 5
+    g = torch.Generator().manual_seed(2)
+    batch["neg_input_ids"] = torch.randint(5, VOCAB, (B, K, L), generator=g)
+    batch["neg_attention_mask"] = torch.arange(L)[None, None, :] < torch.tensor([[5, 3], [4, 5], [2, 5]])[..., None]
+    with torch.no_grad():
+        img, neg = model.encode_image(batch), encode_negatives(model, batch)
+        got = paired_scores(model, img, neg)  # (B, K)
+        full = model.similarity(img, {k: v.flatten(0, 1) for k, v in neg.items()})  # (B, B*K)
+    want = torch.stack([full[b, b * K : (b + 1) * K] for b in range(B)])
+    # one image at a time vs all at once: the same per-pair maths in other chunk shapes (float32 rounding)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---- ITM: (image, text negative) pairs are label-0 pairs -----------------------------------------------
+def with_negatives(batch, K=2, L=5, seed=3):
+    B = len(batch["image_idx"])
+    g = torch.Generator().manual_seed(seed)
+    batch["neg_input_ids"] = torch.randint(5, VOCAB, (B, K, L), generator=g)
+    batch["neg_attention_mask"] = torch.ones(B, K, L, dtype=torch.bool)
+    batch["neg_valid"] = torch.tensor([[True, False], [True, True], [False, False], [False, True]])
+    return batch
+
+
+@pytest.mark.parametrize("family", ["albef", "vilt"])
+def test_itm_gets_each_valid_text_negative_as_a_label_0_pair(family, monkeypatch):
+    torch.manual_seed(0)
+    model = (
+        albef.tiny_albef(vocab_size=VOCAB, momentum=False) if family == "albef" else vilt.tiny_vilt(vocab_size=VOCAB)
+    ).eval()
+    task = build_task(model, LossConfig(text_negatives=2))
+    batch = with_negatives(make_batch([0, 1, 2, 3]))
+    seen = {}
+    real = task.itm.forward
+
+    def spy(pos, neg):
+        seen["pos"], seen["neg"] = pos, neg
+        return real(pos, neg)
+
+    monkeypatch.setattr(task.itm, "forward", spy)
+    with torch.no_grad():
+        losses, _ = task.training_step(batch)
+        img, neg = model.encode_image(batch), encode_negatives(model, batch)
+        pairs = [(b, k) for b in range(4) for k in range(2) if batch["neg_valid"][b, k]]
+        want = torch.cat(
+            [
+                model.itm_logits(
+                    {k: v[b : b + 1] for k, v in img.items()}, {n: v[b, k : k + 1] for n, v in neg.items()}
+                )
+                for b, k in pairs
+            ]
+        )
+    got = seen["neg"][-len(pairs) :]  # the text negatives come last among the negatives
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # batched vs one pair at a time
+    labels = torch.cat([torch.ones(len(seen["pos"])), torch.zeros(len(seen["neg"]))]).long()
+    expected = F.cross_entropy(torch.cat([seen["pos"], seen["neg"]]), labels)
+    assert losses["itm_loss"].item() == pytest.approx(expected.item() * task.cfg.itm_weight, rel=1e-6)
+
+
+# ---- the data view -------------------------------------------------------------------------------------
+def tokenizer_for(ds):
+    return CaptionTokenizer.train(ds.captions + ["blue green yellow purple orange white black pink brown grey"], 1, 32)
+
+
+def test_pair_view_negatives_never_equal_the_positive_and_are_seeded(shapes_root):
+    ds = ImageCaptionDataset(shapes_root, "train")
+    tok = tokenizer_for(ds)
+    view = PairView(ds, tok, None, text_negatives=3)
+    for t in range(0, len(ds.captions), 7):
+        negs = view.negatives(t, seed=t)
+        assert 1 <= len(negs) <= 3
+        assert all(normalise(n.text) != normalise(ds.captions[t]) for n in negs)
+        assert view.negatives(t, seed=t) == negs  # a pure function of (t, seed)
+    assert PairView(ds, tok, None).captions[0].keys() == {"input_ids", "text_idx", "image_idx"}  # K = 0: as before
+
+
+def test_exact_negatives_of_the_dataset_file_are_used_and_short_lists_masked(tmp_path):
+    entries = [{"captions": ["a red circle", "a blue star"], "split": "train"}] * 1
+    root = conftest.write_karpathy(tmp_path, entries)
+    data = json.loads((root / "dataset.json").read_text())
+    data["images"][0]["sentences"][0]["negatives"] = [{"raw": "a green circle", "type": "replace_attribute"}]
+    (root / "dataset.json").write_text(json.dumps(data))
+    ds = ImageCaptionDataset(root, "train")
+    tok = tokenizer_for(ds)
+    view = PairView(ds, tok, lambda img: img, text_negatives=2)
+    assert [n.text for n in view.negatives(0, seed=5)] == ["a green circle"]  # the file's own, not the perturber's
+    assert view.negatives(1, seed=5)[0].type == "replace_attribute"  # no list in the file: the perturber
+    batch = collate([view.captions[0] | view._with_negatives(dict(view.captions[0]), 0, 5)])
+    assert batch["neg_input_ids"].shape[:2] == (1, 2) and batch["neg_valid"].tolist() == [[True, False]]
+    assert tok.decode(batch["neg_input_ids"][0, 0].tolist()) == "a green circle"
+
+
+@pytest.mark.parametrize(
+    ("negatives", "message"),
+    [
+        ([{"raw": "A red circle.", "type": "swap_relation"}], "equals the caption"),
+        ([{"raw": " ", "type": "swap_relation"}], "expected"),
+        ("a green circle", "must be a list"),
+    ],
+)
+def test_bad_exact_negatives_are_one_line_errors(tmp_path, negatives, message):
+    root = conftest.write_karpathy(tmp_path, [{"captions": ["a red circle"], "split": "train"}])
+    data = json.loads((root / "dataset.json").read_text())
+    data["images"][0]["sentences"][0]["negatives"] = negatives
+    (root / "dataset.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=message):
+        ImageCaptionDataset(root, "train")
+
+
+# ---- training ------------------------------------------------------------------------------------------
+def test_training_with_text_negatives_resumes_exactly(shapes_root, tmp_path, monkeypatch):
+    from crossmatch.engine import trainer as trainer_mod
+    from crossmatch.engine.checkpoint import load_checkpoint
+    from crossmatch.runs import train as run_train
+    from tests.test_checkpoint import tiny_cfg, weights
+
+    extra = ("train.epochs=1", "checkpoint.every_steps=1", "loss.text_negatives=2")
+    run_train(tiny_cfg(shapes_root, *extra), tmp_path / "full")
+    real_step, calls = trainer_mod.Trainer.train_step, []
+
+    def crash_after_two(self, batch):
+        first = batch[0] if isinstance(batch, list) else batch  # the micro-batches of a step
+        assert first["neg_input_ids"].shape[1] == 2 and first["neg_valid"].any()
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill between steps 2 and 3
+        calls.append(1)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_cfg(shapes_root, *extra), tmp_path / "cut")
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]["step_in_epoch"] == 2
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    run_train(tiny_cfg(shapes_root, *extra), tmp_path / "cut", resume=True)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the negatives changed the training (else the test above could not tell)
+    run_train(tiny_cfg(shapes_root, "train.epochs=1"), tmp_path / "plain")
+    c = weights(tmp_path / "plain")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
