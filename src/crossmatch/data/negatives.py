@@ -35,7 +35,13 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-TYPES = ("swap_attributes", "swap_relation", "flip_relation", "replace_attribute")
+# The perturbation types, one spelling for the perturber, the shapes generator's exact negatives and
+# `crossmatch evaluate --negatives`.
+SWAP_ATTRIBUTES = "swap_attributes"  # two objects exchange their colour (or size) words
+SWAP_RELATION = "swap_relation"  # the two sides of a relation change places ("X left of Y" -> "Y left of X")
+FLIP_RELATION = "flip_relation"  # a relation word becomes its opposite (left/right, above/below)
+REPLACE_ATTRIBUTE = "replace_attribute"  # one object's colour (or size) becomes another value
+TYPES = (SWAP_ATTRIBUTES, SWAP_RELATION, FLIP_RELATION, REPLACE_ATTRIBUTE)
 
 
 class Negative(NamedTuple):

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from crossmatch.data.negatives import FLIP_RELATION, REPLACE_ATTRIBUTE, SWAP_ATTRIBUTES, SWAP_RELATION
+from crossmatch.data.negatives import TYPES as NEGATIVE_TYPES
 from crossmatch.files import write_text
 
 logger = logging.getLogger(__name__)
@@ -309,14 +311,6 @@ def _wording(rng: random.Random, objs: list[Obj], size: int) -> Wording:
     w = rng.choice((x, y))
     s = _rel_phrase(rng, relations(objs[z]["box"], objs[w]["box"], size))
     return Wording(rng.choice(THREE), words, {"x": x, "y": y, "z": z, "w": w}, {"r": r, "s": s})
-
-
-# Perturbation types of the exact negatives (the "type" of each entry of a sentence's "negatives").
-SWAP_ATTRIBUTES = "swap_attributes"  # two objects exchange their colour (or size) words
-SWAP_RELATION = "swap_relation"  # the two sides of a relation change places ("X left of Y" -> "Y left of X")
-FLIP_RELATION = "flip_relation"  # a relation word becomes its opposite (left/right, above/below)
-REPLACE_ATTRIBUTE = "replace_attribute"  # one object's colour (or size) becomes another value
-NEGATIVE_TYPES = (SWAP_ATTRIBUTES, SWAP_RELATION, FLIP_RELATION, REPLACE_ATTRIBUTE)
 
 
 def _flipped(phrase: str, rels: tuple[str, ...], k: int) -> tuple[str, tuple[str, ...]]:
