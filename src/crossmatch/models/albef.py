@@ -77,9 +77,12 @@ class ALBEF(nn.Module):
         if cfg.momentum:
             self._init_momentum()
 
+    momentum_names: tuple[str, ...] | list[str] = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+
     def _init_momentum(self) -> None:
+        """EMA copies (`NAME_m`) of the `momentum_names` modules, and the feature queues."""
         cfg = self.config
-        for name in ("visual_encoder", "vision_proj", "text_encoder", "text_proj"):
+        for name in self.momentum_names:
             setattr(self, name + "_m", copy.deepcopy(getattr(self, name)).requires_grad_(False))
         # Random unit vectors with image id -1 (no positive) stand in for the not-yet-filled slots, as in ALBEF.
         self.register_buffer("image_queue", l2norm(torch.randn(cfg.queue_size, cfg.embed_dim)))  # (Q, E)

@@ -19,7 +19,6 @@ E embedding.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -211,15 +210,6 @@ class AlbefPretrained(ALBEF):
         other = {"image_tower.": image_src} if load else {}
         self.init_report = complete_report(report, self, other, copies)
         log_report("albef_minilm", self.init_report)
-
-    def _init_momentum(self) -> None:
-        cfg = self.config
-        for name in self.momentum_names:
-            setattr(self, name + "_m", copy.deepcopy(getattr(self, name)).requires_grad_(False))
-        self.register_buffer("image_queue", l2norm(torch.randn(cfg.queue_size, cfg.embed_dim)))  # (Q, E)
-        self.register_buffer("text_queue", l2norm(torch.randn(cfg.queue_size, cfg.embed_dim)))  # (Q, E)
-        self.register_buffer("idx_queue", torch.full((cfg.queue_size,), -1, dtype=torch.long))  # (Q,)
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E) l2-normalised, "tokens": (B, 1+R, D), "mask": (B, 1+R)}."""
