@@ -15,7 +15,7 @@ from crossmatch.data.formats import open_split
 from crossmatch.data.precomputed import PrecomputedFeatures
 from crossmatch.errors import DataError, ModelError
 from crossmatch.models import create_model
-from crossmatch.models.layers import pool_boxes
+from crossmatch.models.layers import l2norm, pool_boxes
 from crossmatch.models.scan import scan_similarity
 from crossmatch.search.explain import draw_attention
 
@@ -79,6 +79,30 @@ def test_box_regions_are_the_image_mean_then_pooled_boxes_then_grid_cells():
     torch.testing.assert_close(feats[2, 1:], cell_feats[2])  # no real box
     flat = feats.flatten(0, 1)
     assert torch.cdist(flat, flat).add(torch.eye(len(flat)) * 1e3).min() > 0  # every region distinct
+
+
+def test_box_position_adds_each_regions_place_and_size():
+    b = batch()  # 32 x 32 images; image 0 has boxes (2, 3, 14, 12) and (16, 16, 30, 31), slot 3 a grid cell
+    torch.manual_seed(0)
+    plain = create_model("tiny_scan", vocab_size=50, regions="boxes").eval()
+    torch.manual_seed(0)
+    placed = create_model("tiny_scan", vocab_size=50, regions="boxes", box_position=True).eval()
+    geo = placed.box_geometry(b)  # (3, 4, 5)
+    torch.testing.assert_close(geo[0, 0], torch.tensor([0.0, 0, 1, 1, 1]))  # the whole image
+    # (2/32, 3/32, 14/32, 12/32), area (12/32) * (9/32)
+    torch.testing.assert_close(geo[0, 1], torch.tensor([2 / 32, 3 / 32, 14 / 32, 12 / 32, 12 * 9 / 32**2]))
+    torch.testing.assert_close(geo[0, 3], torch.tensor([0.0, 0.5, 0.5, 1.0, 0.25]))  # empty slot: grid cell 2
+    with torch.no_grad():
+        feats = placed.region_features(b)  # (3, 4, C): the pooled features are the plain model's
+        expect = l2norm(placed.image_proj(feats) + placed.box_proj(geo))
+        torch.testing.assert_close(placed.encode_image(b)["regions"], expect)
+        # without the position term the regions are the plain model's (same seed: the towers are built first)
+        torch.nn.init.zeros_(placed.box_proj.weight)
+        torch.nn.init.zeros_(placed.box_proj.bias)
+        torch.testing.assert_close(placed.encode_image(b)["regions"], plain.encode_image(b)["regions"])
+    assert "box_proj.weight" not in plain.state_dict()  # off by default: checkpoints of before load as they were
+    with pytest.raises(ModelError, match="box_position needs model.regions=boxes"):
+        create_model("tiny_scan", vocab_size=50, regions="grid", box_position=True)
 
 
 def test_word_attention_rows_sum_to_one_and_match_a_hand_computation():

@@ -56,6 +56,7 @@ class ScanConfig:
     image_size: int | list[int] = 64  # input side or [H, W] (from data.image_size); unused by precomputed regions
     feature_dim: int = 2048  # precomputed: width of the stored region features (bottom-up attention: 2048)
     n_boxes: int = 3  # boxes: object-box slots per image (R = 1 + n_boxes); the shapes data has 1-3 objects
+    box_position: bool = False  # boxes: add a learned embedding of each box's place and size to its region
     embed_dim: int = 1024  # joint width E of regions and words
     word_dim: int = 300  # word embedding width
     text_hidden: int = 0  # GRU width; 0 = embed_dim (SCAN: the GRU states are the word vectors, no projection)
@@ -79,6 +80,8 @@ def _check(cfg: ScanConfig) -> None:
             raise ModelError(f"unknown model.{name} {value!r}; known: {', '.join(known)}")
     if cfg.regions == "boxes" and cfg.n_boxes < 1:
         raise ModelError("model.n_boxes must be at least 1 for box regions")
+    if cfg.box_position and cfg.regions != "boxes":
+        raise ModelError(f"model.box_position needs model.regions=boxes, not {cfg.regions!r}")
 
 
 def normalise_raw(raw: Tensor, norm: str, dim: int = -1, eps: float = 1e-8) -> Tensor:
@@ -111,6 +114,8 @@ class ScanModel(nn.Module):
         bound = math.sqrt(6.0) / math.sqrt(in_dim + cfg.embed_dim)
         nn.init.uniform_(self.image_proj.weight, -bound, bound)
         nn.init.zeros_(self.image_proj.bias)
+        if cfg.box_position:  # where a region is, which pooled CNN features barely say (a relation needs it)
+            self.box_proj = nn.Linear(5, cfg.embed_dim)
         hidden = cfg.text_hidden or cfg.embed_dim
         self.text_tower = GRUTextEncoder(cfg.vocab_size, cfg.word_dim, hidden, cfg.bidirectional)
         self.text_proj = nn.Identity() if hidden == cfg.embed_dim else nn.Linear(hidden, cfg.embed_dim)
@@ -151,7 +156,18 @@ class ScanModel(nn.Module):
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, S, S), or (B, R, feature_dim) features -> {"regions": (B, R, E)} l2-normalised."""
         feats = self.region_features(batch)  # (B, R, C)
-        return {"regions": l2norm(self.image_proj(feats.to(self.image_proj.weight.dtype)))}  # (B, R, E)
+        regions = self.image_proj(feats.to(self.image_proj.weight.dtype))  # (B, R, E)
+        if self.config.box_position:
+            regions = regions + self.box_proj(self.box_geometry(batch).to(regions.dtype))  # (B, R, E)
+        return {"regions": l2norm(regions)}  # (B, R, E)
+
+    def box_geometry(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, R, 5) per region: x0, y0, x1, y1 as fractions of the image width / height, and the box's share
+        of the image area (the 5-d spatial vector bottom-up-attention regions carry)."""
+        H, W = batch["image"].shape[-2:]
+        boxes = self.region_boxes(batch) / torch.tensor([W, H, W, H], device=batch["image"].device)  # (B, R, 4)
+        area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, R)
+        return torch.cat([boxes, area[..., None]], dim=-1)  # (B, R, 5)
 
     # ---- text side --------------------------------------------------------------------------------
     def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
