@@ -516,7 +516,13 @@ def test_sigint_inside_torch_save_is_one_line_and_keeps_the_previous_file(shapes
         return real(path, (lambda f: write(CtrlC(f))) if path.name == "last.pt" else write)
 
     monkeypatch.setattr(checkpoint, "atomic_write", atomic_write)
-    assert main(train_args(shapes_root, run_copy, "train.epochs=2", "--resume")) == 130
+    # A shell starts background jobs (`make test &`, some CI runners) with SIGINT ignored, and Python then keeps
+    # ignoring it: give this process Python's own Ctrl-C handler, as an interactive terminal does.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(train_args(shapes_root, run_copy, "train.epochs=2", "--resume")) == 130
+    finally:
+        signal.signal(signal.SIGINT, handler)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"crossmatch: interrupted: interrupted while writing {last} (the previous file is intact)"
     assert last.read_bytes() == before and not list(last.parent.glob(".*"))
