@@ -38,6 +38,27 @@ def train_args(root, run_dir, *extra: str, config: str = "configs/vse_shapes.yam
     return ["train", str(ROOT / config), "--run-dir", str(run_dir), *tiny_overrides(root, *extra)]
 
 
+def train_interrupted(monkeypatch, train, after: int, check=None) -> None:
+    """Run `train()` with the Trainer stopped by a KeyboardInterrupt before its step `after + 1` (a kill between
+    two steps); `check(batches)` sees every step's micro-batches. The real step is put back afterwards."""
+    from crossmatch.engine import trainer as trainer_mod
+
+    real_step, calls = trainer_mod.Trainer.train_step, []
+
+    def step(self, batches):
+        if check is not None:
+            check(batches)
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(self, batches)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+
+
 def tiny_cfg(root, *extra: str):
     """The tiny run as a RunConfig (for in-process `crossmatch.runs.train`)."""
     from crossmatch.config import load_config

@@ -83,21 +83,9 @@ def test_resume_after_an_epoch_gives_identical_weights(shapes_root, tmp_path):
 @pytest.mark.slow
 def test_resume_mid_epoch_gives_identical_weights(shapes_root, tmp_path, monkeypatch):
     run_train(tiny_cfg(shapes_root, "train.epochs=1"), tmp_path / "full")
-    from crossmatch.engine import trainer as trainer_mod
-
-    real_step, calls = trainer_mod.Trainer.train_step, []
-
-    def crash_after_three(self, batch):
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # stands in for a kill between steps 3 and 4
-        calls.append(1)
-        return real_step(self, batch)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crash_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tiny_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1"), tmp_path / "cut")
+    cut = tiny_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1")
+    conftest.train_interrupted(monkeypatch, lambda: run_train(cut, tmp_path / "cut"), after=3)  # a kill after step 3
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]["step_in_epoch"] == 3
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
     run_train(tiny_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1"), tmp_path / "cut", resume=True)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)

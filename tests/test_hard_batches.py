@@ -138,21 +138,10 @@ def test_trainer_resumed_mid_epoch_with_hard_batches_is_exact(shapes_root, tmp_p
         )  # fmt: skip
 
     run_train(cfg(), tmp_path / "full")
-    from crossmatch.engine import trainer as trainer_mod
-
-    real_step, calls = trainer_mod.Trainer.train_step, []
-
-    def crash_after_two(self, batch):
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # a kill between steps 2 and 3
-        calls.append(1)
-        return real_step(self, batch)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg("checkpoint.every_steps=1"), tmp_path / "cut")
+    conftest.train_interrupted(
+        monkeypatch, lambda: run_train(cfg("checkpoint.every_steps=1"), tmp_path / "cut"), after=2
+    )
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]["step_in_epoch"] == 2
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
     run_train(cfg("checkpoint.every_steps=1"), tmp_path / "cut", resume=True)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["model"]

@@ -303,28 +303,20 @@ def test_bad_exact_negatives_are_one_line_errors(tmp_path, negatives, message):
 
 # ---- training ------------------------------------------------------------------------------------------
 def test_training_with_text_negatives_resumes_exactly(shapes_root, tmp_path, monkeypatch):
-    from crossmatch.engine import trainer as trainer_mod
     from crossmatch.engine.checkpoint import load_checkpoint
     from crossmatch.runs import train as run_train
     from tests.test_checkpoint import tiny_cfg, weights
 
     extra = ("train.epochs=1", "checkpoint.every_steps=1", "loss.text_negatives=2")
     run_train(tiny_cfg(shapes_root, *extra), tmp_path / "full")
-    real_step, calls = trainer_mod.Trainer.train_step, []
 
-    def crash_after_two(self, batch):
-        first = batch[0] if isinstance(batch, list) else batch  # the micro-batches of a step
+    def has_negatives(batches):
+        first = batches[0] if isinstance(batches, list) else batches  # the micro-batches of a step
         assert first["neg_input_ids"].shape[1] == 2 and first["neg_valid"].any()
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # a kill between steps 2 and 3
-        calls.append(1)
-        return real_step(self, batch)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tiny_cfg(shapes_root, *extra), tmp_path / "cut")
+    cut = lambda: run_train(tiny_cfg(shapes_root, *extra), tmp_path / "cut")  # noqa: E731
+    conftest.train_interrupted(monkeypatch, cut, after=2, check=has_negatives)
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]["step_in_epoch"] == 2
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
     run_train(tiny_cfg(shapes_root, *extra), tmp_path / "cut", resume=True)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
