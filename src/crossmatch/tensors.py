@@ -103,6 +103,14 @@ def gather(x: Tensor, world_size: int) -> Tensor:
     return torch.cat(parts)
 
 
+def gather_rows(scores: Tensor, valid: Tensor, world_size: int) -> tuple[Tensor, Tensor]:
+    """(B_rank, K) scores (with gradient) and their (B_rank, K) bool mask -> every rank's, in rank order (the
+    batch rows' order). A no-op when world_size == 1."""
+    if world_size == 1:
+        return scores, valid
+    return gather(scores, world_size), gather(valid.to(torch.uint8), world_size).bool()
+
+
 def all_gather_varlen(x: Tensor) -> list[Tensor]:
     """Gather tensors of equal ndim whose shapes differ across ranks. Dims >= 1 are zero-padded to the
     largest over ranks; dim 0 keeps each rank's own length. Returns one tensor per rank, on x's device."""

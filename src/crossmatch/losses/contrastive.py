@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crossmatch.losses.itm import positive_targets, soft_cross_entropy, with_negative_columns
-from crossmatch.tensors import gather
+from crossmatch.tensors import gather, gather_rows
 
 
 class _GatheredLoss(nn.Module):
@@ -45,10 +45,7 @@ class _GatheredLoss(nn.Module):
         """Row b's logits against its own K text negatives: (B_rank, E), (B_rank, K, E), (B_rank, K) -> (B, K)
         and the (B, K) valid mask, gathered over ranks unless `local` (so they follow their rows)."""
         logits = scale * torch.einsum("be,bke->bk", image_feat, neg_feat)  # (B_rank, K)
-        if not self.local:
-            logits = gather(logits, self.world_size)  # (B, K)
-            neg_valid = gather(neg_valid.to(torch.uint8), self.world_size).bool()  # (B, K)
-        return logits, neg_valid
+        return (logits, neg_valid) if self.local else gather_rows(logits, neg_valid, self.world_size)  # (B, K)
 
     def rows_and_columns(self, image_feat: Tensor, text_feat: Tensor, image_idx: Tensor):
         """(B_rank, E), (B_rank, E), (B_rank,) -> rows (img, txt, idx) and columns (img, txt, idx), all gathered."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from crossmatch.tensors import gather, slice_features
+from crossmatch.tensors import slice_features
 
 
 def encode_negatives(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor] | None:
@@ -45,10 +45,3 @@ def paired_scores(model: nn.Module, img: dict[str, Tensor], neg: dict[str, Tenso
         for b in range(len(next(iter(neg.values()))))
     ]
     return torch.cat(rows, 0)  # (B, K)
-
-
-def gather_rows(scores: Tensor, valid: Tensor, world_size: int) -> tuple[Tensor, Tensor]:
-    """(B_rank, K) scores (with gradient) and valid mask -> all ranks', in rank order (as the batch rows)."""
-    if world_size == 1:
-        return scores, valid
-    return gather(scores, world_size), gather(valid.to(torch.uint8), world_size).bool()

@@ -14,8 +14,8 @@ from torch import nn
 from crossmatch.config import LossConfig
 from crossmatch.losses.triplet import TripletLoss
 from crossmatch.tasks.base import Task
-from crossmatch.tasks.text_negatives import encode_negatives, gather_rows, paired_scores
-from crossmatch.tensors import gather_features
+from crossmatch.tasks.text_negatives import encode_negatives, paired_scores
+from crossmatch.tensors import gather_features, gather_rows
 
 
 class TripletTask(Task):
