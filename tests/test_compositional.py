@@ -197,6 +197,7 @@ def _hand_made(root: Path) -> Path:
 def test_negatives_accuracy_per_type_hand_checked(tmp_path: Path, fusion: bool) -> None:
     from crossmatch.config import load_config
     from crossmatch.data.tokenizer import CaptionTokenizer
+    from crossmatch.retrieval.compositional import read_negatives
     from crossmatch.runs import evaluate_negatives
 
     path = _hand_made(tmp_path)
@@ -208,6 +209,9 @@ def test_negatives_accuracy_per_type_hand_checked(tmp_path: Path, fusion: bool) 
         "B": {"accuracy": 100.0, "correct": 1, "total": 1, "ties": 0},
         "all": {"accuracy": pytest.approx(200 / 3), "correct": 2, "total": 3, "ties": 0},
     }
+    # triples made in memory (benchmarks/text_negative_accuracy.py passes the perturber's) score the same
+    triples = read_negatives(path, tmp_path)
+    assert evaluate_negatives(cfg, SignTimesLength(fusion), tok, triples, torch.device("cpu")) == report
 
 
 def test_compositional_accuracy_ties_fail() -> None:

@@ -226,16 +226,17 @@ def evaluate_negatives(
     cfg: RunConfig,
     model: nn.Module,
     tokenizer: CaptionTokenizer,
-    path: str | Path,
+    path: str | Path | list[Triple],
     device: torch.device,
     root: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, dict[str, float | int]]:
-    """Compositional accuracy of a model on a negatives file (crossmatch.retrieval.compositional), per
-    perturbation type and overall. Images resolve against `root` (default data.root) unless absolute;
-    box-region models read each image's boxes from the train/val/test splits of the dataset at `root`."""
+    """Compositional accuracy of a model on a negatives file (crossmatch.retrieval.compositional), or on
+    triples already made, per perturbation type and overall. Images resolve against `root` (default
+    data.root) unless absolute; box-region models read each image's boxes from the train/val/test splits of
+    the dataset at `root`."""
     root = Path(root or cfg.data.root)
-    triples = read_negatives(path, root)
+    triples = path if isinstance(path, list) else read_negatives(path, root)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))  # boxes: from that dataset
     max_boxes = needs_boxes(model)
     split = TripleSplit(triples, _boxes_from_dataset(cfg, path) if max_boxes else None)
