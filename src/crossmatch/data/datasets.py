@@ -15,6 +15,7 @@ perturber (`crossmatch.data.negatives`), seeded by the item seed, so the stream 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -266,6 +267,14 @@ class ImageView(Dataset):
         """The decoded image i, (3, H, W) uint8 (formats whose images are not files override this)."""
         return load_image(self.ds.images[i].path, self.ds.max_image_pixels, self.ds.background)
 
+    def preprocessing(self) -> bytes:
+        """What an image goes through after its file: the transform (every parameter) and the background."""
+        return f"{self.transform!r}|background={list(self.ds.background)}".encode()
+
+    def file_key(self, i: int) -> bytes:
+        """Image i's item key: SHA-1 of its file and of `preprocessing()` (see `file_key`)."""
+        return file_key(self.ds.images[i].path, self.preprocessing())
+
     def __getitem__(self, i: int) -> dict:
         rec = self.ds.images[i]
         boxes = rec.boxes[: self.max_boxes] if (self.max_boxes and rec.boxes) else None
@@ -276,6 +285,46 @@ class ImageView(Dataset):
         if self.max_boxes:
             item["boxes"] = boxes if boxes is not None else torch.zeros(0, 4)
         return item
+
+
+class KeyedImageView(Dataset):
+    """Item i: {"image_key": keys[i], "image_idx": i[, "pid"]}, no pixels: for a model that already holds the
+    outputs of its frozen image tower under these keys (`runs.cache_train_images` fills them once and swaps
+    this view in), so an epoch decodes no image. `failed[i]` is the message of an image that could not be
+    read when the cache was filled: it is raised again here (a DataError), so `PairView(skip_bad=True)`
+    skips and counts it every epoch as the decoding view would."""
+
+    def __init__(self, view: ImageView, keys: list[bytes | None], failed: dict[int, str]):
+        self.ds, self.keys, self.failed = view.ds, keys, failed
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.failed:
+            raise DataError(self.failed[i])
+        item = {"image_key": self.keys[i], "image_idx": i}
+        if self.ds.images[i].pid is not None:
+            item["pid"] = self.ds.images[i].pid
+        return item
+
+
+def file_key(path: str | Path, salt: bytes) -> bytes:
+    """SHA-1 of `salt` (what the file's pixels go through: the preprocessing) and the file's bytes.
+
+    Raises:
+        DataError: naming the file when it cannot be read.
+    """
+    h = hashlib.sha1(salt + b"\0")
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError as err:
+        raise DataError(f"image not found: {path}") from err
+    except OSError as err:
+        raise DataError(f"cannot read image {path}: {err.strerror or err}") from err
+    return h.digest()
 
 
 class CaptionView(Dataset):

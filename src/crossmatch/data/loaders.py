@@ -35,6 +35,8 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     first, batch = items[0], {}
     if "image" in first:
         batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, S, S)
+    if "image_key" in first:  # KeyedImageView: the model has these images' outputs cached
+        batch["image_key"] = [it["image_key"] for it in items]  # B bytes
     if "input_ids" in first:
         batch["input_ids"], batch["attention_mask"] = pad_sequences([it["input_ids"] for it in items])  # (B, L)
     if "neg_input_ids" in first:

@@ -23,6 +23,7 @@ a pattern that matches nothing (DataError, one line).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -272,6 +273,10 @@ class ShardImageView(ImageView):
 
     def pixels(self, i: int):
         return decode_image(self.ds.blobs[i], self.ds.where[i])
+
+    def file_key(self, i: int) -> bytes:
+        """SHA-1 of the preprocessing and the image's encoded bytes (as ImageView's of a file)."""
+        return hashlib.sha1(self.preprocessing() + b"\0" + bytes(self.ds.blobs[i])).digest()
 
 
 @register_format("webdataset")

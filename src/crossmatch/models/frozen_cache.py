@@ -2,8 +2,10 @@
 
 A frozen tower (or the frozen first blocks of a partially unfrozen one) in eval mode gives each item an
 output that depends on that item's input alone: no dropout, BatchNorm running statistics. Each item is keyed by
-the SHA-1 of its exact input (the preprocessed pixels, or the real token ids), so a change of preprocessing
-(mean/std, size, resize mode) or of the image file is a different key, never a stale hit.
+the SHA-1 of its exact input (`input_key`: the preprocessed pixels, or the real token ids), or, for training
+images filled in before the first epoch, by the SHA-1 of the image file and its preprocessing
+(`crossmatch.data.datasets.file_key`), so that later epochs need not decode the file. Either way a change of
+preprocessing (mean/std, size, resize mode) or of the image file is a different key, never a stale hit.
 
 - `MemoryOutputCache`: float32 tensors in a dict (exact), bounded by `max_items`.
 - `DiskOutputCache`: float16 rows appended to one file, memory-mapped for reading, with an `index.json`
@@ -60,6 +62,9 @@ class MemoryOutputCache:
     def __init__(self, max_items: int = 50_000):
         self.store: dict[bytes, Tensor] = {}
         self.max_items, self.hits, self.misses = max_items, 0, 0
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.store
 
     def rows(self, keys: list[bytes], compute: Compute) -> list[Tensor]:
         """keys: one per item; compute(indices) -> the outputs of those items. Returns every item's output."""
@@ -142,6 +147,9 @@ class DiskOutputCache:
         return np.asarray(self._map[offset : offset + _numel(shape)]).reshape(shape)
 
     # --- use ----------------------------------------------------------------------------------------------
+
+    def __contains__(self, key: bytes) -> bool:
+        return key.hex() in self.items
 
     def rows(self, keys: list[bytes], compute: Compute) -> list[Tensor]:
         """keys: one per item; compute(indices) -> the outputs of those items. Returns every item's output,

@@ -429,19 +429,54 @@ class PretrainedDualEncoder(JointEmbedding):
             setattr(self, f"{which}_cache", cache)
         return cache
 
+    @property
+    def caches_image_outputs(self) -> bool:
+        """Whether encode_image keeps the frozen image tower's outputs (or its frozen blocks') per item."""
+        tower = self.image_tower
+        return (
+            self.config.cache_frozen
+            and self.cache_images
+            and tower.frozen
+            and (not tower.unfrozen or tower.splittable())
+        )
+
+    def _frozen_image(self, keys: list[bytes], image: Tensor | None = None) -> Tensor:
+        """The cached part of the image tower for these items: the pooled (B, C) of a frozen tower, or the
+        (B, C', h', w') input of the first trainable block; computed from `image` (B, 3, H, W) where missing."""
+        tower = self.image_tower
+        frozen = tower.run_prefix if tower.unfrozen else tower
+
+        def compute(rows: list[int]) -> Tensor:
+            if image is None:
+                raise ModelError(f"{len(rows)} image(s) of the batch are given by key only and are not in the cache")
+            return frozen(image[rows])
+
+        return self._cache("image")(keys, compute)
+
+    def missing_image_outputs(self, keys: list[bytes]) -> list[int]:
+        """The positions of the keys whose frozen image outputs are not cached yet."""
+        cache = self._cache("image")
+        return [i for i, k in enumerate(keys) if k not in cache]
+
+    def fill_image_cache(self, keys: list[bytes], image: Tensor) -> None:
+        """Compute and keep the frozen image outputs of `image` (B, 3, H, W) under `keys` (e.g. file keys),
+        so that later batches may give {"image_key": keys} instead of pixels."""
+        with torch.no_grad():
+            self._frozen_image(keys, image)
+
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """batch["image"] (B, 3, H, W) -> {"embed": (B, E)} l2-normalised."""
-        image, tower = batch["image"], self.image_tower  # (B, 3, H, W)
-        cached = self.config.cache_frozen and self.cache_images and tower.frozen
-        if cached and not tower.unfrozen:
-            pooled = self._cache("image")([input_key(x) for x in image], lambda rows: tower(image[rows]))  # (B, C)
-        elif cached and tower.splittable():
-            keys = [input_key(x) for x in image]
-            x = self._cache("image")(keys, lambda rows: tower.run_prefix(image[rows]))  # (B, C', h', w')
-            pooled = tower.run_suffix(x.to(image.device, image.dtype))  # (B, C)
+        """batch["image"] (B, 3, H, W), or batch["image_key"] (B keys filled by fill_image_cache) ->
+        {"embed": (B, E)} l2-normalised."""
+        tower, device = self.image_tower, self.image_proj.weight.device
+        if "image" not in batch:  # keys only (data.datasets.KeyedImageView)
+            out = self._frozen_image(batch["image_key"]).to(device)
+        elif self.caches_image_outputs:
+            image = batch["image"]  # (B, 3, H, W)
+            out = self._frozen_image([input_key(x) for x in image], image).to(device, image.dtype)
         else:
-            pooled = tower(image)  # (B, C)
-        return {"embed": l2norm(self.image_proj(pooled.to(image.device)))}  # (B, E)
+            return {"embed": l2norm(self.image_proj(tower(batch["image"])))}  # (B, E)
+        pooled = tower.run_suffix(out) if tower.unfrozen else out  # (B, C)
+        return {"embed": l2norm(self.image_proj(pooled))}  # (B, E)
 
     def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
