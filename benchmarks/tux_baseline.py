@@ -23,8 +23,9 @@ from crossmatch.data.loaders import collate
 from crossmatch.data.tokenizer import build_tokenizer
 from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.metrics import retrieval_metrics
+from crossmatch.models.class_prior import ClassNamePrior, embed_names, imagenet_class_names
 from crossmatch.models.layers import l2norm
-from crossmatch.models.pretrained import LITE0_PREPROCESS, HFTextTower, efficientnet_lite0
+from crossmatch.models.pretrained import LITE0_PREPROCESS, HFTextTower, ImageTower, imagenet_classifier
 
 
 @torch.no_grad()
@@ -47,21 +48,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    from timm.data import ImageNetInfo
-
-    names = [ImageNetInfo().index_to_description(i).split(",")[0] for i in range(1000)]
     ds = open_split(DataConfig(root=args.data), args.split)
     pp = {**LITE0_PREPROCESS, "resize": args.resize}
     if args.imagenet_stats:
         pp |= {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     transform = build_image_transform(224, train=False, **pp)
-    classifier = efficientnet_lite0(pretrained=True).eval()
+    image_tower = ImageTower("efficientnet_lite0").eval()
     pixels = torch.stack([transform(load_image(r.path)) for r in ds.images])  # (N, 3, 224, 224)
-    probs = torch.cat([classifier(pixels[i : i + 32]).softmax(-1) for i in range(0, len(pixels), 32)])  # (N, 1000)
+    pooled = torch.cat([image_tower(pixels[i : i + 32]) for i in range(0, len(pixels), 32)])  # (N, 1280)
     tower, tokenizer = HFTextTower("minilm"), build_tokenizer("minilm", [], max_words=32)
-    class_emb = embed_texts(tower, tokenizer, [f"A {n}." for n in names])  # (1000, D)
-    top = probs.topk(args.top_k, dim=1)  # (N, k)
-    img = l2norm((top.values[..., None] * class_emb[top.indices]).sum(1))  # (N, D) probability-weighted names
+    names = embed_names(lambda s: embed_texts(tower, tokenizer, s), imagenet_class_names())  # (1000, D)
+    prior = ClassNamePrior(imagenet_classifier("efficientnet_lite0"), names, args.top_k)
+    img = prior.scores(pooled)  # (N, D) probability-weighted names (the model's model.image_prior=class_names)
     txt = embed_texts(tower, tokenizer, ds.captions)  # (M, D)
     m = retrieval_metrics(img @ txt.t(), ds.txt_to_img)
     stats = "ImageNet mean/std" if args.imagenet_stats else "Lite0's own 0.5/0.5"

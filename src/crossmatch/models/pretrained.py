@@ -23,7 +23,10 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from crossmatch.errors import ModelError
+from crossmatch.data.loaders import pad_sequences
+from crossmatch.data.tokenizer import build_tokenizer
+from crossmatch.errors import ConfigError, ModelError
+from crossmatch.models.class_prior import ClassNamePrior, embed_names, imagenet_class_names
 from crossmatch.models.dual_encoder import JointEmbedding
 from crossmatch.models.frozen_cache import DiskOutputCache, MemoryOutputCache, input_key, weights_digest
 from crossmatch.models.layers import ResNetTower, l2norm
@@ -236,6 +239,28 @@ def efficientnet_lite0(pretrained: bool = True, num_classes: int = 1000) -> nn.M
     return model
 
 
+def imagenet_classifier(name: str, pretrained: bool = True) -> nn.Linear:
+    """The ImageNet-1k linear head of image tower `name` (efficientnet_lite0, or a timm model whose pretrained
+    head has 1000 classes), e.g. for `ClassNamePrior`.
+
+    Raises:
+        ModelError: a tower without such a head (torchvision towers, timm models trained on other labels).
+    """
+    if name == "efficientnet_lite0":
+        head = efficientnet_lite0(pretrained).classifier
+    elif name.startswith("torchvision."):
+        raise ModelError(f"model.image_prior=class_names: image tower {name!r} keeps no classifier; use a timm tower")
+    else:
+        timm = require("timm")
+        try:
+            head = timm.create_model(name, pretrained=pretrained).get_classifier()
+        except (OSError, RuntimeError) as err:
+            raise ModelError(f"image tower {name!r}: cannot load its weights: {str(err).splitlines()[0]}") from err
+    if not isinstance(head, nn.Linear) or head.out_features != 1000:
+        raise ModelError(f"model.image_prior=class_names: image tower {name!r} has no ImageNet-1k linear head")
+    return head
+
+
 def _timm_model(name: str, pretrained: bool) -> nn.Module:
     """A timm backbone without classifier; `hf-hub:` names and timm's own weights may download."""
     timm = require("timm")
@@ -377,6 +402,8 @@ class PretrainedDualConfig:
     cache_dir: str = ""  # folder of the float16 disk cache; "": <run dir>/frozen_cache when training, else in memory
     unfreeze_image_blocks: int = 0  # with freeze_image: the last N image blocks (and the head after them) train
     unfreeze_text_layers: int = 0  # with freeze_text: the last N encoder layers of the text tower train
+    image_prior: str = ""  # "" | class_names: the image tower's ImageNet classes named in the text space (ConSE)
+    prior_top_k: int = 5  # class_names: the k most probable classes are mixed
 
 
 class PretrainedDualEncoder(JointEmbedding):
@@ -401,13 +428,40 @@ class PretrainedDualEncoder(JointEmbedding):
                 f"set data.tokenizer to the tower's own (e.g. data.tokenizer={cfg.text_tower})"
             )
         self.preprocess = self.image_tower.preprocess  # the image tower's: filled into data.* by resolve_preprocess
-        self.image_proj = nn.Linear(self.image_tower.out_dim, cfg.embed_dim)
+        self.prior = self._class_prior() if cfg.image_prior else None  # (B, C) -> (B, D_text)
+        prior_dim = self.prior.out_dim if self.prior is not None else 0
+        self.image_proj = nn.Linear(self.image_tower.out_dim + prior_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim)
         self.image_cache, self.text_cache = MemoryOutputCache(), MemoryOutputCache()  # used with cache_frozen
         self.cache_images = True  # False when the image input is augmented (runs.build_trainer)
         self._disk_root = cfg.cache_dir
         if cfg.cache_dir:  # a named folder: on disk wherever the model runs (opened on first use)
             self.image_cache = self.text_cache = None
+
+    def _class_prior(self) -> ClassNamePrior:
+        """model.image_prior=class_names: the image tower's ImageNet-1k head and the text tower's embeddings of
+        the 1000 class names (computed once here; the state dict keeps them)."""
+        cfg = self.config
+        if cfg.image_prior != "class_names":
+            raise ModelError(f"unknown model.image_prior {cfg.image_prior!r}; known: class_names (or empty: none)")
+        if not 1 <= cfg.prior_top_k <= 1000:
+            raise ModelError(f"model.prior_top_k={cfg.prior_top_k}: must be 1-1000 (ImageNet classes)")
+        try:
+            tokenizer = build_tokenizer(cfg.text_tower, [], max_words=32)
+        except ConfigError as err:
+            raise ModelError(f"model.image_prior=class_names: {err}") from err
+        tower = self.text_tower
+
+        def embed(sentences: list[str]) -> Tensor:
+            ids, mask = pad_sequences(tokenizer.encode_batch(sentences))  # (n, L) each
+            return tower(ids, mask)[1]  # (n, D)
+
+        head = imagenet_classifier(cfg.image_tower, cfg.pretrained)  # C -> 1000
+        return ClassNamePrior(head, embed_names(embed, imagenet_class_names()), cfg.prior_top_k)  # names (1000, D)
+
+    def _image_input(self, pooled: Tensor) -> Tensor:
+        """The pooled (B, C) features, and the class-name prior (B, D_text) after them when configured."""
+        return pooled if self.prior is None else torch.cat([pooled, self.prior(pooled)], dim=1)
 
     def use_cache_dir(self, folder: str | Path, cache_images: bool = True) -> None:
         """Keep the frozen outputs in float16 files under `folder` (a run's frozen_cache/) unless the config
@@ -474,9 +528,9 @@ class PretrainedDualEncoder(JointEmbedding):
             image = batch["image"]  # (B, 3, H, W)
             out = self._frozen_image([input_key(x) for x in image], image).to(device, image.dtype)
         else:
-            return {"embed": l2norm(self.image_proj(tower(batch["image"])))}  # (B, E)
+            return {"embed": l2norm(self.image_proj(self._image_input(tower(batch["image"]))))}  # (B, E)
         pooled = tower.run_suffix(out) if tower.unfrozen else out  # (B, C)
-        return {"embed": l2norm(self.image_proj(pooled))}  # (B, E)
+        return {"embed": l2norm(self.image_proj(self._image_input(pooled)))}  # (B, E)
 
     def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
