@@ -297,3 +297,34 @@ def test_score_gives_an_image_by_caption_matrix_for_every_family(name):
         ref = model.similarity(model.encode_image({"image": pixels}), model.encode_text(model.tokenizer(texts)))
     assert s.shape == (2, 3)
     torch.testing.assert_close(s, ref.float())  # the same batches through the same calls
+
+
+def test_a_vse_pretrained_checkpoint_from_before_model_owned_preprocessing_keeps_imagenet_stats(tmp_path):
+    """A vse_pretrained checkpoint as 0.1.0 wrote it (no preprocessing fields in its data section, no
+    image_prior in its model section) is scored on what it was trained on: ImageNet mean/std, squashed, not
+    Lite0's 0.5/0.5 that a new run takes. (A real one holds 100 MB of tower weights; this one is written here in
+    the same format, the towers randomly initialised.)"""
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    from crossmatch.data.tokenizer import build_tokenizer
+    from crossmatch.data.transforms import build_image_transform
+    from crossmatch.models.pretrained import PretrainedDualConfig, PretrainedDualEncoder
+
+    torch.manual_seed(0)
+    old = PretrainedDualEncoder(PretrainedDualConfig(pretrained=False, embed_dim=8)).eval()
+    model_section = {"name": "vse_pretrained", "text_tower": "minilm", "text_pooling": "mean"}
+    model_section |= {"image_tower": "efficientnet_lite0", "pretrained": False, "freeze_text": True}
+    model_section |= {"freeze_image": True, "embed_dim": 8, "vocab_size": 30522}
+    data = {"root": str(tmp_path), "format": "karpathy", "image_size": 32, "augment": False, "tokenizer": "minilm"}
+    tok = build_tokenizer("minilm", [], max_words=32)
+    ckpt = {"model": old.state_dict(), "config": {"data": data, "model": model_section}, "tokenizer": tok.to_str()}
+    torch.save(ckpt, tmp_path / "old.pt")
+    model = crossmatch.load(tmp_path / "old.pt")
+    pp = model.preprocess
+    assert pp["mean"] == [0.485, 0.456, 0.406] and pp["resize"] == "squash"  # 0.1.0's, not the tower's own
+    assert model.prior is None and model.image_proj.in_features == 1280  # no class-name prior in an old model
+    image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    old_transform = build_image_transform(32, train=False)  # 0.1.0's eval transform: ImageNet stats, squash
+    with torch.no_grad():
+        expected = old.encode_image({"image": old_transform(image)[None]})["embed"]
+    assert torch.equal(model.embed_images([pp(image)]), expected)  # the same weights, pixels and batch shape
