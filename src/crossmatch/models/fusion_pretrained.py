@@ -42,7 +42,7 @@ from crossmatch.models.bert import (
 )
 from crossmatch.models.frozen_cache import MemoryOutputCache, input_key
 from crossmatch.models.layers import feature_map_to_regions, l2norm
-from crossmatch.models.pretrained import ImageTower
+from crossmatch.models.pretrained import ImageTower, depths_by_blocks
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import ImageEmbedding, PatchEmbed
 from crossmatch.models.vilt import ViLT
@@ -129,6 +129,14 @@ def _check_vocab(vocab_size: int, shape: BertShape, name: str) -> None:
         )
 
 
+def _tower_depths(prefix: str, features: TowerFeatures) -> dict[str, tuple[int, int]]:
+    """A trainable pretrained image tower's `layer_depths` (its own depth scale); none for a frozen one."""
+    tower = features.tower
+    if tower.frozen:
+        return {}
+    return depths_by_blocks([(prefix + n, p) for n, p in tower.named_parameters()], tower.blocks())
+
+
 def _text_tokens(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """The caption ids as the WordPiece tokenizer made them ([CLS] first) and the mask: (B, L), (B, L) bool."""
     return batch["input_ids"], batch["attention_mask"].bool()
@@ -210,6 +218,20 @@ class AlbefPretrained(ALBEF):
         other = {"image_tower.": image_src} if load else {}
         self.init_report = complete_report(report, self, other, copies)
         log_report("albef_minilm", self.init_report)
+
+    def layer_depths(self) -> dict[str, tuple[int, int]]:
+        """Pretrained parameter name -> (depth, 7) for `train.tower_lr` and `train.layer_decay` (engine/optim.py),
+        the checkpoint's depths (MiniLM-L6): embeddings 0, checkpoint layer i at i + 1 (text layers 0-2 at 1-3,
+        fusion layers 3-5 at 4-6, without their new cross-attention), BERT's pooler 7 (the top). A trainable image
+        tower (freeze_image=False) has its own scale, as in vse_pretrained. Not listed, so at train.lr: the new
+        tensors (cross-attention, image projection and layers, ITC projections, ITM head, temperature)."""
+        text, fusion = self.text_encoder, self.fusion_encoder
+        named = [(f"text_encoder.{n}", p) for n, p in text.named_parameters()]
+        named += [(f"fusion_encoder.{n}", p) for n, p in fusion.named_parameters() if ".cross_" not in f".{n}"]
+        named += [(f"itm_pooler.{n}", p) for n, p in self.itm_pooler.named_parameters()]
+        return depths_by_blocks(named, [*text.encoder.layers, *fusion.layers]) | _tower_depths(
+            "image_tower.tower.", self.image_tower
+        )
 
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E) l2-normalised, "tokens": (B, 1+R, D), "mask": (B, 1+R)}."""
@@ -309,6 +331,19 @@ class ViltPretrained(ViLT):
         tokens = self.text_embed(ids) + self.type_embed.weight[0]  # (B, L, D)
         pooled = self.encoder(tokens, mask)[:, 0]  # (B, D): text-only pass, text [CLS]
         return {"embed": l2norm(self.text_proj(pooled)), "tokens": tokens, "mask": mask}
+
+    def layer_depths(self) -> dict[str, tuple[int, int]]:
+        """Pretrained parameter name -> (depth, 7) for `train.tower_lr` and `train.layer_decay` (engine/optim.py):
+        BERT's embeddings 0, layer i at i + 1, its pooler 7 (the top); a trainable CNN image tower has its own
+        scale. Not listed, so at train.lr: the new tensors (image embedding, modality-type embedding, ITM head,
+        the cheap head's projections and temperature)."""
+        named = [(f"text_embed.{n}", p) for n, p in self.text_embed.named_parameters()]
+        named += [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters()]
+        named += [(f"pooler.{n}", p) for n, p in self.pooler.named_parameters()]
+        out = depths_by_blocks(named, list(self.encoder.layers))
+        if isinstance(self.image_embed, CnnImageEmbed):
+            out |= _tower_depths("image_embed.features.tower.", self.image_embed.features)
+        return out
 
     # encode_image, itm_logits, similarity, score_pairs and forward come from ViLT.
 
