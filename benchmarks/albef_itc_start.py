@@ -27,55 +27,31 @@ from crossmatch.engine.distributed import DistInfo
 from crossmatch.runs import build_trainer
 
 RECIPE = "configs/albef_minilm_shapes.yaml"
-VARIANTS = {  # name -> config overrides on top of the recipe (and --steps)
-    "base": [],  # the recipe as it was: lr 1e-4 for everything, warm-up 50
-    "lr1e-3": ["train.lr=1e-3"],  # everything at 1e-3, BERT layers included
-    "split": ["train.lr=1e-3", "train.tower_lr=1e-4"],  # new tensors 1e-3, pretrained BERT tensors 1e-4
-    "split_warm10": ["train.lr=1e-3", "train.tower_lr=1e-4", "train.warmup_steps=10"],
-    "split_nomom": ["train.lr=1e-3", "train.tower_lr=1e-4", "model.momentum=false"],
-    "split_alpha0": ["train.lr=1e-3", "train.tower_lr=1e-4", "loss.albef.alpha=0"],  # queue, no distillation
-    "split_temp05": ["train.lr=1e-3", "train.tower_lr=1e-4", "model.temp=0.05"],
-    "split_meanpool": ["train.lr=1e-3", "train.tower_lr=1e-4"],  # + the text feature is the token mean
-    "base_meanpool": [],
+OLD = ["train.lr=1e-4", "train.tower_lr=0", "model.text_pool=cls"]  # the recipe before issue 13's fix
+SPLIT = ["train.lr=1e-3", "train.tower_lr=1e-4"]  # new tensors 1e-3, the pretrained MiniLM tensors 1e-4
+VARIANTS = {  # name -> config overrides on top of the recipe (after OLD, and --steps)
+    "base": [],  # lr 1e-4 for everything, warm-up 50, the text half's [CLS] as ITC feature
+    "lr1e-3": ["train.lr=1e-3"],  # everything at 1e-3, MiniLM included
+    "split": SPLIT,
+    "split_warm10": [*SPLIT, "train.warmup_steps=10"],
+    "split_nomom": [*SPLIT, "model.momentum=false"],
+    "split_alpha0": [*SPLIT, "loss.albef.alpha=0"],  # the queue, no distillation
+    "split_temp05": [*SPLIT, "model.temp=0.05"],
+    # the ITC text feature is the mean of the text half's tokens (model.text_pool=mean), not its [CLS]
+    "base_meanpool": ["model.text_pool=mean"],
+    "split_meanpool": [*SPLIT, "model.text_pool=mean"],  # = the recipe now
+    "split_meanpool_warm10": [*SPLIT, "model.text_pool=mean", "train.warmup_steps=10"],
+    "split_meanpool_nomom": [*SPLIT, "model.text_pool=mean", "model.momentum=false"],
 }
-
-
-def mean_pool_text(model) -> None:
-    """Diagnostic only: the ITC text feature becomes the mean of the text half's real tokens (sentence-transformers'
-    pooling) instead of [CLS], for the model and its momentum copy."""
-    from crossmatch.models.layers import l2norm
-
-    def pooled(encoder, proj, batch):
-        ids, mask = batch["input_ids"], batch["attention_mask"].bool()  # (B, L)
-        tokens = encoder(ids, mask)  # (B, L, D)
-        mean = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, D)
-        return tokens, mask, l2norm(proj(mean))
-
-    def encode_text(batch):
-        tokens, mask, embed = pooled(model.text_encoder, model.text_proj, batch)
-        return {"embed": embed, "tokens": tokens, "mask": mask}
-
-    model.encode_text = encode_text
-    if model.config.momentum:
-        original = model.momentum_features
-
-        def momentum_features(batch, update=True):
-            img, _ = original(batch, update)
-            with torch.no_grad():
-                return img, pooled(model.text_encoder_m, model.text_proj_m, batch)[2]
-
-        model.momentum_features = momentum_features
 
 
 def run_variant(name: str, args, overrides: list[str]) -> dict:
     extra = [f"data.root={args.data}", f"train.max_steps_per_epoch={args.steps}", "train.log_every=1000000"]
-    cfg = load_config(RECIPE, [*extra, *overrides])
+    cfg = load_config(RECIPE, [*extra, *OLD, *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         trainer, cfg = build_trainer(cfg, Path(tmp), DistInfo(0, 0, 1, torch.device("cpu")))
         task, model = trainer.task, trainer.model
         task._itm = lambda *a, **k: torch.zeros(())  # ITC only: the fusion layers do not run
-        if name.endswith("meanpool"):
-            mean_pool_text(model)
         lrs = sorted({g["initial_lr"] for g in trainer.optimizer.param_groups if g["params"]}, reverse=True)
         task.train()
         task.on_epoch_start(0)

@@ -125,3 +125,33 @@ def test_a_trainable_image_tower_gets_its_own_depth_scale():
     assert depths["text_encoder.encoder.layers.0.attn.q.weight"] == (1, 7)  # the text scale is its own
     frozen = create_model("albef_minilm", image_tower="test_vit", pretrained=False, image_size=64, queue_size=8)
     assert not any(k.startswith("image_tower.") for k in frozen.layer_depths())  # frozen: nothing to give an lr
+
+
+# --- the ITC text feature (model.text_pool) ------------------------------------------------------------------
+
+
+def test_text_pool_mean_is_the_mean_of_the_real_tokens_for_the_model_and_its_momentum_copy():
+    from crossmatch.models.layers import l2norm
+
+    torch.manual_seed(0)
+    model = create_model(
+        "albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64, queue_size=8, text_pool="mean"
+    ).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102, 0], [101, 2002, 102, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": ids != 0, "image": torch.randn(2, 3, 64, 64)}
+    with torch.no_grad():
+        out = model.encode_text(batch)
+        tokens = out["tokens"]  # (2, 5, 384)
+        reference = torch.stack([tokens[0, :4].mean(0), tokens[1, :3].mean(0)])  # the real tokens, one by one
+        torch.testing.assert_close(out["embed"], l2norm(model.text_proj(reference)), rtol=0, atol=1e-6)
+        _, txt_m = model.momentum_features(batch, update=False)  # the EMA copy is still the model: same feature
+    torch.testing.assert_close(txt_m, out["embed"], rtol=0, atol=1e-6)
+    cls = create_model("albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64, queue_size=8)
+    assert cls.config.text_pool == "cls"  # the default: checkpoints saved before the option score as before
+
+
+def test_unknown_text_pool_is_a_model_error():
+    from crossmatch.errors import ModelError
+
+    with pytest.raises(ModelError, match="unknown text_pool 'max'"):
+        create_model("albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64, text_pool="max")

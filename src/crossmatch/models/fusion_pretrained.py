@@ -156,6 +156,8 @@ class AlbefPretrainedConfig:
     embed_dim: int = 256  # ITC embedding E
     dropout: float = 0.1  # BERT's hidden and attention dropout
     temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
+    text_pool: str = "cls"  # ITC text feature: cls (ALBEF: the text half's [CLS]) | mean (of the real tokens, the
+    # pooling MiniLM was trained with: its layer-2 [CLS] is nearly one vector for every caption, see the recipe)
     momentum: bool = True  # momentum encoders, queues and momentum distillation (on, as the paper starts)
     momentum_decay: float = 0.995  # EMA factor of the momentum encoders
     queue_size: int = 4096  # momentum feature queue length (65,536 in the paper)
@@ -178,6 +180,8 @@ class AlbefPretrained(ALBEF):
         nn.Module.__init__(self)  # ALBEF's own constructor builds the from-scratch towers
         if cfg.rerank_score not in ("itm", "itm+itc"):
             raise ModelError(f"unknown rerank_score {cfg.rerank_score!r}; known: itm, itm+itc")
+        if cfg.text_pool not in ("cls", "mean"):
+            raise ModelError(f"unknown text_pool {cfg.text_pool!r}; known: cls, mean")
         if cfg.mlm:
             raise ModelError("model.mlm is not supported for albef_minilm (MLM masks with word-level special ids)")
         self.config = cfg
@@ -244,7 +248,14 @@ class AlbefPretrained(ALBEF):
         "mask": (B, L)}."""
         ids, mask = _text_tokens(batch)
         tokens = self.text_encoder(ids, mask)  # (B, L, D)
-        return {"embed": l2norm(self.text_proj(tokens[:, 0])), "tokens": tokens, "mask": mask}
+        return {"embed": l2norm(self.text_proj(self.text_feature(tokens, mask))), "tokens": tokens, "mask": mask}
+
+    def text_feature(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The ITC text feature of the text half's tokens (B, L, D) with mask (B, L): (B, D), by `text_pool`."""
+        if self.config.text_pool == "cls":
+            return tokens[:, 0]
+        m = mask[..., None].to(tokens.dtype)  # (B, L, 1)
+        return (tokens * m).sum(1) / m.sum(1).clamp_min(1)  # (B, D)
 
     def itm_logits(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
         """Row-aligned pairs -> (B, 2) ITM logits (index 1 = match) from the pooled fused [CLS]."""
@@ -264,7 +275,7 @@ class AlbefPretrained(ALBEF):
         tower = self.image_tower_m if "image_tower" in self.momentum_names else self.image_tower
         img_feat = l2norm(self.vision_proj_m(self.visual_encoder_m(tower(batch["image"]))[:, 0]))  # (B, E)
         ids, mask = _text_tokens(batch)
-        txt_feat = l2norm(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]))  # (B, E)
+        txt_feat = l2norm(self.text_proj_m(self.text_feature(self.text_encoder_m(ids, mask), mask)))  # (B, E)
         return img_feat, txt_feat
 
 
