@@ -155,3 +155,23 @@ def test_unknown_text_pool_is_a_model_error():
 
     with pytest.raises(ModelError, match="unknown text_pool 'max'"):
         create_model("albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64, text_pool="max")
+
+
+@pytest.mark.slow
+def test_the_itc_start_benchmark_runs_end_to_end(shapes_root):
+    """benchmarks/albef_itc_start.py (the README's diagnosis table) on the tiny split: probe + 2 steps of 2 variants."""
+    from tests.test_benchmarks import run_script
+
+    out = run_script(
+        "benchmarks/albef_itc_start.py",
+        "--data",
+        str(shapes_root),
+        "--steps",
+        "2",
+        "--variants",
+        "base,split_meanpool",
+    )
+    assert "probe layer-2 [CLS]" in out and "probe layer-5 mean" in out
+    lines = [line for line in out.splitlines() if line.startswith(("base ", "split_meanpool "))]
+    assert len(lines) == 2 and "lrs [0.0001]:" in lines[0] and "lrs [0.001, 0.0001]:" in lines[1]
+    assert all("val ITC rsum" in line for line in lines)

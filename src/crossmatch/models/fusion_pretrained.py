@@ -224,11 +224,11 @@ class AlbefPretrained(ALBEF):
         log_report("albef_minilm", self.init_report)
 
     def layer_depths(self) -> dict[str, tuple[int, int]]:
-        """Pretrained parameter name -> (depth, 7) for `train.tower_lr` and `train.layer_decay` (engine/optim.py),
-        the checkpoint's depths (MiniLM-L6): embeddings 0, checkpoint layer i at i + 1 (text layers 0-2 at 1-3,
-        fusion layers 3-5 at 4-6, without their new cross-attention), BERT's pooler 7 (the top). A trainable image
-        tower (freeze_image=False) has its own scale, as in vse_pretrained. Not listed, so at train.lr: the new
-        tensors (cross-attention, image projection and layers, ITC projections, ITM head, temperature)."""
+        """Pretrained parameter name -> (depth, n + 1), n the checkpoint's layers, for `train.tower_lr` and
+        `train.layer_decay` (engine/optim.py): embeddings 0, checkpoint layer i at i + 1 (MiniLM-L6: text layers
+        0-2 at 1-3, fusion layers 3-5 at 4-6, without their new cross-attention), BERT's pooler n + 1 (the top).
+        A trainable image tower (freeze_image=False) has its own scale, as in vse_pretrained. Not listed, so at
+        train.lr: the new tensors (cross-attention, image projection and layers, ITC projections, ITM head, temp)."""
         text, fusion = self.text_encoder, self.fusion_encoder
         named = [(f"text_encoder.{n}", p) for n, p in text.named_parameters()]
         named += [(f"fusion_encoder.{n}", p) for n, p in fusion.named_parameters() if ".cross_" not in f".{n}"]
@@ -344,8 +344,8 @@ class ViltPretrained(ViLT):
         return {"embed": l2norm(self.text_proj(pooled)), "tokens": tokens, "mask": mask}
 
     def layer_depths(self) -> dict[str, tuple[int, int]]:
-        """Pretrained parameter name -> (depth, 7) for `train.tower_lr` and `train.layer_decay` (engine/optim.py):
-        BERT's embeddings 0, layer i at i + 1, its pooler 7 (the top); a trainable CNN image tower has its own
+        """Pretrained parameter name -> (depth, n + 1) for `train.tower_lr` and `train.layer_decay` (engine/optim.py):
+        BERT's embeddings 0, layer i of n at i + 1, its pooler n + 1 (the top); a trainable CNN image tower has its own
         scale. Not listed, so at train.lr: the new tensors (image embedding, modality-type embedding, ITM head,
         the cheap head's projections and temperature)."""
         named = [(f"text_embed.{n}", p) for n, p in self.text_embed.named_parameters()]
