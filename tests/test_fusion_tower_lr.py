@@ -175,3 +175,14 @@ def test_the_itc_start_benchmark_runs_end_to_end(shapes_root):
     lines = [line for line in out.splitlines() if line.startswith(("base ", "split_meanpool "))]
     assert len(lines) == 2 and "lrs [0.0001]:" in lines[0] and "lrs [0.001, 0.0001]:" in lines[1]
     assert all("val ITC rsum" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_the_itm_probe_benchmark_runs_on_a_tiny_checkpoint(shapes_root, tmp_path):
+    from tests.conftest import save_tiny_checkpoint
+    from tests.test_benchmarks import run_script
+
+    ckpt = save_tiny_checkpoint(tmp_path / "albef.pt", "tiny_albef")
+    out = run_script("benchmarks/fusion_itm_probe.py", str(ckpt), "--images", "12", f"data.root={shapes_root}")
+    assert "val: 12 images, 60 captions" in out
+    assert "pairwise ITM(own) > ITM(random)" in out and "pairwise ITM(own) > ITM(ITC-hardest)" in out
