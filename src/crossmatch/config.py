@@ -136,7 +136,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     grad_checkpointing: bool = False  # activation checkpointing in the towers that support it (clip)
     layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (the towers)
-    tower_lr: float = 0.0  # lr of the towers' parameters (vse_pretrained, clip), before layer_decay; 0 = train.lr
+    tower_lr: float = 0.0  # lr of pretrained towers (vse_pretrained, clip, *_minilm) before layer_decay; 0 = train.lr
 
 
 @dataclass

@@ -41,7 +41,10 @@ def tower_lrs(module: nn.Module, cfg: TrainConfig) -> dict[str, float]:
         return {name: cfg.lr * scale for name, scale in lr_scales(module, cfg.layer_decay).items()}
     model = getattr(module, "model", module)
     if not hasattr(model, "layer_depths"):
-        raise ConfigError(f"train.tower_lr: {type(model).__name__} has no pretrained towers (vse_pretrained, clip do)")
+        raise ConfigError(
+            f"train.tower_lr: {type(model).__name__} has no pretrained towers "
+            "(vse_pretrained, clip, albef_minilm, vilt_minilm do)"
+        )
     scales = lr_scales(module, cfg.layer_decay) or {
         ("model." if model is not module else "") + name: 1.0 for name in model.layer_depths()
     }

@@ -42,7 +42,7 @@ from crossmatch.models.bert import (
 )
 from crossmatch.models.frozen_cache import MemoryOutputCache, input_key
 from crossmatch.models.layers import feature_map_to_regions, l2norm
-from crossmatch.models.pretrained import ImageTower
+from crossmatch.models.pretrained import ImageTower, depths_by_blocks
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import ImageEmbedding, PatchEmbed
 from crossmatch.models.vilt import ViLT
@@ -129,6 +129,14 @@ def _check_vocab(vocab_size: int, shape: BertShape, name: str) -> None:
         )
 
 
+def _tower_depths(prefix: str, features: TowerFeatures) -> dict[str, tuple[int, int]]:
+    """A trainable pretrained image tower's `layer_depths` (its own depth scale); none for a frozen one."""
+    tower = features.tower
+    if tower.frozen:
+        return {}
+    return depths_by_blocks([(prefix + n, p) for n, p in tower.named_parameters()], tower.blocks())
+
+
 def _text_tokens(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """The caption ids as the WordPiece tokenizer made them ([CLS] first) and the mask: (B, L), (B, L) bool."""
     return batch["input_ids"], batch["attention_mask"].bool()
@@ -148,6 +156,8 @@ class AlbefPretrainedConfig:
     embed_dim: int = 256  # ITC embedding E
     dropout: float = 0.1  # BERT's hidden and attention dropout
     temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
+    text_pool: str = "cls"  # ITC text feature: cls (ALBEF: the text half's [CLS]) | mean (of the real tokens, the
+    # pooling MiniLM was trained with: its layer-2 [CLS] is nearly one vector for every caption, see the recipe)
     momentum: bool = True  # momentum encoders, queues and momentum distillation (on, as the paper starts)
     momentum_decay: float = 0.995  # EMA factor of the momentum encoders
     queue_size: int = 4096  # momentum feature queue length (65,536 in the paper)
@@ -170,6 +180,8 @@ class AlbefPretrained(ALBEF):
         nn.Module.__init__(self)  # ALBEF's own constructor builds the from-scratch towers
         if cfg.rerank_score not in ("itm", "itm+itc"):
             raise ModelError(f"unknown rerank_score {cfg.rerank_score!r}; known: itm, itm+itc")
+        if cfg.text_pool not in ("cls", "mean"):
+            raise ModelError(f"unknown text_pool {cfg.text_pool!r}; known: cls, mean")
         if cfg.mlm:
             raise ModelError("model.mlm is not supported for albef_minilm (MLM masks with word-level special ids)")
         self.config = cfg
@@ -211,6 +223,20 @@ class AlbefPretrained(ALBEF):
         self.init_report = complete_report(report, self, other, copies)
         log_report("albef_minilm", self.init_report)
 
+    def layer_depths(self) -> dict[str, tuple[int, int]]:
+        """Pretrained parameter name -> (depth, n + 1), n the checkpoint's layers, for `train.tower_lr` and
+        `train.layer_decay` (engine/optim.py): embeddings 0, checkpoint layer i at i + 1 (MiniLM-L6: text layers
+        0-2 at 1-3, fusion layers 3-5 at 4-6, without their new cross-attention), BERT's pooler n + 1 (the top).
+        A trainable image tower (freeze_image=False) has its own scale, as in vse_pretrained. Not listed, so at
+        train.lr: the new tensors (cross-attention, image projection and layers, ITC projections, ITM head, temp)."""
+        text, fusion = self.text_encoder, self.fusion_encoder
+        named = [(f"text_encoder.{n}", p) for n, p in text.named_parameters()]
+        named += [(f"fusion_encoder.{n}", p) for n, p in fusion.named_parameters() if ".cross_" not in f".{n}"]
+        named += [(f"itm_pooler.{n}", p) for n, p in self.itm_pooler.named_parameters()]
+        return depths_by_blocks(named, [*text.encoder.layers, *fusion.layers]) | _tower_depths(
+            "image_tower.tower.", self.image_tower
+        )
+
     def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E) l2-normalised, "tokens": (B, 1+R, D), "mask": (B, 1+R)}."""
         tokens = self.visual_encoder(self.image_tower(batch["image"]))  # (B, 1+R, D)
@@ -222,7 +248,14 @@ class AlbefPretrained(ALBEF):
         "mask": (B, L)}."""
         ids, mask = _text_tokens(batch)
         tokens = self.text_encoder(ids, mask)  # (B, L, D)
-        return {"embed": l2norm(self.text_proj(tokens[:, 0])), "tokens": tokens, "mask": mask}
+        return {"embed": l2norm(self.text_proj(self.text_feature(tokens, mask))), "tokens": tokens, "mask": mask}
+
+    def text_feature(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The ITC text feature of the text half's tokens (B, L, D) with mask (B, L): (B, D), by `text_pool`."""
+        if self.config.text_pool == "cls":
+            return tokens[:, 0]
+        m = mask[..., None].to(tokens.dtype)  # (B, L, 1)
+        return (tokens * m).sum(1) / m.sum(1).clamp_min(1)  # (B, D)
 
     def itm_logits(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
         """Row-aligned pairs -> (B, 2) ITM logits (index 1 = match) from the pooled fused [CLS]."""
@@ -242,7 +275,7 @@ class AlbefPretrained(ALBEF):
         tower = self.image_tower_m if "image_tower" in self.momentum_names else self.image_tower
         img_feat = l2norm(self.vision_proj_m(self.visual_encoder_m(tower(batch["image"]))[:, 0]))  # (B, E)
         ids, mask = _text_tokens(batch)
-        txt_feat = l2norm(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]))  # (B, E)
+        txt_feat = l2norm(self.text_proj_m(self.text_feature(self.text_encoder_m(ids, mask), mask)))  # (B, E)
         return img_feat, txt_feat
 
 
@@ -309,6 +342,19 @@ class ViltPretrained(ViLT):
         tokens = self.text_embed(ids) + self.type_embed.weight[0]  # (B, L, D)
         pooled = self.encoder(tokens, mask)[:, 0]  # (B, D): text-only pass, text [CLS]
         return {"embed": l2norm(self.text_proj(pooled)), "tokens": tokens, "mask": mask}
+
+    def layer_depths(self) -> dict[str, tuple[int, int]]:
+        """Pretrained parameter name -> (depth, n + 1) for `train.tower_lr` and `train.layer_decay` (engine/optim.py):
+        BERT's embeddings 0, layer i of n at i + 1, its pooler n + 1 (the top); a trainable CNN image tower has its own
+        scale. Not listed, so at train.lr: the new tensors (image embedding, modality-type embedding, ITM head,
+        the cheap head's projections and temperature)."""
+        named = [(f"text_embed.{n}", p) for n, p in self.text_embed.named_parameters()]
+        named += [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters()]
+        named += [(f"pooler.{n}", p) for n, p in self.pooler.named_parameters()]
+        out = depths_by_blocks(named, list(self.encoder.layers))
+        if isinstance(self.image_embed, CnnImageEmbed):
+            out |= _tower_depths("image_embed.features.tower.", self.image_embed.features)
+        return out
 
     # encode_image, itm_logits, similarity, score_pairs and forward come from ViLT.
 

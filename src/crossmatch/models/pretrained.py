@@ -36,6 +36,20 @@ from crossmatch.weights import INSTALL_HINT, efficientnet_lite0_file, resolve_te
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0 (and B0)
 
 
+def depths_by_blocks(named: list[tuple[str, nn.Parameter]], blocks: list[nn.Module]) -> dict[str, tuple[int, int]]:
+    """One tower's `layer_depths` (engine/optim.py): name -> (depth, n + 1) for the parameters `named`, in
+    registration order, of a tower whose n `blocks` run input first. A parameter of block i is at depth i + 1;
+    one before every block (stem, embeddings) at 0; one after a block (a final norm, a pooler) at n + 1."""
+    top = len(blocks) + 1
+    depth_of = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
+    out, seen_blocks = {}, False
+    for name, p in named:
+        d = depth_of.get(id(p))
+        seen_blocks = seen_blocks or d is not None
+        out[name] = (d if d is not None else (top if seen_blocks else 0), top)
+    return out
+
+
 def require(module: str) -> ModuleType:
     """Import an optional dependency, or raise a ModelError with the install hint."""
     try:
@@ -564,13 +578,7 @@ class PretrainedDualEncoder(JointEmbedding):
             ("image_tower.", self.image_tower, self.image_tower.blocks()),
             ("text_tower.", self.text_tower, list(self.text_tower.layers())),
         ):
-            top = len(blocks) + 1
-            depth_of = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
-            seen_blocks = False
-            for name, p in tower.named_parameters():
-                d = depth_of.get(id(p))
-                seen_blocks = seen_blocks or d is not None
-                out[prefix + name] = (d if d is not None else (top if seen_blocks else 0), top)
+            out |= depths_by_blocks([(prefix + n, p) for n, p in tower.named_parameters()], blocks)
         return out
 
     # similarity and forward come from JointEmbedding.
