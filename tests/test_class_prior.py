@@ -73,6 +73,14 @@ def test_a_checkpoint_rebuilds_the_same_prior(with_prior):
     assert not torch.equal(other.prior.names, with_prior.prior.names)
     other.load_state_dict(with_prior.state_dict())
     assert torch.equal(other.prior.names, with_prior.prior.names)
+    cfg = PretrainedDualConfig(pretrained=False, embed_dim=8, image_prior="class_names")
+    loading = PretrainedDualEncoder(cfg, load_weights=False)  # what a checkpoint load builds: nothing embedded
+    assert not loading.prior.names.any()
+    loading.load_state_dict(with_prior.state_dict())
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        loaded, original = loading.eval().encode_image({"image": image}), with_prior.encode_image({"image": image})
+    assert torch.equal(loaded["embed"], original["embed"])  # the same weights, batch and operations
 
 
 @pytest.mark.parametrize(

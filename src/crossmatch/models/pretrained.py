@@ -428,7 +428,7 @@ class PretrainedDualEncoder(JointEmbedding):
     text towers: the real tokens' states), so later epochs run only the trainable blocks and projections.
     """
 
-    def __init__(self, cfg: PretrainedDualConfig):
+    def __init__(self, cfg: PretrainedDualConfig, load_weights: bool = True):
         super().__init__()
         self.config = cfg
         self.image_tower = ImageTower(cfg.image_tower, cfg.pretrained, cfg.freeze_image, cfg.unfreeze_image_blocks)
@@ -442,7 +442,7 @@ class PretrainedDualEncoder(JointEmbedding):
                 f"set data.tokenizer to the tower's own (e.g. data.tokenizer={cfg.text_tower})"
             )
         self.preprocess = self.image_tower.preprocess  # the image tower's: filled into data.* by resolve_preprocess
-        self.prior = self._class_prior() if cfg.image_prior else None  # (B, C) -> (B, D_text)
+        self.prior = self._class_prior(load_weights) if cfg.image_prior else None  # (B, C) -> (B, D_text)
         prior_dim = self.prior.out_dim if self.prior is not None else 0
         self.image_proj = nn.Linear(self.image_tower.out_dim + prior_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim)
@@ -452,9 +452,10 @@ class PretrainedDualEncoder(JointEmbedding):
         if cfg.cache_dir:  # a named folder: on disk wherever the model runs (opened on first use)
             self.image_cache = self.text_cache = None
 
-    def _class_prior(self) -> ClassNamePrior:
+    def _class_prior(self, load_weights: bool = True) -> ClassNamePrior:
         """model.image_prior=class_names: the image tower's ImageNet-1k head and the text tower's embeddings of
-        the 1000 class names (computed once here; the state dict keeps them)."""
+        the 1000 class names (computed once here; the state dict keeps them). `load_weights=False`: a
+        checkpoint's state dict follows, so the head stays random and the names are not embedded (zeros)."""
         cfg = self.config
         if cfg.image_prior != "class_names":
             raise ModelError(f"unknown model.image_prior {cfg.image_prior!r}; known: class_names (or empty: none)")
@@ -470,7 +471,9 @@ class PretrainedDualEncoder(JointEmbedding):
             ids, mask = pad_sequences(tokenizer.encode_batch(sentences))  # (n, L) each
             return tower(ids, mask)[1]  # (n, D)
 
-        head = imagenet_classifier(cfg.image_tower, cfg.pretrained)  # C -> 1000
+        head = imagenet_classifier(cfg.image_tower, cfg.pretrained and load_weights)  # C -> 1000
+        if not load_weights:
+            return ClassNamePrior(head, torch.zeros(head.out_features, tower.out_dim), cfg.prior_top_k)
         return ClassNamePrior(head, embed_names(embed, imagenet_class_names()), cfg.prior_top_k)  # names (1000, D)
 
     def _image_input(self, pooled: Tensor) -> Tensor:
@@ -585,7 +588,8 @@ class PretrainedDualEncoder(JointEmbedding):
 
 
 @register_model
-def vse_pretrained(**overrides) -> PretrainedDualEncoder:
+def vse_pretrained(load_weights: bool = True, **overrides) -> PretrainedDualEncoder:
     """MiniLM-L6 text + EfficientNet-Lite0 image towers, both frozen: trains on CPU with packaged weights.
-    Train it with `data.tokenizer=minilm` (the text tower's own WordPiece vocabulary)."""
-    return PretrainedDualEncoder(build_config(PretrainedDualConfig, {}, overrides))
+    Train it with `data.tokenizer=minilm` (the text tower's own WordPiece vocabulary). `load_weights=False`
+    (a checkpoint follows) skips computing the class-name prior, whose tensors the checkpoint holds."""
+    return PretrainedDualEncoder(build_config(PretrainedDualConfig, {}, overrides), load_weights)
