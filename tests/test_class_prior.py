@@ -61,8 +61,11 @@ def test_vse_pretrained_projects_the_pooled_features_and_the_prior(with_prior):
         model.config.cache_frozen = False
         plain = model.encode_image({"image": image})["embed"]
         model.config.cache_frozen = True
-    assert torch.equal(plain, by_hand)  # the same operations on the same batch
-    assert torch.equal(keyed, plain)  # the in-memory cache holds the pooled rows exactly; the prior follows them
+    # the same operations on the same batch, but separate calls of the tower: with several threads oneDNN may split
+    # a convolution differently from one call to the next (CROSSMATCH_TEST_THREADS=2 showed last-bit differences),
+    # so equality holds to float32 rounding of the (B, 8) unit vectors, not bitwise
+    torch.testing.assert_close(plain, by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(keyed, plain, rtol=1e-5, atol=1e-6)  # the cache holds the fill call's pooled rows
 
 
 def test_a_checkpoint_rebuilds_the_same_prior(with_prior):
@@ -80,7 +83,8 @@ def test_a_checkpoint_rebuilds_the_same_prior(with_prior):
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         loaded, original = loading.eval().encode_image({"image": image}), with_prior.encode_image({"image": image})
-    assert torch.equal(loaded["embed"], original["embed"])  # the same weights, batch and operations
+    # the same weights, batch and operations in two tower calls (float32 rounding across threads, see above)
+    torch.testing.assert_close(loaded["embed"], original["embed"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
