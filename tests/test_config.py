@@ -71,3 +71,25 @@ def test_every_shipped_config_builds_its_model(path):
 
     task = build_task(model, cfg.loss)  # and its objective accepts the file's loss section
     assert set(task.parameters()) >= set(model.parameters())
+
+
+def test_model_config_is_the_variants_config_without_building_the_model(monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from crossmatch.models.registry import UnknownModelKeysError, create_model, list_models, model_config
+
+    built = create_model("tiny_albef", width=24)
+    assert model_config("tiny_albef", width=24) == built.config  # the variant's defaults + the override
+    assert model_config("tiny_albef").width == 16 and model_config("albef_small").width == 256
+    with pytest.raises(UnknownModelKeysError, match="model.widht"):
+        model_config("tiny_albef", widht=3)
+
+    def no_modules(self, *a, **k):
+        raise AssertionError("model_config built a module")
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", no_modules)
+    configs = {name: model_config(name) for name in list_models()}  # no tower, no weights for any model
+    assert all(dataclasses.is_dataclass(c) for c in configs.values())
+    assert configs["vse_pretrained"].text_tower == "minilm"

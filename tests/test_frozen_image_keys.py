@@ -52,6 +52,13 @@ def split_files(root, split: str) -> set[str]:
     return {str(root / "images" / im["filename"]) for im in data["images"] if im["split"] == split}
 
 
+def train(cfg, run_dir) -> None:
+    """runs.train, then delete the run's checkpoints: each of the five files holds the towers' ~100 MB, and
+    these tests read metrics.jsonl (a suite that kept them left 4 GB of temporary files)."""
+    runs.train(cfg, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+
+
 def losses(run_dir) -> list[float]:
     """The validation loss of each epoch."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -76,20 +83,20 @@ def test_file_keys_change_with_the_bytes_and_the_preprocessing(tmp_path):
 def test_each_train_image_is_decoded_once_and_a_shared_cache_decodes_none(shapes_root, tmp_path, decodes):
     train_files, val_files = split_files(shapes_root, "train"), split_files(shapes_root, "val")
     cache = f"model.cache_dir={tmp_path / 'shared'}"
-    runs.train(tiny_cfg(shapes_root, *PRETRAINED, cache, "train.epochs=2"), tmp_path / "a")
+    train(tiny_cfg(shapes_root, *PRETRAINED, cache, "train.epochs=2"), tmp_path / "a")
     train_decodes = [p for p in decodes if p in train_files]
     assert sorted(train_decodes) == sorted(train_files)  # every train image once, over both epochs
     assert set(decodes) - train_files <= val_files  # validation (loss and retrieval) decodes its own each epoch
     decodes.clear()
-    runs.train(tiny_cfg(shapes_root, *PRETRAINED, cache, "train.epochs=2"), tmp_path / "b")  # the same cache
+    train(tiny_cfg(shapes_root, *PRETRAINED, cache, "train.epochs=2"), tmp_path / "b")  # the same cache
     assert not [p for p in decodes if p in train_files]
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # the same rows: equality is real
 
 
 @pytest.mark.slow
 def test_keyed_epochs_give_the_decoding_runs_loss_to_float16_tolerance(shapes_root, tmp_path):
-    runs.train(tiny_cfg(shapes_root, *PRETRAINED), tmp_path / "keyed")
-    runs.train(tiny_cfg(shapes_root, *PRETRAINED, "model.cache_frozen=false"), tmp_path / "plain")
+    train(tiny_cfg(shapes_root, *PRETRAINED), tmp_path / "keyed")
+    train(tiny_cfg(shapes_root, *PRETRAINED, "model.cache_frozen=false"), tmp_path / "plain")
     keyed, plain = losses(tmp_path / "keyed"), losses(tmp_path / "plain")
     assert len(keyed) == len(plain) == 1
     # the cached pooled features carry float16 rounding (relative <= 2 ** -11 each); through the projections,
@@ -102,16 +109,16 @@ def test_an_edited_image_or_other_preprocessing_is_computed_again(shapes_root, t
     root = tmp_path / "shapes"
     shutil.copytree(shapes_root, root)
     cache = f"model.cache_dir={tmp_path / 'shared'}"
-    runs.train(tiny_cfg(root, *PRETRAINED, cache), tmp_path / "a")
+    train(tiny_cfg(root, *PRETRAINED, cache), tmp_path / "a")
     train_files = split_files(root, "train")
     edited = sorted(train_files)[0]
     with open(edited, "ab") as f:  # the same pixels (PNG ignores trailing bytes), other file bytes
         f.write(b"\0")
     decodes.clear()
-    runs.train(tiny_cfg(root, *PRETRAINED, cache), tmp_path / "b")
+    train(tiny_cfg(root, *PRETRAINED, cache), tmp_path / "b")
     assert [p for p in decodes if p in train_files] == [edited]
     decodes.clear()
-    runs.train(tiny_cfg(root, *PRETRAINED, cache, "data.image_mean=[0.485,0.456,0.406]"), tmp_path / "c")
+    train(tiny_cfg(root, *PRETRAINED, cache, "data.image_mean=[0.485,0.456,0.406]"), tmp_path / "c")
     assert sorted(p for p in decodes if p in train_files) == sorted(train_files)
 
 
@@ -122,7 +129,7 @@ def test_an_unreadable_train_image_fails_the_fill_or_is_skipped_and_counted(shap
     bad = sorted((shapes_copy / "images").iterdir())[0]  # imgid 0 is a train image
     bad.write_bytes(b"not a png")
     with pytest.raises(DataError, match=f"cannot decode image .*{bad.name}"):
-        runs.train(tiny_cfg(shapes_copy, *PRETRAINED), tmp_path / "strict")
+        train(tiny_cfg(shapes_copy, *PRETRAINED), tmp_path / "strict")
     runs.train(tiny_cfg(shapes_copy, *PRETRAINED, "train.epochs=2", "data.max_bad_samples=1"), tmp_path / "lenient")
     state = load_checkpoint(tmp_path / "lenient" / "checkpoints" / "last.pt")["trainer"]
     assert state["skipped_samples"] == 2 * 5  # its 5 captions, skipped in each of the 2 epochs
@@ -162,6 +169,6 @@ def test_keys_only_for_an_image_not_in_the_cache_is_an_error():
 
 @pytest.mark.slow
 def test_a_run_shorter_than_its_epochs_decodes_only_what_it_meets(shapes_root, tmp_path, decodes):
-    runs.train(tiny_cfg(shapes_root, *PRETRAINED, "train.epochs=2", "train.max_steps_per_epoch=2"), tmp_path / "s")
+    train(tiny_cfg(shapes_root, *PRETRAINED, "train.epochs=2", "train.max_steps_per_epoch=2"), tmp_path / "s")
     train_files = split_files(shapes_root, "train")
     assert len([p for p in decodes if p in train_files]) == 2 * 2 * 20  # 2 epochs x 2 steps x 20 pairs, by pixels

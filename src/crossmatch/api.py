@@ -211,30 +211,16 @@ def create_model_and_transforms(
     if path.exists():
         model, preprocess, tok = attach(*load_run(path, overrides))
         return model, preprocess, tok
-    from crossmatch.models.registry import list_models
+    from crossmatch.models.registry import list_models, model_config
 
     name = str(name_or_path)
     if name not in list_models():
         raise ModelError(f"{name!r} is neither a file, a run folder nor a registered model (crossmatch models)")
-    defaults = _registered_defaults(name)
-    if "text_tower" in defaults and not any(o.startswith("data.tokenizer=") for o in overrides):
-        overrides.append(f"data.tokenizer={defaults['text_tower']}")
+    text_tower = getattr(model_config(name), "text_tower", None)
+    if text_tower is not None and not any(o.startswith("data.tokenizer=") for o in overrides):
+        overrides.append(f"data.tokenizer={text_tower}")
     model, cfg, tokenizer = build_untrained_run(name, data_root, overrides)
     native = (getattr(model, "preprocess", None) or {}).get("native_size")
     if native and not any(o.startswith("data.image_size=") for o in overrides):
         cfg = resolve_preprocess(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=native)), model)
     return attach(model, cfg, tokenizer)
-
-
-def _registered_defaults(name: str) -> dict:
-    """The field defaults of a registered model's config dataclass (without building it)."""
-    import inspect
-
-    from crossmatch.models import registry
-
-    registry._import_families()
-    fn = registry._MODELS[name]
-    for value in vars(inspect.getmodule(fn)).values():
-        if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__name__ in inspect.getsource(fn):
-            return {f.name: f.default for f in dataclasses.fields(value) if f.default is not dataclasses.MISSING}
-    return {}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 import types
@@ -26,6 +27,16 @@ class UnknownModelKeysError(ModelError):
 
 
 _TOKENIZERS: dict[str, Callable[..., Any]] = {}  # families that bring their own tokenizer (open_clip)
+
+# Set by `model_config`: `build_config` then hands its result back as a _BuiltConfig instead of returning it,
+# so the builder stops before it constructs the model (no weights read, no towers built).
+_CONFIG_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("crossmatch_config_only", default=False)
+
+
+class _BuiltConfig(Exception):  # noqa: N818 - a carrier, not an error
+    def __init__(self, config: Any):
+        super().__init__(type(config).__name__)
+        self.config = config
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -101,9 +112,29 @@ def create_model(
         return fn(**{k: v for k, v in data.items() if k not in absent}, **overrides)
 
 
+def model_config(name: str, **overrides: Any) -> Any:
+    """The config dataclass that `create_model(name, **overrides)` would build its model from (the variant's
+    own defaults included, e.g. tiny_albef's width), without building the model.
+
+    Raises:
+        ModelError: unknown name, or an override that is not a field of the model's config.
+    """
+    _import_families()
+    if name not in _MODELS:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
+    token = _CONFIG_ONLY.set(True)
+    try:
+        _MODELS[name](**{k: v for k, v in overrides.items() if v is not None})
+    except _BuiltConfig as built:
+        return built.config
+    finally:
+        _CONFIG_ONLY.reset(token)
+    raise ModelError(f"model {name!r}: its builder does not make its config with build_config")
+
+
 def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str, Any]):
     """`config_cls(**defaults)` with `overrides` applied. Unknown override keys raise an
-    UnknownModelKeysError naming them."""
+    UnknownModelKeysError naming them. Under `model_config`, the config is handed back to it instead."""
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -112,7 +143,10 @@ def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str
     for key, value in overrides.items():
         if not _fits(value, hints.get(key, Any)):
             raise ModelError(f"model.{key}={value!r}: expected {_hint_name(hints[key])}, got {type(value).__name__}")
-    return config_cls(**{**defaults, **overrides})
+    config = config_cls(**{**defaults, **overrides})
+    if _CONFIG_ONLY.get():
+        raise _BuiltConfig(config)
+    return config
 
 
 def _fits(value: Any, hint: Any) -> bool:
