@@ -46,3 +46,34 @@ def test_train_throughput_runs_every_section_on_a_tiny_recipe(shapes_root):
 def test_scan_scoring_runs_on_small_inputs():
     out = run_script("benchmarks/scan_scoring.py", "--n-img", "4", "--n-txt", "10", "--batch", "8", "--repeats", "1")
     assert "scan_similarity t2i" in out and "x GEMM" in out
+
+
+def test_binding_probe_scores_own_conjunctions_against_the_twins_only():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("probe", ROOT / "benchmarks" / "frozen_binding_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    images = [  # a twin pair with swapped colours, and a second pair with the same conjunctions (left out)
+        {"objects": [{"color": "red", "shape": "disc"}, {"color": "blue", "shape": "star"}]},
+        {"objects": [{"color": "blue", "shape": "disc"}, {"color": "red", "shape": "star"}]},
+        {"objects": [{"color": "red", "shape": "disc"}]},
+        {"objects": [{"color": "red", "shape": "disc"}]},
+    ]
+    y, col = probe.conjunctions(images)
+    assert y.shape == (4, 4) and y[0, col[("red", "disc")]] == y[0, col[("blue", "star")]] == 1 and y[0].sum() == 2
+    scores = torch.zeros(4, 4)
+    scores[0, col[("red", "disc")]], scores[0, col[("blue", "star")]] = 2.0, 0.0  # own mean 1.0
+    scores[0, col[("blue", "disc")]], scores[0, col[("red", "star")]] = 0.5, 1.0  # twin's mean 0.75: a win
+    scores[1, col[("blue", "disc")]] = 1.0  # image 1's own mean 0.5 < its twin's (image 0's) 1.0: a loss
+    scores[1, col[("red", "disc")]], scores[1, col[("blue", "star")]] = 1.0, 1.0
+    assert probe.binding_accuracy(scores, y, [(0, 1), (1, 0), (2, 3)]) == (0.5, 2)
+
+
+@pytest.mark.slow
+def test_frozen_binding_probe_runs_on_the_tiny_split(shapes_root):
+    out = run_script("benchmarks/frozen_binding_probe.py", "--data", str(shapes_root), "--sizes", "64")
+    assert "twin pairs; load" in out
+    assert "size 64 fmap (1280, 2, 2) mean: binding accuracy" in out and "grid: binding accuracy" in out

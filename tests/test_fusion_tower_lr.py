@@ -186,3 +186,18 @@ def test_the_itm_probe_benchmark_runs_on_a_tiny_checkpoint(shapes_root, tmp_path
     out = run_script("benchmarks/fusion_itm_probe.py", str(ckpt), "--images", "12", f"data.root={shapes_root}")
     assert "val: 12 images, 60 captions" in out
     assert "pairwise ITM(own) > ITM(random)" in out and "pairwise ITM(own) > ITM(ITC-hardest)" in out
+
+
+@pytest.mark.slow
+def test_the_itm_twin_probe_benchmark_trains_only_the_fusion_half(shapes_root, tmp_path):
+    from tests.conftest import save_tiny_checkpoint
+    from tests.test_benchmarks import run_script
+
+    ckpt = save_tiny_checkpoint(tmp_path / "albef.pt", "tiny_albef")
+    args = ["--train-images", "40", "--val-images", "12", "--steps", "2", "--eval-every", "1", "--batch", "4"]
+    out = run_script("benchmarks/itm_twin_probe.py", str(ckpt), *args, "--threads", "1", "--fresh",
+                     f"data.root={shapes_root}")  # fmt: skip
+    assert "features: 200 train captions with" in out
+    steps = [line for line in out.splitlines() if ": val pairwise all " in line]
+    assert [line.split(":")[0] for line in steps] == ["step 0", "step 1", "step 2"]
+    assert all("swap_attributes" in line for line in steps)
