@@ -105,6 +105,19 @@ def test_albef_text_half_equals_the_checkpoints_layer_3_hidden_states(albef, hf)
     torch.testing.assert_close(ours[real], hidden_states(hf[0], padded)[3][real], atol=1e-5, rtol=0)
 
 
+def test_albef_fusion_half_without_cross_attention_is_the_checkpoints_layers_3_to_5(albef, hf, monkeypatch):
+    """The fusion layers' self-attention and FFN are MiniLM's layers 3-5 in order: with the new cross-attention
+    sublayers skipped, text half + fusion half give the checkpoint's last hidden states."""
+    batch = text_batch([SENTENCE, "a cat"])
+    for layer in albef.fusion_encoder.layers:
+        monkeypatch.setattr(layer, "cross", False)
+    with torch.no_grad():
+        txt = albef.encode_text(batch)
+        ours = albef.fusion_encoder(txt["tokens"], txt["mask"])  # (2, L, 384)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], hidden_states(hf[0], batch)[6][real], atol=1e-5, rtol=0)
+
+
 def test_vilt_encoder_is_the_checkpoints_six_layers(vilt, hf):
     hf_model, state = hf
     report, ours = vilt.init_report, vilt.state_dict()
