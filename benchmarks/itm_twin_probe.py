@@ -105,8 +105,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    model, cfg, tok = load_run(args.checkpoint, args.overrides)
-    model.eval()
+    model, cfg, tok = load_run(args.checkpoint, args.overrides)  # in eval mode: the features carry no dropout
     tr_img, tr_owner, tr_negs, tr_txt = split_features(model, cfg, tok, "train", args.train_images)
     va_img, va_owner, va_negs, va_txt = split_features(model, cfg, tok, "val", args.val_images)
     print(f"features: {len(tr_owner)} train captions with {len(tr_negs)} negatives, {len(va_negs)} val negatives;"
