@@ -10,6 +10,6 @@ from crossmatch.models import (  # noqa: F401  (registers the families)
     tipcb,
     vilt,
 )
-from crossmatch.models.registry import create_model, list_models, register_model
+from crossmatch.models.registry import create_model, list_models, model_config, register_model
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "list_models", "model_config", "register_model"]
