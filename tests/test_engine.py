@@ -114,3 +114,32 @@ def test_gradient_accumulation_consumes_micro_batches(shapes_root, tmp_path):
     assert train(shapes_root, tmp_path / "acc", "train.accum_steps=2", "train.max_steps_per_epoch=0") == 0
     state = load_checkpoint(tmp_path / "acc" / "checkpoints" / "last.pt")["trainer"]
     assert state["global_step"] == 200 // (8 * 2)  # 200 train captions, 16 per optimizer step
+
+
+@pytest.mark.slow
+def test_a_run_releases_its_train_log_when_it_ends(shapes_root, tmp_path):
+    """Two runs in one process (and a failed start): each train.log holds its own run only, and what is logged
+    after a run does not reach its file, nor fail once its folder is gone."""
+    import logging
+    import shutil
+
+    from crossmatch import runs
+    from crossmatch.errors import DataError
+    from tests.conftest import tiny_cfg
+
+    def file_handlers():
+        return [h for h in logging.getLogger("crossmatch").handlers if isinstance(h, logging.FileHandler)]
+
+    cfg = tiny_cfg(shapes_root, "train.epochs=1", "train.max_steps_per_epoch=1")
+    runs.train(cfg, tmp_path / "a")
+    assert file_handlers() == []
+    runs.train(cfg, tmp_path / "b")
+    first, second = (tmp_path / "a" / "train.log").read_text(), (tmp_path / "b" / "train.log").read_text()
+    assert f"run dir {tmp_path / 'a'}" in first and f"run dir {tmp_path / 'b'}" not in first
+    assert f"run dir {tmp_path / 'b'}" in second
+    shutil.rmtree(tmp_path / "a")
+    logging.getLogger("crossmatch.runs").warning("after the runs")  # no handler left pointing into a/
+    assert "after the runs" not in second and not (tmp_path / "a").exists()
+    with pytest.raises(DataError):  # a start that fails after its log is open: no dataset there
+        runs.train(tiny_cfg(tmp_path / "no_data", "train.epochs=1"), tmp_path / "c")
+    assert file_handlers() == [] and not (tmp_path / "c").exists()

@@ -42,7 +42,7 @@ from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, WHITE, describe_transform, transform_from_config
 from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
-from crossmatch.engine.logging import MetricLogger, setup_logging
+from crossmatch.engine.logging import MetricLogger, close_run_log, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
 from crossmatch.engine.rundir import RunLock
 from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig, TrainState
@@ -526,7 +526,7 @@ def train(
             prepare_run_dir(run_dir, resume, overwrite, dist.is_main)
             trainer = _start(cfg, run_dir, dist, resume, init_from)
         except BaseException:
-            logging.getLogger("crossmatch").handlers.clear()  # release train.log before removing the folder
+            close_run_log(run_dir)  # release train.log before removing the folder
             if created and dist.is_main:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -535,6 +535,7 @@ def train(
         finally:
             trainer.close()
     finally:
+        close_run_log(run_dir)
         if lock is not None:
             lock.release()
 

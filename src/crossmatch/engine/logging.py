@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def setup_logging(run_dir: str | Path | None = None, is_main: bool = True, level
         fh = logging.FileHandler(Path(run_dir) / "train.log")
         fh.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(fh)
+
+
+def close_run_log(run_dir: str | Path) -> None:
+    """Detach and close the `run_dir/train.log` handler of `setup_logging` (the console stays), so that what the
+    process logs after the run (a second run, an evaluation) never lands in this run's log, and a removed run
+    folder is not written to again."""
+    root = logging.getLogger("crossmatch")
+    path = os.path.abspath(Path(run_dir) / "train.log")  # as FileHandler stores it
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and h.baseFilename == path:
+            root.removeHandler(h)
+            h.close()
 
 
 def tag(key: str, split: str) -> str:
