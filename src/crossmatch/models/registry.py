@@ -33,7 +33,7 @@ _TOKENIZERS: dict[str, Callable[..., Any]] = {}  # families that bring their own
 _CONFIG_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("crossmatch_config_only", default=False)
 
 
-class _BuiltConfig(Exception):  # noqa: N818 - a carrier, not an error
+class _BuiltConfig(BaseException):  # noqa: N818 - a carrier, not an error: a builder's `except Exception` lets it pass
     def __init__(self, config: Any):
         super().__init__(type(config).__name__)
         self.config = config
