@@ -6,7 +6,10 @@ it, and against its image's twin (shapes data: the same objects with swapped att
 
 Prints the mean ITM match probability of each kind of pair, the share of pairs on the right side of 0.5, and the
 pairwise accuracy P(ITM(own) > ITM(negative)) of each kind (0.5 = chance), beside ITC's pairwise accuracy against
-its own hardest negative; with the wall time and the machine load.
+its own hardest negative. When the dataset JSON holds exact negatives of the captions (`crossmatch data shapes`),
+also ITM's pairwise accuracy P(ITM(image, caption) > ITM(image, negative)) per perturbation type and the mean
+cos(fused[CLS](image, caption), fused[CLS](image, negative)): near 1.0 the fused [CLS], which ITM reads, hardly
+depends on how the caption binds its words. With the wall time and the machine load.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import time
 
 import torch
+from itm_twin_probe import cls_cosine, pairwise, split_features  # benchmarks/, the script's own folder
 
 from crossmatch.retrieval.evaluate import encode_split
 from crossmatch.runs import build_eval_data, load_run, open_split
@@ -74,6 +78,15 @@ def main() -> None:
             f"pairwise ITM(own) > ITM({name}) {(pos > p).float().mean():.3f}"
         )
     print(f"ITC pairwise own > its hardest other image: {itc_ok:.3f}")
+    img_n, owner_n, negs_n, txt_n = split_features(model, cfg, tok, args.split, args.images)
+    if negs_n:
+        acc = pairwise(model, img_n, owner_n, negs_n, txt_n)
+        cos = cls_cosine(model, img_n, owner_n, negs_n, txt_n)
+        print(
+            f"exact negatives ({len(negs_n)}): pairwise ITM(caption) > ITM(negative) "
+            + " ".join(f"{k} {v:.3f}" for k, v in acc.items())
+            + f"; fused [CLS] cos(caption, negative) {cos:.5f}"
+        )
     wall = time.perf_counter() - start
     print(f"{wall:.0f} s, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
 

@@ -7,10 +7,14 @@ prints the held-out pairwise accuracy P(ITM(image, caption) > ITM(image, negativ
 negatives, per perturbation type (0.5 = chance).
 
     python benchmarks/itm_twin_probe.py CKPT [--train-images 2000] [--val-images 200] [--steps 300] [--lr 3e-4]
-        [--fresh] [--eval-every 100] [--threads 2] [data.root=DIR] [model.KEY=VALUE ...]
+        [--start checkpoint|init|random] [--eval-every 100] [--threads 2] [data.root=DIR] [model.KEY=VALUE ...]
 
-`--fresh` re-initialises the fusion layers and the ITM head and pooler (the same architecture without the
-pretrained fusion half); model overrides that keep the parameters apply (e.g. model.itm_pool=mean).
+`--start` says where the trained part starts: `checkpoint` (its trained fusion half, the default), `init` (the
+fusion half as the model starts training: for `albef_minilm` MiniLM's layers 3-5 with new cross-attention and
+BERT's pooler, built again from the run's config) or `random` (`--fresh`: every layer re-initialised, the same
+architecture without the pretrained fusion half). Each report also gives how far the fused [CLS] moves when the
+caption is replaced by its negative, the image kept: cos(fused[CLS](image, caption), fused[CLS](image, negative))
+(1.0 = the fused [CLS] cannot tell them apart, whatever the ITM head does).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.retrieval.evaluate import encode_split
-from crossmatch.runs import build_eval_data, load_run, open_split
+from crossmatch.runs import build_eval_data, build_model, load_run, open_split
 from crossmatch.tensors import slice_features
 
 TRAINED = ("fusion_encoder.", "itm_pooler.", "itm_head.")
@@ -89,6 +93,18 @@ def pairwise(model, img: dict, owner: list[int], negs: list, txt: dict, batch: i
     return out
 
 
+@torch.no_grad()
+def cls_cosine(model, img: dict, owner: list[int], negs: list, txt: dict, n: int = 256) -> float:
+    """Mean cos(fused[CLS](image, caption), fused[CLS](image, negative)) over the first n negatives."""
+    model.eval()
+    cap = torch.tensor([c for c, _, _ in negs[:n]])
+    neg = torch.tensor([m for _, m, _ in negs[:n]])
+    i = rows(img, torch.tensor(owner)[cap])
+    a = model.fuse(i, txt["cap"]["tokens"][cap], txt["cap"]["mask"][cap])[:, 0]  # (n, D)
+    b = model.fuse(i, txt["neg"]["tokens"][neg], txt["neg"]["mask"][neg])[:, 0]  # (n, D)
+    return F.cosine_similarity(a, b, dim=1).mean().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
@@ -97,7 +113,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32, help="captions per step (3 pairs each)")
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--fresh", action="store_true", help="re-initialise the fusion layers, ITM head and pooler")
+    ap.add_argument(
+        "--start",
+        choices=("checkpoint", "init", "random"),
+        default="checkpoint",
+        help="the trained part starts as the checkpoint's, as the model starts training, or random",
+    )
+    ap.add_argument("--fresh", dest="start", action="store_const", const="random", help="= --start random")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.root=/path/to/shapes")
@@ -110,11 +132,15 @@ def main() -> None:
     va_img, va_owner, va_negs, va_txt = split_features(model, cfg, tok, "val", args.val_images)
     print(f"features: {len(tr_owner)} train captions with {len(tr_negs)} negatives, {len(va_negs)} val negatives;"
           f" {time.perf_counter() - start:.0f} s, load {load:.1f}", flush=True)  # fmt: skip
-    if args.fresh:
+    if args.start == "random":
         fresh = [m for name, m in model.named_modules() if name.startswith(TRAINED) or name + "." in TRAINED]
         for m in fresh:
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+    elif args.start == "init":  # the same tensors as a new training run would start them (pretrained + new)
+        start_model, _ = build_model(cfg, tok, load_weights=True)
+        init = {k: v for k, v in start_model.state_dict().items() if k.startswith(TRAINED)}
+        model.load_state_dict(init, strict=False)
     params = [p for n, p in model.named_parameters() if n.startswith(TRAINED)]
     model.requires_grad_(False)
     for p in params:
@@ -124,7 +150,9 @@ def main() -> None:
     def report(step: int) -> None:
         acc = pairwise(model, va_img, va_owner, va_negs, va_txt)
         per = " ".join(f"{k} {v:.3f}" for k, v in acc.items())
-        print(f"step {step}: val pairwise {per} ({time.perf_counter() - start:.0f} s)", flush=True)
+        cos = cls_cosine(model, va_img, va_owner, va_negs, va_txt)
+        print(f"step {step}: val pairwise {per}; fused [CLS] cos(caption, negative) {cos:.5f}"
+              f" ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
 
     report(0)
     negs_of: dict[int, list[int]] = {}

@@ -100,6 +100,32 @@ def test_albef_tower_lr_alone_splits_pretrained_from_new(albef):
     assert set(lrs_of(albef, TrainConfig(lr=1e-3)).values()) == {1e-3}
 
 
+def test_albef_cross_attn_lr_tower_puts_the_cross_attention_on_its_layers_lr():
+    torch.manual_seed(0)
+    model = create_model(
+        "albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64, queue_size=8, cross_attn_lr="tower"
+    )
+    lr = lrs_of(model, TrainConfig(lr=1e-3, tower_lr=1e-4, layer_decay=0.5))
+    # the 30 cross-attention tensors (3 layers x (4 linears + 1 norm) x weight, bias) at their fusion layer's depth
+    cross = {n for n in lr if ".cross_" in n}
+    assert len(cross) == 30
+    assert lr["fusion_encoder.layers.0.cross_attn.q.weight"] == pytest.approx(1e-4 / 8)  # checkpoint layer 3: depth 4
+    assert lr["fusion_encoder.layers.1.cross_norm.bias"] == pytest.approx(1e-4 / 4)  # depth 5
+    assert lr["fusion_encoder.layers.2.cross_attn.out.weight"] == pytest.approx(1e-4 / 2)  # depth 6
+    # everything else as with the default: the MiniLM tensors by depth, the other 28 new ones at train.lr
+    default = lrs_of(create_model("albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64,
+                                  queue_size=8), TrainConfig(lr=1e-3, tower_lr=1e-4, layer_decay=0.5))  # fmt: skip
+    assert {n: v for n, v in lr.items() if n not in cross} == {n: v for n, v in default.items() if n not in cross}
+    assert sum(v == 1e-3 for v in lr.values()) == 28 and all(default[n] == 1e-3 for n in cross)
+
+
+def test_unknown_cross_attn_lr_is_a_model_error():
+    from crossmatch.errors import ModelError
+
+    with pytest.raises(ModelError, match="unknown cross_attn_lr 'fast'; known: new, tower"):
+        create_model("albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64, cross_attn_lr="fast")
+
+
 def test_vilt_tower_lr_and_layer_decay_give_hand_computed_lrs(vilt):
     lr = lrs_of(vilt, TrainConfig(lr=1e-3, tower_lr=1e-4, layer_decay=0.5))
     assert lr["text_embed.word.weight"] == pytest.approx(1e-4 / 128)
@@ -186,18 +212,24 @@ def test_the_itm_probe_benchmark_runs_on_a_tiny_checkpoint(shapes_root, tmp_path
     out = run_script("benchmarks/fusion_itm_probe.py", str(ckpt), "--images", "12", f"data.root={shapes_root}")
     assert "val: 12 images, 60 captions" in out
     assert "pairwise ITM(own) > ITM(random)" in out and "pairwise ITM(own) > ITM(ITC-hardest)" in out
+    exact = next(line for line in out.splitlines() if line.startswith("exact negatives ("))  # the JSON has them
+    assert "pairwise ITM(caption) > ITM(negative) all " in exact and "swap_attributes" in exact
+    assert -1 <= float(exact.split("cos(caption, negative) ")[1]) <= 1
 
 
 @pytest.mark.slow
-def test_the_itm_twin_probe_benchmark_trains_only_the_fusion_half(shapes_root, tmp_path):
+@pytest.mark.parametrize("start", ["--fresh", "--start=init"])
+def test_the_itm_twin_probe_benchmark_trains_only_the_fusion_half(shapes_root, tmp_path, start):
     from tests.conftest import save_tiny_checkpoint
     from tests.test_benchmarks import run_script
 
     ckpt = save_tiny_checkpoint(tmp_path / "albef.pt", "tiny_albef")
     args = ["--train-images", "40", "--val-images", "12", "--steps", "2", "--eval-every", "1", "--batch", "4"]
-    out = run_script("benchmarks/itm_twin_probe.py", str(ckpt), *args, "--threads", "1", "--fresh",
+    out = run_script("benchmarks/itm_twin_probe.py", str(ckpt), *args, "--threads", "1", start,
                      f"data.root={shapes_root}")  # fmt: skip
     assert "features: 200 train captions with" in out
     steps = [line for line in out.splitlines() if ": val pairwise all " in line]
     assert [line.split(":")[0] for line in steps] == ["step 0", "step 1", "step 2"]
-    assert all("swap_attributes" in line for line in steps)
+    assert all("swap_attributes" in line and "fused [CLS] cos(caption, negative) " in line for line in steps)
+    cos = [float(line.split("cos(caption, negative) ")[1].split()[0]) for line in steps]
+    assert all(-1 <= c <= 1 for c in cos)

@@ -162,6 +162,9 @@ class AlbefPretrainedConfig:
     momentum_decay: float = 0.995  # EMA factor of the momentum encoders
     queue_size: int = 4096  # momentum feature queue length (65,536 in the paper)
     rerank_score: str = "itm"  # score_pairs: itm (ALBEF) | itm+itc (LAVIS/BLIP)
+    cross_attn_lr: str = "new"  # the new cross-attention inside the pretrained fusion layers trains at: new
+    # (train.lr, with the other new tensors) | tower (train.tower_lr and layer_decay of its layer, as the paper
+    # trains every fusion tensor at one lr); at train.lr 1e-3 it grows until the fused [CLS] ignores the caption
     cache_frozen: bool = False  # keep the frozen CNN's per-image feature maps in memory (with data.augment=false)
     vocab_size: int = 0  # set at build time from the tokenizer; must be the checkpoint's (0: unchecked)
     mlm: bool = False  # not supported here: the MLM task masks with the word-level tokenizer's special ids
@@ -182,6 +185,8 @@ class AlbefPretrained(ALBEF):
             raise ModelError(f"unknown rerank_score {cfg.rerank_score!r}; known: itm, itm+itc")
         if cfg.text_pool not in ("cls", "mean"):
             raise ModelError(f"unknown text_pool {cfg.text_pool!r}; known: cls, mean")
+        if cfg.cross_attn_lr not in ("new", "tower"):
+            raise ModelError(f"unknown cross_attn_lr {cfg.cross_attn_lr!r}; known: new, tower")
         if cfg.mlm:
             raise ModelError("model.mlm is not supported for albef_minilm (MLM masks with word-level special ids)")
         self.config = cfg
@@ -226,12 +231,15 @@ class AlbefPretrained(ALBEF):
     def layer_depths(self) -> dict[str, tuple[int, int]]:
         """Pretrained parameter name -> (depth, n + 1), n the checkpoint's layers, for `train.tower_lr` and
         `train.layer_decay` (engine/optim.py): embeddings 0, checkpoint layer i at i + 1 (MiniLM-L6: text layers
-        0-2 at 1-3, fusion layers 3-5 at 4-6, without their new cross-attention), BERT's pooler n + 1 (the top).
-        A trainable image tower (freeze_image=False) has its own scale, as in vse_pretrained. Not listed, so at
-        train.lr: the new tensors (cross-attention, image projection and layers, ITC projections, ITM head, temp)."""
+        0-2 at 1-3, fusion layers 3-5 at 4-6, without their new cross-attention unless `cross_attn_lr` is tower),
+        BERT's pooler n + 1 (the top). A trainable image tower (freeze_image=False) has its own scale, as in
+        vse_pretrained. Not listed, so at train.lr: the new tensors (cross-attention by default, image projection
+        and layers, ITC projections, ITM head, temp)."""
         text, fusion = self.text_encoder, self.fusion_encoder
+        keep_cross = self.config.cross_attn_lr == "tower"
         named = [(f"text_encoder.{n}", p) for n, p in text.named_parameters()]
-        named += [(f"fusion_encoder.{n}", p) for n, p in fusion.named_parameters() if ".cross_" not in f".{n}"]
+        fused = fusion.named_parameters()
+        named += [(f"fusion_encoder.{n}", p) for n, p in fused if keep_cross or ".cross_" not in f".{n}"]
         named += [(f"itm_pooler.{n}", p) for n, p in self.itm_pooler.named_parameters()]
         return depths_by_blocks(named, [*text.encoder.layers, *fusion.layers]) | _tower_depths(
             "image_tower.tower.", self.image_tower
