@@ -3,11 +3,19 @@ row-aligned re-ranking, and the negative samplers of losses/itm.py."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from crossmatch.config import LossConfig
-from crossmatch.losses.itm import ItcLoss, positive_targets, sample_hard_negatives, sample_random_negatives
+from crossmatch.losses.itm import (
+    ItcLoss,
+    positive_targets,
+    sample_hard_negative_set,
+    sample_hard_negatives,
+    sample_random_negatives,
+)
 from crossmatch.models import albef, vilt
 from crossmatch.tasks.base import build_task
 
@@ -78,6 +86,31 @@ def test_training_step_gives_every_parameter_a_gradient(name):
         else:
             assert p.grad is not None, f"{n} got no gradient"
             assert torch.isfinite(p.grad).all(), n
+
+
+def test_vilt_hard_negatives_are_drawn_by_the_cheap_head(monkeypatch):
+    """loss.vilt.negatives=hard: the ranking candidates come from the cheap head's ITC logits of this batch,
+    and the first of each row is the ITM negative."""
+    import crossmatch.tasks.vilt as vilt_task
+    from crossmatch.config import ViltLossConfig
+
+    torch.manual_seed(0)
+    model = vilt.tiny_vilt(vocab_size=VOCAB).eval()
+    task = build_task(model, LossConfig(vilt=ViltLossConfig(n_negatives=2, negatives="hard")))
+    batch, seen = make_batch([0, 1, 1, 2, 3]), {}
+
+    def draw(sim, image_idx, n, generator=None):
+        seen["sim"], seen["n"] = sim, n
+        return sample_hard_negative_set(sim, image_idx, n, generator)
+
+    monkeypatch.setattr(vilt_task, "sample_hard_negative_set", draw)
+    monkeypatch.setattr(vilt_task, "sample_random_negatives", None)  # must not be called
+    with torch.no_grad():
+        losses, _ = task.training_step(batch)
+        img, txt = model.encode_image(batch), model.encode_text(batch)
+    torch.testing.assert_close(seen["sim"], img["embed"] @ txt["embed"].t() / model.temp, rtol=0, atol=1e-6)
+    assert seen["n"] == 2 and not seen["sim"].requires_grad
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -215,3 +248,45 @@ def test_random_negatives_are_distinct_negatives():
         assert all(len(set(r)) == 4 for r in neg.tolist())
     neg, valid = sample_random_negatives(torch.tensor([0, 0, 1]), 5, generator=g)
     assert neg.shape == (3, 2) and valid.tolist() == [[True, False], [True, False], [True, True]]
+
+
+def _ordered_pair_probs(logits: list[float]) -> dict[tuple[int, int], float]:
+    """Slow reference: P(first draw i, then j) of two draws without replacement, each by softmax over what is
+    left (Plackett-Luce), by enumeration."""
+    w = [math.exp(v) for v in logits]
+    return {(i, j): w[i] / sum(w) * w[j] / (sum(w) - w[i]) for i in range(len(w)) for j in range(len(w)) if i != j}
+
+
+def test_hard_negative_set_is_a_sequential_softmax_draw():
+    # Row 0 of a batch of 5 pairs over 4 images: its positive column 1 is never drawn, columns 2-4 (sim 0,
+    # ln 2, ln 5) by Plackett-Luce: first 2 with probability 1/8, 3 with 2/8, 4 with 5/8, then from the rest.
+    idx = torch.tensor([0, 0, 1, 2, 3])
+    sim_row = [0.0, 7.0, 0.0, math.log(2), math.log(5)]  # the positive's 7.0 would win every draw if allowed
+    expected = _ordered_pair_probs(sim_row[2:])  # over columns 2, 3, 4
+    K, n_calls = 400, 10  # independent copies of row 0 on a block diagonal, as in the test above
+    big_idx = (idx[None, :] + 10 * torch.arange(K)[:, None]).flatten()  # (K*5,)
+    block = torch.block_diag(*[torch.ones(5, 5)] * K).bool()
+    sim = torch.tensor(sim_row).expand(5, 5)
+    big = torch.full((5 * K, 5 * K), float("-inf")).masked_scatter(block, sim.repeat(K, 1))
+    g, counts = torch.Generator().manual_seed(0), {}
+    for _ in range(n_calls):
+        neg, valid = sample_hard_negative_set(big, big_idx, 2, generator=g)  # (5K, 2)
+        assert valid.all() and (big_idx[neg] != big_idx[:, None]).all()
+        assert (neg // 5 == torch.arange(5 * K)[:, None] // 5).all()  # never a -inf column of another copy
+        for a, b in (neg[::5] % 5 - 2).tolist():  # row 0 of every copy, columns as 0..2
+            counts[a, b] = counts.get((a, b), 0) + 1
+    n = K * n_calls
+    for pair, p in expected.items():
+        tol = 5 * math.sqrt(p * (1 - p) / n)  # 5 binomial standard deviations
+        assert abs(counts.get(pair, 0) / n - p) <= tol, (pair, counts.get(pair, 0) / n, p)
+
+
+def test_hard_negative_set_masks_like_the_random_one():
+    g = torch.Generator().manual_seed(0)
+    neg, valid = sample_hard_negative_set(torch.randn(3, 3), torch.tensor([0, 0, 1]), 5, generator=g)
+    assert neg.shape == (3, 2) and valid.tolist() == [[True, False], [True, False], [True, True]]
+    assert neg[0, 0] == 2 and neg[1, 0] == 2 and sorted(neg[2].tolist()) == [0, 1]
+    # a huge first-stage margin picks the same negative every time, and the draw is distinct per row
+    sim = torch.tensor([[0.0, 50.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4, [0.0] * 4])
+    neg, _ = sample_hard_negative_set(sim, torch.arange(4), 3, generator=g)
+    assert neg[0, 0] == 1 and all(len(set(r)) == 3 for r in neg.tolist())

@@ -189,6 +189,7 @@ def test_best_files_are_written_before_last(tmp_path, monkeypatch):
         ("train.lr=0", "train.lr=0.0"),
         ("train.lr=-1e-3", "train.lr=-0.001"),
         ("train.lr=1e38", "train.lr=1e+38"),  # Adam's first step, 10 lr, is not a float32 number
+        ("loss.vilt.negatives=hardest", "loss.vilt.negatives='hardest': choose random or hard"),
         ("model.embed_dim=abc", "model.embed_dim='abc': expected int"),
     ],
 )

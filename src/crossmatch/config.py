@@ -69,7 +69,8 @@ class AlbefLossConfig:
 class ViltLossConfig:
     """ViLT's objective (crossmatch.tasks.vilt)."""
 
-    n_negatives: int = 15  # random negative captions per positive for the ranking loss (at most B - 1)
+    n_negatives: int = 15  # negative captions per positive for the ranking loss (at most B - 1)
+    negatives: str = "random"  # random (ViLT) | hard: drawn by softmax of the cheap head's ITC logits (ALBEF's draw)
     rank_weight: float = 1.0  # weight of rank_loss
     itm_weight: float = 1.0  # weight of itm_loss
     itc_weight: float = 1.0  # weight of itc_loss (the cheap first-stage head)
@@ -229,6 +230,7 @@ LOWER_IS_BETTER = ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
 # optimiser itself fails. Far below that the weights blow up, and the non-finite loss guard stops the run.
 MAX_LR = 3.4e38 / 10
 EVAL_PRECISIONS = ("fp32", "same", "bf16", "fp16")
+VILT_NEGATIVES = ("random", "hard")  # loss.vilt.negatives
 
 
 def selectable_metrics(person_search: bool, twins: bool) -> tuple[str, ...]:
@@ -300,6 +302,7 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
         ("eval.precision", e.precision, e.precision in EVAL_PRECISIONS, f"choose {', '.join(EVAL_PRECISIONS)}"),
     ]
     if training:
+        vilt_neg = cfg.loss.vilt.negatives
         rules += [
             ("train.epochs", t.epochs, t.epochs >= 1, "must be at least 1"),
             ("train.batch_size", t.batch_size, t.batch_size >= 1, "must be at least 1"),
@@ -316,6 +319,7 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
             ("loss.margin", cfg.loss.margin, math.isfinite(cfg.loss.margin), "must be a finite number"),
             ("loss.warmup_epochs", cfg.loss.warmup_epochs, cfg.loss.warmup_epochs >= 0, "must be >= 0"),
             ("loss.text_negatives", cfg.loss.text_negatives, cfg.loss.text_negatives >= 0, "must be >= 0"),
+            ("loss.vilt.negatives", vilt_neg, vilt_neg in VILT_NEGATIVES, f"choose {' or '.join(VILT_NEGATIVES)}"),
             ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),
             ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, "must be >= 0"),
         ]

@@ -1,6 +1,6 @@
 """Image-text contrastive (ITC) and image-text matching (ITM) losses of ALBEF (Li et al., NeurIPS 2021),
 with hard negatives for ITM drawn from the ITC similarities, and ViLT's (Kim et al., ICML 2021) random
-negatives for its ranking loss.
+negatives for its ranking loss (or a hard set of them, drawn by the first stage's similarities).
 
 Positives are defined by `image_idx`: every caption of the same image is a positive of that image, so
 the ITC target of a row is the normalised positive mask, never the identity.
@@ -153,11 +153,37 @@ def sample_random_negatives(
         fewer than k negatives (the index there is a positive and must be ignored).
     """
     B = image_idx.shape[0]
-    positive = image_idx[:, None] == image_idx[None, :]  # (B, B)
     keys = torch.rand(B, B, generator=generator, device=image_idx.device)  # (B, B) random keys in [0, 1)
-    keys = keys.masked_fill(positive, -1.0)  # positives sort last
-    top, neg = keys.topk(min(n, B - 1), dim=1)  # (B, k): the k largest random keys = a uniform k-subset
-    return neg, top >= 0
+    return _top_negatives(keys, image_idx, n)  # the k largest random keys = a uniform k-subset
+
+
+@torch.no_grad()
+def sample_hard_negative_set(
+    sim: Tensor, image_idx: Tensor, n: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """n distinct captions of other images per row, drawn one after another without replacement with
+    probability softmax(sim) over the columns still left (ALBEF's hard-negative draw, n times per row).
+
+    Gumbel top-k: the n largest of sim + Gumbel noise are such a sequential draw, in one topk.
+
+    Args:
+        sim: (B, B) first-stage logits of image row b against caption column t (detached).
+        image_idx: (B,) image id of each pair; columns with the row's image id are positives, never drawn.
+        n: negatives per row; at most B - 1 are drawn.
+        generator: optional torch.Generator for reproducible draws.
+    Returns:
+        neg (B, k), valid (B, k) as `sample_random_negatives`; neg[:, 0] is one ALBEF hard negative per row.
+    """
+    u = torch.rand(sim.shape, generator=generator, device=sim.device).clamp_(min=1e-12)  # (B, B) in (0, 1)
+    return _top_negatives(sim.float() - torch.log(-torch.log(u)), image_idx, n)  # (B, B) sim + Gumbel(0, 1)
+
+
+def _top_negatives(keys: Tensor, image_idx: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The k = min(n, B - 1) columns of largest key per row among the non-positives: keys (B, B) ->
+    neg (B, k) in decreasing key order, valid (B, k) False where a row ran out of negatives."""
+    positive = image_idx[:, None] == image_idx[None, :]  # (B, B)
+    top, neg = keys.masked_fill(positive, float("-inf")).topk(min(n, len(image_idx) - 1), dim=1)  # (B, k)
+    return neg, top > float("-inf")
 
 
 class ItmLoss(nn.Module):

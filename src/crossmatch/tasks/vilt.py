@@ -1,12 +1,12 @@
 """ViLT's retrieval fine-tuning objective (Kim et al., ICML 2021): a ranking loss over one positive and
-K random captions of other images scored by the ITM head, an ITM loss, and an ITC loss for the cheap
-first-stage embedding head.
+K captions of other images (random, or hard ones by the cheap head) scored by the ITM head, an ITM loss,
+and an ITC loss for the cheap first-stage embedding head.
 
 Text negatives (`loss.text_negatives` N > 0): the N perturbed captions of each pair join the ranking
 candidates of its row, are ITM negative pairs (image b, negative of pair b) -> label 0, and extra i2t ITC
 columns of the cheap head.
 
-Legend: B batch, K random negatives, N text negatives per pair, E embedding.
+Legend: B batch, K negatives of the ranking loss, N text negatives per pair, E embedding.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crossmatch.config import LossConfig
-from crossmatch.losses.itm import ItcLoss, ItmLoss, sample_random_negatives
+from crossmatch.losses.itm import ItcLoss, ItmLoss, sample_hard_negative_set, sample_random_negatives
 from crossmatch.models.vilt import ViLT
 from crossmatch.tasks.base import Task, register_task
 from crossmatch.tasks.text_negatives import encode_negatives, flat
@@ -27,9 +27,10 @@ from crossmatch.tensors import slice_features
 class ViltTask(Task):
     """rank_loss + itm_loss + itc_loss; settings in `loss.vilt` (ViltLossConfig).
 
-    rank_loss: for each pair b, cross-entropy over the ITM positive logits of [caption b; K random captions
-    of other images] with caption b as the target. itm_loss: 2-way cross-entropy over the B positives and,
-    to keep the classes balanced, the first random negative of each row.
+    rank_loss: for each pair b, cross-entropy over the ITM positive logits of [caption b; K captions of other
+    images] with caption b as the target; the K are random (`negatives: random`, ViLT) or drawn without
+    replacement by softmax of the cheap head's ITC logits (`hard`, ALBEF's draw). itm_loss: 2-way
+    cross-entropy over the B positives and, to keep the classes balanced, the first negative of each row.
     """
 
     uses_text_negatives = True
@@ -45,7 +46,11 @@ class ViltTask(Task):
             m.temp.clamp_(0.001, 0.5)
         img, txt = m.encode_image(batch), m.encode_text(batch)
         B = len(idx)
-        neg, valid = sample_random_negatives(idx, cfg.n_negatives)  # (B, K), (B, K)
+        if cfg.negatives == "hard":  # the candidates the cheap head will hand the re-ranker at test time
+            sim = (img["embed"] @ txt["embed"].t() / m.temp).detach()  # (B, B) image row, caption column
+            neg, valid = sample_hard_negative_set(sim, idx, cfg.n_negatives)  # (B, K), (B, K)
+        else:
+            neg, valid = sample_random_negatives(idx, cfg.n_negatives)  # (B, K), (B, K)
         K = neg.shape[1]
         txt_rows = torch.cat([torch.arange(B, device=idx.device)[:, None], neg], 1)  # (B, 1+K): positive first
         img_rows = torch.arange(B, device=idx.device)[:, None].expand(B, 1 + K)  # (B, 1+K)
