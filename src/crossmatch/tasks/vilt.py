@@ -47,7 +47,7 @@ class ViltTask(Task):
         img, txt = m.encode_image(batch), m.encode_text(batch)
         B = len(idx)
         if cfg.negatives == "hard":  # the candidates the cheap head will hand the re-ranker at test time
-            sim = (img["embed"] @ txt["embed"].t() / m.temp).detach()  # (B, B) image row, caption column
+            sim = (m.similarity(img, txt) / m.temp).detach()  # (B, B) cheap-head ITC logits, image row, caption column
             neg, valid = sample_hard_negative_set(sim, idx, cfg.n_negatives)  # (B, K), (B, K)
         else:
             neg, valid = sample_random_negatives(idx, cfg.n_negatives)  # (B, K), (B, K)
