@@ -77,3 +77,48 @@ def test_frozen_binding_probe_runs_on_the_tiny_split(shapes_root):
     out = run_script("benchmarks/frozen_binding_probe.py", "--data", str(shapes_root), "--sizes", "64")
     assert "twin pairs; load" in out
     assert "size 64 fmap (1280, 2, 2) mean: binding accuracy" in out and "grid: binding accuracy" in out
+
+
+def test_text_negative_cosine_is_per_type_and_keeps_the_first_triples():
+    import importlib.util
+
+    import torch
+
+    from crossmatch.retrieval.compositional import Triple
+
+    spec = importlib.util.spec_from_file_location("cosine", ROOT / "benchmarks" / "text_negative_cosine.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    vec = {"cap": [1.0, 0.0], "neg a": [0.6, 0.8], "neg b": [0.0, 1.0], "neg c": [1.0, 0.0], "neg d": [-1.0, 0.0]}
+
+    class Model:  # embed_texts of whatever the tokenizer returns: here the texts themselves
+        def embed_texts(self, texts):
+            return torch.tensor([vec[t] for t in texts])
+
+    def triple(neg, kind, line):
+        return Triple("x.png", Path("x.png"), "cap", neg, kind, line)
+
+    triples = [triple("neg a", "swap", 1), triple("neg b", "flip", 2), triple("neg c", "swap", 3)]
+    triples.append(triple("neg d", "swap", 4))  # the third of its type: past --per-type 2
+    cos = bench.cosine_by_type(Model(), lambda texts: texts, triples, per_type=2, batch=1)
+    assert sorted(cos) == ["flip", "swap"]
+    assert cos["swap"].tolist() == pytest.approx([0.6, 1.0]) and cos["flip"].tolist() == [0.0]
+
+
+@pytest.mark.slow
+def test_text_negative_cosine_runs_on_a_trained_dual_encoder(tmp_path, shapes_root):
+    from crossmatch.cli.main import main
+
+    run = tmp_path / "run"
+    args = ["train", "configs/vse_shapes.yaml", "--run-dir", str(run), f"data.root={shapes_root}"]
+    assert main([*args, "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8"]) == 0
+    out = run_script(
+        "benchmarks/text_negative_cosine.py",
+        str(run / "checkpoints" / "best.pt"),
+        "--negatives",
+        str(shapes_root / "test_negatives.jsonl"),
+        "--per-type",
+        "3",
+    )
+    assert out.splitlines()[0].split() == ["type", "triples", "mean", "p5", "min"]
+    assert "swap_attributes" in out and "load average" in out
