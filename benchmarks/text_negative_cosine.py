@@ -46,11 +46,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--negatives", required=True, help="a negatives JSONL (crossmatch evaluate --negatives)")
-    ap.add_argument("--data", help="images resolve against this folder (default: the file's folder)")
+    ap.add_argument("--data", help="the image root (default: the run's data.root, as crossmatch evaluate --negatives)")
     ap.add_argument("--per-type", type=int, default=500, help="first N triples of each type")
     args = ap.parse_args()
     model = crossmatch.load(args.checkpoint)
-    triples = read_negatives(args.negatives, args.data or os.path.dirname(os.path.abspath(args.negatives)))
+    triples = read_negatives(args.negatives, args.data or model.run_config.data.root)
     cos = cosine_by_type(model, model.tokenizer, triples, args.per_type)
     print(f"{'type':<18} {'triples':>7} {'mean':>7} {'p5':>7} {'min':>7}")
     for kind in sorted(cos):

@@ -2,6 +2,7 @@
 end to end on tiny inputs and prints its figures). A refactor of the Trainer once broke
 benchmarks/train_throughput.py without any test noticing."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +11,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module, to test its functions directly."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(*args: str, timeout: int = 300) -> str:
@@ -49,13 +58,9 @@ def test_scan_scoring_runs_on_small_inputs():
 
 
 def test_binding_probe_scores_own_conjunctions_against_the_twins_only():
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("probe", ROOT / "benchmarks" / "frozen_binding_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_benchmark("frozen_binding_probe")
     images = [  # a twin pair with swapped colours, and a second pair with the same conjunctions (left out)
         {"objects": [{"color": "red", "shape": "disc"}, {"color": "blue", "shape": "star"}]},
         {"objects": [{"color": "blue", "shape": "disc"}, {"color": "red", "shape": "star"}]},
@@ -80,15 +85,11 @@ def test_frozen_binding_probe_runs_on_the_tiny_split(shapes_root):
 
 
 def test_text_negative_cosine_is_per_type_and_keeps_the_first_triples():
-    import importlib.util
-
     import torch
 
     from crossmatch.retrieval.compositional import Triple
 
-    spec = importlib.util.spec_from_file_location("cosine", ROOT / "benchmarks" / "text_negative_cosine.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("text_negative_cosine")
     vec = {"cap": [1.0, 0.0], "neg a": [0.6, 0.8], "neg b": [0.0, 1.0], "neg c": [1.0, 0.0], "neg d": [-1.0, 0.0]}
 
     class Model:  # embed_texts of whatever the tokenizer returns: here the texts themselves
