@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from crossmatch.config import apply_overrides, config_from_dict, config_to_dict, load_config
+from crossmatch.config import apply_overrides, config_from_dict, config_to_dict, load_config, validate_config
 from crossmatch.errors import ConfigError
 
 
@@ -21,6 +21,12 @@ def test_defaults_file_and_overrides(tmp_path):
 def test_bad_keys_and_types_name_the_culprit(override, culprit):
     with pytest.raises(ConfigError, match=culprit):
         load_config(None, [override])
+
+
+def test_text_negative_term_is_checked():
+    validate_config(load_config(None, ["loss.text_negative_term=separate"]))
+    with pytest.raises(ConfigError, match="loss.text_negative_term"):
+        validate_config(load_config(None, ["loss.text_negative_term=both"]))
 
 
 def test_override_without_equals_and_missing_file(tmp_path):

@@ -21,7 +21,7 @@ from crossmatch.errors import DataError
 from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
 from crossmatch.losses.itm import ItcLoss, positive_targets, soft_cross_entropy
 from crossmatch.losses.triplet import TripletLoss
-from crossmatch.models import albef, scan, vilt
+from crossmatch.models import albef, dual_encoder, scan, vilt
 from crossmatch.tasks.base import build_task
 from crossmatch.tasks.text_negatives import encode_negatives, paired_scores
 from tests import conftest
@@ -31,17 +31,21 @@ TOL = {"rel": 1e-12, "abs": 1e-12}  # float64: the loops only sum in another ord
 
 
 # ---- the hinge -----------------------------------------------------------------------------------------
-def hinge_reference(S, ids, neg, valid, margin, hardest):
+def hinge_reference(S, ids, neg, valid, margin, hardest, separate=False):
     """VSE++'s hinge written as loops: each caption against the other images, each image against the other
-    captions and its own valid text negatives."""
+    captions and its own valid text negatives (with `separate` and `hardest`: the hardest caption and the
+    hardest text negative as two terms)."""
     B, total = len(S), 0.0
     for t in range(B):
         costs = [max(0.0, margin + S[i][t] - S[t][t]) for i in range(B) if ids[i] != ids[t]]
         total += max(costs, default=0.0) if hardest else sum(costs)
     for i in range(B):
         costs = [max(0.0, margin + S[i][t] - S[i][i]) for t in range(B) if ids[t] != ids[i]]
-        costs += [max(0.0, margin + n - S[i][i]) for n, ok in zip(neg[i], valid[i], strict=True) if ok]
-        total += max(costs, default=0.0) if hardest else sum(costs)
+        negs = [max(0.0, margin + n - S[i][i]) for n, ok in zip(neg[i], valid[i], strict=True) if ok]
+        if hardest and separate:
+            total += max(costs, default=0.0) + max(negs, default=0.0)
+        else:
+            total += max(costs + negs, default=0.0) if hardest else sum(costs + negs)
     return total
 
 
@@ -53,20 +57,40 @@ def test_hinge_with_text_negatives_hand_example():
     assert loss.item() == pytest.approx(0.15, **TOL)
 
 
+def test_hinge_separate_negative_term_hand_example():
+    # image 0's row: caption 1 violates by 0.2 + 0.8 - 0.9 = 0.1, its text negative by 0.2 + 0.85 - 0.9 = 0.15;
+    # image 1's row: no violation (0.2 + 0.2 - 0.8, 0.2 + 0.1 - 0.8 < 0).
+    S = torch.tensor([[0.9, 0.8], [0.2, 0.8]], dtype=torch.float64)
+    neg, valid, ids = torch.tensor([[0.85], [0.1]], dtype=torch.float64), torch.tensor([[True], [True]]), torch.arange(2)
+    # caption 1 against image 0: 0.2 + 0.8 - 0.8 = 0.2 in both terms
+    joint = TripletLoss(0.2, True, "joint")(S, ids, neg, valid).item()
+    separate = TripletLoss(0.2, True, "separate")(S, ids, neg, valid).item()
+    assert joint == pytest.approx(0.2 + 0.15, **TOL)  # image 0's row: max(0.1, 0.15)
+    assert separate == pytest.approx(0.2 + 0.1 + 0.15, **TOL)  # image 0's row: 0.1 and 0.15, both
+    # without max_violation every violation is summed either way
+    assert TripletLoss(0.2, False, "separate")(S, ids, neg, valid).item() == pytest.approx(
+        TripletLoss(0.2, False, "joint")(S, ids, neg, valid).item(), **TOL
+    )
+    with pytest.raises(ValueError, match="joint or separate"):
+        TripletLoss(0.2, True, "both")
+
+
+@pytest.mark.parametrize("separate", [False, True])
 @pytest.mark.parametrize("hardest", [True, False])
-def test_hinge_with_text_negatives_equals_the_loop(hardest):
+def test_hinge_with_text_negatives_equals_the_loop(hardest, separate):
     g = torch.Generator().manual_seed(0)
     S = torch.rand(5, 5, generator=g, dtype=torch.float64)
     neg = torch.rand(5, 3, generator=g, dtype=torch.float64) + 0.3  # many violations
     valid = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
     ids = torch.tensor([0, 0, 1, 2, 3])  # pairs 0 and 1 show one image
-    got = TripletLoss(0.2, hardest)(S, ids, neg, valid).item()
+    term = "separate" if separate else "joint"
+    got = TripletLoss(0.2, hardest, term)(S, ids, neg, valid).item()
     assert got == pytest.approx(
-        hinge_reference(S.tolist(), ids.tolist(), neg.tolist(), valid.tolist(), 0.2, hardest), **TOL
+        hinge_reference(S.tolist(), ids.tolist(), neg.tolist(), valid.tolist(), 0.2, hardest, separate), **TOL
     )
     # the text negatives change the loss (else this test could not fail), empty slots change nothing
     assert got != pytest.approx(TripletLoss(0.2, hardest)(S, ids).item())
-    empty = TripletLoss(0.2, hardest)(S, ids, neg, torch.zeros_like(valid)).item()
+    empty = TripletLoss(0.2, hardest, term)(S, ids, neg, torch.zeros_like(valid)).item()
     assert empty == pytest.approx(TripletLoss(0.2, hardest)(S, ids).item(), **TOL)
 
 
@@ -249,6 +273,24 @@ def test_itm_gets_each_valid_text_negative_as_a_label_0_pair(family, monkeypatch
     labels = torch.cat([torch.ones(len(seen["pos"])), torch.zeros(len(seen["neg"]))]).long()
     expected = F.cross_entropy(torch.cat([seen["pos"], seen["neg"]]), labels)
     assert losses["itm_loss"].item() == pytest.approx(expected.item() * task.cfg.itm_weight, rel=1e-6)
+
+
+@pytest.mark.parametrize("term", ["joint", "separate"])
+def test_triplet_task_reads_the_text_negative_term(term):
+    torch.manual_seed(0)
+    model = dual_encoder.tiny_vse(vocab_size=VOCAB).eval()
+    task = build_task(model, LossConfig(text_negatives=2, text_negative_term=term))
+    task.on_epoch_start(0)  # no warm-up: hardest negatives
+    batch = with_negatives(make_batch([0, 1, 2, 3]))
+    with torch.no_grad():
+        got = task.training_step(batch)[0]["triplet_loss"]
+        img, txt = model.encode_image(batch), model.encode_text(batch)
+        neg = paired_scores(model, img, encode_negatives(model, batch))  # (4, 2)
+        S = model.similarity(img, txt)
+    args = (S.tolist(), [0, 1, 2, 3], neg.tolist(), batch["neg_valid"].tolist(), 0.2, True)
+    want, other = hinge_reference(*args, term == "separate"), hinge_reference(*args, term != "separate")
+    assert got.item() == pytest.approx(want, rel=1e-5)  # float32 model scores, summed in another order
+    assert want != pytest.approx(other, rel=1e-3)  # the two terms differ on this batch: the test can fail
 
 
 # ---- the data view -------------------------------------------------------------------------------------

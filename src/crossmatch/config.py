@@ -102,6 +102,9 @@ class LossConfig:
     # columns; ALBEF/ViLT: ITM pairs labelled 0), from the dataset's exact negatives or the rule-based
     # perturber (crossmatch.data.negatives); 0: off
     text_negatives: int = 0
+    # hinge with max_violation: the K text negatives join each image's hardest-caption max (joint), or the
+    # hardest of them is a hinge term of its own, beside the in-batch hardest (separate; losses/triplet.py)
+    text_negative_term: str = "joint"
     albef: AlbefLossConfig = field(default_factory=AlbefLossConfig)
     vilt: ViltLossConfig = field(default_factory=ViltLossConfig)
     identity: IdentityLossConfig = field(default_factory=IdentityLossConfig)
@@ -319,6 +322,12 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
             ("loss.margin", cfg.loss.margin, math.isfinite(cfg.loss.margin), "must be a finite number"),
             ("loss.warmup_epochs", cfg.loss.warmup_epochs, cfg.loss.warmup_epochs >= 0, "must be >= 0"),
             ("loss.text_negatives", cfg.loss.text_negatives, cfg.loss.text_negatives >= 0, "must be >= 0"),
+            (
+                "loss.text_negative_term",
+                cfg.loss.text_negative_term,
+                cfg.loss.text_negative_term in ("joint", "separate"),
+                "must be joint or separate",
+            ),
             ("loss.vilt.negatives", vilt_neg, vilt_neg in VILT_NEGATIVES, f"choose {' or '.join(VILT_NEGATIVES)}"),
             ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),
             ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, "must be >= 0"),

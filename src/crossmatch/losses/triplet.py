@@ -10,7 +10,11 @@ The loss sums all violations, or with max_violation keeps only the hardest negat
 Text negatives (NegCLIP-style perturbed captions, `loss.text_negatives`): N_neg extra captions per pair b,
 scored only against pair b's image, enter the image -> caption side as further negatives of that image:
     cost_neg[b, k] = clamp(margin + S_neg[b, k] - S[b, b], 0)   (0 where the slot is empty)
-summed with cost_txt's row b, or taking part in that row's max with max_violation.
+summed with cost_txt's row b, or taking part in that row's max with max_violation (`negative_term="joint"`,
+the default). With `negative_term="separate"` and max_violation, the hardest of the K is a term of its own:
+    loss = sum_t max_i cost_img[i, t] + sum_b max_t cost_txt[b, t] + sum_b max_k cost_neg[b, k]
+so a text negative that the text tower cannot yet tell from its caption (violation = margin, the row's max)
+does not hide the row's hardest in-batch caption.
 
 Legend: B pairs of the batch, K text negatives per pair.
 """
@@ -22,10 +26,13 @@ from torch import Tensor, nn
 
 
 class TripletLoss(nn.Module):
-    def __init__(self, margin: float = 0.2, max_violation: bool = True):
+    def __init__(self, margin: float = 0.2, max_violation: bool = True, negative_term: str = "joint"):
         super().__init__()
+        if negative_term not in ("joint", "separate"):
+            raise ValueError(f"negative_term must be joint or separate, got {negative_term!r}")
         self.margin = margin
         self.max_violation = max_violation
+        self.negative_term = negative_term
 
     def forward(
         self, scores: Tensor, image_ids: Tensor, neg_scores: Tensor | None = None, neg_valid: Tensor | None = None
@@ -49,6 +56,8 @@ class TripletLoss(nn.Module):
         if neg_scores is not None:
             # Image b against its own text negatives: more columns of its row (never positives).
             cost_neg = (self.margin + neg_scores - pos[:, None]).clamp(min=0).masked_fill(~neg_valid, 0)  # (B, K)
+            if self.max_violation and self.negative_term == "separate":
+                return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum() + cost_neg.max(1).values.sum()
             cost_txt = torch.cat([cost_txt, cost_neg], 1)  # (B, B + K)
         if self.max_violation:
             return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum()

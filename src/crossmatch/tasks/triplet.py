@@ -26,7 +26,7 @@ class TripletTask(Task):
     def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
         self.cfg, self.world_size = cfg, world_size
-        self.loss = TripletLoss(cfg.margin, cfg.max_violation)
+        self.loss = TripletLoss(cfg.margin, cfg.max_violation, cfg.text_negative_term)
 
     def on_epoch_start(self, epoch: int) -> None:
         # VSE-infinity style warm-up: sum over all negatives first, hardest negatives afterwards.
