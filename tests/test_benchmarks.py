@@ -106,16 +106,22 @@ def test_text_negative_cosine_is_per_type_and_keeps_the_first_triples():
     assert cos["swap"].tolist() == pytest.approx([0.6, 1.0]) and cos["flip"].tolist() == [0.0]
 
 
-@pytest.mark.slow
-def test_text_negative_cosine_runs_on_a_trained_dual_encoder(tmp_path, shapes_root):
+@pytest.fixture(scope="module")
+def tiny_vse_run(tmp_path_factory, shapes_root) -> Path:
+    """A VSE++ run of 2 steps on the tiny shapes split: a real checkpoint for the scripts' smoke runs."""
     from crossmatch.cli.main import main
 
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("vse") / "run"
     args = ["train", "configs/vse_shapes.yaml", "--run-dir", str(run), f"data.root={shapes_root}"]
     assert main([*args, "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8"]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_text_negative_cosine_runs_on_a_trained_dual_encoder(tiny_vse_run, shapes_root):
     out = run_script(
         "benchmarks/text_negative_cosine.py",
-        str(run / "checkpoints" / "best.pt"),
+        str(tiny_vse_run / "checkpoints" / "best.pt"),
         "--negatives",
         str(shapes_root / "test_negatives.jsonl"),
         "--per-type",
@@ -123,3 +129,41 @@ def test_text_negative_cosine_runs_on_a_trained_dual_encoder(tmp_path, shapes_ro
     )
     assert out.splitlines()[0].split() == ["type", "triples", "mean", "p5", "min"]
     assert "swap_attributes" in out and "load average" in out
+
+
+def test_twin_kinds_splits_twin_accuracy_by_what_the_twins_swap():
+    import torch
+
+    bench = load_benchmark("twin_kinds")
+    red_disc, blue_star = {"color": "red", "size": "small"}, {"color": "blue", "size": "large"}
+    assert (
+        bench.kind_of([red_disc, blue_star], [{**red_disc, "color": "blue"}, {**blue_star, "color": "red"}]) == "colour"
+    )
+    assert (
+        bench.kind_of([red_disc, blue_star], [{**red_disc, "size": "large"}, {**blue_star, "size": "small"}]) == "size"
+    )
+    assert bench.kind_of([red_disc, blue_star], [red_disc, blue_star]) == "position"  # only the boxes differ
+    # 4 images, one caption each; twins (0, 1) swap colours, (2, 3) positions
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0],  # image 0: own caption 0.9 > twin's 0.1: a win
+            [0.8, 0.2, 0.0, 0.0],  # image 1: own 0.2 < twin's 0.8: a loss
+            [0.0, 0.0, 0.7, 0.6],  # image 2: a win
+            [0.0, 0.0, 0.3, 0.5],  # image 3: a win
+        ]
+    )
+    t2i = torch.arange(4)
+    got = bench.accuracy_by_kind(scores, t2i, [(0, 1), (2, 3)], ["colour", "position"])
+    assert got == {"colour": (1, 1, 2), "position": (1, 2, 2), "all": (2, 3, 4)}
+    img = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # image 3 has 2 captions
+    cos = bench.twin_cosines(img, txt, torch.tensor([0, 1, 2, 3, 3]), [(0, 1), (2, 3)])
+    assert cos.flatten().tolist() == pytest.approx([0.6, 1.0, 1.0, 0.5])  # last: caption cos, mean of (1, 0)
+
+
+@pytest.mark.slow
+def test_twin_kinds_runs_on_a_trained_dual_encoder(tiny_vse_run):
+    out = run_script("benchmarks/twin_kinds.py", str(tiny_vse_run / "checkpoints" / "best.pt"), "--threads", "1")
+    lines = out.splitlines()
+    assert lines[0].split() == ["twins", "swap", "pairs", "cases", "twin_acc", "image", "cos", "caption", "cos"]
+    assert any(line.startswith("all ") for line in lines) and "random image pairs" in out

@@ -61,7 +61,11 @@ def test_hinge_separate_negative_term_hand_example():
     # image 0's row: caption 1 violates by 0.2 + 0.8 - 0.9 = 0.1, its text negative by 0.2 + 0.85 - 0.9 = 0.15;
     # image 1's row: no violation (0.2 + 0.2 - 0.8, 0.2 + 0.1 - 0.8 < 0).
     S = torch.tensor([[0.9, 0.8], [0.2, 0.8]], dtype=torch.float64)
-    neg, valid, ids = torch.tensor([[0.85], [0.1]], dtype=torch.float64), torch.tensor([[True], [True]]), torch.arange(2)
+    neg, valid, ids = (
+        torch.tensor([[0.85], [0.1]], dtype=torch.float64),
+        torch.tensor([[True], [True]]),
+        torch.arange(2),
+    )
     # caption 1 against image 0: 0.2 + 0.8 - 0.8 = 0.2 in both terms
     joint = TripletLoss(0.2, True, "joint")(S, ids, neg, valid).item()
     separate = TripletLoss(0.2, True, "separate")(S, ids, neg, valid).item()
