@@ -79,12 +79,12 @@ def main() -> None:
         raise SystemExit(f"{ds.root}: twin images without their objects: not a shapes dataset")
     kinds = [kind_of(ds.images[a].objects, ds.images[b].objects) for a, b in ds.twins]
     t2i = torch.as_tensor(ds.txt_to_img)
-    paths = [str(r.path) for r in ds.images]
-    scores = crossmatch.score(model, paths, ds.captions)  # (N_img, N_txt)
+    pixels = [model.preprocess(str(r.path)) for r in ds.images]  # decoded once, for both uses below
+    scores = crossmatch.score(model, pixels, ds.captions)  # (N_img, N_txt)
     report = accuracy_by_kind(scores, t2i, ds.twins, kinds)
     cos = None
     try:
-        img = model.embed_images([model.preprocess(p) for p in paths])  # (N_img, E)
+        img = model.embed_images(pixels)  # (N_img, E)
         cos = twin_cosines(img, model.embed_texts(model.tokenizer(ds.captions)), t2i, ds.twins)  # (n_pairs, 2)
     except ModelError:  # no global embeddings (SCAN): accuracies only
         pass

@@ -234,6 +234,7 @@ LOWER_IS_BETTER = ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
 MAX_LR = 3.4e38 / 10
 EVAL_PRECISIONS = ("fp32", "same", "bf16", "fp16")
 VILT_NEGATIVES = ("random", "hard")  # loss.vilt.negatives
+TEXT_NEGATIVE_TERMS = ("joint", "separate")  # loss.text_negative_term (losses/triplet.py)
 
 
 def selectable_metrics(person_search: bool, twins: bool) -> tuple[str, ...]:
@@ -325,8 +326,8 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
             (
                 "loss.text_negative_term",
                 cfg.loss.text_negative_term,
-                cfg.loss.text_negative_term in ("joint", "separate"),
-                "must be joint or separate",
+                cfg.loss.text_negative_term in TEXT_NEGATIVE_TERMS,
+                f"must be {' or '.join(TEXT_NEGATIVE_TERMS)}",
             ),
             ("loss.vilt.negatives", vilt_neg, vilt_neg in VILT_NEGATIVES, f"choose {' or '.join(VILT_NEGATIVES)}"),
             ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),

@@ -24,12 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from crossmatch.config import TEXT_NEGATIVE_TERMS
+
 
 class TripletLoss(nn.Module):
     def __init__(self, margin: float = 0.2, max_violation: bool = True, negative_term: str = "joint"):
         super().__init__()
-        if negative_term not in ("joint", "separate"):
-            raise ValueError(f"negative_term must be joint or separate, got {negative_term!r}")
+        if negative_term not in TEXT_NEGATIVE_TERMS:
+            raise ValueError(f"negative_term must be {' or '.join(TEXT_NEGATIVE_TERMS)}, got {negative_term!r}")
         self.margin = margin
         self.max_violation = max_violation
         self.negative_term = negative_term
@@ -53,12 +55,14 @@ class TripletLoss(nn.Module):
         cost_img = (self.margin + scores - pos[None, :]).clamp(min=0).masked_fill(positive, 0)  # (B, B)
         # Image i against every caption t: violation if a wrong caption beats i's own caption.
         cost_txt = (self.margin + scores - pos[:, None]).clamp(min=0).masked_fill(positive, 0)  # (B, B)
+        own_term = 0.0  # the hardest text negative's term, when it stands apart (negative_term="separate")
         if neg_scores is not None:
             # Image b against its own text negatives: more columns of its row (never positives).
             cost_neg = (self.margin + neg_scores - pos[:, None]).clamp(min=0).masked_fill(~neg_valid, 0)  # (B, K)
             if self.max_violation and self.negative_term == "separate":
-                return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum() + cost_neg.max(1).values.sum()
-            cost_txt = torch.cat([cost_txt, cost_neg], 1)  # (B, B + K)
+                own_term = cost_neg.max(1).values.sum()
+            else:
+                cost_txt = torch.cat([cost_txt, cost_neg], 1)  # (B, B + K)
         if self.max_violation:
-            return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum()
+            return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum() + own_term
         return cost_img.sum() + cost_txt.sum()
