@@ -29,6 +29,13 @@ def test_text_negative_term_is_checked():
         validate_config(load_config(None, ["loss.text_negative_term=both"]))
 
 
+@pytest.mark.parametrize("bad", ["-0.5", "nan"])
+def test_caption_anchor_weight_is_checked(bad):
+    validate_config(load_config(None, ["loss.caption_anchor_weight=0.5"]))
+    with pytest.raises(ConfigError, match="loss.caption_anchor_weight"):
+        validate_config(load_config(None, [f"loss.caption_anchor_weight={bad}"]))
+
+
 def test_override_without_equals_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.lr"])

@@ -297,6 +297,76 @@ def test_triplet_task_reads_the_text_negative_term(term):
     assert want != pytest.approx(other, rel=1e-3)  # the two terms differ on this batch: the test can fail
 
 
+def test_caption_anchored_term_hand_example():
+    # pair 0: caption . its negative 0.95, its image 0.9 -> 0.2 + 0.95 - 0.9 = 0.25; pair 1: 0.2 + 0.3 - 0.8 < 0.
+    # The in-batch and image-anchored terms are 0 here (S off-diagonal low, image . negative low).
+    S = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+    neg = torch.tensor([[0.1], [0.1]], dtype=torch.float64)
+    cap = torch.tensor([[0.95], [0.3]], dtype=torch.float64)
+    valid, ids = torch.tensor([[True], [True]]), torch.arange(2)
+    assert TripletLoss(0.2, True, "separate")(S, ids, neg, valid, cap).item() == 0.0  # weight 0: off
+    for hardest in (True, False):
+        got = TripletLoss(0.2, hardest, "separate", caption_anchor_weight=2.0)(S, ids, neg, valid, cap).item()
+        assert got == pytest.approx(2.0 * 0.25, **TOL)
+    # an empty slot never counts
+    masked = TripletLoss(0.2, True, "separate", 2.0)(S, ids, neg, torch.tensor([[False], [True]]), cap).item()
+    assert masked == 0.0
+
+
+def caption_anchor_reference(S, cap, valid, margin, hardest):
+    """The caption-anchored term as a loop: caption b against each of its valid negatives, its image the positive."""
+    total = 0.0
+    for b in range(len(S)):
+        costs = [max(0.0, margin + c - S[b][b]) for c, ok in zip(cap[b], valid[b], strict=True) if ok]
+        total += max(costs, default=0.0) if hardest else sum(costs)
+    return total
+
+
+@pytest.mark.parametrize("hardest", [True, False])
+def test_caption_anchored_term_equals_the_loop(hardest):
+    g = torch.Generator().manual_seed(1)
+    S = torch.rand(5, 5, generator=g, dtype=torch.float64)
+    neg = torch.rand(5, 3, generator=g, dtype=torch.float64)
+    cap = torch.rand(5, 3, generator=g, dtype=torch.float64) + 0.4  # many violations
+    valid = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    args = (S.tolist(), ids.tolist(), neg.tolist(), valid.tolist(), 0.2, hardest, True)
+    got = TripletLoss(0.2, hardest, "separate", 0.5)(S, ids, neg, valid, cap).item()
+    extra = caption_anchor_reference(S.tolist(), cap.tolist(), valid.tolist(), 0.2, hardest)
+    assert extra > 0.5  # the term is active on these numbers: the test can fail
+    assert got == pytest.approx(hinge_reference(*args) + 0.5 * extra, **TOL)
+
+
+def test_triplet_task_adds_the_caption_anchored_term():
+    torch.manual_seed(0)
+    model = dual_encoder.tiny_vse(vocab_size=VOCAB).eval()
+    cfg = LossConfig(text_negatives=2, text_negative_term="separate", caption_anchor_weight=0.5)
+    task = build_task(model, cfg)
+    task.on_epoch_start(0)
+    batch = with_negatives(make_batch([0, 1, 2, 3]))
+    with torch.no_grad():
+        got = task.training_step(batch)[0]["triplet_loss"]
+        img, txt = model.encode_image(batch), model.encode_text(batch)
+        negf = encode_negatives(model, batch)
+        neg = paired_scores(model, img, negf)  # (4, 2)
+        cap = torch.einsum("be,bke->bk", txt["embed"], negf["embed"])  # (4, 2) caption . negative
+        S = model.similarity(img, txt)
+    valid = batch["neg_valid"].tolist()
+    base = hinge_reference(S.tolist(), [0, 1, 2, 3], neg.tolist(), valid, 0.2, True, True)
+    extra = caption_anchor_reference(S.tolist(), cap.tolist(), valid, 0.2, True)
+    assert extra > 0  # a tiny random model embeds a caption and its perturbation alike: the term is active
+    assert got.item() == pytest.approx(base + 0.5 * extra, rel=1e-5)  # float32 scores, another summation order
+
+
+@pytest.mark.parametrize("family", ["scan", "albef"])
+def test_caption_anchored_term_needs_a_dual_encoder(family):
+    from crossmatch.errors import ConfigError
+
+    model = {"scan": lambda: scan.tiny_scan(vocab_size=VOCAB), "albef": lambda: albef.tiny_albef(vocab_size=VOCAB)}
+    with pytest.raises(ConfigError, match="caption_anchor_weight=0.5 needs a dual encoder"):
+        build_task(model[family](), LossConfig(text_negatives=1, caption_anchor_weight=0.5))
+
+
 # ---- the data view -------------------------------------------------------------------------------------
 def tokenizer_for(ds):
     return CaptionTokenizer.train(ds.captions + ["blue green yellow purple orange white black pink brown grey"], 1, 32)

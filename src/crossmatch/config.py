@@ -105,6 +105,9 @@ class LossConfig:
     # hinge with max_violation: the K text negatives join each image's hardest-caption max (joint), or the
     # hardest of them is a hinge term of its own, beside the in-batch hardest (separate; losses/triplet.py)
     text_negative_term: str = "joint"
+    # dual-encoder hinge: weight of a second term with the caption as the anchor, its image the positive and
+    # its hardest text negative the negative (cosine of the two captions' embeddings; losses/triplet.py); 0: off
+    caption_anchor_weight: float = 0.0
     albef: AlbefLossConfig = field(default_factory=AlbefLossConfig)
     vilt: ViltLossConfig = field(default_factory=ViltLossConfig)
     identity: IdentityLossConfig = field(default_factory=IdentityLossConfig)
@@ -328,6 +331,12 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
                 cfg.loss.text_negative_term,
                 cfg.loss.text_negative_term in TEXT_NEGATIVE_TERMS,
                 f"must be {' or '.join(TEXT_NEGATIVE_TERMS)}",
+            ),
+            (
+                "loss.caption_anchor_weight",
+                cfg.loss.caption_anchor_weight,
+                math.isfinite(cfg.loss.caption_anchor_weight) and cfg.loss.caption_anchor_weight >= 0,
+                "must be >= 0",
             ),
             ("loss.vilt.negatives", vilt_neg, vilt_neg in VILT_NEGATIVES, f"choose {' or '.join(VILT_NEGATIVES)}"),
             ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),

@@ -16,6 +16,16 @@ the default). With `negative_term="separate"` and max_violation, the hardest of 
 so a text negative that the text tower cannot yet tell from its caption (violation = margin, the row's max)
 does not hide the row's hardest in-batch caption.
 
+The caption as the anchor (`caption_anchor_weight` w > 0, dual encoders): with C_neg[b, k] the cosine of
+caption b's embedding and its negative k's,
+    cost_cap[b, k] = clamp(margin + C_neg[b, k] - S[b, b], 0)   a caption nearer its negative than its image
+    loss += w * sum_b max_k cost_cap[b, k]   (the sum over k without max_violation)
+Where both towers ignore what a negative changes (a relation's sides: "X left of Y" / "Y left of X"), the
+image-anchored term is stuck: its gradient into the image is e(negative) - e(caption) ~ 0, and the text
+gradients of images that differ only in that change cancel. This term pushes the two captions apart in text
+space whatever the images do; through the l2 normalisation its gradient is still proportional to the sine of
+their angle, so it is weak where they coincide (measured in the README: it does not separate relations).
+
 Legend: B pairs of the batch, K text negatives per pair.
 """
 
@@ -28,16 +38,28 @@ from crossmatch.config import TEXT_NEGATIVE_TERMS
 
 
 class TripletLoss(nn.Module):
-    def __init__(self, margin: float = 0.2, max_violation: bool = True, negative_term: str = "joint"):
+    def __init__(
+        self,
+        margin: float = 0.2,
+        max_violation: bool = True,
+        negative_term: str = "joint",
+        caption_anchor_weight: float = 0.0,
+    ):
         super().__init__()
         if negative_term not in TEXT_NEGATIVE_TERMS:
             raise ValueError(f"negative_term must be {' or '.join(TEXT_NEGATIVE_TERMS)}, got {negative_term!r}")
         self.margin = margin
         self.max_violation = max_violation
         self.negative_term = negative_term
+        self.caption_anchor_weight = caption_anchor_weight
 
     def forward(
-        self, scores: Tensor, image_ids: Tensor, neg_scores: Tensor | None = None, neg_valid: Tensor | None = None
+        self,
+        scores: Tensor,
+        image_ids: Tensor,
+        neg_scores: Tensor | None = None,
+        neg_valid: Tensor | None = None,
+        caption_neg_scores: Tensor | None = None,
     ) -> Tensor:
         """Hinge loss for a batch of B (image, caption) pairs.
 
@@ -46,6 +68,8 @@ class TripletLoss(nn.Module):
             image_ids: (B,) dataset index of each pair's image; pairs with the same id are positives.
             neg_scores: optional (B, K) score of image b with text negative k of pair b.
             neg_valid: (B, K) bool with `neg_scores`: False for empty slots (ignored).
+            caption_neg_scores: optional (B, K) cosine of caption b with its text negative k (the caption-anchored
+                term, weighted by `caption_anchor_weight`; needs `neg_valid`).
         Returns:
             Scalar loss, summed over the batch (the VSE++ convention).
         """
@@ -55,14 +79,19 @@ class TripletLoss(nn.Module):
         cost_img = (self.margin + scores - pos[None, :]).clamp(min=0).masked_fill(positive, 0)  # (B, B)
         # Image i against every caption t: violation if a wrong caption beats i's own caption.
         cost_txt = (self.margin + scores - pos[:, None]).clamp(min=0).masked_fill(positive, 0)  # (B, B)
-        own_term = 0.0  # the hardest text negative's term, when it stands apart (negative_term="separate")
+        own_term = 0.0  # the terms that stand apart: the hardest text negative (separate), the caption-anchored one
+        if caption_neg_scores is not None and self.caption_anchor_weight > 0:
+            # Caption b against its own text negatives, its image the positive.
+            cost_cap = (self.margin + caption_neg_scores - pos[:, None]).clamp(min=0).masked_fill(~neg_valid, 0)
+            cap = cost_cap.max(1).values.sum() if self.max_violation else cost_cap.sum()
+            own_term = own_term + self.caption_anchor_weight * cap
         if neg_scores is not None:
             # Image b against its own text negatives: more columns of its row (never positives).
             cost_neg = (self.margin + neg_scores - pos[:, None]).clamp(min=0).masked_fill(~neg_valid, 0)  # (B, K)
             if self.max_violation and self.negative_term == "separate":
-                own_term = cost_neg.max(1).values.sum()
+                own_term = own_term + cost_neg.max(1).values.sum()
             else:
                 cost_txt = torch.cat([cost_txt, cost_neg], 1)  # (B, B + K)
         if self.max_violation:
             return cost_img.max(0).values.sum() + cost_txt.max(1).values.sum() + own_term
-        return cost_img.sum() + cost_txt.sum()
+        return cost_img.sum() + cost_txt.sum() + own_term

@@ -127,7 +127,8 @@ def build_task(model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int
     encoders, the objective named by `loss.name` (hinge | infonce | siglip); else the hinge (triplet) task.
 
     Raises:
-        ConfigError: an unknown loss.name, or a contrastive loss for a model that is not a dual encoder.
+        ConfigError: an unknown loss.name, or a contrastive loss or loss.caption_anchor_weight for a model that
+            is not a dual encoder.
     """
     from crossmatch.tasks.contrastive import ContrastiveTask
     from crossmatch.tasks.triplet import TripletTask
@@ -142,4 +143,9 @@ def build_task(model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int
         )
     if cfg.name != "hinge":
         return ContrastiveTask(model, cfg, rank=rank, world_size=world_size)
+    if cfg.caption_anchor_weight > 0 and (own is not None or not getattr(model, "is_dual_encoder", False)):
+        raise ConfigError(
+            f"loss.caption_anchor_weight={cfg.caption_anchor_weight} needs a dual encoder trained with the hinge "
+            f"loss (the cosine of two caption embeddings), not {type(model).__name__}"
+        )
     return (own or TripletTask)(model, cfg, rank=rank, world_size=world_size)

@@ -2,13 +2,15 @@
 batch score matrix, with hardest negatives (optionally after a VSE-infinity style warm-up).
 
 With text negatives (`loss.text_negatives` K > 0), each image also meets the K perturbed captions of its
-own pair as further negatives (image -> caption side of the hinge; see losses/triplet.py).
+own pair as further negatives (image -> caption side of the hinge; see losses/triplet.py); with
+`loss.caption_anchor_weight` > 0 (dual encoders) also of the caption itself, its image the positive.
 
 Legend: B batch (all ranks' pairs when distributed), K text negatives per pair.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from crossmatch.config import LossConfig
@@ -26,7 +28,7 @@ class TripletTask(Task):
     def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
         self.cfg, self.world_size = cfg, world_size
-        self.loss = TripletLoss(cfg.margin, cfg.max_violation, cfg.text_negative_term)
+        self.loss = TripletLoss(cfg.margin, cfg.max_violation, cfg.text_negative_term, cfg.caption_anchor_weight)
 
     def on_epoch_start(self, epoch: int) -> None:
         # VSE-infinity style warm-up: sum over all negatives first, hardest negatives afterwards.
@@ -39,11 +41,14 @@ class TripletTask(Task):
 
     def objective(self, feats, batch):
         img, txt = feats["image"], feats["text"]
-        neg_scores = neg_valid = None
+        neg_scores = neg_valid = cap_scores = None
         if "neg_text" in feats:  # this rank's images against their own negatives, before any gather
             neg_scores, neg_valid = gather_rows(
                 paired_scores(self.model, img, feats["neg_text"]), batch["neg_valid"], self.world_size
             )  # (B_global, K) each
+            if self.loss.caption_anchor_weight > 0:  # dual encoders (build_task): caption b . its negative k
+                cap = torch.einsum("be,bke->bk", txt["embed"], feats["neg_text"]["embed"])  # (B, K)
+                cap_scores, _ = gather_rows(cap, batch["neg_valid"], self.world_size)  # (B_global, K)
         if self.world_size > 1:
             # Every rank scores the global batch, so hardest negatives come from all ranks and the
             # DDP-averaged gradient equals the single-process gradient of the same global batch.
@@ -51,6 +56,8 @@ class TripletTask(Task):
         image_idx = gather_features({"i": batch["image_idx"]}, self.world_size)["i"]  # (B_global,)
         scores = self.model.similarity(img, txt)  # (B_global, B_global)
         loss = (
-            self.loss(scores, image_idx) if neg_scores is None else self.loss(scores, image_idx, neg_scores, neg_valid)
+            self.loss(scores, image_idx)
+            if neg_scores is None
+            else self.loss(scores, image_idx, neg_scores, neg_valid, cap_scores)
         )
         return {"triplet_loss": loss}, {"hardest": float(self.loss.max_violation)}
