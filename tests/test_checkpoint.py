@@ -89,3 +89,13 @@ def test_resume_mid_epoch_gives_identical_weights(shapes_root, tmp_path, monkeyp
     run_train(tiny_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1"), tmp_path / "cut", resume=True)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_config_diff_names_real_changes_only():
+    from crossmatch.runs import _diff
+
+    saved = {"train": {"epochs": 36}, "model": {"vocab_size": 74, "embed_dim": 1024}, "data": {"image_mean": [0.5]}}
+    # the new run leaves the build-time keys unset: they are no change; a key it sets differently is one
+    new = {"train": {"epochs": 46}, "model": {"vocab_size": None, "embed_dim": 512}, "data": {"image_mean": []}}
+    assert _diff(saved, new) == ["model.embed_dim: 1024 -> 512", "train.epochs: 36 -> 46"]
+    assert _diff(saved, saved) == []

@@ -454,13 +454,15 @@ def build_stream_loader(cfg: RunConfig, train_ds, tokenizer, transform, dist: Di
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'."""
+    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'. A key the new
+    config leaves unset (None, [] or "": resolved when the model is built, e.g. data.image_mean from the model,
+    model.vocab_size from the tokenizer) is no change: the checkpoint stores its resolved value."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
+        elif a != b and b not in (None, [], ""):
             out.append(f"{prefix}{k}: {a} -> {b}")
     return out
 
