@@ -367,6 +367,13 @@ def test_caption_anchored_term_needs_a_dual_encoder(family):
         build_task(model[family](), LossConfig(text_negatives=1, caption_anchor_weight=0.5))
 
 
+def test_caption_anchored_term_needs_text_negatives():
+    from crossmatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"caption_anchor_weight=0.5 needs text negatives \(loss.text_negatives"):
+        build_task(dual_encoder.tiny_vse(vocab_size=VOCAB), LossConfig(caption_anchor_weight=0.5))
+
+
 # ---- the data view -------------------------------------------------------------------------------------
 def tokenizer_for(ds):
     return CaptionTokenizer.train(ds.captions + ["blue green yellow purple orange white black pink brown grey"], 1, 32)

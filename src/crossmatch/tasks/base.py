@@ -148,4 +148,8 @@ def build_task(model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int
             f"loss.caption_anchor_weight={cfg.caption_anchor_weight} needs a dual encoder trained with the hinge "
             f"loss (the cosine of two caption embeddings), not {type(model).__name__}"
         )
+    if cfg.caption_anchor_weight > 0 and cfg.text_negatives == 0:
+        raise ConfigError(
+            f"loss.caption_anchor_weight={cfg.caption_anchor_weight} needs text negatives (loss.text_negatives >= 1)"
+        )
     return (own or TripletTask)(model, cfg, rank=rank, world_size=world_size)
