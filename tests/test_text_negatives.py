@@ -17,7 +17,7 @@ from crossmatch.data.datasets import ImageCaptionDataset, PairView
 from crossmatch.data.loaders import collate
 from crossmatch.data.negatives import normalise
 from crossmatch.data.tokenizer import CaptionTokenizer
-from crossmatch.errors import DataError
+from crossmatch.errors import ConfigError, DataError
 from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
 from crossmatch.losses.itm import ItcLoss, positive_targets, soft_cross_entropy
 from crossmatch.losses.triplet import TripletLoss
@@ -360,16 +360,12 @@ def test_triplet_task_adds_the_caption_anchored_term():
 
 @pytest.mark.parametrize("family", ["scan", "albef"])
 def test_caption_anchored_term_needs_a_dual_encoder(family):
-    from crossmatch.errors import ConfigError
-
     model = {"scan": lambda: scan.tiny_scan(vocab_size=VOCAB), "albef": lambda: albef.tiny_albef(vocab_size=VOCAB)}
     with pytest.raises(ConfigError, match="caption_anchor_weight=0.5 needs a dual encoder"):
         build_task(model[family](), LossConfig(text_negatives=1, caption_anchor_weight=0.5))
 
 
 def test_caption_anchored_term_needs_text_negatives():
-    from crossmatch.errors import ConfigError
-
     with pytest.raises(ConfigError, match=r"caption_anchor_weight=0.5 needs text negatives \(loss.text_negatives"):
         build_task(dual_encoder.tiny_vse(vocab_size=VOCAB), LossConfig(caption_anchor_weight=0.5))
 
