@@ -6,6 +6,7 @@ and round-trip through a checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -213,3 +214,37 @@ def test_any_timm_tower_gives_image_tokens_and_the_defaults_freeze_it(tower, n_t
     assert no_grad == []  # text, fusion, image projection, heads: all reached
     unfrozen = create_model("albef_minilm", image_tower=tower, pretrained=False, image_size=64, freeze_image=False)
     assert hasattr(unfrozen, "image_tower_m")
+
+
+def test_sincos_image_positions_are_each_cells_row_and_column():
+    from crossmatch.models.transformer import initial_positions
+
+    # a 2 x 2 grid at width 4 (one frequency, omega = 1): cell (r, c) -> [sin r, sin c, cos r, cos c], row-major
+    # as feature_map_to_regions flattens (h, w); token 0 ([CLS] / the global average) gets zeros. Hand values;
+    # the tolerance is float32 rounding of sin(1) and cos(1).
+    s, c = math.sin(1.0), math.cos(1.0)
+    expected = [[0, 0, 0, 0], [0, 0, 1, 1], [0, s, 1, c], [s, 0, c, 1], [s, s, c, c]]
+    assert torch.allclose(initial_positions(4, 4, "sincos")[0], torch.tensor(expected), atol=1e-6)
+    cells = initial_positions(16, 384, "sincos")[0, 1:]  # the albef_minilm recipe's 4 x 4 grid at width 384
+    assert torch.allclose(cells.norm(dim=-1), torch.full((16,), math.sqrt(192.0)))  # sqrt(D / 2) each
+    assert (torch.cdist(cells, cells) + 100 * torch.eye(16)).min() > 1.0  # no two cells alike
+    torch.manual_seed(0)
+    normal = initial_positions(16, 8, "normal")
+    torch.manual_seed(0)
+    assert torch.equal(normal, torch.randn(1, 17, 8) * 0.02)  # the default draws as before: old runs reproduce
+    with pytest.raises(ModelError, match="square grid.*17 tokens"):  # a ViT's 16 patches + its [CLS]
+        initial_positions(17, 384, "sincos")
+    with pytest.raises(ModelError, match="unknown image_pos_init 'grid'; known: normal, sincos"):
+        initial_positions(16, 384, "grid")
+
+
+def test_image_pos_init_reaches_both_models_image_tokens():
+    from crossmatch.models.transformer import initial_positions
+
+    albef = create_model("albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64,
+                         image_pos_init="sincos")  # fmt: skip
+    assert torch.equal(albef.visual_encoder.pos, initial_positions(4, 384, "sincos"))  # 2 x 2 cells at 64 px
+    vilt = create_model("vilt_minilm", pretrained=False, image_pos_init="sincos")  # 16 px patches at 64 px: 4 x 4
+    assert torch.equal(vilt.image_embed.pos, initial_positions(16, 384, "sincos"))
+    with pytest.raises(ModelError, match="unknown image_pos_init"):
+        create_model("albef_minilm", image_tower="test_resnet", pretrained=False, image_pos_init="grid")

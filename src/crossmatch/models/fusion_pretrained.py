@@ -44,7 +44,7 @@ from crossmatch.models.frozen_cache import MemoryOutputCache, input_key
 from crossmatch.models.layers import feature_map_to_regions, l2norm
 from crossmatch.models.pretrained import ImageTower, depths_by_blocks
 from crossmatch.models.registry import build_config, register_model
-from crossmatch.models.transformer import ImageEmbedding, PatchEmbed
+from crossmatch.models.transformer import ImageEmbedding, PatchEmbed, initial_positions
 from crossmatch.models.vilt import ViLT
 
 
@@ -91,14 +91,16 @@ class TowerFeatures(nn.Module):
 class ImageTokens(nn.Module):
     """A feature map as tokens: [global average; h*w cells] -> Linear(C, D) + learned positions, LayerNorm,
     then `depth` new BERT-shaped self-attention layers. (B, C, h, w) -> (B, 1+R, D); token 0 stands for the
-    whole image (ALBEF's image [CLS]). A ViT's (B, N, C) tokens go the same way ([their mean; the N tokens])."""
+    whole image (ALBEF's image [CLS]). A ViT's (B, N, C) tokens go the same way ([their mean; the N tokens]).
+    `pos_init` is where the learned positions start (`initial_positions`)."""
 
-    def __init__(self, channels: int, n_tokens: int, shape: BertShape, depth: int, dropout: float):
+    def __init__(self, channels: int, n_tokens: int, shape: BertShape, depth: int, dropout: float,
+                 pos_init: str = "normal"):  # fmt: skip
         super().__init__()
         D = shape.width
         self.n_tokens = n_tokens
         self.proj = nn.Linear(channels, D)
-        self.pos = nn.Parameter(torch.randn(1, 1 + n_tokens, D) * 0.02)
+        self.pos = nn.Parameter(initial_positions(n_tokens, D, pos_init))
         self.norm, self.drop = nn.LayerNorm(D, eps=shape.eps), nn.Dropout(dropout)
         self.layers = BertStack(shape, depth, dropout)
 
@@ -149,6 +151,8 @@ class AlbefPretrainedConfig:
     image_tower: str = "efficientnet_lite0"  # tower whose feature map (or ViT tokens) gives the image tokens:
     # efficientnet_lite0 (packaged) | torchvision.resnet18/50 | any timm name (its weights are downloaded)
     image_layers: int = 1  # new BERT-shaped self-attention layers over the projected image tokens (0: none)
+    image_pos_init: str = "normal"  # the learned image positions start at: normal (N(0, 0.02), ALBEF's ViT) |
+    # sincos (MAE's 2D sine-cosine of each cell's row and column, at the scale of the content; square grids)
     freeze_image: bool = True  # the CNN stays fixed in eval mode (on CPU its backward would dominate a step)
     freeze_text: bool = False  # True: text embeddings + text layers fixed (the fusion layers still train)
     pretrained: bool = True  # load the checkpoint and CNN weights (False: the architectures, randomly initialised)
@@ -200,7 +204,9 @@ class AlbefPretrained(ALBEF):
         self.image_tower = TowerFeatures(cfg.image_tower, load, cfg.freeze_image, cfg.cache_frozen)
         self.preprocess = self.image_tower.tower.preprocess  # filled into data.* by runs.resolve_preprocess
         n_cells = self.image_tower.grid_size(cfg.image_size)
-        self.visual_encoder = ImageTokens(self.image_tower.tower.out_dim, n_cells, shape, cfg.image_layers, p)
+        self.visual_encoder = ImageTokens(
+            self.image_tower.tower.out_dim, n_cells, shape, cfg.image_layers, p, cfg.image_pos_init
+        )
         self.text_encoder = BertText(shape, n_text, p)
         self.fusion_encoder = BertStack(shape, shape.layers - n_text, p, cross=True)
         self.vision_proj, self.text_proj = nn.Linear(D, cfg.embed_dim), nn.Linear(D, cfg.embed_dim)
@@ -293,6 +299,7 @@ class ViltPretrainedConfig:
     image_tower: str = "patch"  # patch: ViLT's linear patch embedding (new) | a CNN whose feature map gives tokens
     patch_size: int = 16  # patch side (image_tower == "patch")
     freeze_image: bool = True  # a CNN image tower stays fixed in eval mode
+    image_pos_init: str = "normal"  # the learned patch / cell positions start at: normal | sincos (as albef_minilm)
     pretrained: bool = True  # load the checkpoint (and CNN) weights (False: the architecture, random init)
     image_size: int = 64  # input side; fixes R
     embed_dim: int = 256  # E of the cheap first-stage embedding head
@@ -316,11 +323,12 @@ class ViltPretrained(ViLT):
         _check_vocab(cfg.vocab_size, shape, cfg.text_checkpoint)
         D, p = shape.width, cfg.dropout
         if cfg.image_tower == "patch":
-            self.image_embed = ImageEmbedding(PatchEmbed(cfg.patch_size, D), cfg.image_size, D, p)
+            self.image_embed = ImageEmbedding(PatchEmbed(cfg.patch_size, D), cfg.image_size, D, p, cfg.image_pos_init)
             self.preprocess = None  # pixels as the data section says (no pretrained image statistics)
         else:
             features = TowerFeatures(cfg.image_tower, load, cfg.freeze_image, cfg.cache_frozen)
-            tokens = ImageTokens(features.tower.out_dim, features.grid_size(cfg.image_size), shape, 0, p)
+            n_cells = features.grid_size(cfg.image_size)
+            tokens = ImageTokens(features.tower.out_dim, n_cells, shape, 0, p, cfg.image_pos_init)
             self.image_embed = CnnImageEmbed(features, tokens)
             self.preprocess = features.tower.preprocess
         self.text_embed = BertEmbeddings(shape, p)

@@ -10,6 +10,8 @@ Dh head width (D / H), C channels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -135,15 +137,36 @@ def count_tokens(stem: nn.Module, image_size: int) -> int:
     return n
 
 
-class ImageEmbedding(nn.Module):
-    """Stem tokens + a learned [CLS] + learned positions: (B, 3, H, W) -> (B, 1+R, D)."""
+def initial_positions(n_tokens: int, width: int, init: str) -> Tensor:
+    """The start of the learned image positions, (1, 1+R, D). `normal`: N(0, 0.02) (ViT, ALBEF). `sincos`: the
+    2D sine-cosine embedding of the cells' (row, column) on a square sqrt(R) x sqrt(R) grid, row-major as the
+    cells are flattened (MAE, Table 1 of He et al. 2022), each cell's vector of norm sqrt(D/2), about the scale of
+    the projected content; token 0 ([CLS] or the global average) gets zeros. At N(0, 0.02) a cell's position is ~4% of
+    its token's norm (EfficientNet-Lite0 at 128 px), so which cell holds which object starts nearly unreadable."""
+    if init == "normal":
+        return torch.randn(1, 1 + n_tokens, width) * 0.02
+    if init != "sincos":
+        raise ModelError(f"unknown image_pos_init {init!r}; known: normal, sincos")
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens or width % 4:
+        raise ModelError(f"image_pos_init sincos needs a square grid and a width divisible by 4: {n_tokens} tokens, "
+                         f"width {width}")  # fmt: skip
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-    def __init__(self, stem: nn.Module, image_size: int, dim: int, dropout: float = 0.0):
+    cells = build_sincos2d_pos_embed([side, side], width)  # (R, D), row-major over (row, column)
+    return torch.cat([torch.zeros(1, width), cells]).unsqueeze(0)
+
+
+class ImageEmbedding(nn.Module):
+    """Stem tokens + a learned [CLS] + learned positions (starting at `initial_positions(pos_init)`):
+    (B, 3, H, W) -> (B, 1+R, D)."""
+
+    def __init__(self, stem: nn.Module, image_size: int, dim: int, dropout: float = 0.0, pos_init: str = "normal"):
         super().__init__()
         self.stem = stem
         self.n_tokens = count_tokens(stem, image_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, 1 + self.n_tokens, dim) * 0.02)
+        self.pos = nn.Parameter(initial_positions(self.n_tokens, dim, pos_init))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, image: Tensor) -> Tensor:
