@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from crossmatch.data.loaders import pad_sequences
+from crossmatch.models.fusion_pretrained import ImageTokens
 from crossmatch.retrieval.evaluate import encode_split
 from crossmatch.runs import build_eval_data, build_model, load_run, open_split
 from crossmatch.tensors import slice_features
@@ -128,16 +129,17 @@ def main() -> None:
     torch.manual_seed(0)
     start, load = time.perf_counter(), os.getloadavg()[0]
     model, cfg, tok = load_run(args.checkpoint, args.overrides)  # in eval mode: the features carry no dropout
+    cells = model.visual_encoder if isinstance(model.visual_encoder, ImageTokens) else None  # albef_minilm
     content: list[float] = []  # mean norm of the projected cells, per batch (what the learned positions add to)
-    hook = model.visual_encoder.proj.register_forward_hook(
-        lambda m, i, out: content.append(out[:, 1:].norm(dim=-1).mean().item())
-    )
+    if cells is not None:
+        hook = cells.proj.register_forward_hook(lambda m, i, out: content.append(out[:, 1:].norm(dim=-1).mean().item()))
     tr_img, tr_owner, tr_negs, tr_txt = split_features(model, cfg, tok, "train", args.train_images)
-    hook.remove()
     va_img, va_owner, va_negs, va_txt = split_features(model, cfg, tok, "val", args.val_images)
-    pos = model.visual_encoder.pos[0, 1:].norm(dim=-1).mean().item()
-    print(f"image tokens: learned cell positions of mean norm {pos:.2f} added to projected cells of mean norm "
-          f"{sum(content) / len(content):.2f} (model.image_pos_init={model.config.image_pos_init})")  # fmt: skip
+    if cells is not None:
+        hook.remove()
+        pos = cells.pos[0, 1:].norm(dim=-1).mean().item()
+        print(f"image tokens: learned cell positions of mean norm {pos:.2f} added to projected cells of mean norm "
+              f"{sum(content) / len(content):.2f} (model.image_pos_init={model.config.image_pos_init})")  # fmt: skip
     print(f"features: {len(tr_owner)} train captions with {len(tr_negs)} negatives, {len(va_negs)} val negatives;"
           f" {time.perf_counter() - start:.0f} s, load {load:.1f}", flush=True)  # fmt: skip
     if args.start == "random":
