@@ -77,11 +77,40 @@ def test_binding_probe_scores_own_conjunctions_against_the_twins_only():
     assert probe.binding_accuracy(scores, y, [(0, 1), (1, 0), (2, 3)]) == (0.5, 2)
 
 
+def test_binding_probe_cell_readout_localises_and_orders_objects():
+    import torch
+
+    probe = load_benchmark("frozen_binding_probe")
+    a, b = {"color": "red", "shape": "disc"}, {"color": "blue", "shape": "star"}
+    top_left, bottom_right = [0, 0, 16, 16], [40, 40, 56, 56]  # centres (8, 8) and (48, 48) on a 64 px canvas
+    images = [
+        {"objects": [a, b], "boxes": [top_left, bottom_right]},
+        {"objects": [a, b], "boxes": [bottom_right, top_left]},
+    ]
+    _, col = probe.conjunctions(images)
+    xy, mask = probe.centres(images, col, 64.0)
+    ra, rb = col[("red", "disc")], col[("blue", "star")]  # of 2 colours x 2 shapes = 4 columns, 2 present
+    assert xy[0, ra].tolist() == [0.125, 0.125] and xy[0, rb].tolist() == [0.75, 0.75] and mask.sum() == 4
+    y = probe.cell_targets(xy, mask, 2, 2)  # (2 images, 4 cells, 2 conjunctions), cells row-major
+    assert y[0, 0, ra] == y[0, 3, rb] == y[1, 3, ra] == y[1, 0, rb] == 1 and y.sum() == 4
+    # the soft centre of a conjunction scored far higher in one cell is that cell's centre
+    assert torch.allclose(probe.soft_centres(100.0 * y, 2, 2)[0, [ra, rb]], torch.tensor([[0.25, 0.25], [0.75, 0.75]]))
+    scores = y.clone()
+    scores[1] = y[0]  # image 1 read as image 0: both of its objects in the wrong cell
+    assert probe.localisation_accuracy(scores, y) == (0.5, 4)
+    # per image: red left of / above blue, blue right of / below red (4 relations); image 1 the other way round
+    assert probe.relation_accuracy(xy, images, col, 64.0) == (1.0, 8)
+    assert probe.relation_accuracy(xy[[0, 0]], images, col, 64.0) == (0.5, 8)
+    assert probe.position_twin_accuracy(xy, xy, mask, [(0, 1)]) == (1.0, 2)  # each image nearer its own centres
+    assert probe.position_twin_accuracy(xy[[1, 0]], xy, mask, [(0, 1)]) == (0.0, 2)
+
+
 @pytest.mark.slow
 def test_frozen_binding_probe_runs_on_the_tiny_split(shapes_root):
     out = run_script("benchmarks/frozen_binding_probe.py", "--data", str(shapes_root), "--sizes", "64")
     assert "twin pairs; load" in out
     assert "size 64 fmap (1280, 2, 2) mean: binding accuracy" in out and "grid: binding accuracy" in out
+    assert "cell: localisation accuracy" in out and "relation accuracy" in out and "position-twin accuracy" in out
 
 
 def test_text_negative_cosine_is_per_type_and_keeps_the_first_triples():
