@@ -113,6 +113,43 @@ def test_frozen_binding_probe_runs_on_the_tiny_split(shapes_root):
     assert "cell: localisation accuracy" in out and "relation accuracy" in out and "position-twin accuracy" in out
 
 
+def test_rerank_scores_are_the_hand_computed_combinations():
+    import math
+
+    import torch
+
+    bench = load_benchmark("rerank_scores")
+    logits, cos = torch.tensor([[0.0, 1.0], [2.0, 0.0]]), torch.tensor([0.5, -0.25])
+    got = bench.stage2_scores(logits, cos, temp=0.25)
+    assert got["itm"].tolist() == [1.0, 0.0] and got["itm+cos"].tolist() == [1.5, -0.25]
+    logp = [1 - math.log(1 + math.e), -math.log(1 + math.e**2)]  # log p(match) of each row
+    assert torch.allclose(got["logp+cos/t"], torch.tensor([logp[0] + 2.0, logp[1] - 1.0]))
+    assert got["diff+cos/t"].tolist() == [3.0, -3.0]
+
+
+@pytest.mark.slow
+def test_rerank_scores_itc_and_itm_rows_are_the_evaluators_stages(shapes_root, tmp_path):
+    """The script's own merge gives what `crossmatch evaluate` reports with eval.rerank_k 0 and K."""
+    import dataclasses
+
+    import torch
+
+    from crossmatch.runs import load_run, make_evaluator
+    from tests.conftest import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "albef.pt", "tiny_albef")
+    out = run_script("benchmarks/rerank_scores.py", str(ckpt), "--k", "4", "--threads", "1", f"data.root={shapes_root}")
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert list(rows) == ["itc", "itm", "itm+cos", "logp+cos/t", "diff+cos/t"]
+    assert out.splitlines()[0].split()[0].isdigit() and "pairs of the ITC top-4" in out
+    model, cfg, tok = load_run(str(ckpt), [f"data.root={shapes_root}"])
+    for name, k in (("itc", 0), ("itm", 4)):
+        run_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, rerank_k=k))
+        m = make_evaluator(run_cfg, "test", tok, model, torch.device("cpu"))(model)
+        want = f"i2t R@1 {m['i2t_r1']:.1f} t2i R@1 {m['t2i_r1']:.1f} rsum {m['rsum']:.1f} twin_acc {m['twin_acc']:.1f}"
+        assert rows[name].endswith(want), (rows[name], want)
+
+
 def test_text_negative_cosine_is_per_type_and_keeps_the_first_triples():
     import torch
 
