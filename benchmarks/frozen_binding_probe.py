@@ -26,6 +26,7 @@ The tower is the packaged EfficientNet-Lite0 with its own preprocessing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -96,12 +97,11 @@ def relation_accuracy(pred: torch.Tensor, images: list[dict], col: dict, side: f
     wins, n = 0, 0
     for i, im in enumerate(images):
         keys = [col[(o["color"], o["shape"])] for o in im["objects"]]
-        for a in range(len(keys)):
-            for b in range(len(keys)):
-                for rel in relations(im["boxes"][a], im["boxes"][b], side) if a != b else ():
-                    dim, sign = axis[rel]
-                    wins += int(sign * (pred[i, keys[a], dim] - pred[i, keys[b], dim]) > 0)
-                    n += 1
+        for a, b in itertools.permutations(range(len(keys)), 2):
+            for rel in relations(im["boxes"][a], im["boxes"][b], side):
+                dim, sign = axis[rel]
+                wins += int(sign * (pred[i, keys[a], dim] - pred[i, keys[b], dim]) > 0)
+                n += 1
     return wins / max(n, 1), n
 
 

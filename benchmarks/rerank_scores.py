@@ -13,7 +13,8 @@ the first N images of a split with the library's two-stage merge (`crossmatch.re
         [--threads 2] [data.root=DIR]
 
 Prints a row per score (i2t / t2i R@1, rsum, twin_acc), the number of re-scored pairs, the wall time of the ITM
-pass and the machine load.
+pass and the machine load. Scores are chunked and batched as `crossmatch evaluate` does them (eval.chunk_size,
+eval.rerank_batch), so the `itc` and `itm` rows are its figures at eval.rerank_k=0 and =K.
 
 Legend: P candidate pairs, N_img images, N_txt captions.
 """
@@ -27,9 +28,9 @@ import time
 import torch
 from torch import Tensor
 
-from crossmatch.retrieval.evaluate import encode_split, score_all_pairs, split_metrics
+from crossmatch.retrieval.evaluate import EvalData, encode_split, score_all_pairs, split_metrics
 from crossmatch.retrieval.rerank import below_candidates, candidate_pairs, topk_masks
-from crossmatch.runs import load_run, make_evaluator
+from crossmatch.runs import build_eval_data, load_run, open_split
 from crossmatch.tensors import slice_features
 
 
@@ -45,13 +46,33 @@ def stage2_scores(logits: Tensor, cos: Tensor, temp: float) -> dict[str, Tensor]
 
 
 @torch.no_grad()
-def itm_logits(model, img: dict, txt: dict, pairs: Tensor, batch: int = 256) -> Tensor:
-    """ITM logits of the (image, caption) index pairs (P, 2): (P, 2)."""
+def itm_logits(model, img: dict, txt: dict, pairs: Tensor, batch: int) -> Tensor:
+    """ITM logits of the (image, caption) index pairs (P, 2), `batch` pairs per call, in the order (and so the
+    batches) of the library's `rerank`: (P, 2)."""
     out = [torch.zeros(0, 2)]
     for start in range(0, len(pairs), batch):
         i, t = pairs[start : start + batch].unbind(1)
         out.append(model.itm_logits(slice_features(img, i), slice_features(txt, t)).float())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def score_rows(model, data: EvalData, k: int, chunk_size: int, batch: int) -> tuple[int, dict[str, dict[str, float]]]:
+    """(P, the metrics of every stage-2 score and of `itc`): the ITC top-k of each query re-scored once by ITM,
+    with the chunking and pair batches of `crossmatch evaluate` (eval.chunk_size, eval.rerank_batch)."""
+    img, txt = encode_split(model, data, torch.device("cpu"))
+    model.eval()
+    itc = score_all_pairs(model, img, txt, chunk_size)  # (N_img, N_txt) cosines
+    in_i2t, in_t2i = topk_masks(itc, k)  # (N_img, N_txt) each
+    pairs = candidate_pairs(in_i2t, in_t2i)  # (P, 2)
+    logits = itm_logits(model, img, txt, pairs, batch)  # (P, 2)
+    rows = {"itc": split_metrics(itc, itc, data.txt_to_img, data.twins)}
+    for name, score in stage2_scores(logits, itc[pairs[:, 0], pairs[:, 1]], model.temp.item()).items():
+        full = torch.zeros_like(itc)
+        full[pairs[:, 0], pairs[:, 1]] = score
+        s_i2t, s_t2i = below_candidates(full, itc, in_i2t), below_candidates(full, itc, in_t2i)
+        rows[name] = split_metrics(s_i2t, s_t2i, data.txt_to_img, data.twins)
+    return len(pairs), rows
 
 
 def main() -> None:
@@ -65,28 +86,15 @@ def main() -> None:
     args = ap.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     model, cfg, tokenizer = load_run(args.checkpoint, args.overrides)
-    data = make_evaluator(cfg, args.split, tokenizer, model, torch.device("cpu"), max_images=args.images).data
+    data = build_eval_data(cfg, open_split(cfg, args.split).first_images(args.images), tokenizer, model)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    img, txt = encode_split(model, data, torch.device("cpu"))
-    model.eval()
-    itc = score_all_pairs(model, img, txt)  # (N_img, N_txt) cosines
-    in_i2t, in_t2i = topk_masks(itc, args.k)  # (N_img, N_txt) each
-    pairs = candidate_pairs(in_i2t, in_t2i)  # (P, 2)
-    logits = itm_logits(model, img, txt, pairs)  # (P, 2)
+    n_pairs, rows = score_rows(model, data, args.k, cfg.eval.chunk_size, cfg.eval.rerank_batch)
     print(
-        f"{len(pairs)} pairs of the ITC top-{args.k}, {time.perf_counter() - start:.0f} s, temperature"
+        f"{n_pairs} pairs of the ITC top-{args.k}, {time.perf_counter() - start:.0f} s, temperature"
         f" {model.temp.item():.4f}, load {load:.1f} -> {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    rows = {"itc": None, **stage2_scores(logits, itc[pairs[:, 0], pairs[:, 1]], model.temp.item())}
-    for name, score in rows.items():
-        if score is None:
-            s_i2t = s_t2i = itc
-        else:
-            full = torch.zeros_like(itc)
-            full[pairs[:, 0], pairs[:, 1]] = score
-            s_i2t, s_t2i = below_candidates(full, itc, in_i2t), below_candidates(full, itc, in_t2i)
-        m = split_metrics(s_i2t, s_t2i, data.txt_to_img, data.twins)
+    for name, m in rows.items():
         twin = f" twin_acc {m['twin_acc']:.1f}" if "twin_acc" in m else ""
         print(f"{name:11s} i2t R@1 {m['i2t_r1']:.1f} t2i R@1 {m['t2i_r1']:.1f} rsum {m['rsum']:.1f}{twin}", flush=True)
 
