@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(BIN)/python:
 # torch/torchvision pinned here (the local wheel cache serves these); pyproject only declares ranges.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[test,pretrained,index,clip,export,webdataset]"
+	$(BIN)/pip install -e ".[test,pretrained,index,clip,export,webdataset,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +25,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# The documentation site (mkdocs.yml, docs/) into site/, offline; tests/test_docs.py builds it the same way.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan_scoring.py
 	$(BIN)/python benchmarks/accumulation.py
@@ -32,4 +36,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/shard_loader.py
 
 clean:
-	rm -rf runs data/shapes .pytest_cache
+	rm -rf runs data/shapes .pytest_cache site

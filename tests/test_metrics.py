@@ -1,4 +1,4 @@
-"""Retrieval metrics against brute-force oracles written straight from the definitions in FIELD.md."""
+"""Retrieval metrics against brute-force oracles written straight from the definitions."""
 
 import math
 import random

@@ -1,6 +1,6 @@
 """Retrieval metrics as pure functions on score matrices.
 
-Protocols implemented (see FIELD.md, "Retrieval protocol"):
+Protocols implemented:
 
 - Image-text retrieval (Flickr30K, COCO 5K): i2t and t2i R@1/5/10, median and mean rank, rsum, with any
   number of captions per image, given by an explicit `txt_to_img` map (`retrieval_metrics`).

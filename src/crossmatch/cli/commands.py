@@ -51,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         "search",
         "rank a split's images for a sentence (or its captions for an image)",
         'crossmatch search runs/vse --query "a red circle left of a blue square" --out gallery.png',
-        "crossmatch search runs/vse --image data/shapes/images/test_00001.png --out captions.html",
+        "crossmatch search runs/vse --image data/shapes/images/011000.png --out captions.html",
     )
     se.add_argument("checkpoint", help="a .pt or .safetensors file, or a run folder (uses checkpoints/best.pt)")
     group = se.add_mutually_exclusive_group(required=True)

@@ -77,7 +77,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     conv.add_argument("--to", required=True, choices=("karpathy", "jsonl", "webdataset"), help="output format")
     conv.add_argument("--from", dest="from_format", choices=FORMATS, default=None, help="guessed when not given")
     conv.add_argument("--json-name", default="", help="annotation file name inside the SRC folder")
-    conv.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard (default 1000)")
+    conv.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard")
 
 
 def run(args: argparse.Namespace) -> bool:

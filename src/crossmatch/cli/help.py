@@ -9,8 +9,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Options show their default; the description and the examples keep their line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        # No "(default: None)" / "(default: False)" noise for options without a meaningful default.
-        if action.default in (None, False, argparse.SUPPRESS) or action.default == [] or action.help is None:
+        # No "(default: None)" / "(default: False)" noise for options without a meaningful default. `is`, not
+        # `in`: 0 == False, and a default of 0 (a seed, a worker count) is meaningful.
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or default == [] or not action.help:
             return action.help or ""
         return super()._get_help_string(action)
 
