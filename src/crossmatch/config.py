@@ -29,8 +29,8 @@ class DataConfig:
     restval: bool = False  # karpathy COCO: fold the "restval" split into train
     image_size: Any = 64  # int: the square side the images are resized to; [H, W]: non-square (e.g. [384, 128])
     train_split: str = "train"  # split names as written in the dataset file
-    val_split: str = "val"
-    test_split: str = "test"
+    val_split: str = "val"  # the split validated during training
+    test_split: str = "test"  # the split `crossmatch evaluate --split test` reads
     augment: bool = True  # random resized crop + flip (flip is off: captions name left and right)
     tokenizer: str = "word"  # word: train a word-level vocabulary; else a tokenizer.json (or its folder)
     min_word_freq: int = 1  # words seen fewer times in train captions map to [UNK]
@@ -124,17 +124,17 @@ LEGACY_LOSS_KEYS: dict[str, tuple[str, dict[str, str]]] = {
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-4
+    epochs: int = 10  # passes over the train split
+    batch_size: int = 128  # pairs per micro-batch on each rank; a step sees this x accum_steps x world size
+    lr: float = 2e-4  # peak learning rate of the new (not pretrained) parameters
     optimizer: str = "adam"  # adam | adamw | sgd
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled for adamw; never on 1-D parameters (biases, norms) or temperatures
     scheduler: str = "step"  # step | cosine | constant
     lr_step_epochs: int = 15  # step scheduler: multiply the lr by lr_gamma every this many epochs
-    lr_gamma: float = 0.1
+    lr_gamma: float = 0.1  # step scheduler: the lr factor at each step
     warmup_steps: int = 0  # linear lr warm-up from 0, in optimizer steps
     grad_clip: float = 2.0  # max gradient norm; 0 disables clipping
-    seed: int = 0
+    seed: int = 0  # seeds the weights, the batch order and every augmentation (resume replays them)
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 cuts epochs short (smoke tests, demos)
     log_every: int = 20  # steps between scalar logs
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)

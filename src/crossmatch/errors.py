@@ -23,3 +23,8 @@ class CheckpointError(CrossmatchError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that only arbitrary unpickling could read (it could run code): refused, never skipped."""
+
+
+def install_hint(extra: str) -> str:
+    """How to get an optional extra: crossmatch is installed from a clone (it is not published on PyPI)."""
+    return f'the crossmatch[{extra}] extra: pip install -e ".[{extra}]" in the crossmatch clone'

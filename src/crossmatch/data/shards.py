@@ -35,7 +35,7 @@ from typing import Any
 from crossmatch.config import DataConfig
 from crossmatch.data.datasets import ImageCaptionDataset, ImageView
 from crossmatch.data.formats import register_format
-from crossmatch.errors import ConfigError, DataError
+from crossmatch.errors import ConfigError, DataError, install_hint
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _wds():
     try:
         import webdataset
     except ImportError as err:
-        hint = "pip install crossmatch[webdataset]"
+        hint = install_hint("webdataset")
         raise ConfigError(f"data.format webdataset needs the webdataset package: {hint}") from err
     return webdataset
 

@@ -42,7 +42,7 @@ from crossmatch.config import image_hw
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.tokenizer import PAD_ID, SPECIAL_TOKENS, UNK_ID, CaptionTokenizer
 from crossmatch.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from crossmatch.errors import ConfigError, ModelError
+from crossmatch.errors import ConfigError, ModelError, install_hint
 from crossmatch.files import atomic_write, write_text
 from crossmatch.models.layers import GRUTextEncoder
 
@@ -53,7 +53,7 @@ TOKENIZER_FILE = "tokenizer.json"
 DUAL_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 TOWER_FILES = {"image": "image_tower.onnx", "text": "text_tower.onnx"}
 PARITY_ATOL = 1e-4  # max |onnxruntime - torch| accepted at export time, per output element
-INSTALL_HINT = "pip install crossmatch[export]"
+INSTALL_HINT = install_hint("export")
 
 
 def require_onnx():
