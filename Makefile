@@ -27,7 +27,7 @@ lint: $(STAMP)
 
 # The documentation site (mkdocs.yml, docs/) into site/, offline; tests/test_docs.py builds it the same way.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan_scoring.py

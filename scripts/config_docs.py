@@ -68,7 +68,7 @@ def _value(value: object) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    return text.replace("|", "\\|").replace("*", "\\*")
 
 
 def table(cls: type, prefix: str) -> str:
