@@ -1,4 +1,4 @@
-"""Frozen image towers cost once per image file (issue 16): with `model.cache_frozen` and unaugmented images, a
+"""Frozen image towers cost once per image file: with `model.cache_frozen` and unaugmented images, a
 run computes the frozen tower's outputs of its train (and validation-loss) images once, keyed by the SHA-1 of
 each file and its preprocessing, and then feeds keys instead of pixels, so later epochs, and later runs that
 share the cache folder, decode none of these images. The towers are the real architectures randomly initialised

@@ -1,4 +1,4 @@
-"""Training pretrained towers (issue 16): unfreezing the last blocks / layers, the towers' own lr with layer-wise
+"""Training pretrained towers: unfreezing the last blocks / layers, the towers' own lr with layer-wise
 decay, and the float16 disk cache of what stays frozen. The towers are the real architectures (EfficientNet-Lite0,
 MiniLM-L6) randomly initialised (`pretrained=False`), on 32-64 px inputs."""
 

@@ -82,7 +82,7 @@ def test_resolve_preprocess_fills_the_models_values_keeps_overrides_and_defaults
     d = resolve_preprocess(cfg, lite0).data
     assert (d.image_mean, d.image_std, d.interpolation) == ([0.5] * 3, [0.5] * 3, "bicubic")
     assert d.resize == "letterbox" and d.image_size == 96 and d.background == [255, 255, 255]
-    d = resolve_preprocess(cfg, torch.nn.Linear(1, 1)).data  # no preprocess: 0.1.0's values, written out
+    d = resolve_preprocess(cfg, torch.nn.Linear(1, 1)).data  # no preprocess: the defaults, written out
     assert d.image_mean == [0.485, 0.456, 0.406] and d.image_std == [0.229, 0.224, 0.225]
     assert d.interpolation == "bilinear" and d.image_size == 96
 

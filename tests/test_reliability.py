@@ -1,4 +1,4 @@
-"""Nothing lost, nothing crashes (issue 11): interruptions at the worst moment (SIGKILL, SIGINT, a full disk
+"""Nothing lost, nothing crashes: interruptions at the worst moment (SIGKILL, SIGINT, a full disk
 while a checkpoint is written), two trainers on one run dir, damaged checkpoints, and hostile inputs, each
 of which must end in one line `crossmatch: error: ...` (exit 2) with every saved file intact."""
 

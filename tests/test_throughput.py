@@ -1,4 +1,4 @@
-"""The speed-ups of issue 14 change no result: each fast path against the plain one it replaced, plus the
+"""The engine speed-ups change no result: each fast path against the plain one it replaced, plus the
 quick-validation subset, the data-wait log and the training curves. Timings live in benchmarks/."""
 
 from __future__ import annotations

@@ -107,8 +107,8 @@ def build_run_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]]) -> Ca
 
 def resolve_preprocess(cfg: RunConfig, model: nn.Module) -> RunConfig:
     """A copy of `cfg` whose empty preprocessing fields (data.image_mean/std/resize/interpolation/background)
-    take the model's own `preprocess` (else DEFAULT_PREPROCESS, 0.1.0's values); a `size` in it replaces
-    data.image_size (when the architecture fixes it)."""
+    take the model's own `preprocess` (else DEFAULT_PREPROCESS: ImageNet mean/std, squash, bilinear); a `size`
+    in it replaces data.image_size (when the architecture fixes it)."""
     pp = {**DEFAULT_PREPROCESS, **(getattr(model, "preprocess", None) or {})}
     d = cfg.data
     data = dataclasses.replace(

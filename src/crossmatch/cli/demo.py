@@ -98,13 +98,16 @@ def format_phases(phases: Phases) -> str:
     return "\n".join(lines)
 
 
-def curves_title(cfg, n_val_images: int) -> str:
+def curves_title(cfg) -> str:
     """The title of the demo's curves.png: the model, its warm-up, and how many val images validation used
-    (`n_val_images`: the split cut at `eval.max_images`, fewer than the cap on a small split)."""
+    (the split cut at `eval.max_images`: fewer than the cap on a small split)."""
+    from crossmatch.runs import open_split
+
+    n_val = len(open_split(cfg, cfg.data.val_split).first_images(cfg.eval.max_images).images)
     title = f"{cfg.model['name']} demo"
     if cfg.loss.warmup_epochs:
         title += f": {cfg.loss.warmup_epochs} warm-up epoch(s) sum every violation, then hardest negatives"
-    return title + f"\nvalidation on {n_val_images} val images"
+    return title + f"\nvalidation on {n_val} val images"
 
 
 def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrides: list[str] = ()) -> Phases:
@@ -138,8 +141,7 @@ def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrid
     phases.start("curves", steps, "drawing the training curves")
     from crossmatch.search.curves import plot_curves
 
-    n_val = len(open_split(cfg, cfg.data.val_split).first_images(cfg.eval.max_images).images)
-    curves = plot_curves(run / "metrics.jsonl", run / "curves.png", cfg.eval.metric, curves_title(cfg, n_val))
+    curves = plot_curves(run / "metrics.jsonl", run / "curves.png", cfg.eval.metric, curves_title(cfg))
     phases.start("files", steps, "what the demo wrote:")
     for what, path in (
         ("test metrics", metrics_json),

@@ -9,12 +9,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Options show their default; the description and the examples keep their line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        # No "(default: None)" / "(default: False)" noise for options without a meaningful default. `is`, not
-        # `in`: 0 == False, and a default of 0 (a seed, a worker count) is meaningful.
-        default = action.default
-        if default is None or default is False or default is argparse.SUPPRESS or default == [] or not action.help:
+        if not action.help or not has_default(action):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def has_default(action: argparse.Action) -> bool:
+    """Whether `--help` shows the option's default: not for None, False, "" or [] ("(default: None)" is
+    noise; an empty default is "not set", which the help says in words). `is`, not `in`: 0 == False, and a
+    default of 0 (a seed, a worker count) is meaningful."""
+    default = action.default
+    return not (default is None or default is False or default is argparse.SUPPRESS or default in ("", []))
 
 
 def examples(*lines: str) -> str:

@@ -70,8 +70,8 @@ def passive_openmp_threads() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def main(argv: list[str] | None = None) -> int:
-    passive_openmp_threads()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, nothing run (argparse exits with status 2 on a bad one)."""
     parser = _parser()
     # Overrides may follow options (`train CFG --run-dir X a.b=1`): argparse leaves those to us.
     args, extra = parser.parse_known_args(argv)
@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    passive_openmp_threads()
+    args = parse_args(argv)
     try:
         return _run(args)
     except CrossmatchError as err:

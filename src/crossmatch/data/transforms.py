@@ -78,7 +78,8 @@ def _open_image(path: str | Path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = old
 
 
-# What a model that declares no preprocessing of its own gets (models trained from scratch): 0.1.0's values.
+# What a model that declares no preprocessing of its own gets (models trained from scratch):
+# ImageNet mean/std, squash, bilinear, as every model had before models declared their own.
 DEFAULT_PREPROCESS = {
     "mean": list(IMAGENET_MEAN),
     "std": list(IMAGENET_STD),
