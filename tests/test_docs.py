@@ -106,8 +106,11 @@ def docs_workdir(shapes_root, tmp_path_factory):
     return work
 
 
+EXECUTED = [p for p in PAGES if any(reason is None for _, reason in blocks(p, "python"))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if any(r is None for _, r in blocks(p, "python"))], ids=str)
+@pytest.mark.parametrize("page", EXECUTED, ids=lambda p: p.name)
 def test_every_python_block_runs(page, docs_workdir, monkeypatch):
     monkeypatch.chdir(docs_workdir)
     namespace: dict = {}
