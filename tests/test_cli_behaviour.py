@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crossmatch.cli.help import has_default
 from crossmatch.cli.main import _parser, main
 from tests.conftest import train_args
 
@@ -97,7 +98,7 @@ def test_every_command_documents_its_options_defaults_and_two_examples():
             if action.help in (None, argparse.SUPPRESS) or isinstance(action, argparse._HelpAction):
                 continue
             assert action.help, (words, action.dest)  # every argument says what it is
-            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            if action.option_strings and has_default(action):  # 0 included (0 == False)
                 assert "(default:" in sub._get_formatter()._format_action(action), (words, action.dest)
 
 
