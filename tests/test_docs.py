@@ -14,6 +14,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +122,53 @@ def test_every_python_block_runs(page, docs_workdir, monkeypatch):
         pixels = namespace["preprocess"](namespace["photo"])
         assert pixels.dtype == torch.float32
         assert pixels.ndim == 3 and pixels.shape[0] == 3 and pixels.min() < 0  # mean-subtracted, not uint8
+
+
+# ------------------------------------------------------------------------------------ the example files
+
+EXAMPLE = re.compile(r"<!-- example-file: (\S+) -->")
+
+
+def example_files(page: Path) -> dict[str, str]:
+    """{file name: content} of the blocks that a page marks as example files."""
+    text, out = page.read_text(), {}
+    for m in FENCE.finditer(text):
+        before = EXAMPLE.fullmatch(text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip())
+        if before:
+            out[before[1]] = m[2]
+    return out
+
+
+def test_the_example_files_of_the_data_page_read(tmp_path, capsys):
+    from PIL import Image
+
+    from crossmatch.config import DataConfig
+    from crossmatch.data.formats import open_split
+    from crossmatch.retrieval.compositional import read_negatives
+
+    examples = example_files(ROOT / "docs" / "data.md")
+    assert set(examples) == {"dataset.json", "dataset.jsonl", "reid_raw.json", "test_caps.txt", "test_negatives.jsonl"}
+    for name, folder in (("dataset.json", "images"), ("dataset.jsonl", "images"), ("reid_raw.json", "imgs")):
+        root = tmp_path / name
+        (root / folder).mkdir(parents=True)
+        (root / name).write_text(examples[name])
+        text = examples[name]
+        for image in re.findall(r'"(?:filename|image|file_path)": "([^"]+)"', text):
+            (root / folder / image).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), "red").save(root / folder / image)
+        assert main(["data", "validate", str(root)]) == 0, capsys.readouterr().err
+        assert "no problems found" in capsys.readouterr().out
+    root = tmp_path / "precomputed"
+    root.mkdir()
+    (root / "test_caps.txt").write_text(examples["test_caps.txt"])
+    np.save(root / "test_ims.npy", np.zeros((1, 36, 2048), dtype=np.float16))  # one image, 5 captions
+    split = open_split(DataConfig(root=str(root), format="scan_precomputed"), "test")
+    assert len(split.images) == 1 and split.txt_to_img == [0] * 5
+    (root / "images").mkdir()
+    Image.new("RGB", (16, 16), "red").save(root / "images" / "011000.png")
+    (root / "test_negatives.jsonl").write_text(examples["test_negatives.jsonl"])
+    (triple,) = read_negatives(root / "test_negatives.jsonl", root)
+    assert triple.type == "swap_relation"
 
 
 # ------------------------------------------------------------------------------------- the command lines
