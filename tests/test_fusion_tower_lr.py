@@ -185,7 +185,7 @@ def test_unknown_text_pool_is_a_model_error():
 
 @pytest.mark.slow
 def test_the_itc_start_benchmark_runs_end_to_end(shapes_root):
-    """benchmarks/albef_itc_start.py (the README's diagnosis table) on the tiny split: probe + 2 steps of 2 variants."""
+    """benchmarks/albef_itc_start.py (its diagnosis table) on the tiny split: probe + 2 steps of 2 variants."""
     from tests.test_benchmarks import run_script
 
     out = run_script(

@@ -1,7 +1,7 @@
 """`crossmatch demo`: the whole pipeline on the embedded shapes data, offline, in a few CPU minutes.
 
-Generate the data, train SCAN with box regions (Lee et al., ECCV 2018: the best model of the README's
-results table for its budget), evaluate it on the 1000 test images / 5000 captions, and draw what it
+Generate the data, train SCAN with box regions (Lee et al., ECCV 2018: the best model of the results
+table, docs/results.md, for its budget), evaluate it on the 1000 test images / 5000 captions, and draw what it
 learned: a search gallery, an HTML report of its worst-ranked test captions with the metrics on top, and
 the training curves. `--time` prints the wall time of each phase (benchmarks/demo.py measures a fresh run).
 """

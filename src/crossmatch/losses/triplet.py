@@ -24,8 +24,8 @@ Where both towers ignore what a negative changes (a relation's sides: "X left of
 image-anchored term is stuck: its gradient into the image is e(negative) - e(caption) ~ 0, and the text
 gradients of images that differ only in that change cancel. This term pushes the two captions apart in text
 space whatever the images do; through the l2 normalisation its gradient is still proportional to the sine of
-their angle, so it starts weak where they coincide and grows as they part (README: Compositional hard
-negatives, where it takes VSE++'s position twins above chance).
+their angle, so it starts weak where they coincide and grows as they part (docs/results.md:
+where it takes VSE++'s position twins above chance).
 
 Legend: B pairs of the batch, K text negatives per pair.
 """
