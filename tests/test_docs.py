@@ -365,3 +365,10 @@ def test_install_hints_name_the_clone_install():
     from crossmatch.errors import install_hint
 
     assert install_hint("export") == 'the crossmatch[export] extra: pip install -e ".[export]" in the crossmatch clone'
+
+
+def test_every_reliability_promise_names_a_test_that_exists():
+    page = (ROOT / "docs" / "reliability.md").read_text()
+    names = [n for n in re.findall(r"`([a-z0-9_]+)`", page) if n.count("_") >= 3]  # test names, not functions
+    tests = set(re.findall(r"^def test_(\w+)\(", (ROOT / "tests" / "test_reliability.py").read_text(), flags=re.M))
+    assert len(names) >= 30 and [n for n in names if n not in tests] == []
