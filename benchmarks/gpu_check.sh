@@ -26,7 +26,7 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 1
 fi
 
-echo "== card"
+echo "== card ($(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the start)"
 "$PY" - <<'EOF'
 import torch
 p = torch.cuda.get_device_properties(0)
@@ -52,4 +52,4 @@ echo "== mixed-precision tests on CUDA"
 "$PY" -m pytest -q tests/test_engine.py -k "mixed_precision" -p no:cacheprovider
 "$PY" -m pytest -q tests/test_throughput.py tests/test_scan_similarity.py -p no:cacheprovider -x -q 2>&1 | tail -2
 
-echo "== gpu_check done in $(( $(date +%s) - start )) s (work dir $WORK)"
+echo "== gpu_check done in $(( $(date +%s) - start )) s (work dir $WORK; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg))"
