@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
-WORK=${1:-$(mktemp -d /tmp/crossmatch_gpu.XXXXXX)}
+WORK=${1:-$(mktemp -d -t crossmatch_gpu.XXXXXX)}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
 
