@@ -78,3 +78,14 @@ def test_index_search_runs_on_a_small_index(tmp_path):
     out = run_script("benchmarks/index_search.py", *args, "--dir", str(tmp_path))
     assert "1 thread(s), k=10" in out and re.search(r"Q=1 \(best of 1, load [\d.]+\)", out), out
     assert "x baseline" in out and "recall@10 of the float16 index" in out
+
+
+@pytest.mark.slow
+def test_accumulation_times_both_settings_through_the_trainer():
+    """The script builds a Trainer itself: a change of the Trainer's signature once broke it silently."""
+    out = run_script("benchmarks/accumulation.py", "--batch", "2", "--accum", "2", "--repeats", "1", "--threads", "1")
+    assert "clip_shapes architecture, cpu, 1 threads" in out
+    assert re.search(r"^load average [\d.]+ -> [\d.]+$", out, re.M)
+    assert re.search(r"^batch 4 +[\d.]+s +\d+ MB$", out, re.M)
+    assert re.search(r"^accum 2 x 2 +[\d.]+s +\d+ MB$", out, re.M)
+    assert re.search(r"^ratio accum / batch: time [\d.]+x, peak memory [\d.]+x$", out, re.M), out
