@@ -128,7 +128,7 @@ def render_table(table: dict, rows: list[dict]) -> list[str]:
     heads = ["#", "run"] + (["training"] if table.get("training") else []) + [c[0] for c in table["columns"]]
     out = [f"### {table['title']}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for n, row in enumerate(rows, 1):
-        cells = [str(n), row["label"]]
+        cells = [str(n), row["label"] + (" *(measured)*" if row["status"] == "measured" else "")]
         if table.get("training"):
             cells.append(row["budget"]["text"] or "-")
         cells += [column(row, keys) for _, keys in table["columns"]]

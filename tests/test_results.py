@@ -77,7 +77,7 @@ def test_a_table_renders_its_columns_and_runs(results):
         "",
         "| # | run | training | rsum / x | all |",
         "|---|---|---|---|---|",
-        "| 1 | a \\| b | 2 steps | 500.0 / 1.5 | rsum 500.0; x 1.5 |",
+        "| 1 | a \\| b *(measured)* | 2 steps | 500.0 / 1.5 | rsum 500.0; x 1.5 |",
         "",
         "Runs:",
         "",
