@@ -39,3 +39,12 @@ def test_negative_max_images_is_a_one_line_error(vse_checkpoint, shapes_root, ca
     assert main(["evaluate", str(vse_checkpoint), "--max-images", "-1", f"data.root={shapes_root}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "crossmatch: error: --max-images must be >= 0 (0: the whole split), got -1"
+
+
+def test_max_images_with_negatives_is_refused(vse_checkpoint, shapes_root, capsys):
+    negatives = str(shapes_root / "test_negatives.jsonl")
+    assert main(["evaluate", str(vse_checkpoint), "--max-images", "4", "--negatives", negatives]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "crossmatch: error: --max-images cuts a retrieval split; --negatives scores every triple of its file"
+    )

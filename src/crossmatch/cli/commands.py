@@ -39,7 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         "--max-images",
         type=int,
         default=0,
-        help="only the split's first N images and their captions (twin pairs kept when both remain); 0: all",
+        help="only the split's first N images and their captions (twin pairs kept when both remain); default 0: all",
     )
     ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
     ev.add_argument("--html", default=None, help="also write an HTML report of the worst-ranked text queries")
