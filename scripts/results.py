@@ -34,6 +34,7 @@ MACHINE_KEYS = ("device", "threads", "load")
 BUDGET_KEYS = ("steps", "batch", "pairs_seen", "text")
 DATA_KEYS = ("name", "split", "size")
 COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
+REPO_PATH = re.compile(r"\b(?:benchmarks|configs|scripts|src|tests)/[\w./-]*\w")
 MACHINE_PATH = re.compile(r"(^|[\s=:'\"(])/(work|tmp|home|root|Users|mnt|scratch)/")
 
 
@@ -85,6 +86,10 @@ def validate_rows(rows: list[dict], sections: list[dict]) -> list[str]:
             errors.append(f"{where}: overrides must be a list")
         if not row["command"] or MACHINE_PATH.search(row["command"]):
             errors.append(f"{where}: command must be given, without a machine's absolute path")
+        elif row["status"] == "measured":  # a historical command may name a script removed since its commit
+            gone = [p for p in REPO_PATH.findall(row["command"]) if not (ROOT / p).exists()]
+            if gone:
+                errors.append(f"{where}: a measured command names {', '.join(gone)}, which does not exist")
     return errors
 
 

@@ -51,8 +51,9 @@ def test_bad_rows_are_named_one_problem_per_line(results, rows, sections):
     machine_path = {**copy.deepcopy(good), "id": "x3", "command": "crossmatch train c.yaml data.root=/tmp/shapes"}
     no_load = {**copy.deepcopy(good), "id": "x4", "machine": {"device": "CPU", "threads": 1}}
     unknown_table = {**copy.deepcopy(good), "id": "x5", "table": "nowhere"}
+    gone = {**copy.deepcopy(good), "id": "x6", "status": "measured", "command": "python benchmarks/gone.py --x 1"}
     errors = results.validate_rows(
-        [missing_commit, bad_status, short_commit, machine_path, no_load, unknown_table, good], sections
+        [missing_commit, bad_status, short_commit, machine_path, no_load, unknown_table, gone, good], sections
     )
     assert errors == [
         f"row 1 ({good['id']}): missing commit",
@@ -61,7 +62,8 @@ def test_bad_rows_are_named_one_problem_per_line(results, rows, sections):
         "row 4 (x3): command must be given, without a machine's absolute path",
         "row 5 (x4): machine must be an object with device, threads, load",
         "row 6 (x5): table 'nowhere' is not in tables.yaml",
-        f"row 7 ({good['id']}): duplicate id",
+        "row 7 (x6): a measured command names benchmarks/gone.py, which does not exist",
+        f"row 8 ({good['id']}): duplicate id",
     ]
 
 
