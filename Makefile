@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs bench bench-gpu results clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,18 +22,31 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 # The documentation site (mkdocs.yml, docs/) into site/, offline; tests/test_docs.py builds it the same way.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
+# The kept benchmarks at their small default sizes (about 15-20 minutes on 2 idle cores); each prints its figures
+# with the machine's load average and thread count. docs/benchmarks.md says how to read them.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan_scoring.py
 	$(BIN)/python benchmarks/accumulation.py
-	$(BIN)/python benchmarks/index_search.py
+	$(BIN)/python benchmarks/index_search.py --threads 1
 	$(BIN)/python benchmarks/shard_loader.py
+	$(BIN)/python benchmarks/checkpoint_integrity.py
+	$(BIN)/python benchmarks/train_throughput.py --recipes tiny
+	$(BIN)/python benchmarks/demo.py
+
+# The GPU checks (exits 1 at once without a CUDA device).
+bench-gpu: $(STAMP)
+	bash benchmarks/gpu_check.sh
+
+# docs/results.md from results/runs.jsonl (tests/test_results.py checks it is current).
+results: $(STAMP)
+	$(BIN)/python scripts/results.py
 
 clean:
 	rm -rf runs data/shapes .pytest_cache site

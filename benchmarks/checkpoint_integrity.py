@@ -57,7 +57,8 @@ def main() -> None:
         save_checked = best_of(lambda: atomic_save(state, checked), args.repeats)
         load_plain = best_of(lambda: torch.load(plain, map_location="cpu", weights_only=True), args.repeats)
         load_checked = best_of(lambda: load_checkpoint(checked), args.repeats)
-    print(f"state {args.mb} MB, best of {args.repeats}, load average {os.getloadavg()[0]:.2f}")
+    threads = f"{torch.get_num_threads()} torch thread, {os.cpu_count()} CPUs"
+    print(f"state {args.mb} MB, best of {args.repeats}, {threads}, load average {os.getloadavg()[0]:.2f}")
     print(
         f"save: torch.save {save_plain:.3f} s, atomic_write(torch.save) {save_durable:.3f} s, "
         f"atomic_save {save_checked:.3f} s ({save_checked / save_durable:.2f}x the durable write)"

@@ -1,7 +1,7 @@
 """Time `crossmatch demo` from nothing: data generation, training, test evaluation, gallery, curves.
 
     python benchmarks/demo.py                    # a fresh demo in a temporary folder (data generated there)
-    python benchmarks/demo.py --out /tmp/demo    # keep what it writes
+    python benchmarks/demo.py --out demo_out     # keep what it writes
     python benchmarks/demo.py --data data/shapes # reuse a generated dataset (skips the data phase's work)
 
 Prints the demo's own output, then each phase's wall time, CPU time (this process and its children, all

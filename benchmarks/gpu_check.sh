@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
-WORK=${1:-$(mktemp -d /tmp/crossmatch_gpu.XXXXXX)}
+WORK=${1:-$(mktemp -d -t crossmatch_gpu.XXXXXX)}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
 
@@ -26,7 +26,7 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 1
 fi
 
-echo "== card"
+echo "== card ($(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the start)"
 "$PY" - <<'EOF'
 import torch
 p = torch.cuda.get_device_properties(0)
@@ -52,4 +52,4 @@ echo "== mixed-precision tests on CUDA"
 "$PY" -m pytest -q tests/test_engine.py -k "mixed_precision" -p no:cacheprovider
 "$PY" -m pytest -q tests/test_throughput.py tests/test_scan_similarity.py -p no:cacheprovider -x -q 2>&1 | tail -2
 
-echo "== gpu_check done in $(( $(date +%s) - start )) s (work dir $WORK)"
+echo "== gpu_check done in $(( $(date +%s) - start )) s (work dir $WORK; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -62,7 +62,8 @@ def main() -> None:
     n_pairs = args.batches * args.batch_size
     print(
         f"{len(folder.images)} images, {len(folder.captions)} pairs, {len(shards.shards)} shards; drawing "
-        f"{args.batches} batches of {args.batch_size} ({n_pairs} pairs), best of {args.repeats}"
+        f"{args.batches} batches of {args.batch_size} ({n_pairs} pairs), best of {args.repeats}; "
+        f"{torch.get_num_threads()} torch thread per process, {os.cpu_count()} CPUs"
     )
     for workers in (0, 2):
         loaders = {

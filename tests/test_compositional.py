@@ -209,7 +209,7 @@ def test_negatives_accuracy_per_type_hand_checked(tmp_path: Path, fusion: bool) 
         "B": {"accuracy": 100.0, "correct": 1, "total": 1, "ties": 0},
         "all": {"accuracy": pytest.approx(200 / 3), "correct": 2, "total": 3, "ties": 0},
     }
-    # triples made in memory (benchmarks/text_negative_accuracy.py passes the perturber's) score the same
+    # triples made in memory (e.g. the perturber's) score the same as the file's
     triples = read_negatives(path, tmp_path)
     assert evaluate_negatives(cfg, SignTimesLength(fusion), tok, triples, torch.device("cpu")) == report
 

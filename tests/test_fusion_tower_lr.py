@@ -1,4 +1,4 @@
-"""The pretrained fusion models' `layer_depths`: `train.tower_lr` and `train.layer_decay` give the
+"""The pretrained fusion models' `layer_depths` (issue 13): `train.tower_lr` and `train.layer_decay` give the
 MiniLM tensors of `albef_minilm` / `vilt_minilm` their own lr by checkpoint depth, while the new tensors
 (cross-attention, image tokens, ITC projections, ITM head, temperature) train at train.lr. The architectures are
 the real ones (MiniLM-L6 shape from the packaged config), randomly initialised unless a test needs the report of
@@ -181,55 +181,3 @@ def test_unknown_text_pool_is_a_model_error():
 
     with pytest.raises(ModelError, match="unknown text_pool 'max'"):
         create_model("albef_minilm", image_tower="test_resnet", pretrained=False, image_size=64, text_pool="max")
-
-
-@pytest.mark.slow
-def test_the_itc_start_benchmark_runs_end_to_end(shapes_root):
-    """benchmarks/albef_itc_start.py (its diagnosis table) on the tiny split: probe + 2 steps of 2 variants."""
-    from tests.test_benchmarks import run_script
-
-    out = run_script(
-        "benchmarks/albef_itc_start.py",
-        "--data",
-        str(shapes_root),
-        "--steps",
-        "2",
-        "--variants",
-        "base,split_meanpool",
-    )
-    assert "probe layer-2 [CLS]" in out and "probe layer-5 mean" in out
-    lines = [line for line in out.splitlines() if line.startswith(("base ", "split_meanpool "))]
-    assert len(lines) == 2 and "lrs [0.0001]:" in lines[0] and "lrs [0.001, 0.0001]:" in lines[1]
-    assert all("val ITC rsum" in line for line in lines)
-
-
-@pytest.mark.slow
-def test_the_itm_probe_benchmark_runs_on_a_tiny_checkpoint(shapes_root, tmp_path):
-    from tests.conftest import save_tiny_checkpoint
-    from tests.test_benchmarks import run_script
-
-    ckpt = save_tiny_checkpoint(tmp_path / "albef.pt", "tiny_albef")
-    out = run_script("benchmarks/fusion_itm_probe.py", str(ckpt), "--images", "12", f"data.root={shapes_root}")
-    assert "val: 12 images, 60 captions" in out
-    assert "pairwise ITM(own) > ITM(random)" in out and "pairwise ITM(own) > ITM(ITC-hardest)" in out
-    exact = next(line for line in out.splitlines() if line.startswith("exact negatives ("))  # the JSON has them
-    assert "pairwise ITM(caption) > ITM(negative) all " in exact and "swap_attributes" in exact
-    assert -1 <= float(exact.split("cos(caption, negative) ")[1]) <= 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("start", ["--fresh", "--start=init"])
-def test_the_itm_twin_probe_benchmark_trains_only_the_fusion_half(shapes_root, tmp_path, start):
-    from tests.conftest import save_tiny_checkpoint
-    from tests.test_benchmarks import run_script
-
-    ckpt = save_tiny_checkpoint(tmp_path / "albef.pt", "tiny_albef")
-    args = ["--train-images", "40", "--val-images", "12", "--steps", "2", "--eval-every", "1", "--batch", "4"]
-    out = run_script("benchmarks/itm_twin_probe.py", str(ckpt), *args, "--threads", "1", start,
-                     f"data.root={shapes_root}")  # fmt: skip
-    assert "features: 200 train captions with" in out
-    steps = [line for line in out.splitlines() if ": val pairwise all " in line]
-    assert [line.split(":")[0] for line in steps] == ["step 0", "step 1", "step 2"]
-    assert all("swap_attributes" in line and "fused [CLS] cos(caption, negative) " in line for line in steps)
-    cos = [float(line.split("cos(caption, negative) ")[1].split()[0]) for line in steps]
-    assert all(-1 <= c <= 1 for c in cos)

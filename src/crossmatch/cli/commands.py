@@ -35,6 +35,12 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         "--data", default=None, help="with --model: the dataset folder (data.root); with --negatives: the image root"
     )
     ev.add_argument("--split", default="test", help="val | test | train, or a split name of the dataset")
+    ev.add_argument(
+        "--max-images",
+        type=int,
+        default=0,
+        help="only the split's first N images and their captions (twin pairs kept when both remain); default 0: all",
+    )
     ev.add_argument("--json", default=None, help="also write the metrics dict to this JSON file")
     ev.add_argument("--html", default=None, help="also write an HTML report of the worst-ranked text queries")
     ev.add_argument(
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> bool:
             model_name=args.model,
             data_root=args.data,
             negatives=args.negatives,
+            max_images=args.max_images,
         )
     elif args.command == "search":
         run_search(
@@ -148,11 +155,13 @@ def run_evaluate(
     model_name: str | None = None,
     data_root: str | None = None,
     negatives: str | None = None,
+    max_images: int = 0,
 ) -> dict:
     """Metrics of a checkpoint, or (`model_name` + `data_root`, no checkpoint) of a model built from its
     config (zero-shot). With `negatives` (a JSONL file of triples), the compositional accuracy per
     perturbation type instead (crossmatch.retrieval.compositional), images resolved against `data_root` or
-    the run's data.root."""
+    the run's data.root. With `max_images` N > 0, only the split's first N images and their captions (the
+    cut `eval.max_images` makes for validation)."""
     from crossmatch.config import validate_config
     from crossmatch.engine.distributed import init_distributed
     from crossmatch.errors import ConfigError
@@ -165,6 +174,10 @@ def run_evaluate(
             check_writable(path, option)  # before the evaluation, not after it
     if negatives and html_path:
         raise ConfigError("--html reports retrieval failures; with --negatives, write the accuracies with --json")
+    if max_images < 0:
+        raise ConfigError(f"--max-images must be >= 0 (0: the whole split), got {max_images}")
+    if negatives and max_images:
+        raise ConfigError("--max-images cuts a retrieval split; --negatives scores every triple of its file")
     progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
     if (checkpoint is None) == (model_name is None) or (model_name is not None and not data_root):
         raise ConfigError("evaluate takes a CHECKPOINT, or --model NAME with --data ROOT (an untrained model)")
@@ -177,13 +190,14 @@ def run_evaluate(
     if negatives:
         return _evaluate_negatives(model, cfg, tokenizer, negatives, data_root, json_path, dist, progress)
     name = split_name(cfg, split)
-    evaluator = make_evaluator(cfg, name, tokenizer, model, dist.device, progress)
+    evaluator = make_evaluator(cfg, name, tokenizer, model, dist.device, progress, max_images)
     t0 = time.perf_counter()
     metrics, scores = evaluator.evaluate(model.to(dist.device))
     metrics = {k: round(v, METRIC_DECIMALS) for k, v in metrics.items()}
     protocol = f"{cfg.eval.folds} folds, " if cfg.eval.folds > 1 else ""
     protocol += f"re-ranking top-{cfg.eval.rerank_k}" if cfg.eval.rerank_k and hasattr(model, "score_pairs") else ""
-    print(f"{cfg.model['name']} on {cfg.data.root} [{name}] {protocol} ({time.perf_counter() - t0:.1f} s)")
+    subset = f"first {max_images} images, " if max_images else ""
+    print(f"{cfg.model['name']} on {cfg.data.root} [{name}] {subset}{protocol} ({time.perf_counter() - t0:.1f} s)")
     print(format_person_table(metrics) if "t2i_mAP" in metrics else format_table(metrics))
     if json_path and dist.is_main:
         from crossmatch.files import write_text
@@ -193,7 +207,7 @@ def run_evaluate(
         from crossmatch.runs import open_split
         from crossmatch.search.report import report_from_scores
 
-        ds = open_split(cfg, name)
+        ds = open_split(cfg, name).first_images(max_images)
         title = f"{cfg.model['name']} on {cfg.data.root} [{name}] (stage-1 scores)"
         paths = [r.path for r in ds.images]
         report_from_scores(

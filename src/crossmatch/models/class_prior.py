@@ -3,11 +3,12 @@ Convex Combination of Semantic Embeddings", ICLR 2014).
 
 An ImageNet-trained image tower already names what it sees. `ClassNamePrior` turns its pooled features into
 the probability-weighted sum of the text tower's embeddings of its top-k class names ("A {name}."), a unit
-vector in the text tower's space: a caption-like guess that needs no training (`benchmarks/tux_baseline.py`
-ranks by it alone). `vse_pretrained` with `model.image_prior: class_names` concatenates it to the pooled
-features before the image projection, so with few training pairs the projection starts from what the
-classifier knows instead of learning every concept from the pairs. The classifier and the name embeddings
-are frozen (and kept in the state dict, so a checkpoint rebuilds the same prior).
+vector in the text tower's space: a caption-like guess that needs no training (ranking by it alone is the
+training-free row of the Tux Paint results, docs/results.md). `vse_pretrained` with `model.image_prior:
+class_names` concatenates it to the pooled features before the image projection, so with few training pairs
+the projection starts from what the classifier knows instead of learning every concept from the pairs. The
+classifier and the name embeddings are frozen (and kept in the state dict, so a checkpoint rebuilds the same
+prior).
 """
 
 from __future__ import annotations
