@@ -240,7 +240,10 @@ REPO_PATH = re.compile(r"(?<![\w./-])((?:configs|src|benchmarks|docs|scripts|tes
 
 
 def test_every_repository_path_named_exists():
-    named = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    # docs/results.md is left out: its historical rows quote commands as they ran at their commit (scripts
+    # since removed included); tests/test_results.py checks the paths of the rows measured at the current tree.
+    docs = [f for f in sorted((ROOT / "docs").glob("*.md")) if f.name != "results.md"]
+    named = [ROOT / "README.md", ROOT / "CHANGELOG.md", *docs]
     named += sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "src").glob("**/*.py"))
     missing = []
     for f in named:

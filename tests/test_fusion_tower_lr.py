@@ -1,4 +1,4 @@
-"""The pretrained fusion models' `layer_depths` (issue 13): `train.tower_lr` and `train.layer_decay` give the
+"""The pretrained fusion models' `layer_depths`: `train.tower_lr` and `train.layer_decay` give the
 MiniLM tensors of `albef_minilm` / `vilt_minilm` their own lr by checkpoint depth, while the new tensors
 (cross-attention, image tokens, ITC projections, ITM head, temperature) train at train.lr. The architectures are
 the real ones (MiniLM-L6 shape from the packaged config), randomly initialised unless a test needs the report of
