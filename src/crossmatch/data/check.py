@@ -1,5 +1,6 @@
-"""Validation and conversion of dataset files, format by format, without the fail-fast checks of the readers:
-`check_entries` scans a whole file and reports every problem (no images at all, missing or undecodable images,
+"""Validation and conversion of dataset files, format by format. Files are read by the training readers
+themselves (one source of truth: an entry they refuse, such as a list-valued id or a string person id, stops
+validation with their one-line message); then `check_entries` scans every entry and reports every problem (no images at all, missing or undecodable images,
 empty captions, images without captions, duplicate ids, one image file under two ids, image paths that leave
 the image folder, entries without a split) with per-split statistics.
 
@@ -80,7 +81,10 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
 
 
 def read_entries(src: Source) -> list[dict]:
-    """Every canonical entry of the source file, in file order (structure checked, content not)."""
+    """Every canonical entry of the source file, in file order, through the training readers themselves: an
+    entry that training would refuse (a key of the wrong type, bad negatives) is refused here in the same
+    words (`crossmatch.data.datasets.check_entry`); content (images, empty captions, ids) is checked by
+    `check_entries`."""
     if src.fmt == "jsonl":
         return read_jsonl(src.file)
     if src.fmt in PEDES:
@@ -110,8 +114,9 @@ def check_shards(root: Path, progress: bool = False) -> Report:
     entries, blobs = read_shard_entries(root, problems.append, progress)
     report = check_entries(entries, root, progress, blobs=blobs)
     found = defaultdict(list)  # the shard problems first: they name shard and key
-    for message in problems:
-        found["unreadable sample" if "corrupt tar" in message else "sample without image/caption"].append(message)
+    for message in problems:  # iter_shard's messages: a broken tar or oversized member, else a bad sample
+        unreadable = "corrupt tar" in message or "max_shard_member_bytes" in message
+        found["unreadable sample" if unreadable else "bad sample (image, caption or json)"].append(message)
     for kind, culprits in report.problems.items():
         found[kind] += culprits
     report.problems = found
