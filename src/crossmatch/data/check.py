@@ -1,8 +1,9 @@
 """Validation and conversion of dataset files, format by format. Files are read by the training readers
 themselves (one source of truth: an entry they refuse, such as a list-valued id or a string person id, stops
-validation with their one-line message); then `check_entries` scans every entry and reports every problem (no images at all, missing or undecodable images,
-empty captions, images without captions, duplicate ids, one image file under two ids, image paths that leave
-the image folder, entries without a split) with per-split statistics.
+validation with their one-line message); then `check_entries` scans every entry and reports every problem
+(no images at all, missing or undecodable images, empty captions, images without captions, duplicate ids,
+one image file under two ids, image paths that leave the image folder, entries without a split) with
+per-split statistics.
 
 Formats: Karpathy-split JSON (Flickr30K, COCO), JSONL (crossmatch.data.jsonl), the person-search files
 of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes), and WebDataset tar shards

@@ -65,7 +65,8 @@ def parse_json(text: str | bytes, where: str):
     except RecursionError as err:
         raise DataError(f"{where} is nested too deeply to be a dataset file") from err
     except UnicodeDecodeError as err:
-        raise DataError(f"{where} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from err
+        byte = err.object[err.start]
+        raise DataError(f"{where} is not UTF-8 text (byte 0x{byte:02x} at offset {err.start})") from err
     except ValueError as err:  # int() of a 5,000-digit number: "Exceeds the limit (4300 digits) ..."
         raise DataError(f"{where} is not valid JSON: {str(err).split(':')[0]}") from err
 
