@@ -67,13 +67,14 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
     if fmt == "webdataset" or (fmt is None and is_shard_spec(path)):
         return Source("webdataset", Path(path), Path(path))
     path = Path(path)
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or a device too: the reader refuses it in one line
         file = path
     elif json_name:
         file = path / json_name
     else:
-        names = [DEFAULTS[fmt][0]] if fmt else [name for name, _ in DEFAULTS.values()]
-        found = [path / n for n in names if (path / n).is_file()] + sorted(path.glob("dataset_*.json"))
+        names = [DEFAULTS[fmt][0]] if fmt else [name for name, _ in DEFAULTS.values() if name]
+        found = [path / n for n in names if (path / n).exists() and not (path / n).is_dir()]
+        found += sorted(path.glob("dataset_*.json"))
         if not found:
             raise ConfigError(f"no dataset file in {path} (looked for {', '.join(names)}); pass --json-name")
         file = found[0]

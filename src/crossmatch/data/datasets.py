@@ -27,7 +27,7 @@ from crossmatch.data.negatives import Negative, normalise, perturb, pick
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, WHITE, apply_transform, load_image
 from crossmatch.errors import DataError
-from crossmatch.files import MAX_ANNOTATION_BYTES, read_bytes
+from crossmatch.files import MAX_ANNOTATION_BYTES, open_regular, read_bytes
 
 ANNOTATION_KEY = "data.max_annotation_bytes"  # the setting that caps a dataset file read whole
 
@@ -384,11 +384,9 @@ def file_key(path: str | Path, salt: bytes) -> bytes:
     """
     h = hashlib.sha1(salt + b"\0")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "image") as f:  # a FIFO or a device would never end
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    except FileNotFoundError as err:
-        raise DataError(f"image not found: {path}") from err
     except OSError as err:
         raise DataError(f"cannot read image {path}: {err.strerror or err}") from err
     return h.digest()
