@@ -83,7 +83,12 @@ def test_wide_greyscale_is_scaled_to_8_bits_not_clipped(mode):
 
 
 def test_a_16_bit_png_file_and_shard_member_decode_alike(tmp_path):
-    """A 16-bit greyscale PNG decodes to the same scaled pixels from a file and from a shard member."""
+    """A 16-bit greyscale PNG decodes to the same scaled pixels from a file, from a shard member and in the
+    thumbnails of HTML reports."""
+    import base64
+
+    from crossmatch.search.report import thumbnail_data_uri
+
     data = png_bytes(Image.fromarray(GREY_16))
     (tmp_path / "grey.png").write_bytes(data)
     expected = torch.from_numpy(GREY_8).expand(3, 2, 3)  # (3, H, W)
@@ -91,6 +96,8 @@ def test_a_16_bit_png_file_and_shard_member_decode_alike(tmp_path):
     shard_of(tmp_path / "s", {"000": data})
     view = open_split(DataConfig(root=str(tmp_path / "s"), format="webdataset"), "test").image_view(lambda x: x)
     assert torch.equal(view[0]["image"], expected)
+    thumb = base64.b64decode(thumbnail_data_uri(tmp_path / "grey.png").split(",", 1)[1])
+    assert (np.asarray(Image.open(io.BytesIO(thumb))) == GREY_8[:, :, None]).all()  # (2, 3, 3): not shrunk
 
 
 def test_shards_honour_the_pixel_limit_and_the_background(tmp_path):
@@ -108,8 +115,9 @@ def test_shards_honour_the_pixel_limit_and_the_background(tmp_path):
 
 
 def test_the_train_stream_decodes_with_the_pixel_limit_and_skips_a_bomb(tmp_path):
-    """The streamed train split decodes through the same path: a decompression bomb inside a shard is one
-    skipped sample (with data.max_bad_samples), named by shard and key, never a crash."""
+    """The streamed train split decodes through the same path, with the configured data.max_image_pixels: a
+    decompression bomb inside a shard is one skipped sample (with data.max_bad_samples), named by shard and
+    key, never a crash."""
     from crossmatch.data.shard_stream import build_shard_loader
     from crossmatch.data.tokenizer import CaptionTokenizer
     from crossmatch.data.transforms import build_image_transform
@@ -118,7 +126,7 @@ def test_the_train_stream_decodes_with_the_pixel_limit_and_skips_a_bomb(tmp_path
     plain = png_bytes(Image.new("RGB", (8, 8), (200, 10, 10)))
     folder = tmp_path / "s"
     shard_of(folder, {f"{i:03d}": bomb if i == 2 else plain for i in range(4)}, split="train")
-    data = open_split(DataConfig(root=str(folder), format="webdataset"), "train")
+    data = open_split(DataConfig(root=str(folder), format="webdataset", max_image_pixels=1000), "train")
     loader = build_shard_loader(
         data, CaptionTokenizer.train(data.captions), build_image_transform(8, train=False), batch_size=4, seed=0,
         buffer_size=1, skip_bad=True,
@@ -126,7 +134,8 @@ def test_the_train_stream_decodes_with_the_pixel_limit_and_skips_a_bomb(tmp_path
     loader.sampler.set_epoch(0, 0)
     batches = list(loader)
     skipped = [s for b in batches for s in b.get("skipped", [])]
-    assert len(skipped) == 2 and all("key 002 is 30000 x 30000 pixels" in s for s in skipped)  # 2 captions
+    assert len(skipped) == 2  # the bomb's 2 captions
+    assert all("key 002 is 30000 x 30000 pixels, more than data.max_image_pixels=1000" in s for s in skipped)
     assert sum(len(b["image_idx"]) for b in batches) == 6  # 8 pairs: 2 batches, 6 decoded
 
 

@@ -6,6 +6,10 @@ reader (or a resumed run) only ever sees the old file or the complete new one. A
 or a Ctrl-C included, leaves the old file intact and no temporary file behind, and raises a
 `CrossmatchError` (or `WriteInterrupted`, a KeyboardInterrupt) naming the file. A killed process leaves
 its temporary file behind: `remove_orphans` clears them when the next run starts.
+
+Reading the user's files has one rule too: `open_regular` opens only a regular file (a FIFO, a device or a
+socket is refused at once, never waited on or read forever), and `read_bytes` reads one whole under a size
+cap (`data.max_annotation_bytes` for dataset files).
 """
 
 from __future__ import annotations
