@@ -158,11 +158,12 @@ def _is_box(box) -> bool:
     return numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
 
 
-def check_entry(entry: dict, where: str, negatives: bool = True) -> None:
+def check_entry(entry: dict, where: str, negatives: bool = True, pid_key: str = "pid") -> None:
     """The types of one canonical entry, the rule every reader applies (and so `crossmatch data validate`):
     "image" a string, "captions" a list, "id" and "twin" a string or an integer, "pid" an integer,
     "boxes" a list of [x1, y1, x2, y2] numbers, "negatives" one list of {"raw", "type"} per caption
     (checked by `read_negatives` unless `negatives` is False). Empty captions are the loaders' concern.
+    `pid_key` names the person identity as the file does (person-search files call it "id").
 
     Raises:
         DataError: one line naming `where` (the file and entry), the key and what it holds.
@@ -176,7 +177,7 @@ def check_entry(entry: dict, where: str, negatives: bool = True) -> None:
             raise DataError(f"{where}: '{key}' must be a string or an integer, not {_show(entry[key])}")
     pid = entry.get("pid")
     if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
-        raise DataError(f"{where}: 'pid' (person identity) must be an integer, not {_show(pid)}")
+        raise DataError(f"{where}: '{pid_key}' (person identity) must be an integer, not {_show(pid)}")
     boxes = entry.get("boxes")
     if boxes is not None and (not isinstance(boxes, list) or not all(_is_box(b) for b in boxes)):
         raise DataError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2] numbers, not {_show(boxes)}")

@@ -49,7 +49,7 @@ def read_jsonl(path: str | Path, max_line_bytes: int = MAX_ANNOTATION_BYTES) -> 
     entries = []
     with open_regular(path, "dataset file") as f:
         for n, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), 1):
-            if len(raw) > max_line_bytes:
+            if len(raw.rstrip(b"\n")) > max_line_bytes:  # its newline aside
                 raise DataError(f"{path} line {n} holds more than {ANNOTATION_KEY}={max_line_bytes} bytes")
             try:
                 line = raw.decode("utf-8")

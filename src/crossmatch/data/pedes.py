@@ -66,7 +66,7 @@ def pedes_to_entries(records: list, spec: PedesSpec, source: str | Path = "") ->
             raise DataError(f"{where}: 'captions' must be a list of strings")
         captions = [captions] if isinstance(captions, str) else list(captions)
         entry = {"image": path, "captions": captions, "split": rec.get("split"), "id": path, "pid": rec["id"]}
-        check_entry(entry, where)  # "pid" is the record's "id": an integer
+        check_entry(entry, where, pid_key="id")
         entries.append(entry)
     return entries
 

@@ -80,7 +80,7 @@ def to_rgb(im: Image.Image, background: tuple[int, ...] | list[int] = WHITE) -> 
         im = ImageOps.exif_transpose(im)
     if im.mode in WIDE_GREY_MODES:
         wide = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)  # (H, W)
-        im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")  # round(v / 257)
+        im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # "L", round(v / 257)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
     if not has_alpha:
         return im.convert("RGB")
