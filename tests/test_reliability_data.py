@@ -215,6 +215,7 @@ WRONG_TYPES = {  # name: (format, make(root), words of the one line)
         lambda r: _karpathy(r, lambda i: i["sentences"][0].update(negatives=[{"raw": "a cat", "type": 3}])),
         "expected {'raw': text, 'type': name}",
     ),
+    "jsonl boxes a string": ("jsonl", lambda r: _jsonl(r, boxes="0 0 4 4"), "'boxes' must be a list of [x1, y1"),
     "jsonl pid a float": ("jsonl", lambda r: _jsonl(r, pid=1.5), "'pid' (person identity) must be an integer"),
     "jsonl pid a string": ("jsonl", lambda r: _jsonl(r, pid="3"), "'pid' (person identity) must be an integer"),
     "jsonl id an object": ("jsonl", lambda r: _jsonl(r, id={"a": 1}), "'id' must be a string or an integer"),
@@ -232,7 +233,7 @@ NAMED = {"karpathy": "dataset.json", "jsonl": "dataset.jsonl", "cuhk_pedes": "re
 @pytest.mark.parametrize("name", WRONG_TYPES)
 def test_entries_of_the_wrong_type_are_refused_alike_by_train_and_validate(tmp_path, capsys, name):
     """An entry with a key of the wrong type (ids or twins as lists or objects, a person id that is a string
-    or a float, a 5,000-digit number, negatives of the wrong type) is refused by training in one line naming
+    or a float, a 5,000-digit number, negatives or boxes of the wrong type) is refused by training in one line naming
     the file and the entry, in every format; `data validate` refuses the same file (never "no problems")."""
     fmt, make, words = WRONG_TYPES[name]
     root = make(tmp_path / "data")
