@@ -158,5 +158,7 @@ def test_pixels_show_the_objects(ds: tuple[Path, dict]) -> None:
 
 
 def test_rejects_tiny_images(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at least 24"):
+    from crossmatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--size 16: must be 24 to 4096 px"):
         generate_shapes(tmp_path, 1, 1, 1, size=16)

@@ -187,7 +187,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     loader = build_shard_loader(data, tok, transform, batch_size=4, seed=0, buffer_size=1, skip_bad=True)
     batches = take(loader, 0, 0, 4)
     skipped = [s for b in batches for s in b.get("skipped", [])]
-    assert skipped == [f"shard {folder / 'a.tar'} key 005: cannot decode image (not an image)"]
+    assert skipped == [f"cannot decode image shard {folder / 'a.tar'} key 005: not an image"]  # load_image's words
     assert sum(len(b["image_idx"]) for b in batches) == 15
 
 

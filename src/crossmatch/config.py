@@ -38,6 +38,8 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers; 0 keeps everything in the main process
     max_bad_samples: int = 0  # unreadable images skipped per epoch before the run fails
     max_image_pixels: int = 89_478_485  # larger images are unreadable (decompression bombs); Pillow's default
+    max_annotation_bytes: int = 1 << 30  # a dataset file read whole (a JSONL line) may hold at most this many bytes
+    max_shard_member_bytes: int = 256 << 20  # webdataset: the most one tar member may inflate to (gzip bombs)
     allow_outside_root: bool = False  # accept image paths that leave the image folder (../x.png, /abs/x.png)
     shuffle_buffer: int = 1000  # webdataset: pairs held in each loader worker's shuffle buffer
     hard_batches: bool = False  # train batches of confusable pairs, images that share objects (data/hard_batches.py)
@@ -298,6 +300,8 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0 (0: load in the main process)"),
         ("data.max_bad_samples", d.max_bad_samples, d.max_bad_samples >= 0, "must be >= 0"),
         ("data.max_image_pixels", d.max_image_pixels, d.max_image_pixels >= 1, "must be at least 1"),
+        ("data.max_annotation_bytes", d.max_annotation_bytes, d.max_annotation_bytes >= 1, "must be at least 1"),
+        ("data.max_shard_member_bytes", d.max_shard_member_bytes, d.max_shard_member_bytes >= 1, "must be at least 1"),
         ("data.background", d.background, _is_colour(d.background), "must be [] or [R, G, B], each 0-255"),
         ("eval.batch_size", e.batch_size, e.batch_size >= 1, "must be at least 1"),
         ("eval.chunk_size", e.chunk_size, e.chunk_size >= 1, "must be at least 1"),

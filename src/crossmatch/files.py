@@ -6,6 +6,10 @@ reader (or a resumed run) only ever sees the old file or the complete new one. A
 or a Ctrl-C included, leaves the old file intact and no temporary file behind, and raises a
 `CrossmatchError` (or `WriteInterrupted`, a KeyboardInterrupt) naming the file. A killed process leaves
 its temporary file behind: `remove_orphans` clears them when the next run starts.
+
+Reading the user's files has one rule too: `open_regular` opens only a regular file (a FIFO, a device or a
+socket is refused at once, never waited on or read forever), and `read_bytes` reads one whole under a size
+cap (`data.max_annotation_bytes` for dataset files).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from crossmatch.errors import CrossmatchError
+from crossmatch.errors import CrossmatchError, DataError
 
 TMP_MARK = ".tmp"  # temporary names are ".{name}.tmp{pid}" in the target's folder
 
@@ -144,3 +149,62 @@ def remove_orphans(folder: str | Path) -> list[Path]:
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
+
+
+# ---- reading the user's files ---------------------------------------------------------------------------
+
+GIB = 1 << 30
+MAX_ANNOTATION_BYTES = GIB  # default of data.max_annotation_bytes: the most a file read whole may hold
+
+
+def open_regular(path: str | Path, what: str) -> BinaryIO:
+    """Open a user's file for binary reading, refusing at once anything but a regular file: a FIFO would
+    block the open (or the first read) forever, and /dev/zero or /dev/urandom never end. The open itself
+    does not block (O_NONBLOCK, which has no effect on a regular file).
+
+    Raises:
+        DataError: naming `what` (e.g. "dataset file", "--image") and the path: missing, not a regular file
+            (a folder, a FIFO, a device), or unreadable.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as err:
+        raise DataError(f"{what} not found: {path}") from err
+    except OSError as err:
+        raise DataError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise DataError(f"cannot read {what} {path}: Is a directory")
+        raise DataError(f"{what} {path} is {_kind(mode)}, not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def read_bytes(path: str | Path, what: str, max_bytes: int = MAX_ANNOTATION_BYTES, key: str = "") -> bytes:
+    """The whole of a regular file (see `open_regular`), refused without reading it when it holds more than
+    `max_bytes` (`key` names the setting that raises the cap, e.g. "data.max_annotation_bytes").
+
+    Raises:
+        DataError: as `open_regular`, or the file is larger than `max_bytes`.
+    """
+    with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(max_bytes + 1) if size <= max_bytes else b""  # + 1: a file that grew meanwhile
+        if size > max_bytes or len(data) > max_bytes:
+            setting = f", more than {key}={max_bytes}" if key else f", more than {max_bytes}"
+            raise DataError(f"{what} {path} holds {max(size, len(data))} bytes{setting}")
+    return data

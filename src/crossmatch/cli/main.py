@@ -70,6 +70,15 @@ def passive_openmp_threads() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _drop_tracebacks(err: BaseException | None) -> None:
+    """Free the frames of a handled error now. A DataLoader iterator held by them (an error from a loader
+    worker) would otherwise live until the cyclic garbage collector, whose finaliser waits 5 s per worker;
+    in-process callers (tests, notebooks) would pay that later, at random."""
+    while err is not None:
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed command line, nothing run (argparse exits with status 2 on a bad one)."""
     parser = _parser()
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except CrossmatchError as err:
         print(f"crossmatch: error: {err}", file=sys.stderr)
+        _drop_tracebacks(err)
         return 2
     except KeyboardInterrupt as err:  # a WriteInterrupted names the file it left intact
         print(f"crossmatch: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""Validation and conversion of dataset files, format by format, without the fail-fast checks of the readers:
-`check_entries` scans a whole file and reports every problem (no images at all, missing or undecodable images,
-empty captions, images without captions, duplicate ids, one image file under two ids, image paths that leave
-the image folder, entries without a split) with per-split statistics.
+"""Validation and conversion of dataset files, format by format. Files are read by the training readers
+themselves (one source of truth: an entry they refuse, such as a list-valued id or a string person id, stops
+validation with their one-line message); then `check_entries` scans every entry and reports every problem
+(no images at all, missing or undecodable images, empty captions, images without captions, duplicate ids,
+one image file under two ids, image paths that leave the image folder, entries without a split) with
+per-split statistics.
 
 Formats: Karpathy-split JSON (Flickr30K, COCO), JSONL (crossmatch.data.jsonl), the person-search files
 of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes), and WebDataset tar shards
@@ -65,13 +67,14 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
     if fmt == "webdataset" or (fmt is None and is_shard_spec(path)):
         return Source("webdataset", Path(path), Path(path))
     path = Path(path)
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or a device too: the reader refuses it in one line
         file = path
     elif json_name:
         file = path / json_name
     else:
-        names = [DEFAULTS[fmt][0]] if fmt else [name for name, _ in DEFAULTS.values()]
-        found = [path / n for n in names if (path / n).is_file()] + sorted(path.glob("dataset_*.json"))
+        names = [DEFAULTS[fmt][0]] if fmt else [name for name, _ in DEFAULTS.values() if name]
+        found = [path / n for n in names if (path / n).exists() and not (path / n).is_dir()]
+        found += sorted(path.glob("dataset_*.json"))
         if not found:
             raise ConfigError(f"no dataset file in {path} (looked for {', '.join(names)}); pass --json-name")
         file = found[0]
@@ -80,7 +83,10 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
 
 
 def read_entries(src: Source) -> list[dict]:
-    """Every canonical entry of the source file, in file order (structure checked, content not)."""
+    """Every canonical entry of the source file, in file order, through the training readers themselves: an
+    entry that training would refuse (a key of the wrong type, bad negatives) is refused here in the same
+    words (`crossmatch.data.datasets.check_entry`); content (images, empty captions, ids) is checked by
+    `check_entries`."""
     if src.fmt == "jsonl":
         return read_jsonl(src.file)
     if src.fmt in PEDES:
@@ -110,8 +116,9 @@ def check_shards(root: Path, progress: bool = False) -> Report:
     entries, blobs = read_shard_entries(root, problems.append, progress)
     report = check_entries(entries, root, progress, blobs=blobs)
     found = defaultdict(list)  # the shard problems first: they name shard and key
-    for message in problems:
-        found["unreadable sample" if "corrupt tar" in message else "sample without image/caption"].append(message)
+    for message in problems:  # iter_shard's messages: a broken tar or oversized member, else a bad sample
+        unreadable = "corrupt tar" in message or "max_shard_member_bytes" in message
+        found["unreadable sample" if unreadable else "bad sample (image, caption or json)"].append(message)
     for kind, culprits in report.problems.items():
         found[kind] += culprits
     report.problems = found

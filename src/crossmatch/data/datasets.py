@@ -27,6 +27,9 @@ from crossmatch.data.negatives import Negative, normalise, perturb, pick
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, WHITE, apply_transform, load_image
 from crossmatch.errors import DataError
+from crossmatch.files import MAX_ANNOTATION_BYTES, open_regular, read_bytes
+
+ANNOTATION_KEY = "data.max_annotation_bytes"  # the setting that caps a dataset file read whole
 
 
 @dataclass
@@ -39,34 +42,43 @@ class ImageRecord:
     objects: list[dict] | None = None  # shapes data: [{"shape", "color", "size"}] (groups of data.hard_batches)
 
 
-def read_text(path: Path, what: str) -> str:
-    """A UTF-8 text file; a missing or unreadable one (a folder, not UTF-8) raises a one-line DataError."""
+def read_text(path: Path, what: str, max_bytes: int = MAX_ANNOTATION_BYTES) -> str:
+    """A UTF-8 text file, read whole (`crossmatch.files.read_bytes`: a regular file of at most `max_bytes`,
+    `data.max_annotation_bytes`); a missing, unreadable, special or oversized one, or one that is not UTF-8,
+    raises a one-line DataError."""
     path = Path(path)
+    data = read_bytes(path, what, max_bytes, ANNOTATION_KEY)
     try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError as err:
-        raise DataError(f"{what} not found: {path}") from err
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         byte = err.object[err.start]
         raise DataError(f"{what} {path} is not UTF-8 text (byte 0x{byte:02x} at offset {err.start})") from err
-    except OSError as err:
-        raise DataError(f"cannot read {what} {path}: {err.strerror or err}") from err
 
 
-def load_json(path: Path, what: str):
-    """Parse a JSON file; a missing, unreadable or malformed one raises a one-line DataError naming `what`
-    and the path."""
-    text = read_text(path, what)
+def parse_json(text: str | bytes, where: str):
+    """json.loads with every failure as a one-line DataError naming `where`: malformed JSON, nesting too deep,
+    an integer of more digits than Python converts (4,300)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}") from err
+        raise DataError(f"{where} is not valid JSON: {err.msg} at line {err.lineno}") from err
     except RecursionError as err:
-        raise DataError(f"{what} {path} is nested too deeply to be a dataset file") from err
+        raise DataError(f"{where} is nested too deeply to be a dataset file") from err
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise DataError(f"{where} is not UTF-8 text (byte 0x{byte:02x} at offset {err.start})") from err
+    except ValueError as err:  # int() of a 5,000-digit number: "Exceeds the limit (4300 digits) ..."
+        raise DataError(f"{where} is not valid JSON: {str(err).split(':')[0]}") from err
 
 
-def read_karpathy_json(path: Path) -> dict:
-    data = load_json(path, "dataset file")
+def load_json(path: Path, what: str, max_bytes: int = MAX_ANNOTATION_BYTES):
+    """Parse a JSON file; a missing, unreadable, oversized or malformed one raises a one-line DataError
+    naming `what` and the path."""
+    return parse_json(read_text(path, what, max_bytes), f"{what} {path}")
+
+
+def read_karpathy_json(path: Path, max_bytes: int = MAX_ANNOTATION_BYTES) -> dict:
+    data = load_json(path, "dataset file", max_bytes)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"dataset file {path} has no 'images' list (expected the Karpathy-split format)")
     return data
@@ -76,7 +88,7 @@ def read_karpathy_json(path: Path) -> dict:
 KARPATHY_KEYS = ("filename", "filepath", "sentences", "sentids", "imgid", "split")
 
 
-def karpathy_to_entries(data: dict) -> list[dict]:
+def karpathy_to_entries(data: dict, source: str | Path = "dataset file") -> list[dict]:
     """Karpathy-split JSON ({"images": [...]}) -> canonical entries, in file order:
     {"image": filepath/filename, "captions": [raw, ...], "split", "id": imgid (else cocoid, else the file
     name), and every other key (boxes, twin, pid, ...) copied through}; when a sentence has "negatives"
@@ -84,8 +96,8 @@ def karpathy_to_entries(data: dict) -> list[dict]:
     "negatives": one such list per caption.
 
     Raises:
-        DataError: an entry that is not an object, a `filename`/`filepath` that is not a string, or
-            `sentences` that is not a list.
+        DataError: an entry that is not an object, a `filename`/`filepath` that is not a string,
+            `sentences` that is not a list, or an entry that `check_entry` refuses (naming `source`).
     """
     entries = []
     for n, img in enumerate(data["images"]):
@@ -107,6 +119,7 @@ def karpathy_to_entries(data: dict) -> list[dict]:
         entry.update({k: v for k, v in img.items() if k not in KARPATHY_KEYS})
         if any(isinstance(s, dict) and s.get("negatives") for s in sents):
             entry["negatives"] = [s.get("negatives", []) if isinstance(s, dict) else [] for s in sents]
+        check_entry(entry, f"{source} image entry {n} ({entry['image']})")
         entries.append(entry)
     return entries
 
@@ -125,6 +138,58 @@ def read_negatives(negs, caption: str, where: str) -> list[dict]:
             raise DataError(f"negative {n} of caption {caption!r} of {where} equals the caption")
         out.append({"raw": raw.strip(), "type": neg["type"]})
     return out
+
+
+def _show(value) -> str:
+    """A short repr of a value for a message (a huge int cannot even be printed)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = "..."
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_box(box) -> bool:
+    numbers = isinstance(box, list) and len(box) == 4
+    return numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+
+
+def check_entry(entry: dict, where: str, negatives: bool = True, pid_key: str = "pid") -> None:
+    """The types of one canonical entry, the rule every reader applies (and so `crossmatch data validate`):
+    "image" a string, "captions" a list, "id" and "twin" a string or an integer, "pid" an integer,
+    "boxes" a list of [x1, y1, x2, y2] numbers, "negatives" one list of {"raw", "type"} per caption
+    (checked by `read_negatives` unless `negatives` is False). Empty captions are the loaders' concern.
+    `pid_key` names the person identity as the file does (person-search files call it "id").
+
+    Raises:
+        DataError: one line naming `where` (the file and entry), the key and what it holds.
+    """
+    if not isinstance(entry.get("image"), str) or not entry["image"]:
+        raise DataError(f"{where}: the image path must be a non-empty string, not {_show(entry.get('image'))}")
+    if not isinstance(entry.get("captions"), list):
+        raise DataError(f"{where}: 'captions' must be a list, not {_show(entry.get('captions'))}")
+    for key in ("id", "twin"):
+        if key in entry and not _is_id(entry[key]):
+            raise DataError(f"{where}: '{key}' must be a string or an integer, not {_show(entry[key])}")
+    pid = entry.get("pid")
+    if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
+        raise DataError(f"{where}: '{pid_key}' (person identity) must be an integer, not {_show(pid)}")
+    boxes = entry.get("boxes")
+    if boxes is not None and (not isinstance(boxes, list) or not all(_is_box(b) for b in boxes)):
+        raise DataError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2] numbers, not {_show(boxes)}")
+    negs = entry.get("negatives")
+    if negs is None:
+        return
+    if not isinstance(negs, list) or not all(n is None or isinstance(n, list) for n in negs):
+        raise DataError(f"{where}: 'negatives' must hold one list per caption, not {_show(negs)}")
+    if negatives:
+        for caption, per_caption in zip(entry["captions"], negs, strict=False):
+            if per_caption and isinstance(caption, str):
+                read_negatives(per_caption, caption.strip(), where)
 
 
 def outside_root(image: str) -> bool:
@@ -158,9 +223,11 @@ class ImageCaptionDataset:
         image_dir: str | Path | None = None,
         json_name: str = "dataset.json",
         allow_outside_root: bool = False,
+        max_annotation_bytes: int = MAX_ANNOTATION_BYTES,
     ):
         self.root = Path(root)
-        entries = karpathy_to_entries(read_karpathy_json(self.root / json_name))
+        path = self.root / json_name
+        entries = karpathy_to_entries(read_karpathy_json(path, max_annotation_bytes), path)
         image_dir = Path(image_dir) if image_dir else self.root / "images"
         self._load(entries, split, image_dir, json_name, allow_outside_root)
 
@@ -179,16 +246,17 @@ class ImageCaptionDataset:
         self.images, self.captions, self.txt_to_img, self.negatives = [], [], [], []
         id_to_index: dict = {}
         twin_of: dict = {}
-        for entry in entries:
+        for n, entry in enumerate(entries):
             if entry.get("split") not in splits:
                 continue
+            check_entry(entry, f"{name} entry {n}", negatives=False)  # readers check too; entries may come from code
             image_id = entry.get("id", entry["image"])
             if not allow_outside_root and outside_root(entry["image"]):
                 raise DataError(
                     f"image path {entry['image']} (id {image_id}) in {name} leaves the image folder {image_dir}; "
                     "set data.allow_outside_root=true to allow it"
                 )
-            pid = None if entry.get("pid") is None else int(entry["pid"])
+            pid = entry.get("pid")
             objects = entry.get("objects") if isinstance(entry.get("objects"), list) else None
             rec = ImageRecord(image_dir / entry["image"], image_id, boxes=entry.get("boxes"), pid=pid, objects=objects)
             captions = entry.get("captions", [])
@@ -317,11 +385,9 @@ def file_key(path: str | Path, salt: bytes) -> bytes:
     """
     h = hashlib.sha1(salt + b"\0")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "image") as f:  # a FIFO or a device would never end
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    except FileNotFoundError as err:
-        raise DataError(f"image not found: {path}") from err
     except OSError as err:
         raise DataError(f"cannot read image {path}: {err.strerror or err}") from err
     return h.digest()

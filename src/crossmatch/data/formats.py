@@ -51,4 +51,4 @@ def karpathy(cfg: DataConfig, split: str) -> ImageCaptionDataset:
     json_name = cfg.json_name or "dataset.json"
     image_dir = Path(cfg.image_dir) if cfg.image_dir else None
     splits = cfg.splits_to_read(split)
-    return ImageCaptionDataset(cfg.root, splits, image_dir, json_name, cfg.allow_outside_root)
+    return ImageCaptionDataset(cfg.root, splits, image_dir, json_name, cfg.allow_outside_root, cfg.max_annotation_bytes)

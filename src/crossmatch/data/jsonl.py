@@ -19,44 +19,52 @@ from pathlib import Path, PurePosixPath
 
 from crossmatch.config import DataConfig
 from crossmatch.data.datasets import (  # noqa: F401  (karpathy_to_entries is re-exported)
+    ANNOTATION_KEY,
     ImageCaptionDataset,
+    check_entry,
     dataset_from_entries,
     karpathy_to_entries,
+    parse_json,
     read_karpathy_json,
     read_text,
 )
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
-from crossmatch.files import write_text
+from crossmatch.files import MAX_ANNOTATION_BYTES, open_regular, write_text
 
 DEFAULT_NAME = "dataset.jsonl"
 ENTRY_KEYS = ("image", "captions", "split", "id", "pid")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every entry of a JSONL dataset file, checked for structure only (captions and files are not checked).
+def read_jsonl(path: str | Path, max_line_bytes: int = MAX_ANNOTATION_BYTES) -> list[dict]:
+    """Every entry of a JSONL dataset file, its types checked (`check_entry`; captions and files are not
+    checked). The file is streamed line by line (only a regular file: `open_regular`); a line may hold at
+    most `max_line_bytes` (`data.max_annotation_bytes`).
 
     Raises:
-        DataError: missing or unreadable file (not UTF-8), a line that is not a JSON object, or an entry
-            without "image"/"captions".
+        DataError: missing, unreadable or special file, a line that is not UTF-8 or not a JSON object, or
+            an entry without "image"/"captions" or with a key of the wrong type.
     """
     path = Path(path)
-    lines = read_text(path, "dataset file").splitlines()
     entries = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {n} is not valid JSON: {err.msg}") from err
-        except RecursionError as err:
-            raise DataError(f"{path} line {n} is nested too deeply to be a dataset entry") from err
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            raise DataError(f"{path} line {n} has no 'image' path (expected {{'image': ..., 'captions': [...]}})")
-        if not isinstance(entry.get("captions"), list):
-            raise DataError(f"{path} line {n} ({entry['image']}) has no 'captions' list")
-        entries.append(entry)
+    with open_regular(path, "dataset file") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), 1):
+            if len(raw.rstrip(b"\n")) > max_line_bytes:  # its newline aside
+                raise DataError(f"{path} line {n} holds more than {ANNOTATION_KEY}={max_line_bytes} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                byte = err.object[err.start]
+                raise DataError(f"dataset file {path} is not UTF-8 text (byte 0x{byte:02x} on line {n})") from err
+            if not line.strip():
+                continue
+            entry = parse_json(line, f"{path} line {n}")
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                raise DataError(f"{path} line {n} has no 'image' path (expected {{'image': ..., 'captions': [...]}})")
+            if not isinstance(entry.get("captions"), list):
+                raise DataError(f"{path} line {n} ({entry['image']}) has no 'captions' list")
+            check_entry(entry, f"{path} line {n} ({entry['image']})")
+            entries.append(entry)
     return entries
 
 
@@ -87,9 +95,9 @@ def entries_to_karpathy(entries: list[dict], dataset: str = "converted") -> dict
     return {"dataset": dataset, "images": images}
 
 
-def read_karpathy_entries(path: str | Path) -> list[dict]:
-    """A Karpathy-split JSON file -> canonical entries."""
-    return karpathy_to_entries(read_karpathy_json(Path(path)))
+def read_karpathy_entries(path: str | Path, max_bytes: int = MAX_ANNOTATION_BYTES) -> list[dict]:
+    """A Karpathy-split JSON file -> canonical entries (checked as the training reader checks them)."""
+    return karpathy_to_entries(read_karpathy_json(Path(path), max_bytes), path)
 
 
 @register_format("jsonl")
@@ -99,4 +107,5 @@ def jsonl(cfg: DataConfig, split: str) -> ImageCaptionDataset:
     path = root / (cfg.json_name or DEFAULT_NAME)
     image_dir = Path(cfg.image_dir) if cfg.image_dir else root / "images"
     splits = cfg.splits_to_read(split)
-    return dataset_from_entries(read_jsonl(path), splits, image_dir, path, root, cfg.allow_outside_root)
+    entries = read_jsonl(path, cfg.max_annotation_bytes)
+    return dataset_from_entries(entries, splits, image_dir, path, root, cfg.allow_outside_root)

@@ -9,7 +9,7 @@ Each is one JSON list of image records with the person identity in "id":
     RSTPReid    {root}/data_captions.json  {"img_path", "id", "captions", "split": train|val|test}
 
 Images lie under `{root}/imgs/` (or `data.image_dir`). ICFG-PEDES has no val split: train with
-`data.val_split=test`. The image id is its path (unique); `pid` is `int(id)` as written (CUHK-PEDES ids
+`data.val_split=test`. The image id is its path (unique); `pid` is the record's integer "id" (CUHK-PEDES ids
 start at 1; evaluation only compares them).
 """
 
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crossmatch.config import DataConfig
-from crossmatch.data.datasets import ImageCaptionDataset, dataset_from_entries, load_json
+from crossmatch.data.datasets import ImageCaptionDataset, check_entry, dataset_from_entries, load_json
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
+from crossmatch.files import MAX_ANNOTATION_BYTES
 
 IMAGE_DIR = "imgs"
 
@@ -46,7 +47,8 @@ def pedes_to_entries(records: list, spec: PedesSpec, source: str | Path = "") ->
     The other path key ("img_path" / "file_path") is accepted too, since re-packaged copies mix them.
 
     Raises:
-        DataError: a record that is not an object, or lacks the image path or an integer "id".
+        DataError: a record that is not an object, or lacks the image path or an integer "id" (a string,
+            a float or a list is refused, as `check_entry` refuses such a "pid" in every format).
     """
     if not isinstance(records, list):
         raise DataError(f"{spec.title} file {source} must hold a JSON list of image records")
@@ -56,22 +58,23 @@ def pedes_to_entries(records: list, spec: PedesSpec, source: str | Path = "") ->
         path = rec.get(spec.path_key, rec.get(other)) if isinstance(rec, dict) else None
         if not isinstance(path, str):
             raise DataError(f"{spec.title} record {n} of {source} has no '{spec.path_key}': {str(rec)[:80]}")
-        try:
-            pid = int(rec["id"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{spec.title} record {n} ({path}) of {source} has no integer 'id'") from err
+        where = f"{spec.title} record {n} ({path}) of {source}"
+        if "id" not in rec:
+            raise DataError(f"{where} has no integer 'id' (the person identity)")
         captions = rec.get("captions", [])
         if not isinstance(captions, (str, list)):
-            raise DataError(f"{spec.title} record {n} ({path}) of {source}: 'captions' must be a list of strings")
+            raise DataError(f"{where}: 'captions' must be a list of strings")
         captions = [captions] if isinstance(captions, str) else list(captions)
-        entries.append({"image": path, "captions": captions, "split": rec.get("split"), "id": path, "pid": pid})
+        entry = {"image": path, "captions": captions, "split": rec.get("split"), "id": path, "pid": rec["id"]}
+        check_entry(entry, where, pid_key="id")
+        entries.append(entry)
     return entries
 
 
-def read_pedes(path: str | Path, fmt: str) -> list[dict]:
+def read_pedes(path: str | Path, fmt: str, max_bytes: int = MAX_ANNOTATION_BYTES) -> list[dict]:
     """The annotation file of format `fmt` (a key of PEDES) -> canonical entries."""
     path, spec = Path(path), PEDES[fmt]
-    return pedes_to_entries(load_json(path, f"{spec.title} annotation file"), spec, path)
+    return pedes_to_entries(load_json(path, f"{spec.title} annotation file", max_bytes), spec, path)
 
 
 def _reader(fmt: str):
@@ -79,7 +82,8 @@ def _reader(fmt: str):
         root = Path(cfg.root)
         path = root / (cfg.json_name or PEDES[fmt].file)
         image_dir = Path(cfg.image_dir) if cfg.image_dir else root / IMAGE_DIR
-        return dataset_from_entries(read_pedes(path, fmt), split, image_dir, path, root, cfg.allow_outside_root)
+        entries = read_pedes(path, fmt, cfg.max_annotation_bytes)
+        return dataset_from_entries(entries, split, image_dir, path, root, cfg.allow_outside_root)
 
     read.__doc__ = f"{PEDES[fmt].title}: {{root}}/{PEDES[fmt].file}, images under {{root}}/{IMAGE_DIR}/."
     return read

@@ -25,9 +25,10 @@ import torch
 from torch.utils.data import Dataset
 
 from crossmatch.config import DataConfig
-from crossmatch.data.datasets import ImageRecord, first_images, read_karpathy_json
+from crossmatch.data.datasets import ImageRecord, first_images, read_karpathy_json, read_text
 from crossmatch.data.formats import register_format
 from crossmatch.errors import DataError
+from crossmatch.files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,9 @@ class PrecomputedFeatures:
     def __init__(self, root: str | Path, split: str):
         self.root = Path(root)
         path = self.root / f"{split}_ims.npy"
+        open_regular(path, "feature file").close()  # missing, a FIFO or a device: one line, never a hang
         try:
             self.features = np.load(path, mmap_mode="r")  # (N, R, C), memory-mapped
-        except FileNotFoundError as err:
-            raise DataError(f"feature file not found: {path}") from err
         except ValueError as err:
             raise DataError(f"cannot read {path} as a .npy array: {err}") from err
         if self.features.ndim != 3:
@@ -74,7 +74,7 @@ class PrecomputedFeatures:
 
     def _read_caps_txt(self, path: Path) -> tuple[list[int], list[range], list[str]]:
         """SCAN's captions file -> (feature row per image, caption ids per image, captions)."""
-        captions = [line.strip() for line in path.read_text().splitlines()]
+        captions = [line.strip() for line in read_text(path, "captions file").splitlines()]
         while captions and not captions[-1]:
             captions.pop()  # trailing blank lines
         empty = [j + 1 for j, c in enumerate(captions) if not c]

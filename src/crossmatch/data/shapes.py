@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 
 from crossmatch.data.negatives import FLIP_RELATION, REPLACE_ATTRIBUTE, SWAP_ATTRIBUTES, SWAP_RELATION
 from crossmatch.data.negatives import TYPES as NEGATIVE_TYPES
+from crossmatch.errors import ConfigError
 from crossmatch.files import write_text
 
 logger = logging.getLogger(__name__)
@@ -515,11 +516,15 @@ def generate_shapes(
         size: image side in pixels; object sizes and relation margins scale with it.
         workers: processes; default min(2, cpu count). The output does not depend on it.
         progress: show a tqdm bar.
+    Raises:
+        ConfigError: a size, count or seed out of range, or `out` is not a folder (one line, before any work).
     """
-    if size < 24:
-        raise ValueError(f"size must be at least 24 px to fit three objects, got {size}")
+    _check_request(Path(out), {"--train": n_train, "--val": n_val, "--test": n_test}, seed, size)
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create --out {out}: {err.strerror or err}") from err
     t0 = time.perf_counter()
     counts = {"train": n_train, "val": n_val, "test": n_test}
     offsets = {"train": 0, "val": n_train, "test": n_train + n_val}  # imgids run train, val, test
@@ -555,6 +560,23 @@ def generate_shapes(
 
 
 NEGATIVES_FILE = "test_negatives.jsonl"
+MIN_SIZE, MAX_SIZE = 24, 4096  # --size: three objects must fit; a side beyond 4096 px is no toy dataset
+MAX_IMAGES = 10_000_000  # per split
+
+
+def _check_request(out: Path, counts: dict[str, int], seed: int, size: int) -> None:
+    """`generate_shapes`' arguments, each in range (the CLI's flags are named in the messages)."""
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ConfigError(f"--size {size}: must be {MIN_SIZE} to {MAX_SIZE} px (three objects must fit)")
+    for flag, n in counts.items():
+        if not 0 <= n <= MAX_IMAGES:
+            raise ConfigError(f"{flag} {n}: must be 0 to {MAX_IMAGES:,} images")
+    if not sum(counts.values()):
+        raise ConfigError("--train, --val and --test are all 0: the dataset would hold no image")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed {seed}: must be 0 to 2**63 - 1")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
 
 
 def negative_triples(images: Iterable[dict], split: str = "test") -> Iterator[dict[str, str]]:

@@ -99,7 +99,7 @@ class WorkerStream:
         found: dict[tuple[int, int], Any] = {}
         for s, positions in wanted.items():
             last = max(positions)
-            for sample in iter_shard(self.data.shards[s].path):
+            for sample in iter_shard(self.data.shards[s].path, max_member_bytes=self.data.max_member_bytes):
                 if sample.position in positions:
                     found[(s, sample.position)] = sample
                 if sample.position >= last:
@@ -116,7 +116,7 @@ class WorkerStream:
             while self.pos["shard"] < len(order):
                 s = order[self.pos["shard"]]
                 img_idx, txt_idx = data.image_offsets[s], data.text_offsets[s]  # counted up to the position
-                for sample in iter_shard(data.shards[s].path):
+                for sample in iter_shard(data.shards[s].path, max_member_bytes=data.max_member_bytes):
                     if sample_split(sample, data.default_split) != split:
                         continue
                     if sample.position >= self.pos["sample"]:
@@ -182,13 +182,14 @@ class ShardStream(IterableDataset):
         seed = (((c["seed"] * 1_000_003 + self.epoch) * 1_009 + c["rank"]) * 10_000_019 + txt_idx) * 7 + emitted
         item = {"input_ids": input_ids, "image_idx": img_idx, "text_idx": txt_idx}
         if sample.meta.get("pid") is not None:
-            item["pid"] = int(sample.meta["pid"])
+            item["pid"] = sample.meta["pid"]  # an int: _parse checked the sample's json
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed % (2**63))  # the CPU generator only (as PairView)
                 boxes = sample.meta.get("boxes")
                 boxes = boxes[: c["max_boxes"]] if (c["max_boxes"] and boxes) else None
-                image, boxes = apply_transform(self.transform, decode_image(sample.image, sample.where()), boxes)
+                pixels = decode_image(sample.image, sample.where(), self.data.max_image_pixels, self.data.background)
+                image, boxes = apply_transform(self.transform, pixels, boxes)
         except DataError as err:
             if not c["skip_bad"]:
                 raise

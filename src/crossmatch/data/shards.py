@@ -24,23 +24,26 @@ a pattern that matches nothing (DataError, one line).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crossmatch.config import DataConfig
-from crossmatch.data.datasets import ImageCaptionDataset, ImageView
+from crossmatch.data.datasets import ImageCaptionDataset, ImageView, check_entry, parse_json
 from crossmatch.data.formats import register_format
+from crossmatch.data.transforms import MAX_IMAGE_PIXELS, WHITE, load_image
 from crossmatch.errors import ConfigError, DataError, install_hint
+from crossmatch.files import open_regular
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
 META_KEYS = ("captions", "split", "id", "pid")  # the json keys with a meaning; others travel through
+MAX_MEMBER_BYTES = 256 << 20  # default of data.max_shard_member_bytes
 
 
 def _wds():
@@ -108,10 +111,7 @@ def _parse(raw: dict[str, Any], position: int) -> ShardSample:
         raise DataError(f"shard {shard} key {key}: no image member (.{', .'.join(IMAGE_EXTS[:3])}, ...)")
     meta: dict[str, Any] = {}
     if "json" in raw:
-        try:
-            meta = json.loads(raw["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"shard {shard} key {key}: {key}.json is not valid JSON") from err
+        meta = parse_json(raw["json"], f"shard {shard} key {key}: {key}.json")
         if not isinstance(meta, dict):
             raise DataError(f"shard {shard} key {key}: {key}.json is not an object")
     captions = meta.get("captions")
@@ -122,40 +122,60 @@ def _parse(raw: dict[str, Any], position: int) -> ShardSample:
     bad = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
     if bad:
         raise DataError(f"shard {shard} key {key}: empty caption (caption {bad[0]})")
+    check_entry({**meta, "image": f"{key}.{exts[0]}", "captions": captions}, f"shard {shard} key {key}")
     return ShardSample(
         shard, key, position, raw[exts[0]], exts[0], [c.strip() for c in captions], meta.get("split"), meta
     )
 
 
-def iter_shard(path: str, on_problem: Callable[[str], None] | None = None) -> Iterator[ShardSample]:
-    """The samples of one shard in file order, through webdataset's tar reader.
+class MemberTooLarge(DataError):
+    """A tar member that would inflate to more than data.max_shard_member_bytes (a gzip bomb): its shard ends."""
 
-    A sample without image or caption, or a member that cannot be read (corrupt or truncated tar), raises a
-    DataError naming the shard and the key; with `on_problem`, the message is passed to it instead and the
-    sample skipped (a broken tar ends its shard: what follows cannot be located).
+
+def _members(f, path: str, max_bytes: int, last: dict) -> Iterator[dict]:
+    """The regular members of a tar stream (plain or compressed) as webdataset's {"fname", "data", "__url__"},
+    each refused from its header when it would inflate to more than `max_bytes`."""
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or info.name.startswith("__"):  # webdataset's own metadata members
+                continue
+            last["fname"] = info.name
+            if info.size > max_bytes:
+                raise MemberTooLarge(
+                    f"shard {path} key {info.name.split('.', 1)[0]}: member {info.name} inflates to {info.size} "
+                    f"bytes, more than data.max_shard_member_bytes={max_bytes}"
+                )
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": path}
+            tar.members = []  # a stream's members list would grow with the shard
+
+
+def iter_shard(
+    path: str, on_problem: Callable[[str], None] | None = None, max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[ShardSample]:
+    """The samples of one shard in file order (a regular file only; webdataset's grouping of members by key).
+
+    A sample without image or caption, or a member that cannot be read (corrupt or truncated tar, or one
+    that would inflate to more than `max_member_bytes`), raises a DataError naming the shard and the key;
+    with `on_problem`, the message is passed to it instead and the sample skipped (a broken tar, or an
+    oversized member, ends its shard: what follows cannot be located, or is not worth inflating).
     """
     wds = _wds()
     last = {"fname": None}
-
-    def members(stream):
-        for m in wds.tariterators.tar_file_iterator(stream):
-            last["fname"] = m["fname"]
-            m["__url__"] = path
-            yield m
-
     try:
-        with open(path, "rb") as f:
-            for position, raw in enumerate(wds.tariterators.group_by_keys(members(f))):
+        with open_regular(path, "shard") as f:
+            for position, raw in enumerate(wds.tariterators.group_by_keys(_members(f, path, max_member_bytes, last))):
                 try:
                     yield _parse(raw, position)
                 except DataError as err:
                     if on_problem is None:
                         raise
                     on_problem(str(err))
+    except MemberTooLarge as err:
+        if on_problem is None:
+            raise
+        on_problem(str(err))
     except DataError:
         raise
-    except FileNotFoundError as err:
-        raise DataError(f"shard not found: {path}") from err
     except Exception as err:  # tarfile.ReadError, EOFError, OSError, ValueError (duplicate member)
         after = last["fname"]
         key = after.split(".", 1)[0] if after else "(first member)"
@@ -188,11 +208,14 @@ class ShardTrainSet:
 
     def __init__(self, cfg: DataConfig, split: str, progress: bool = False):
         self.root, self.split, self.default_split = cfg.root, split, cfg.train_split
+        self.max_member_bytes = cfg.max_shard_member_bytes  # read by the stream's iter_shard calls
+        self.max_image_pixels = cfg.max_image_pixels  # what load_image refuses (open_split sets it again)
+        self.background = tuple(cfg.background) if cfg.background else WHITE
         self.shards: list[ShardInfo] = []
         self.captions: list[str] = []
         for path in resolve_shards(cfg.root, split):
             info = ShardInfo(path, 0, 0, 0)
-            for sample in iter_shard(path):
+            for sample in iter_shard(path, max_member_bytes=self.max_member_bytes):
                 info.samples += 1
                 if sample_split(sample, cfg.train_split) == split:
                     info.images += 1
@@ -223,21 +246,11 @@ class ShardTrainSet:
         raise AttributeError(name)
 
 
-def decode_image(data: bytes, where: str):
-    """Image bytes -> (3, H, W) uint8 RGB tensor; a corrupt image is a DataError naming `where`."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    from crossmatch.data.transforms import to_rgb
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return pil_to_tensor(to_rgb(im))  # upright, transparency on white, as load_image does
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        reason = (
-            "not an image" if isinstance(err, UnidentifiedImageError) else (str(err).splitlines() or ["corrupt"])[0]
-        )
-        raise DataError(f"{where}: cannot decode image ({reason})") from err
+def decode_image(data: bytes, where: str, max_pixels: int = MAX_IMAGE_PIXELS, background=WHITE):
+    """Image bytes of a shard -> (3, H, W) uint8 RGB tensor through `load_image`, the decoder of image files
+    (pixel limit read from the header, EXIF orientation, transparency on `background`); a corrupt or
+    oversized image is a DataError naming `where`."""
+    return load_image(data, max_pixels, background, name=where)
 
 
 class ShardIndexedSplit(ImageCaptionDataset):
@@ -248,7 +261,7 @@ class ShardIndexedSplit(ImageCaptionDataset):
         self.root = Path(str(cfg.root).split("{")[0])
         entries, self.blobs, where = [], [], []
         for path in resolve_shards(cfg.root, split):
-            for sample in iter_shard(path):
+            for sample in iter_shard(path, max_member_bytes=cfg.max_shard_member_bytes):
                 if sample_split(sample, cfg.train_split) != split:
                     continue
                 entry = {k: v for k, v in sample.meta.items() if k != "captions"}
@@ -272,7 +285,7 @@ class ShardImageView(ImageView):
     """ImageView over in-memory image bytes."""
 
     def pixels(self, i: int):
-        return decode_image(self.ds.blobs[i], self.ds.where[i])
+        return decode_image(self.ds.blobs[i], self.ds.where[i], self.ds.max_image_pixels, self.ds.background)
 
     def file_key(self, i: int) -> bytes:
         """SHA-1 of the preprocessing and the image's encoded bytes (as ImageView's of a file)."""

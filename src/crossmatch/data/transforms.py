@@ -10,9 +10,11 @@ on a background colour instead of exposing the hidden pixels. Resize modes: `squ
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
@@ -22,6 +24,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from crossmatch.config import image_hw
 from crossmatch.errors import DataError
+from crossmatch.files import open_regular
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,33 +34,53 @@ _PILLOW_LOCK = threading.Lock()
 
 
 def load_image(
-    path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, background: tuple[int, ...] | list[int] = WHITE
+    source: str | Path | bytes,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    background: tuple[int, ...] | list[int] = WHITE,
+    name: str = "",
 ) -> torch.Tensor:
-    """Decode an image file to a (3, H, W) uint8 RGB tensor, upright (EXIF orientation applied) and with
-    any transparency composited on `background` (RGB 0-255, `data.background`).
+    """Decode an image to a (3, H, W) uint8 RGB tensor, upright (EXIF orientation applied) and with any
+    transparency composited on `background` (RGB 0-255, `data.background`): the one decoder of every source,
+    a file (a path: only a regular file is opened, `crossmatch.files.open_regular`) or the bytes of one
+    (a WebDataset shard member; `name` says where they come from).
 
     An image of more than `max_pixels` pixels (`data.max_image_pixels`) is refused from its header,
     before decoding: a 107 KB PNG can declare 30000 x 30000 pixels (a decompression bomb).
 
     Raises:
-        DataError: naming the file when it is missing, corrupt or too large.
+        DataError: naming the file (or `name`) when it is missing, not a regular file, corrupt or too large.
     """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name, stream = name or "(bytes)", io.BytesIO(source)
+    else:
+        name, stream = name or str(source), open_regular(source, "image")
     try:
-        with _open_image(path) as im:
+        with stream, _open_image(stream) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise DataError(f"image {path} is {w} x {h} pixels, more than data.max_image_pixels={max_pixels}")
+                raise DataError(f"image {name} is {w} x {h} pixels, more than data.max_image_pixels={max_pixels}")
             return pil_to_tensor(to_rgb(im, background))
-    except FileNotFoundError as err:
-        raise DataError(f"image not found: {path}") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"cannot decode image {path}: {str(err).splitlines()[0] if str(err) else 'corrupt'}") from err
+    except UnidentifiedImageError as err:
+        raise DataError(f"cannot decode image {name}: not an image") from err
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot decode image {name}: {str(err).splitlines()[0] if str(err) else 'corrupt'}") from err
+
+
+# Pillow's modes of one 16- or 32-bit integer channel: 16-bit greyscale PNGs open as "I;16" (or "I" in older
+# Pillows), TIFFs as "I;16B" and the like. `convert("RGB")` clips them at 255, which turns nearly every pixel
+# white; `to_rgb` scales them from 16 bits to 8 instead.
+WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 def to_rgb(im: Image.Image, background: tuple[int, ...] | list[int] = WHITE) -> Image.Image:
-    """A PIL image as upright RGB: EXIF orientation applied, transparency composited on `background`."""
+    """A PIL image as upright RGB: EXIF orientation applied, transparency composited on `background`,
+    16-bit greyscale scaled to 8 bits (0 -> 0, 65535 -> 255; a 32-bit "I" image is read as 16-bit too,
+    its values clipped to 0-65535)."""
     if im.getexif().get(0x0112, 1) != 1:  # an EXIF Orientation tag other than "upright"
         im = ImageOps.exif_transpose(im)
+    if im.mode in WIDE_GREY_MODES:
+        wide = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)  # (H, W)
+        im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # "L", round(v / 257)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
     if not has_alpha:
         return im.convert("RGB")
@@ -66,14 +89,14 @@ def to_rgb(im: Image.Image, background: tuple[int, ...] | list[int] = WHITE) -> 
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
-def _open_image(path: str | Path) -> Image.Image:
+def _open_image(stream) -> Image.Image:
     """Image.open (it reads the header only) without Pillow's own pixel limit, since `load_image` checks
     the size against data.max_image_pixels itself. Pillow reads its limit from a module global: the
     change is made under a lock and undone."""
     with _PILLOW_LOCK:
         old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(path)
+            return Image.open(stream)
         finally:
             Image.MAX_IMAGE_PIXELS = old
 

@@ -28,6 +28,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crossmatch.errors import ConfigError, DataError
+
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
@@ -143,6 +145,11 @@ def extract_features(
     from crossmatch.files import write_text
     from crossmatch.tensors import barrier, get_rank, get_world_size
 
+    sizes = (("--batch-size", batch_size, 1), ("--image-size", image_size, 0), ("--max-boxes", max_boxes, 1))
+    for flag, value, low in sizes:
+        if value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}")
+    splits = read_index(Path(out))  # a damaged index stops the command before any work
     ds = formats.open_split(DataConfig(root=root, format=data_format), split)
     tower, desc, side, preprocess = load_tower(source, image_size)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,11 +198,31 @@ def extract_features(
             "captions_per_image": per_image,
             "n_captions": len(ds.captions),
         }
-        index = out / "features.json"  # one entry per split written to this folder
-        splits = json.loads(index.read_text()) if index.is_file() else {}
-        write_text(index, json.dumps({**splits, split: info}, indent=2))
+        write_text(out / INDEX, json.dumps({**splits, split: info}, indent=2))  # one entry per split written here
     barrier()  # the other ranks read what rank 0 wrote
-    return json.loads((out / "features.json").read_text())[split]
+    return read_index(out)[split]
+
+
+INDEX = "features.json"
+
+
+def read_index(out: Path) -> dict[str, dict]:
+    """The `features.json` of a features folder ({} when there is none yet).
+
+    Raises:
+        DataError: the file is not a JSON object of one object per split (truncated, hand-edited), or not a
+            regular file: naming it, rather than overwriting the other splits' entries.
+    """
+    from crossmatch.data.datasets import load_json
+
+    path = out / INDEX
+    if not path.exists() and not path.is_symlink():
+        return {}
+    index = load_json(path, "features index")
+    if not isinstance(index, dict) or not all(isinstance(v, dict) for v in index.values()):
+        expected = "expected {split: {...}}; delete it or choose another --out"
+        raise DataError(f"features index {path} is damaged ({expected})")
+    return index
 
 
 def _merge_features(out: Path, split: str, n: int, batch_size: int, world: int, names: dict) -> tuple[int, ...]:

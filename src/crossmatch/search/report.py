@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crossmatch.errors import ConfigError
+from crossmatch.data.transforms import load_image
+from crossmatch.errors import ConfigError, DataError
 from crossmatch.files import write_text
 
 THUMB = 128  # thumbnail side in pixels
@@ -44,15 +45,16 @@ figcaption { overflow-wrap: anywhere; }
 
 def thumbnail_data_uri(path: str | Path, side: int = THUMB) -> str | None:
     """The image as a `data:image/png;base64,...` thumbnail (longest side at most `side`: small images stay
-    small and the page scales them up); None when unreadable."""
+    small and the page scales them up); None when unreadable. Decoded as for the model (`load_image`: pixel
+    limit, EXIF orientation, transparency, 16-bit greyscale), so the page shows what the model saw."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((side, side), Image.Resampling.BICUBIC)  # shrinks only
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-    except (OSError, ValueError):
+        pixels = load_image(path)  # (3, H, W) uint8
+    except DataError:
         return None
+    im = Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3)
+    im.thumbnail((side, side), Image.Resampling.BICUBIC)  # shrinks only
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
