@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -102,7 +102,7 @@ def _one_line(message: str) -> str:
 def create_app(engine: SearchEngine, max_upload_mb: float = 10.0):
     """The FastAPI app of the service (see the module docstring)."""
     try:
-        from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+        from fastapi import FastAPI, File, Form, Request, UploadFile
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
         from starlette.exceptions import HTTPException
@@ -151,7 +151,7 @@ def create_app(engine: SearchEngine, max_upload_mb: float = 10.0):
         return await call_next(request)
 
     @app.get("/search")
-    def search_text(q: str = Query(""), k: int = Query(10)) -> dict[str, Any]:
+    def search_text(q: str = "", k: int = 10) -> dict[str, Any]:
         t0 = time.perf_counter()
         if not q.strip():
             raise BadRequest("q is empty")
@@ -159,7 +159,7 @@ def create_app(engine: SearchEngine, max_upload_mb: float = 10.0):
         return {"query": q, "k": k, "took_ms": round(1000 * (time.perf_counter() - t0), 2), "results": hits}
 
     @app.post("/search")
-    def search_image(image: UploadFile = File(...), k: int = Form(10)) -> dict[str, Any]:
+    def search_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10) -> dict[str, Any]:
         t0 = time.perf_counter()
         _check_k(k)
         data = image.file.read(limit + 1)
