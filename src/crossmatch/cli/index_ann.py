@@ -54,6 +54,7 @@ def add_parsers(isub: argparse._SubParsersAction) -> None:
         "merge",
         "concatenate indexes built separately by the same model, then build the index key over all rows",
         "crossmatch index merge part0.index part1.index --out all.index --index-key HNSW32",
+        "crossmatch index merge 2024.index 2025.index 2026.index --out photos.index",
     )
     m.add_argument("indexes", nargs="+", help="index folders (at least two)")
     m.add_argument("--out", required=True, help="new index folder")
@@ -63,6 +64,7 @@ def add_parsers(isub: argparse._SubParsersAction) -> None:
         "export",
         "write an index's rows in another tool's layout",
         "crossmatch index export photos.index --format clip-retrieval --out photos.emb",
+        "crossmatch index export photos.index --format clip-retrieval --out photos.emb --rows-per-file 100000",
     )
     x.add_argument("index", help="index folder written by `crossmatch index build`")
     x.add_argument("--format", choices=("clip-retrieval",), required=True, help="img_emb/*.npy + metadata/*.parquet")
