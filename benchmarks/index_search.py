@@ -14,6 +14,18 @@ page cache (posix_fadvise DONTNEED), opens the index anew and times one search.
 
 Recall@k of the float16 index against exact float32 search is measured on two query sets: random unit
 vectors, and "near" queries (an indexed row plus noise, renormalised), whose top hits are well separated.
+
+Approximate keys (`--ann KEY|PARAMS`, repeatable; `crossmatch.search.ann`): each is trained and filled in
+memory, then measured against the exact search of the same rows, queries one at a time on one thread on
+both sides: build time, size (faiss's serialised bytes), queries/s and recall@k.
+
+    python benchmarks/index_search.py --rows 50000 --ann-only --ann "HNSW32|efSearch=64" --ann "IVF256,Flat|nprobe=16"
+    python benchmarks/index_search.py --real INDEX --data DIR --split test --ann "HNSW32|efSearch=128"
+
+On synthetic rows the query sets are "image-like" (an indexed row plus noise) and "text-like" (the same,
+pushed along one common direction before renormalising: a synthetic modality gap). With `--real INDEX`
+(an index built by `crossmatch index build`) the queries are the split's own captions and images encoded
+by the index's model, as `crossmatch index eval` does: the modality gap of a real model.
 """
 
 from __future__ import annotations
@@ -73,6 +85,59 @@ def queries(n_rows: np.ndarray, q: int, e: int, near: bool, seed: int) -> torch.
     return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))  # (Q, E)
 
 
+def gap_queries(rows: np.ndarray, q: int, gap: float, seed: int) -> torch.Tensor:
+    """Near queries pushed along one fixed direction by `gap` before renormalising (a synthetic modality gap)."""
+    rng = np.random.default_rng(seed)
+    x = rows[rng.integers(0, len(rows), q)].astype(np.float32) + 0.05 * rng.standard_normal((q, rows.shape[1]))
+    direction = np.random.default_rng(12345).standard_normal(rows.shape[1]).astype(np.float32)
+    x = x + gap * direction / np.linalg.norm(direction)
+    return torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))  # (Q, E)
+
+
+def ann_section(index, specs: list[str], query_sets: dict[str, torch.Tensor], k: int, train_rows: int) -> None:
+    """Build each approximate key in memory; print build time, size, queries/s and recall@k vs exact."""
+    import faiss
+
+    from crossmatch.search.ann import Searcher, recall_at_k, train_ann
+    from crossmatch.search.index import exact_topk
+
+    faiss.omp_set_num_threads(1)
+    exact = {name: exact_topk(index.embeddings, q, k)[1] for name, q in query_sets.items()}  # ground truth
+    q0 = next(iter(query_sets.values()))
+    t_exact = min(
+        timed(lambda: [exact_topk(index.embeddings, q0[i : i + 1], k) for i in range(len(q0))]) for _ in range(2)
+    )
+    names = "  ".join(f"{f'R@{k} {name}':>13s}" for name in query_sets)
+    exact_qps = f"exact: {len(q0) / t_exact:.0f} q/s"
+    print(f"\napproximate keys, {len(index)} rows, one query at a time, 1 thread ({exact_qps}):")
+    print(f"  {'key':34s} {'params':24s} {'build s':>8s} {'MiB':>8s} {'q/s':>9s} {'x exact':>8s}  {names}")
+    for spec in specs:
+        key, _, params = spec.partition("|")
+        t0 = time.perf_counter()
+        ann, _ = train_ann(index, key, train_rows)
+        built = time.perf_counter() - t0
+        size = faiss.serialize_index(ann).size / 2**20
+        searcher = Searcher(index, params or None, ann=ann, key=key)
+        t = min(timed(lambda s=searcher: [s.search(q0[i : i + 1], k) for i in range(len(q0))]) for _ in range(2))
+        recalls = []
+        for name, q in query_sets.items():
+            got = torch.cat([searcher.search(q[i : i + 1], k)[1] for i in range(len(q))])  # (Q, k)
+            recalls.append(f"{recall_at_k(got, exact[name], k):13.4f}")
+        qps = len(q0) / t
+        row = f"{built:8.1f} {size:8.1f} {qps:9.0f} {qps * t_exact / len(q0):8.1f}"
+        print(f"  {key:34s} {params or '-':24s} {row}  {'  '.join(recalls)}")
+
+
+def real_queries(index, data: str, split: str, n: int) -> dict[str, torch.Tensor]:
+    """The split's captions and images encoded by the index's own model (text first, as index eval)."""
+    from crossmatch.retrieval.evaluate import encode_split
+    from crossmatch.runs import build_eval_data, load_run, open_split
+
+    model, cfg, tokenizer = load_run(index.meta["checkpoint"], [f"data.root={data}"])
+    img, txt = encode_split(model.eval(), build_eval_data(cfg, open_split(cfg, split), tokenizer, model), "cpu")
+    return {"text": txt["embed"][:n].float(), "image": img["embed"][:n].float()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=200_000)
@@ -83,7 +148,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     p.add_argument("--dir", default=None, help="where to write the index folders (default: a temp dir)")
+    p.add_argument("--ann", action="append", default=[], help="approximate key[|search params] (repeatable)")
+    p.add_argument("--ann-only", action="store_true", help="skip the exact-search sections")
+    p.add_argument("--ann-queries", type=int, default=500, help="queries of each set for the approximate keys")
+    p.add_argument("--train-rows", type=int, default=100_000, help="training sample of the approximate keys")
+    p.add_argument("--gap", type=float, default=0.6, help="synthetic modality gap of the text-like queries")
+    p.add_argument("--real", default=None, help="an index built by `crossmatch index build` (with --data)")
+    p.add_argument("--data", default=None, help="with --real: dataset whose split's captions/images are queries")
+    p.add_argument("--split", default="test", help="with --real: the split")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.real:
+        torch.set_num_threads(1)
+        index = load_index(args.real)
+        ann_section(
+            index, args.ann, real_queries(index, args.data, args.split, args.ann_queries), args.k, args.train_rows
+        )
+        return
     n, e = (1_000_000, 256) if args.full else (args.rows, args.dim)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,6 +178,18 @@ def main() -> None:
         f"(written in {time.perf_counter() - t0:.1f} s); {torch.get_num_threads()} thread(s), k={args.k}"
     )
     X = torch.from_numpy(np.load(f32 / EMBEDDINGS))  # (N, E) in RAM: the baseline's matrix
+    if args.ann:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        sets = {
+            "image": queries(X.numpy(), args.ann_queries, e, near=True, seed=11),
+            "text": gap_queries(X.numpy(), args.ann_queries, args.gap, seed=12),
+            "random": queries(X.numpy(), args.ann_queries, e, near=False, seed=13),
+        }
+        ann_section(load_index(f32), args.ann, sets, args.k, args.train_rows)
+        if args.ann_only:
+            return
+        torch.set_num_threads(threads)
     idx32, idx16 = load_index(f32), load_index(f16)
     k = args.k
     for q_n in (int(x) for x in args.queries.split(",")):

@@ -165,6 +165,8 @@ def test_index_commands_end_to_end(trained, tmp_path, capsys):
     assert main([*build, "--index-key", "IVF2,Flat"]) == 2  # 46 images < 78 training rows
     assert "needs at least 78 training rows" in capsys.readouterr().err
     assert main([*build, "--index-key", "IVF1,Flat"]) == 0  # the embedded rows are kept: re-keyed at once
+    assert main(build) == 0  # build again without a key: the index keeps its own
+    assert json.loads((tmp_path / "ivf" / "meta.json").read_text())["ann"]["index_key"] == "IVF1,Flat"
     assert main(["index", "query", str(tmp_path / "ivf"), *query, "--search-params", "nprobe=1"]) == 0
     assert _ranked(capsys.readouterr().out) == exact  # one list holds every row: exact
     assert main(["index", "query", str(tmp_path / "ivf"), *query, "--search-params", "nprobe=x"]) == 2
@@ -183,3 +185,15 @@ def test_index_commands_end_to_end(trained, tmp_path, capsys):
     assert main(["index", "eval", str(tmp_path / "ivf"), "--queries", str(queries)]) == 0
     saved = json.loads((tmp_path / "ivf" / "meta.json").read_text())["ann_eval"]
     assert (saved["text"]["queries"], saved["image"]["queries"]) == (1, 1)
+
+
+def test_index_search_benchmark_measures_approximate_keys(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    argv = ["index_search.py", "--rows", "400", "--dim", "16", "--ann-only", "--ann-queries", "20"]
+    argv += ["--ann", "IVF2,Flat|nprobe=2", "--ann", "IVF2,Flat|nprobe=1", "--dir", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "index_search.py"), run_name="__main__")
+    rows = {ln.split()[1]: ln.split()[-3:] for ln in capsys.readouterr().out.splitlines() if "IVF2,Flat" in ln}
+    assert rows["nprobe=2"] == ["1.0000", "1.0000", "1.0000"]  # both lists probed: exact, for every query set
+    assert rows["nprobe=1"] != rows["nprobe=2"]  # half the rows unseen: some true neighbours missed

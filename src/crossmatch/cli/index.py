@@ -48,7 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     b.add_argument("--backend", choices=BACKENDS, default="torch", help="faiss: also write index.faiss")
     b.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
     b.add_argument("--dtype", choices=DTYPES, default="float32", help="storage of embeddings.npy (float16: half)")
-    index_ann.add_key_options(b)
+    index_ann.add_key_options(b, default=None)
     add_device_option(b)
     q = add_command(
         isub,

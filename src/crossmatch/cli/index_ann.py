@@ -24,7 +24,8 @@ PARAMS_HELP = "faiss ParameterSpace settings of the approximate index, e.g. npro
 
 
 def add_key_options(parser: argparse.ArgumentParser, default: str | None = EXACT_KEY) -> None:
-    parser.add_argument("--index-key", default=default, help=KEY_HELP)
+    text = KEY_HELP if default else KEY_HELP + "; default: the key the index has (Flat for a new one)"
+    parser.add_argument("--index-key", default=default, help=text)
     parser.add_argument("--train-rows", type=int, default=TRAIN_ROWS, help="rows sampled to train the index key")
 
 
@@ -87,11 +88,14 @@ def run(args: argparse.Namespace) -> bool:
     return True
 
 
-def apply_key(index_dir: str, key: str, train_rows: int) -> None:
-    """Build (or replace) the approximate structure of a finished index, unless it already has `key`."""
+def apply_key(index_dir: str, key: str | None, train_rows: int) -> None:
+    """Build (or replace) the approximate structure of a finished index, unless it already has `key`
+    (None: keep what it has)."""
     from crossmatch.search.ann import build_ann, index_key
     from crossmatch.search.index import load_index
 
+    if key is None:
+        return
     index = load_index(index_dir)
     if index_key(index) == key.strip() and (key.strip() == EXACT_KEY or "ann" in index.meta):
         return

@@ -94,19 +94,13 @@ def _rows(index: Index, start: int, stop: int) -> np.ndarray:
     return np.ascontiguousarray(index.embeddings[start:stop], dtype=np.float32)  # (C, E) float32
 
 
-def build_ann(index: Index, key: str, train_rows: int = TRAIN_ROWS, seed: int = 0) -> dict[str, Any]:
-    """Train `key` on a random sample of `train_rows` rows, add every row, write `ann.faiss` and record it
-    in meta.json (key `Flat`: remove any ann.faiss). Returns the new meta["ann"].
+def train_ann(index: Index, key: str, train_rows: int = TRAIN_ROWS, seed: int = 0) -> tuple[Any, int]:
+    """An in-memory faiss index of `key` over every row, trained on a random sample of `train_rows` rows,
+    and the number of rows it was trained on (0 for keys without training, such as HNSW).
 
     Raises:
         ConfigError: a bad key, or fewer rows (or --train-rows) than the key's k-means needs.
     """
-    faiss = import_faiss()
-    key = key.strip()
-    ann_path = index.root / ANN_FILE
-    if key == EXACT_KEY:
-        ann_path.unlink(missing_ok=True)
-        return _record(index, {"index_key": EXACT_KEY, "train_rows": 0, "rows": len(index)})
     if train_rows < 1:
         raise ConfigError(f"--train-rows {train_rows}: must be at least 1")
     ann = new_ann(key, index.embeddings.shape[1])
@@ -118,18 +112,32 @@ def build_ann(index: Index, key: str, train_rows: int = TRAIN_ROWS, seed: int = 
             f"--index-key {key} needs at least {need} training rows ({POINTS_PER_CENTROID} per centroid); "
             f"{which}: use fewer lists/bits or the exact key Flat"
         )
+    trained = 0
     try:
         if not ann.is_trained:
             pick = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
             ann.train(np.ascontiguousarray(index.embeddings[pick], dtype=np.float32))  # (sample, E)
+            trained = sample
         for s in range(0, n, SEARCH_CHUNK):
             ann.add(_rows(index, s, min(n, s + SEARCH_CHUNK)))
     except RuntimeError as err:
         raise ConfigError(f"--index-key {key}: faiss failed ({_faiss_reason(err)})") from err
+    return ann, trained
+
+
+def build_ann(index: Index, key: str, train_rows: int = TRAIN_ROWS, seed: int = 0) -> dict[str, Any]:
+    """`train_ann`, then write `ann.faiss` and record it in meta.json (key `Flat`: remove any ann.faiss).
+    Returns the new meta["ann"]."""
+    key = key.strip()
+    ann_path = index.root / ANN_FILE
+    if key == EXACT_KEY:
+        ann_path.unlink(missing_ok=True)
+        return _record(index, {"index_key": EXACT_KEY, "train_rows": 0, "rows": len(index)})
+    ann, trained = train_ann(index, key, train_rows, seed)
     tmp = ann_path.with_suffix(".tmp")
-    faiss.write_index(ann, str(tmp))
+    import_faiss().write_index(ann, str(tmp))
     os.replace(tmp, ann_path)  # a reader never sees half an index
-    return _record(index, {"index_key": key, "train_rows": 0 if need == 0 else sample, "rows": n})
+    return _record(index, {"index_key": key, "train_rows": trained, "rows": len(index)})
 
 
 def _record(index: Index, ann: dict[str, Any]) -> dict[str, Any]:
@@ -149,19 +157,21 @@ class Searcher:
     or the exact search for key Flat. search(q (Q, E), k) -> scores (Q, k), ids (Q, k), best first; an
     approximate search that finds fewer than k rows pads with id -1 and score -inf."""
 
-    def __init__(self, index: Index, search_params: str | None = None, backend: str = "torch"):
-        self.index, self.key, self.backend = index, index_key(index), backend
+    def __init__(self, index: Index, search_params: str | None = None, backend: str = "torch", ann=None, key=""):
+        """`ann`, `key`: an in-memory structure (`train_ann`) to search instead of the index's own."""
+        self.index, self.key, self.backend = index, key or index_key(index), backend
         self.params = parse_search_params(search_params)
-        self.ann = None
+        self.ann = ann
         if self.key == EXACT_KEY:
             if self.params:
                 raise ConfigError(f"--search-params {self.params}: index {index.root} is exact (key Flat)")
             return
         faiss = import_faiss()
         path = index.root / ANN_FILE
-        if not path.is_file():
+        if self.ann is None and not path.is_file():
             raise DataError(f"index {index.root}: meta.json names key {self.key} but {ANN_FILE} is missing")
-        self.ann = faiss.read_index(str(path))
+        if self.ann is None:
+            self.ann = faiss.read_index(str(path))
         if self.ann.ntotal != len(index):
             raise DataError(f"index {index.root}: {ANN_FILE} holds {self.ann.ntotal} rows, the index {len(index)}")
         if self.params:
