@@ -197,3 +197,17 @@ def test_index_search_benchmark_measures_approximate_keys(tmp_path, monkeypatch,
     rows = {ln.split()[1]: ln.split()[-3:] for ln in capsys.readouterr().out.splitlines() if "IVF2,Flat" in ln}
     assert rows["nprobe=2"] == ["1.0000", "1.0000", "1.0000"]  # both lists probed: exact, for every query set
     assert rows["nprobe=1"] != rows["nprobe=2"]  # half the rows unseen: some true neighbours missed
+
+
+def test_export_and_merge_commands(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    a = make_index(tmp_path / "a", unit_rows(60, seed=6), image_dir="/photos/a")
+    b = make_index(tmp_path / "b", unit_rows(40, seed=7), image_dir="/photos/b")
+    assert main(["index", "merge", str(a), str(b), "--out", str(tmp_path / "ab"), "--index-key", "IVF2,Flat"]) == 0
+    assert "merged 2 indexes: 100 rows" in capsys.readouterr().out
+    assert (
+        main(["index", "export", str(tmp_path / "ab"), "--format", "clip-retrieval", "--out", str(tmp_path / "e")]) == 0
+    )
+    assert np.load(tmp_path / "e" / "img_emb" / "img_emb_0.npy").shape == (100, 16)
+    assert main(["index", "merge", str(a), str(b), "--out", str(tmp_path / "ab")]) == 2  # never over an index
+    assert capsys.readouterr().err == f"crossmatch: error: --out {tmp_path / 'ab'} is not empty; choose a new folder\n"

@@ -145,3 +145,17 @@ def test_page_in_headless_chromium(service, tmp_path):
     assert names == [h["name"] for h in api]  # the grid shows the API's results, in order
     assert re.search(r"5 results for “a red circle” in [0-9.]+ ms", dom)
     assert dom.count('<img src="/image/') == 5 and "cdn" not in dom.lower()
+
+
+def test_serve_refuses_bad_options_in_one_line(service, tmp_path, capsys):
+    _, _, idx = service
+    for args, message in [
+        (["--max-upload-mb", "0"], "--max-upload-mb 0.0: must be positive"),
+        (["--search-params", "nprobe=8"], "could not set parameter nprobe for key HNSW8"),
+        (["--search-params", "efSearch"], "'efSearch' is not name=number"),
+    ]:
+        assert main(["serve", str(idx), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert main(["serve", str(tmp_path / "none")]) == 2
+    assert "not a crossmatch index" in capsys.readouterr().err
