@@ -163,8 +163,12 @@ def test_index_commands_end_to_end(trained, tmp_path, capsys):
 
     build = ["index", "build", str(ckpt), images, "--out", str(tmp_path / "ivf")]
     assert main([*build, "--index-key", "IVF2,Flat"]) == 2  # 46 images < 78 training rows
-    assert "needs at least 78 training rows" in capsys.readouterr().err
-    assert main([*build, "--index-key", "IVF1,Flat"]) == 0  # the embedded rows are kept: re-keyed at once
+    assert f"needs at least 78 training rows ({39} per centroid); {images} holds 46 rows" in capsys.readouterr().err
+    assert not (tmp_path / "ivf").exists()  # refused before embedding anything
+    assert main([*build, "--index-key", "HNSW8"]) == 0
+    rows = (tmp_path / "ivf" / "embeddings.npy").stat().st_mtime_ns
+    assert main([*build, "--index-key", "IVF1,Flat"]) == 0  # re-keyed: the embedded rows are kept as they are
+    assert (tmp_path / "ivf" / "embeddings.npy").stat().st_mtime_ns == rows
     assert main(build) == 0  # build again without a key: the index keeps its own
     assert json.loads((tmp_path / "ivf" / "meta.json").read_text())["ann"]["index_key"] == "IVF1,Flat"
     assert main(["index", "query", str(tmp_path / "ivf"), *query, "--search-params", "nprobe=1"]) == 0

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> bool:
     if args.command != "index":
         return False
     if args.index_command == "build":
+        index_ann.check_key_early(args.index_key, args.train_rows, args.image_dir)
         run_build(
             args.checkpoint,
             args.image_dir,

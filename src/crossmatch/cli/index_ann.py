@@ -88,6 +88,16 @@ def run(args: argparse.Namespace) -> bool:
     return True
 
 
+def check_key_early(key: str | None, train_rows: int, image_dir: str) -> None:
+    """Before hours of embedding: refuse a key that the image folder cannot train (one row per image at
+    most; unreadable images only lower it). The key's syntax is checked once the embedding size is known."""
+    from crossmatch.search.ann import check_train_rows
+    from crossmatch.search.index import list_images
+
+    if key and key.strip() != EXACT_KEY:
+        check_train_rows(key.strip(), len(list_images(image_dir)), train_rows, f"{image_dir} holds")
+
+
 def apply_key(index_dir: str, key: str | None, train_rows: int) -> None:
     """Build (or replace) the approximate structure of a finished index, unless it already has `key`
     (None: keep what it has)."""

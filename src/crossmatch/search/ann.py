@@ -94,6 +94,20 @@ def _rows(index: Index, start: int, stop: int) -> np.ndarray:
     return np.ascontiguousarray(index.embeddings[start:stop], dtype=np.float32)  # (C, E) float32
 
 
+def check_train_rows(key: str, rows: int, train_rows: int, what: str = "the index has") -> int:
+    """The training sample size of `key` over `rows` rows; ConfigError when it is too small for the key."""
+    if train_rows < 1:
+        raise ConfigError(f"--train-rows {train_rows}: must be at least 1")
+    need, sample = min_train_rows(key), min(rows, train_rows)
+    if sample < need:
+        which = f"{what} {rows} rows" if rows < need else f"--train-rows is {train_rows}"
+        raise ConfigError(
+            f"--index-key {key} needs at least {need} training rows ({POINTS_PER_CENTROID} per centroid); "
+            f"{which}: use fewer lists/bits or the exact key Flat"
+        )
+    return sample
+
+
 def train_ann(index: Index, key: str, train_rows: int = TRAIN_ROWS, seed: int = 0) -> tuple[Any, int]:
     """An in-memory faiss index of `key` over every row, trained on a random sample of `train_rows` rows,
     and the number of rows it was trained on (0 for keys without training, such as HNSW).
@@ -101,17 +115,9 @@ def train_ann(index: Index, key: str, train_rows: int = TRAIN_ROWS, seed: int = 
     Raises:
         ConfigError: a bad key, or fewer rows (or --train-rows) than the key's k-means needs.
     """
-    if train_rows < 1:
-        raise ConfigError(f"--train-rows {train_rows}: must be at least 1")
     ann = new_ann(key, index.embeddings.shape[1])
-    n, need = len(index), min_train_rows(key)
-    sample = min(n, train_rows)
-    if sample < need:
-        which = f"the index has {n} rows" if n < need else f"--train-rows is {train_rows}"
-        raise ConfigError(
-            f"--index-key {key} needs at least {need} training rows ({POINTS_PER_CENTROID} per centroid); "
-            f"{which}: use fewer lists/bits or the exact key Flat"
-        )
+    n = len(index)
+    sample = check_train_rows(key, n, train_rows)
     trained = 0
     try:
         if not ann.is_trained:
