@@ -22,8 +22,9 @@ both sides: build time, size (faiss's serialised bytes), queries/s and recall@k.
     python benchmarks/index_search.py --rows 50000 --ann-only --ann "HNSW32|efSearch=64" --ann "IVF256,Flat|nprobe=16"
     python benchmarks/index_search.py --real INDEX --data DIR --split test --ann "HNSW32|efSearch=128"
 
-On synthetic rows the query sets are "image-like" (an indexed row plus noise) and "text-like" (the same,
-pushed along one common direction before renormalising: a synthetic modality gap). With `--real INDEX`
+On synthetic rows (uniform, or with `--clusters C` around C centres) the query sets are "image-like" (an
+indexed row plus noise), "text-like" (the same, pushed along one common direction before renormalising: a
+synthetic modality gap) and uniformly random. With `--real INDEX`
 (an index built by `crossmatch index build`) the queries are the split's own captions and images encoded
 by the index's model, as `crossmatch index eval` does: the modality gap of a real model.
 """
@@ -44,13 +45,19 @@ import torch
 from crossmatch.search.index import EMBEDDINGS, META, PATHS, load_index
 
 
-def write_index(folder: Path, n: int, e: int, dtype: str, seed: int = 0, chunk: int = 65536) -> Path:
-    """A complete index folder of n random l2-normalised rows, generated chunk by chunk (bounded RAM)."""
+def write_index(folder: Path, n: int, e: int, dtype: str, seed: int = 0, chunk: int = 65536, clusters: int = 0) -> Path:
+    """A complete index folder of n random l2-normalised rows, generated chunk by chunk (bounded RAM): uniform
+    on the sphere, or with `clusters` > 0 drawn around that many random centres (noise of norm about 0.5)."""
     folder.mkdir(parents=True, exist_ok=True)
     emb = np.lib.format.open_memmap(folder / EMBEDDINGS, "w+", np.dtype(dtype), (n, e))
     rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, e), dtype=np.float32) if clusters else None  # (C, E)
+    if centres is not None:
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     for s in range(0, n, chunk):
         x = rng.standard_normal((min(chunk, n - s), e), dtype=np.float32)
+        if centres is not None:
+            x = centres[rng.integers(0, clusters, len(x))] + (0.5 / np.sqrt(e)) * x
         emb[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
     emb.flush()
     del emb
@@ -85,13 +92,20 @@ def queries(n_rows: np.ndarray, q: int, e: int, near: bool, seed: int) -> torch.
     return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))  # (Q, E)
 
 
-def gap_queries(rows: np.ndarray, q: int, gap: float, seed: int) -> torch.Tensor:
-    """Near queries pushed along one fixed direction by `gap` before renormalising (a synthetic modality gap)."""
+def paired_queries(rows: np.ndarray, q: int, gap: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-like queries (an indexed row plus noise of norm about 0.1) and their text-like twins: the same
+    vectors shifted by `gap` along one fixed direction before renormalising, the constant offset between
+    the modalities of contrastive models (Liang et al., "Mind the Gap", NeurIPS 2022). (Q, E) each."""
     rng = np.random.default_rng(seed)
-    x = rows[rng.integers(0, len(rows), q)].astype(np.float32) + 0.05 * rng.standard_normal((q, rows.shape[1]))
-    direction = np.random.default_rng(12345).standard_normal(rows.shape[1]).astype(np.float32)
-    x = x + gap * direction / np.linalg.norm(direction)
-    return torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))  # (Q, E)
+    e = rows.shape[1]
+    x = rows[rng.integers(0, len(rows), q)].astype(np.float32) + (0.1 / np.sqrt(e)) * rng.standard_normal((q, e))
+    direction = np.random.default_rng(12345).standard_normal(e).astype(np.float32)
+    t = x + gap * direction / np.linalg.norm(direction)
+
+    def unit(v: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32))
+
+    return unit(x), unit(t)
 
 
 def ann_section(index, specs: list[str], query_sets: dict[str, torch.Tensor], k: int, train_rows: int) -> None:
@@ -152,7 +166,8 @@ def main() -> None:
     p.add_argument("--ann-only", action="store_true", help="skip the exact-search sections")
     p.add_argument("--ann-queries", type=int, default=500, help="queries of each set for the approximate keys")
     p.add_argument("--train-rows", type=int, default=100_000, help="training sample of the approximate keys")
-    p.add_argument("--gap", type=float, default=0.6, help="synthetic modality gap of the text-like queries")
+    p.add_argument("--gap", type=float, default=0.8, help="synthetic modality gap of the text-like queries")
+    p.add_argument("--clusters", type=int, default=0, help="synthetic rows around this many centres (0: uniform)")
     p.add_argument("--real", default=None, help="an index built by `crossmatch index build` (with --data)")
     p.add_argument("--data", default=None, help="with --real: dataset whose split's captions/images are queries")
     p.add_argument("--split", default="test", help="with --real: the split")
@@ -172,7 +187,8 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(dir=args.dir)
     root = Path(tmp.name)
     t0 = time.perf_counter()
-    f32, f16 = write_index(root / "f32", n, e, "float32"), write_index(root / "f16", n, e, "float16")
+    f32 = write_index(root / "f32", n, e, "float32", clusters=args.clusters)
+    f16 = write_index(root / "f16", n, e, "float16", clusters=args.clusters)
     print(
         f"index {n} x {e}: float32 {n * e * 4 / 2**20:.0f} MiB, float16 {n * e * 2 / 2**20:.0f} MiB "
         f"(written in {time.perf_counter() - t0:.1f} s); {torch.get_num_threads()} thread(s), k={args.k}"
@@ -181,11 +197,8 @@ def main() -> None:
     if args.ann:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        sets = {
-            "image": queries(X.numpy(), args.ann_queries, e, near=True, seed=11),
-            "text": gap_queries(X.numpy(), args.ann_queries, args.gap, seed=12),
-            "random": queries(X.numpy(), args.ann_queries, e, near=False, seed=13),
-        }
+        image_q, text_q = paired_queries(X.numpy(), args.ann_queries, args.gap, seed=11)
+        sets = {"image": image_q, "text": text_q, "random": queries(X.numpy(), args.ann_queries, e, False, 13)}
         ann_section(load_index(f32), args.ann, sets, args.k, args.train_rows)
         if args.ann_only:
             return
