@@ -213,5 +213,10 @@ def test_export_and_merge_commands(tmp_path, capsys):
         main(["index", "export", str(tmp_path / "ab"), "--format", "clip-retrieval", "--out", str(tmp_path / "e")]) == 0
     )
     assert np.load(tmp_path / "e" / "img_emb" / "img_emb_0.npy").shape == (100, 16)
+    build_ann(load_index(a), "IVF1,Flat")
+    build_ann(load_index(b), "IVF1,Flat")
+    assert main(["index", "merge", str(a), str(b), "--out", str(tmp_path / "ab2")]) == 0
+    assert load_index(tmp_path / "ab2").meta["ann"]["index_key"] == "IVF1,Flat"  # the sources' shared key
+    capsys.readouterr()
     assert main(["index", "merge", str(a), str(b), "--out", str(tmp_path / "ab")]) == 2  # never over an index
     assert capsys.readouterr().err == f"crossmatch: error: --out {tmp_path / 'ab'} is not empty; choose a new folder\n"

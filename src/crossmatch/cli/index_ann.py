@@ -59,7 +59,7 @@ def add_parsers(isub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("indexes", nargs="+", help="index folders (at least two)")
     m.add_argument("--out", required=True, help="new index folder")
-    add_key_options(m)
+    add_key_options(m, default=None)
     x = add_command(
         isub,
         "export",
@@ -193,9 +193,14 @@ def _encode_images(model, index, images: list[Path], device):
         return model.encode_image({"image": batch.to(device)})["embed"].float().cpu()
 
 
-def run_merge(indexes: list[str], out: str, key: str = EXACT_KEY, train_rows: int = TRAIN_ROWS) -> None:
-    from crossmatch.search.ann import build_ann, merge_indexes
+def run_merge(indexes: list[str], out: str, key: str | None = None, train_rows: int = TRAIN_ROWS) -> None:
+    """Merge, then build `key` over all rows (None: the key the sources share, else Flat)."""
+    from crossmatch.search.ann import build_ann, index_key, merge_indexes
+    from crossmatch.search.index import load_index
 
+    if key is None:
+        keys = {index_key(load_index(i)) for i in indexes}
+        key = keys.pop() if len(keys) == 1 else EXACT_KEY
     merged = merge_indexes(indexes, out)
     build_ann(merged, key, train_rows)
     print(f"merged {len(indexes)} indexes: {len(merged)} rows into {out} (index key {key})")
