@@ -2,8 +2,9 @@
 by text (dense first-stage retrieval as in VSE++, Faghri et al., BMVC 2018; exact search with torch or
 faiss, Johnson et al., 2019).
 
-    crossmatch index build CHECKPOINT IMAGE_DIR --out INDEX [--batch-size N] [--backend torch|faiss]
+    crossmatch index build CHECKPOINT IMAGE_DIR --out INDEX [--batch-size N] [--backend torch|faiss] [--index-key K]
     crossmatch index query INDEX --query TEXT [--top-k K] [--out FILE.png|.html] [--backend torch|faiss]
+    crossmatch index eval|merge|export ...   (approximate indexes: crossmatch.cli.index_ann)
 
 The index layout is documented in `crossmatch.search.index`. An interrupted build resumes when run
 again with the same arguments. `torchrun --nproc_per_node=N -m crossmatch index build ...` shards the
