@@ -14,6 +14,19 @@ page cache (posix_fadvise DONTNEED), opens the index anew and times one search.
 
 Recall@k of the float16 index against exact float32 search is measured on two query sets: random unit
 vectors, and "near" queries (an indexed row plus noise, renormalised), whose top hits are well separated.
+
+Approximate keys (`--ann KEY|PARAMS`, repeatable; `crossmatch.search.ann`): each is trained and filled in
+memory, then measured against the exact search of the same rows, queries one at a time on one thread on
+both sides: build time, size (faiss's serialised bytes), queries/s and recall@k.
+
+    python benchmarks/index_search.py --rows 50000 --ann-only --ann "HNSW32|efSearch=64" --ann "IVF256,Flat|nprobe=16"
+    python benchmarks/index_search.py --real INDEX --data DIR --split test --ann "HNSW32|efSearch=128"
+
+On synthetic rows (uniform, or with `--clusters C` around C centres) the query sets are "image-like" (an
+indexed row plus noise), "text-like" (the same, pushed along one common direction before renormalising: a
+synthetic modality gap) and uniformly random. With `--real INDEX`
+(an index built by `crossmatch index build`) the queries are the split's own captions and images encoded
+by the index's model, as `crossmatch index eval` does: the modality gap of a real model.
 """
 
 from __future__ import annotations
@@ -32,13 +45,19 @@ import torch
 from crossmatch.search.index import EMBEDDINGS, META, PATHS, load_index
 
 
-def write_index(folder: Path, n: int, e: int, dtype: str, seed: int = 0, chunk: int = 65536) -> Path:
-    """A complete index folder of n random l2-normalised rows, generated chunk by chunk (bounded RAM)."""
+def write_index(folder: Path, n: int, e: int, dtype: str, seed: int = 0, chunk: int = 65536, clusters: int = 0) -> Path:
+    """A complete index folder of n random l2-normalised rows, generated chunk by chunk (bounded RAM): uniform
+    on the sphere, or with `clusters` > 0 drawn around that many random centres (noise of norm about 0.5)."""
     folder.mkdir(parents=True, exist_ok=True)
     emb = np.lib.format.open_memmap(folder / EMBEDDINGS, "w+", np.dtype(dtype), (n, e))
     rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, e), dtype=np.float32) if clusters else None  # (C, E)
+    if centres is not None:
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     for s in range(0, n, chunk):
         x = rng.standard_normal((min(chunk, n - s), e), dtype=np.float32)
+        if centres is not None:
+            x = centres[rng.integers(0, clusters, len(x))] + (0.5 / np.sqrt(e)) * x
         emb[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
     emb.flush()
     del emb
@@ -73,6 +92,66 @@ def queries(n_rows: np.ndarray, q: int, e: int, near: bool, seed: int) -> torch.
     return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))  # (Q, E)
 
 
+def paired_queries(rows: np.ndarray, q: int, gap: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-like queries (an indexed row plus noise of norm about 0.1) and their text-like twins: the same
+    vectors shifted by `gap` along one fixed direction before renormalising, the constant offset between
+    the modalities of contrastive models (Liang et al., "Mind the Gap", NeurIPS 2022). (Q, E) each."""
+    rng = np.random.default_rng(seed)
+    e = rows.shape[1]
+    x = rows[rng.integers(0, len(rows), q)].astype(np.float32) + (0.1 / np.sqrt(e)) * rng.standard_normal((q, e))
+    direction = np.random.default_rng(12345).standard_normal(e).astype(np.float32)
+    t = x + gap * direction / np.linalg.norm(direction)
+
+    def unit(v: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32))
+
+    return unit(x), unit(t)
+
+
+def ann_section(index, specs: list[str], query_sets: dict[str, torch.Tensor], k: int, train_rows: int) -> None:
+    """Build each approximate key in memory; print build time, size, queries/s and recall@k vs exact."""
+    import faiss
+
+    from crossmatch.search.ann import Searcher, recall_at_k, train_ann
+    from crossmatch.search.index import exact_topk
+
+    faiss.omp_set_num_threads(1)
+    exact = {name: exact_topk(index.embeddings, q, k)[1] for name, q in query_sets.items()}  # ground truth
+    q0 = next(iter(query_sets.values()))
+    t_exact = min(
+        timed(lambda: [exact_topk(index.embeddings, q0[i : i + 1], k) for i in range(len(q0))]) for _ in range(2)
+    )
+    names = "  ".join(f"{f'R@{k} {name}':>13s}" for name in query_sets)
+    exact_qps = f"exact: {len(q0) / t_exact:.0f} q/s"
+    print(f"\napproximate keys, {len(index)} rows, one query at a time, 1 thread ({exact_qps}):")
+    print(f"  {'key':34s} {'params':24s} {'build s':>8s} {'MiB':>8s} {'q/s':>9s} {'x exact':>8s}  {names}")
+    for spec in specs:
+        key, _, params = spec.partition("|")
+        t0 = time.perf_counter()
+        ann, _ = train_ann(index, key, train_rows)
+        built = time.perf_counter() - t0
+        size = faiss.serialize_index(ann).size / 2**20
+        searcher = Searcher(index, params or None, ann=ann, key=key)
+        t = min(timed(lambda s=searcher: [s.search(q0[i : i + 1], k) for i in range(len(q0))]) for _ in range(2))
+        recalls = []
+        for name, q in query_sets.items():
+            got = torch.cat([searcher.search(q[i : i + 1], k)[1] for i in range(len(q))])  # (Q, k)
+            recalls.append(f"{recall_at_k(got, exact[name], k):13.4f}")
+        qps = len(q0) / t
+        row = f"{built:8.1f} {size:8.1f} {qps:9.0f} {qps * t_exact / len(q0):8.1f}"
+        print(f"  {key:34s} {params or '-':24s} {row}  {'  '.join(recalls)}")
+
+
+def real_queries(index, data: str, split: str, n: int) -> dict[str, torch.Tensor]:
+    """The split's captions and images encoded by the index's own model (text first, as index eval)."""
+    from crossmatch.retrieval.evaluate import encode_split
+    from crossmatch.runs import build_eval_data, load_run, open_split
+
+    model, cfg, tokenizer = load_run(index.meta["checkpoint"], [f"data.root={data}"])
+    img, txt = encode_split(model.eval(), build_eval_data(cfg, open_split(cfg, split), tokenizer, model), "cpu")
+    return {"text": txt["embed"][:n].float(), "image": img["embed"][:n].float()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=200_000)
@@ -83,19 +162,47 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     p.add_argument("--dir", default=None, help="where to write the index folders (default: a temp dir)")
+    p.add_argument("--ann", action="append", default=[], help="approximate key[|search params] (repeatable)")
+    p.add_argument("--ann-only", action="store_true", help="skip the exact-search sections")
+    p.add_argument("--ann-queries", type=int, default=500, help="queries of each set for the approximate keys")
+    p.add_argument("--train-rows", type=int, default=100_000, help="training sample of the approximate keys")
+    p.add_argument("--gap", type=float, default=0.8, help="synthetic modality gap of the text-like queries")
+    p.add_argument("--clusters", type=int, default=0, help="synthetic rows around this many centres (0: uniform)")
+    p.add_argument("--real", default=None, help="an index built by `crossmatch index build` (with --data)")
+    p.add_argument("--data", default=None, help="with --real: dataset whose split's captions/images are queries")
+    p.add_argument("--split", default="test", help="with --real: the split")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.real:
+        torch.set_num_threads(1)
+        index = load_index(args.real)
+        ann_section(
+            index, args.ann, real_queries(index, args.data, args.split, args.ann_queries), args.k, args.train_rows
+        )
+        return
     n, e = (1_000_000, 256) if args.full else (args.rows, args.dim)
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(dir=args.dir)
     root = Path(tmp.name)
     t0 = time.perf_counter()
-    f32, f16 = write_index(root / "f32", n, e, "float32"), write_index(root / "f16", n, e, "float16")
+    f32 = write_index(root / "f32", n, e, "float32", clusters=args.clusters)
+    f16 = write_index(root / "f16", n, e, "float16", clusters=args.clusters)
     print(
         f"index {n} x {e}: float32 {n * e * 4 / 2**20:.0f} MiB, float16 {n * e * 2 / 2**20:.0f} MiB "
         f"(written in {time.perf_counter() - t0:.1f} s); {torch.get_num_threads()} thread(s), k={args.k}"
     )
     X = torch.from_numpy(np.load(f32 / EMBEDDINGS))  # (N, E) in RAM: the baseline's matrix
+    if args.ann:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        image_q, text_q = paired_queries(X.numpy(), args.ann_queries, args.gap, seed=11)
+        sets = {"image": image_q, "text": text_q, "random": queries(X.numpy(), args.ann_queries, e, False, 13)}
+        ann_section(load_index(f32), args.ann, sets, args.k, args.train_rows)
+        if args.ann_only:
+            return
+        torch.set_num_threads(threads)
     idx32, idx16 = load_index(f32), load_index(f16)
     k = args.k
     for q_n in (int(x) for x in args.queries.split(",")):

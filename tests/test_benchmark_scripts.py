@@ -51,7 +51,7 @@ def test_scan_scoring_runs_on_small_inputs():
 
 KEPT = [
     "accumulation.py", "checkpoint_integrity.py", "demo.py", "gpu_check.sh", "index_search.py", "scan_scoring.py",
-    "shard_loader.py", "train_throughput.py",
+    "serve_load.py", "shard_loader.py", "train_throughput.py",
 ]  # fmt: skip
 
 

@@ -42,6 +42,7 @@ class DataConfig:
     max_shard_member_bytes: int = 256 << 20  # webdataset: the most one tar member may inflate to (gzip bombs)
     allow_outside_root: bool = False  # accept image paths that leave the image folder (../x.png, /abs/x.png)
     shuffle_buffer: int = 1000  # webdataset: pairs held in each loader worker's shuffle buffer
+    allow_pipe: bool = False  # webdataset: accept `pipe:` shard commands (they run in a shell) in data.root
     hard_batches: bool = False  # train batches of confusable pairs, images that share objects (data/hard_batches.py)
     # Image preprocessing. Empty values take the model's own (open_clip models declare theirs), else the
     # defaults (ImageNet mean/std, squash resize, bilinear). A run stores the resolved values.

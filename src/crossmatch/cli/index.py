@@ -2,8 +2,9 @@
 by text (dense first-stage retrieval as in VSE++, Faghri et al., BMVC 2018; exact search with torch or
 faiss, Johnson et al., 2019).
 
-    crossmatch index build CHECKPOINT IMAGE_DIR --out INDEX [--batch-size N] [--backend torch|faiss]
+    crossmatch index build CHECKPOINT IMAGE_DIR --out INDEX [--batch-size N] [--backend torch|faiss] [--index-key K]
     crossmatch index query INDEX --query TEXT [--top-k K] [--out FILE.png|.html] [--backend torch|faiss]
+    crossmatch index eval|merge|export ...   (approximate indexes: crossmatch.cli.index_ann)
 
 The index layout is documented in `crossmatch.search.index`. An interrupted build resumes when run
 again with the same arguments. `torchrun --nproc_per_node=N -m crossmatch index build ...` shards the
@@ -18,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from crossmatch.cli import index_ann
 from crossmatch.cli.help import add_command, add_device_option
 
 BACKENDS = ("torch", "faiss")  # mirrors crossmatch.search.index.BACKENDS, without importing torch here
@@ -47,6 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     b.add_argument("--backend", choices=BACKENDS, default="torch", help="faiss: also write index.faiss")
     b.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
     b.add_argument("--dtype", choices=DTYPES, default="float32", help="storage of embeddings.npy (float16: half)")
+    index_ann.add_key_options(b, default=None)
     add_device_option(b)
     q = add_command(
         isub,
@@ -61,13 +64,16 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     q.add_argument("--out", default=None, help="also write the results as a gallery .png or an .html page")
     q.add_argument("--backend", choices=BACKENDS, default="torch", help="exact search engine")
     q.add_argument("--checkpoint", default=None, help="model to encode the query (default: the one in meta.json)")
+    index_ann.add_search_params(q)
     add_device_option(q)
+    index_ann.add_parsers(isub)
 
 
 def run(args: argparse.Namespace) -> bool:
     if args.command != "index":
         return False
     if args.index_command == "build":
+        index_ann.check_key_early(args.index_key, args.train_rows, args.image_dir)
         run_build(
             args.checkpoint,
             args.image_dir,
@@ -78,9 +84,22 @@ def run(args: argparse.Namespace) -> bool:
             args.dtype,
             args.device,
         )
+        if get_rank_env() == 0:
+            index_ann.apply_key(args.out, args.index_key, args.train_rows)
+    elif args.index_command == "query":
+        run_query(
+            args.index, args.query, args.top_k, args.out, args.backend, args.checkpoint, args.device, args.search_params
+        )
     else:
-        run_query(args.index, args.query, args.top_k, args.out, args.backend, args.checkpoint, args.device)
+        return index_ann.run(args)
     return True
+
+
+def get_rank_env() -> int:
+    """This process's rank under torchrun (0 otherwise), without importing torch."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def run_build(
@@ -138,6 +157,7 @@ def run_query(
     backend: str = "torch",
     checkpoint: str | None = None,
     device: str = "auto",
+    search_params: str | None = None,
 ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
     """Print rank, score and path of the top-k images for each query (all searched in one pass); optionally
     draw them (.png: one query; .html: any number). Returns the (path, score) list, one per query for a list."""
@@ -145,6 +165,7 @@ def run_query(
     from crossmatch.errors import ConfigError, DataError
     from crossmatch.files import check_writable
     from crossmatch.runs import load_run
+    from crossmatch.search.ann import Searcher
     from crossmatch.search.index import encode_texts, load_index
 
     if top_k < 1:
@@ -160,14 +181,15 @@ def run_query(
     if out:
         check_writable(out, "--out")
     index = load_index(index_dir)
+    searcher = Searcher(index, search_params, backend)  # the approximate structure when the index has one
     model, _, tokenizer = load_run(checkpoint or index.meta["checkpoint"])
     for q in queries:
         tokenizer.encode_query(q)  # refuses a query whose words are all unknown
     dev = resolve_device(device)
     text = encode_texts(model.to(dev), tokenizer, queries, dev)  # (Q, E)
-    scores, ids = index.search(text, top_k, backend)  # (Q, k) each: one pass for all queries
+    scores, ids = searcher.search(text, top_k)  # (Q, k) each: one pass for all queries
     results = [
-        [(str(index.image_path(i)), s) for i, s in zip(row_i, row_s, strict=True)]
+        [(str(index.image_path(i)), s) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
         for row_i, row_s in zip(ids.tolist(), scores.tolist(), strict=True)
     ]
     for q, hits in zip(queries, results, strict=True):

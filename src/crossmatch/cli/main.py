@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "crossmatch.cli.index",
     "crossmatch.cli.demo",
     "crossmatch.cli.export",
+    "crossmatch.cli.serve",
 ]
 
 

@@ -25,6 +25,7 @@ from crossmatch.data.datasets import outside_root
 from crossmatch.data.jsonl import entries_to_karpathy, read_jsonl, read_karpathy_entries, write_jsonl
 from crossmatch.data.pedes import IMAGE_DIR as PEDES_IMAGE_DIR
 from crossmatch.data.pedes import PEDES, read_pedes
+from crossmatch.data.remote import is_url
 from crossmatch.data.shards import decode_image, is_shard_spec, read_shard_entries, write_shards
 from crossmatch.data.transforms import load_image
 from crossmatch.errors import ConfigError, DataError
@@ -65,7 +66,8 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
     if fmt is not None and fmt not in DEFAULTS:
         raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(DEFAULTS)}")
     if fmt == "webdataset" or (fmt is None and is_shard_spec(path)):
-        return Source("webdataset", Path(path), Path(path))
+        spec = str(path) if is_url(str(path)) else Path(path)  # Path would fold "http://" into "http:/"
+        return Source("webdataset", spec, spec)
     path = Path(path)
     if path.exists() and not path.is_dir():  # a FIFO or a device too: the reader refuses it in one line
         file = path

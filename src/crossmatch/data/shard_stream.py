@@ -116,7 +116,7 @@ class WorkerStream:
             while self.pos["shard"] < len(order):
                 s = order[self.pos["shard"]]
                 img_idx, txt_idx = data.image_offsets[s], data.text_offsets[s]  # counted up to the position
-                for sample in iter_shard(data.shards[s].path, max_member_bytes=data.max_member_bytes):
+                for sample in data.read(s):  # checked against sizes.json when read to the end
                     if sample_split(sample, data.default_split) != split:
                         continue
                     if sample.position >= self.pos["sample"]:

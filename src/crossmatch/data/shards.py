@@ -13,7 +13,9 @@ writes), else every `*.tar` in it. A sample belongs to the split its json names,
 `data.train_split`.
 
 The train split is streamed (`crossmatch.data.shard_stream`): its shards are scanned once at start-up
-(captions for the vocabulary, pair counts, and every sample checked), never held in memory. Evaluation
+(captions for the vocabulary, pair counts, and every sample checked), never held in memory, unless a
+`sizes.json` + `pairs.json` beside them (written by `data convert`) give the counts. Shards may be local
+files, http(s) URLs or `pipe:` commands (`crossmatch.data.remote`). Evaluation
 needs the whole gallery with explicit image <-> caption maps, so the other splits are read once into an
 indexed in-memory split (`ShardIndexedSplit`); keep them small, or convert them to JSONL.
 
@@ -35,9 +37,9 @@ from typing import Any
 from crossmatch.config import DataConfig
 from crossmatch.data.datasets import ImageCaptionDataset, ImageView, check_entry, parse_json
 from crossmatch.data.formats import register_format
+from crossmatch.data.remote import SIZES, expand, is_url, listed_counts, open_shard, write_counts
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, WHITE, load_image
 from crossmatch.errors import ConfigError, DataError, install_hint
-from crossmatch.files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +60,23 @@ def _wds():
 def is_shard_spec(root: str | Path) -> bool:
     """True for a brace pattern, a .tar file, or a folder holding .tar files (and no dataset file)."""
     s = str(root)
-    if "{" in s or s.endswith(".tar"):
+    if "{" in s or s.endswith(".tar") or is_url(s):
         return True
     p = Path(s)
     return p.is_dir() and any(p.glob("*.tar"))
 
 
-def resolve_shards(root: str | Path, split: str | None = None) -> list[str]:
-    """The shard files of `root` (see the module docstring), sorted for a folder, in pattern order otherwise.
+def resolve_shards(root: str | Path, split: str | None = None, allow_pipe: bool = False) -> list[str]:
+    """The shard files of `root` (see the module docstring), sorted for a folder, in pattern order otherwise;
+    http(s) URLs and `pipe:` commands (with `allow_pipe`) as their pattern expands (crossmatch.data.remote).
 
     Raises:
         DataError: nothing matches, or a shard of the pattern does not exist.
+        ConfigError: a pipe: command without `allow_pipe`.
     """
     s = str(root)
+    if is_url(s):
+        return expand(s, allow_pipe, split)
     if "{" in s or s.endswith(".tar"):
         paths = _wds().shardlists.expand_urls(s)
         missing = [p for p in paths if not Path(p).is_file()]
@@ -162,7 +168,7 @@ def iter_shard(
     wds = _wds()
     last = {"fname": None}
     try:
-        with open_regular(path, "shard") as f:
+        with open_shard(path) as f:
             for position, raw in enumerate(wds.tariterators.group_by_keys(_members(f, path, max_member_bytes, last))):
                 try:
                     yield _parse(raw, position)
@@ -211,17 +217,14 @@ class ShardTrainSet:
         self.max_member_bytes = cfg.max_shard_member_bytes  # read by the stream's iter_shard calls
         self.max_image_pixels = cfg.max_image_pixels  # what load_image refuses (open_split sets it again)
         self.background = tuple(cfg.background) if cfg.background else WHITE
-        self.shards: list[ShardInfo] = []
-        self.captions: list[str] = []
-        for path in resolve_shards(cfg.root, split):
-            info = ShardInfo(path, 0, 0, 0)
-            for sample in iter_shard(path, max_member_bytes=self.max_member_bytes):
-                info.samples += 1
-                if sample_split(sample, cfg.train_split) == split:
-                    info.images += 1
-                    info.pairs += len(sample.captions)
-                    self.captions.extend(sample.captions)
-            self.shards.append(info)
+        paths = resolve_shards(cfg.root, split, cfg.allow_pipe)
+        listed = listed_counts(paths, split)  # from sizes.json + pairs.json, when they list every shard
+        self.listed = listed is not None  # then each shard is checked against its counts as it is streamed
+        self._captions: list[str] | None = None
+        if listed is None:
+            self._scan(paths)
+        else:
+            self.shards = [ShardInfo(p, n, n, pairs) for p, (n, pairs) in zip(paths, listed, strict=True)]
         self.num_images = sum(s.images for s in self.shards)
         self.num_pairs = sum(s.pairs for s in self.shards)
         if not self.num_pairs:
@@ -232,6 +235,44 @@ class ShardTrainSet:
             self.image_offsets.append(n_img)
             self.text_offsets.append(n_txt)
             n_img, n_txt = n_img + s.images, n_txt + s.pairs
+
+    def _scan(self, paths: list[str]) -> None:
+        """Counts and captions from one read of every shard (every sample checked)."""
+        self.shards, self._captions = [], []
+        for path in paths:
+            info = ShardInfo(path, 0, 0, 0)
+            for sample in iter_shard(path, max_member_bytes=self.max_member_bytes):
+                info.samples += 1
+                if sample_split(sample, self.default_split) == self.split:
+                    info.images += 1
+                    info.pairs += len(sample.captions)
+                    self._captions.extend(sample.captions)
+            self.shards.append(info)
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption of the split (a word vocabulary is trained on them): read on first use when the
+        counts came from sizes.json, so a run with a named or saved tokenizer never scans the shards."""
+        if self._captions is None:
+            self._captions = [c for s in range(len(self.shards)) for sample in self.read(s) for c in self._own(sample)]
+        return self._captions
+
+    def _own(self, sample: ShardSample) -> list[str]:
+        return sample.captions if sample_split(sample, self.default_split) == self.split else []
+
+    def read(self, s: int) -> Iterator[ShardSample]:
+        """The samples of shard s in file order. With listed counts, a shard read to its end that holds
+        another number of the split's samples or captions is a DataError naming it."""
+        info, images, pairs = self.shards[s], 0, 0
+        for sample in iter_shard(info.path, max_member_bytes=self.max_member_bytes):
+            if sample_split(sample, self.default_split) == self.split:
+                images, pairs = images + 1, pairs + len(sample.captions)
+            yield sample
+        if self.listed and (images, pairs) != (info.images, info.pairs):
+            raise DataError(
+                f"shard {info.path} holds {images} {self.split!r} samples / {pairs} captions; {SIZES} and "
+                f"pairs.json beside it say {info.images} / {info.pairs}: rewrite them or delete them to rescan"
+            )
 
     def __repr__(self) -> str:
         counts = f"{len(self.shards)} shards, {self.num_images} images, {self.num_pairs} pairs"
@@ -260,7 +301,7 @@ class ShardIndexedSplit(ImageCaptionDataset):
     def __init__(self, cfg: DataConfig, split: str):
         self.root = Path(str(cfg.root).split("{")[0])
         entries, self.blobs, where = [], [], []
-        for path in resolve_shards(cfg.root, split):
+        for path in resolve_shards(cfg.root, split, cfg.allow_pipe):
             for sample in iter_shard(path, max_member_bytes=cfg.max_shard_member_bytes):
                 if sample_split(sample, cfg.train_split) != split:
                     continue
@@ -327,8 +368,11 @@ def write_shards(entries: list[dict], image_dir: Path, dst: str | Path, shard_si
     by_split: dict[str, list[dict]] = {}
     for e in entries:
         by_split.setdefault(str(e.get("split")), []).append(e)
-    n = 0
+    n, counts = 0, {}
     for split, items in by_split.items():
+        for i in range(0, len(items), shard_size):  # the writer starts a new shard every shard_size samples
+            chunk = items[i : i + shard_size]
+            counts[f"{split}-{i // shard_size:06d}.tar"] = (len(chunk), sum(len(e.get("captions", [])) for e in chunk))
         writer = wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0.0)
         try:
             for e in items:
@@ -347,6 +391,7 @@ def write_shards(entries: list[dict], image_dir: Path, dst: str | Path, shard_si
     for p in sorted(tmp.glob("*.tar")):
         os.replace(p, dst / p.name)  # each shard appears complete or not at all
         written.append(dst / p.name)
+    write_counts(dst, counts)  # training reads these instead of scanning every shard
     shutil.rmtree(tmp, ignore_errors=True)
     return written
 
