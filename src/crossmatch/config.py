@@ -144,6 +144,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # activation checkpointing in the towers that support it (clip)
     layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (the towers)
     tower_lr: float = 0.0  # lr of pretrained towers (vse_pretrained, clip, *_minilm) before layer_decay; 0 = train.lr
+    # where scalars go: tensorboard (tb/), jsonl (metrics.jsonl, which curves.png is drawn from), wandb (optional)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
 
 
 @dataclass
@@ -166,7 +168,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    keep_last: int = 3  # per-epoch checkpoints kept besides last.pt and best.pt
+    keep_last: int = 0  # full-state per-epoch checkpoints (epoch_XXXX.pt) kept besides last.pt and best.pt
+    safetensors: bool = False  # also write best.safetensors and last.safetensors (weights, config, tokenizer)
     every_steps: int = 0  # also refresh last.pt every this many optimizer steps (0: only at epoch ends)
 
 

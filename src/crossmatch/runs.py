@@ -349,8 +349,8 @@ def build_trainer(
     )
 
     sinks = RunSinks(
-        Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main),
-        MetricLogger(run_dir, enabled=dist.is_main),
+        Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main, cfg.checkpoint.safetensors),
+        MetricLogger(run_dir, dist.is_main, cfg.train.loggers, config_to_dict(cfg)),
         {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()},
     )
     loaders = RunLoaders(loader, val_loader)
