@@ -55,5 +55,31 @@ def run(args: argparse.Namespace) -> bool:
         device=dist.device,
     )
     if dist.is_main:
-        print(f"wrote {info['features_file']} {tuple(info['shape'])} and {info['captions_file']} in {args.out}")
+        print(features_summary(info, args.out, args.split))
     return True
+
+
+def features_summary(info: dict, out: str, split: str) -> str:
+    """What `features` wrote (files, shape, size) and the next step: a model trained on them."""
+    from pathlib import Path
+
+    from crossmatch.cli.demo import format_files
+
+    folder = Path(out)
+    feats = folder / info["features_file"]
+    size = feats.stat().st_size / 2**20 if feats.is_file() else 0.0
+    n, shape = info["shape"][0], " x ".join(str(d) for d in info["shape"])
+    lines = [f"wrote the {info['kind']} features of {n} {split} images ({shape}, {size:.1f} MB) into {folder}:"]
+    lines.append(
+        format_files(
+            [
+                ("features", feats),
+                ("captions", folder / info["captions_file"]),
+                ("description", folder / "features.json"),
+            ]
+        )
+    )
+    lines.append(
+        f"next: train on them with data.format=scan_precomputed data.root={folder} (one split per run of this)"
+    )
+    return "\n".join(lines)

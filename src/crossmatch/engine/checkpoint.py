@@ -246,7 +246,7 @@ def partial_load(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> di
 
 # What best.pt keeps of a training state: the model and what rebuilds and describes it. The optimiser,
 # scheduler, scaler, RNG and loader states (two thirds of an Adam run's bytes) only serve a resume: last.pt.
-WEIGHTS_KEYS = ("model", "loss", "trainer", "config", "tokenizer")
+WEIGHTS_KEYS = ("model", "loss", "trainer", "config", "tokenizer", "data_root_from_run")
 
 
 def weights_state(state: dict[str, Any]) -> dict[str, Any]:
