@@ -80,6 +80,7 @@ def features_summary(info: dict, out: str, split: str) -> str:
         )
     )
     lines.append(
-        f"next: train on them with data.format=scan_precomputed data.root={folder} (one split per run of this)"
+        f"next: the other splits into {folder} too, then a model on them: "
+        f"crossmatch train configs/scan_t2i_lse.yaml data.root={folder}"
     )
     return "\n".join(lines)
