@@ -27,6 +27,10 @@ class DataConfig:
     json_name: str = ""  # karpathy: the JSON file in root (default dataset.json; dataset_coco.json for COCO)
     image_dir: str = ""  # karpathy: image folder (default {root}/images)
     restval: bool = False  # karpathy COCO: fold the "restval" split into train
+    csv_img_key: str = "filepath"  # csv: the column of image paths (relative to root), as open_clip's --csv-img-key
+    csv_caption_key: str = "title"  # csv: the column of captions, as open_clip's --csv-caption-key
+    csv_separator: str = "\t"  # csv: the column separator (one character; "\\t" typed in a shell is a tab too)
+    split_file: str = ""  # folder: JSON {relative image path: split}; "": split by a hash of the path, 90/5/5
     image_size: Any = 64  # int: the square side the images are resized to; [H, W]: non-square (e.g. [384, 128])
     train_split: str = "train"  # split names as written in the dataset file
     val_split: str = "val"

@@ -100,7 +100,8 @@ def format_phases(phases: Phases) -> str:
 
 def format_files(files: list[tuple[str, object]]) -> str:
     """What a command wrote, one `  what:  path` line per file, the paths aligned."""
-    return "\n".join(f"  {what + ':':<54}{path}" for what, path in files)
+    width = max([54, *(len(what) + 3 for what, _ in files)])
+    return "\n".join(f"  {what + ':':<{width}}{path}" for what, path in files)
 
 
 def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrides: list[str] = ()) -> Phases:

@@ -4,8 +4,9 @@ empty captions, images without captions, duplicate ids, one image file under two
 the image folder, entries without a split) with per-split statistics.
 
 Formats: Karpathy-split JSON (Flickr30K, COCO), JSONL (crossmatch.data.jsonl), the person-search files
-of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes), and WebDataset tar shards
-(crossmatch.data.shards). All are read into canonical entries {"image", "captions", "split", "id"?, "pid"?},
+of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes), WebDataset tar shards
+(crossmatch.data.shards), open_clip's CSV tables and folders of images with .txt captions
+(crossmatch.data.csv_folder). All are read into canonical entries {"image", "captions", "split", "id"?, "pid"?},
 which is also what conversion writes out.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from crossmatch.data.csv_folder import read_csv_entries, read_folder_entries
 from crossmatch.data.datasets import outside_root
 from crossmatch.data.jsonl import entries_to_karpathy, read_jsonl, read_karpathy_entries, write_jsonl
 from crossmatch.data.pedes import IMAGE_DIR as PEDES_IMAGE_DIR
@@ -34,6 +36,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "jsonl": ("dataset.jsonl", "images"),
     **{fmt: (spec.file, PEDES_IMAGE_DIR) for fmt, spec in PEDES.items()},
     "webdataset": ("", ""),  # a folder of .tar shards or a brace pattern: images inside the shards
+    "csv": ("", ""),  # {split}.csv tables (a file, or every *.csv of a folder); images relative to their folder
+    "folder": ("", ""),  # images with same-name .txt captions under the folder
 }
 EXAMPLES = 3  # culprits printed per kind of problem
 
@@ -43,8 +47,9 @@ class Source:
     """A dataset file and how to read it."""
 
     fmt: str  # a key of DEFAULTS
-    file: Path  # the annotation file
+    file: Path  # the annotation file (csv: a table or the folder of tables; folder: the folder)
     image_dir: Path  # folder the image paths are relative to
+    options: dict = field(default_factory=dict)  # csv: img_key, caption_key, sep; folder: split_file
 
 
 def guess_format(file: Path) -> str:
@@ -54,8 +59,12 @@ def guess_format(file: Path) -> str:
     return next((fmt for fmt, spec in PEDES.items() if spec.file == file.name), "karpathy")
 
 
-def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = "", image_dir: str = "") -> Source:
+def resolve_source(
+    path: str | Path, fmt: str | None = None, json_name: str = "", image_dir: str = "", options: dict | None = None
+) -> Source:
     """PATH (a dataset folder or its annotation file) + optional format, file name and image folder -> Source.
+    A folder without an annotation file is read as CSV tables when it holds *.csv files, else as a folder of
+    images with .txt captions. `options`: the csv and folder readers' settings (see Source).
 
     Raises:
         ConfigError: unknown format, or a folder holding no known annotation file.
@@ -64,14 +73,21 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
         raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(DEFAULTS)}")
     if fmt == "webdataset" or (fmt is None and is_shard_spec(path)):
         return Source("webdataset", Path(path), Path(path))
-    path = Path(path)
+    path, options = Path(path), options or {}
+    if fmt in ("csv", "folder") or (fmt is None and path.suffix == ".csv"):
+        fmt = fmt or "csv"
+        folder = path.parent if path.is_file() else path
+        return Source(fmt, path, Path(image_dir) if image_dir else folder, options)
     if path.is_file():
         file = path
     elif json_name:
         file = path / json_name
     else:
-        names = [DEFAULTS[fmt][0]] if fmt else [name for name, _ in DEFAULTS.values()]
+        names = [DEFAULTS[fmt][0]] if fmt else [name for name, _ in DEFAULTS.values() if name]
         found = [path / n for n in names if (path / n).is_file()] + sorted(path.glob("dataset_*.json"))
+        if not found and fmt is None and path.is_dir():  # no annotation file: tables, else images with captions
+            fmt = "csv" if any(path.glob("*.csv")) else "folder"
+            return Source(fmt, path, Path(image_dir) if image_dir else path, options)
         if not found:
             raise ConfigError(f"no dataset file in {path} (looked for {', '.join(names)}); pass --json-name")
         file = found[0]
@@ -87,6 +103,18 @@ def read_entries(src: Source) -> list[dict]:
         return read_pedes(src.file, src.fmt)
     if src.fmt == "webdataset":
         return read_shard_entries(src.file)[0]
+    if src.fmt == "csv":  # a table is the split of its name
+        tables = [src.file] if src.file.is_file() else sorted(src.file.glob("*.csv"))
+        if not tables:
+            raise DataError(f"no .csv table in {src.file}")
+        keys = ("img_key", "caption_key", "sep")
+        return [
+            e
+            for t in tables
+            for e in read_csv_entries(t, t.stem, **{k: src.options[k] for k in keys if k in src.options})
+        ]
+    if src.fmt == "folder":
+        return read_folder_entries(src.file, src.options.get("split_file", ""))
     return read_karpathy_entries(src.file)
 
 

@@ -47,6 +47,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from crossmatch.config import image_hw
+from crossmatch.data.csv_folder import IMAGE_EXTENSIONS
 from crossmatch.data.loaders import build_eval_loader, pad_sequences
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, build_image_transform, load_image
 from crossmatch.engine.sharding import PARTS, batch_aligned_range, part_dir, write_npy_concat
@@ -56,7 +57,6 @@ from crossmatch.tensors import barrier, get_rank, get_world_size
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 EMBEDDINGS, PATHS, META, FAISS_FILE = "embeddings.npy", "paths.json", "meta.json", "index.faiss"
 BACKENDS = ("torch", "faiss")
 DTYPES = {"float32": np.float32, "float16": np.float16}  # storage of embeddings.npy
