@@ -244,6 +244,7 @@ LOWER_IS_BETTER = ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
 MAX_LR = 3.4e38 / 10
 EVAL_PRECISIONS = ("fp32", "same", "bf16", "fp16")
 VILT_NEGATIVES = ("random", "hard")  # loss.vilt.negatives
+LOGGERS = ("tensorboard", "jsonl", "wandb")  # train.loggers (crossmatch.engine.logging)
 TEXT_NEGATIVE_TERMS = ("joint", "separate")  # loss.text_negative_term (losses/triplet.py)
 
 
@@ -347,6 +348,12 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
             ),
             ("loss.vilt.negatives", vilt_neg, vilt_neg in VILT_NEGATIVES, f"choose {' or '.join(VILT_NEGATIVES)}"),
             ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),
+            (
+                "train.loggers",
+                t.loggers,
+                all(name in LOGGERS for name in t.loggers),
+                f"each must be one of {', '.join(LOGGERS)}",
+            ),
             ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, "must be >= 0"),
         ]
     for key, value, ok, what in rules:

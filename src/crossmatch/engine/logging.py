@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from crossmatch.config import LOGGERS
 from crossmatch.errors import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -56,7 +57,6 @@ def tag(key: str, split: str) -> str:
     return f"retrieval/{key}" if split == "val" else f"{split}/{key}"
 
 
-LOGGERS = ("tensorboard", "jsonl", "wandb")  # train.loggers
 DEFAULT_LOGGERS = ("tensorboard", "jsonl")
 
 
