@@ -79,8 +79,14 @@ def features_summary(info: dict, out: str, split: str) -> str:
             ]
         )
     )
-    lines.append(
-        f"next: the other splits into {folder} too, then a model on them: "
-        f"crossmatch train configs/scan_t2i_lse.yaml data.root={folder}"
-    )
+    if info["kind"] == "global":  # one vector per image: for other tools, not a region model
+        lines.append(
+            f"next: numpy.load('{feats}', mmap_mode='r') (row i: image i of the split); --kind grid or boxes "
+            "writes the region features that SCAN trains on"
+        )
+    else:
+        lines.append(
+            f"next: the other splits into {folder} too (--split train, --split val), then "
+            f"crossmatch train configs/scan_t2i_lse.yaml data.root={folder}"
+        )
     return "\n".join(lines)
