@@ -23,7 +23,7 @@ from crossmatch.files import write_text
 @dataclass
 class DataConfig:
     root: str = "data/shapes"  # dataset folder (dataset.json + images/, {split}_ims.npy, *.tar) or a shard pattern
-    format: str = "karpathy"  # see crossmatch.data.formats (karpathy, ...)
+    format: str = "karpathy"  # see crossmatch.data.formats (karpathy, jsonl, csv, folder, webdataset, ...)
     json_name: str = ""  # karpathy: the JSON file in root (default dataset.json; dataset_coco.json for COCO)
     image_dir: str = ""  # karpathy: image folder (default {root}/images)
     restval: bool = False  # karpathy COCO: fold the "restval" split into train
