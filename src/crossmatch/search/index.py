@@ -274,7 +274,10 @@ def _merge_parts(out: Path, meta: dict[str, Any], rel: list[str], batch_size: in
         folder = part_dir(out, "index", r, world)
         part = json.loads((folder / META).read_text())
         rows.append(np.load(folder / EMBEDDINGS, mmap_mode="r")[: part["rows"]])  # (rows_r, E)
-        skipped += [{**s, "index": s["index"] + share.start} for s in part["skipped"]]
+        absolute = meta.get("absolute_paths", False)
+        for s in part["skipped"]:  # a part records its paths relative to its own folder: rebase them onto `out`
+            path = stored_path(folder / s["path"], out, absolute)
+            skipped.append({**s, "path": path, "index": s["index"] + share.start})
     count = sum(len(x) for x in rows)
     if count == 0:
         raise DataError(f"no readable image under {meta['image_dir']} ({len(skipped)} skipped)")
