@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from crossmatch.cli.main import main
-from crossmatch.config import DataConfig
+from crossmatch.config import DataConfig, load_config
 from crossmatch.data import formats
 from crossmatch.data.csv_folder import hash_split
 from crossmatch.errors import DataError
@@ -54,8 +54,9 @@ def test_csv_columns_and_separator_are_config_keys(tmp_path):
     root = tmp_path / "c"
     image(root / "x.png")
     (root / "train.csv").write_text('caption,image\n"a red, square",x.png\n')  # a quoted separator inside
-    cfg = DataConfig(root=str(root), format="csv", csv_img_key="image", csv_caption_key="caption", csv_separator=",")
-    assert formats.open_split(cfg, "train").captions == ["a red, square"]
+    keys = ["data.csv_img_key=image", "data.csv_caption_key=caption", "data.csv_separator=,"]  # as typed in a shell
+    cfg = load_config(None, [f"data.root={root}", "data.format=csv", *keys]).data
+    assert cfg.csv_separator == "," and formats.open_split(cfg, "train").captions == ["a red, square"]
     with pytest.raises(DataError, match=r"has no column 'filepath' \(columns: 'caption,image', separated by tab\)"):
         formats.open_split(DataConfig(root=str(root), format="csv"), "train")
 

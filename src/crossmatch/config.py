@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -217,12 +218,24 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
     return _merge([OmegaConf.structured(cfg)], overrides)
 
 
+def _override_layer(item: str) -> DictConfig:
+    """One `key=value` override as a config layer. Values are read as YAML (`[a,b]`, `true`, `1e-4`); a value
+    YAML cannot read, such as `data.csv_separator=,`, is taken as the text itself."""
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError:
+        key, value = item.split("=", 1)
+        layer = OmegaConf.create()
+        OmegaConf.update(layer, key, value, force_add=True)
+        return layer
+
+
 def _merge(layers: list, overrides: list[str] | tuple[str, ...]) -> RunConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
-        layers = [*layers, OmegaConf.from_dotlist(list(overrides))]
+        layers = [*layers, *(_override_layer(item) for item in overrides)]
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *layers)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
