@@ -193,7 +193,8 @@ def data_root_candidates(stored: str, run_dir: Path, from_run: str | None = None
 
 def locate_data_root(cfg: RunConfig, run_dir: Path, from_run: str | None, required: bool) -> RunConfig:
     """`cfg` with data.root set to the first of `data_root_candidates` that exists (a run folder moved or copied
-    elsewhere still finds its dataset). A shard pattern is left as it is.
+    elsewhere still finds its dataset), and a relative data.image_dir inside the stored root moved with it. A
+    shard pattern is left as it is.
 
     Raises:
         DataError: with `required`, when no candidate exists: one line listing the paths tried and naming the
@@ -209,7 +210,10 @@ def locate_data_root(cfg: RunConfig, run_dir: Path, from_run: str | None, requir
             tried = ", ".join(str(c) for c in candidates)
             raise DataError(f"dataset of run {run_dir} not found (tried {tried}); pass data.root=PATH")
         return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(found)))
+    image_dir = cfg.data.image_dir
+    if image_dir and not Path(image_dir).is_absolute() and Path(image_dir).is_relative_to(stored):
+        image_dir = str(found / Path(image_dir).relative_to(stored))  # e.g. data/coco/images -> <found>/images
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(found), image_dir=image_dir))
 
 
 def load_run(
