@@ -159,3 +159,16 @@ def test_best_pt_of_a_resumed_run_is_still_what_evaluate_reads(shapes_root, tmp_
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["trainer"]["epoch"] == 2
     model = crossmatch.load(str(tmp_path / "run"))
     assert all(torch.equal(v, best["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_a_relative_image_dir_inside_the_dataset_moves_with_it(tmp_path, monkeypatch):
+    from crossmatch.config import load_config
+    from crossmatch.runs import locate_data_root
+
+    (tmp_path / "moved" / "data" / "coco" / "images").mkdir(parents=True)
+    run = tmp_path / "moved" / "runs" / "r"
+    monkeypatch.chdir(tmp_path)  # neither data/coco nor run/data/coco exists from here
+    cfg = load_config(None, ["data.root=data/coco", "data.image_dir=data/coco/images"])
+    found = locate_data_root(cfg, run, "../../data/coco", required=True).data
+    coco = tmp_path / "moved" / "data" / "coco"  # found through the path recorded from the run folder
+    assert (found.root, found.image_dir) == (str(coco), str(coco / "images"))
