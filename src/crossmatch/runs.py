@@ -526,7 +526,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-RUN_FILES = ("checkpoints", "tb", "metrics.jsonl", "train.log", "config.yaml", "tokenizer.json")  # --overwrite
+RUN_FILES = ("checkpoints", "tb", "wandb", "metrics.jsonl", "train.log", "config.yaml", "tokenizer.json", "curves.png")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
