@@ -526,6 +526,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# What --overwrite removes.
 RUN_FILES = ("checkpoints", "tb", "wandb", "metrics.jsonl", "train.log", "config.yaml", "tokenizer.json", "curves.png")
 
 
