@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -137,13 +138,16 @@ def test_wandb_offline_records_the_logged_scalars(tmp_path, monkeypatch):
     logger = MetricLogger(tmp_path, loggers=["jsonl", "wandb"], config={"model": {"name": "tiny_vse"}})
     logger.log({"loss": 1.5}, step=3)
     logger.log({"rsum": 42.0}, step=3, split="val", epoch=1)
+    assert logger._wandb.name == tmp_path.name  # the wandb run is named after the run folder
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"split": "train", "step": 3, "loss": 1.5}, {"split": "val", "step": 3, "epoch": 1, "rsum": 42.0}]
     assert not (tmp_path / "tb").exists()  # tensorboard was not asked for
-    (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    blob = record.read_bytes()
-    assert b"train/loss" in blob and b"val/rsum" in blob  # the offline run's record holds both rows' keys
+    (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # written locally, for `wandb sync`
+    deadline = time.monotonic() + 30  # wandb's service process may still be flushing the record after finish()
+    while not (b"train/loss" in record.read_bytes() and b"val/rsum" in record.read_bytes()):
+        assert time.monotonic() < deadline, "the offline wandb record never got the logged keys"
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
