@@ -4,6 +4,7 @@ training-row floor, search parameters, merge, clip-retrieval export, and the `in
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,9 @@ def test_merge_concatenates_rows_and_refuses_another_model(tmp_path):
     ib = make_index(tmp_path / "b", b, image_dir="/photos/2025")
     merged = merge_indexes([ia, ib], tmp_path / "ab")
     assert np.array_equal(np.asarray(merged.embeddings), np.concatenate([a, b]))
-    assert merged.meta["image_dir"] == "/photos" and merged.paths[0] == "2024/img0000.jpg"
+    # the sources' common parent, stored relative to the merged index (as every index stores its paths)
+    assert merged.meta["image_dir"] == os.path.relpath("/photos", merged.root.resolve())
+    assert str(merged.resolve(merged.meta["image_dir"])) == "/photos" and merged.paths[0] == "2024/img0000.jpg"
     assert str(merged.image_path(50)) == "/photos/2025/img0000.jpg"
     build_ann(merged, "IVF2,Flat")
     assert Searcher(load_index(merged.root)).ann.ntotal == 120

@@ -30,7 +30,7 @@ def test_atomic_save_round_trip_and_rng(tmp_path):
 
 
 def test_truncated_checkpoint_is_reported_and_older_one_used(tmp_path, caplog):
-    ck = Checkpointer(tmp_path, keep_last=2)
+    ck = Checkpointer(tmp_path, keep_last=2)  # per-epoch files are opt-in: the fallback when last.pt is damaged
     ck.save({"model": {"w": torch.ones(2)}}, epoch_tag=1)
     ck.save({"model": {"w": torch.full((2,), 2.0)}}, epoch_tag=2)
     last = tmp_path / "checkpoints" / "last.pt"
@@ -43,11 +43,22 @@ def test_truncated_checkpoint_is_reported_and_older_one_used(tmp_path, caplog):
 
 
 def test_keep_last_prunes_epoch_files(tmp_path):
-    ck = Checkpointer(tmp_path, keep_last=2)
+    ck = Checkpointer(tmp_path, keep_last=2, safetensors=True)
     for e in range(1, 5):
         ck.save({"model": {}}, epoch_tag=e, is_best=e == 2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["best.pt", "best.safetensors", "epoch_0003.pt", "epoch_0004.pt", "last.pt", "last.safetensors"]
+
+
+def test_by_default_a_run_keeps_last_pt_and_a_weights_only_best_pt(tmp_path):
+    ck = Checkpointer(tmp_path)
+    full = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: torch.zeros(2)}}, "rng": {"x": 1}}
+    full |= {"trainer": {"epoch": 1}, "config": {"a": 1}, "tokenizer": "t", "loss": {}, "scheduler": {}}
+    for e in (1, 2):
+        ck.save(full, epoch_tag=e, is_best=e == 1)
+    assert sorted(p.name for p in ck.dir.iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(load_checkpoint(ck.dir / "best.pt")) == ["config", "loss", "model", "tokenizer", "trainer"]
+    assert "optimizer" in load_checkpoint(ck.dir / "last.pt")  # the full state, for --resume
 
 
 class Boom:

@@ -77,7 +77,8 @@ def test_the_config_tables_are_current(config_docs):
 def test_config_tables_take_each_fields_comment(config_docs):
     table = config_docs.table(CheckpointConfig, "checkpoint")
     assert table.splitlines()[2] == (
-        "| `checkpoint.keep_last` | `3` | per-epoch checkpoints kept besides last.pt and best.pt |"
+        "| `checkpoint.keep_last` | `0` | full-state per-epoch checkpoints (epoch_XXXX.pt) kept besides last.pt and "
+        "best.pt |"
     )
     loss = config_docs.table(LossConfig, "loss")
     # a comment block above the field, `|` escaped, nested sections left to their own tables

@@ -22,7 +22,7 @@ def train(root, run_dir, *extra):
 
 @pytest.mark.slow
 def test_safetensors_export_rebuilds_the_same_model(shapes_root, tmp_path):
-    assert train(shapes_root, tmp_path / "run") == 0
+    assert train(shapes_root, tmp_path / "run", "checkpoint.safetensors=true") == 0
     ckpts = tmp_path / "run" / "checkpoints"
     from_pt, from_st = crossmatch.load(str(ckpts / "best.pt")), crossmatch.load(str(ckpts / "best.safetensors"))
     a, b = from_pt.state_dict(), from_st.state_dict()
@@ -47,7 +47,7 @@ def test_partial_load_reports_everything_it_skips():
 
 @pytest.mark.slow
 def test_init_from_logs_what_it_could_not_load(shapes_root, tmp_path):
-    assert train(shapes_root, tmp_path / "a") == 0
+    assert train(shapes_root, tmp_path / "a", "checkpoint.safetensors=true") == 0
     assert (
         train(
             shapes_root,

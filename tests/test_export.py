@@ -32,6 +32,18 @@ def batch_of(tok: CaptionTokenizer, texts: list[str]) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask}
 
 
+@torch.no_grad()
+def image_embed(model, images: torch.Tensor) -> np.ndarray:
+    """The torch model's (B, E) image embeddings: what the exported image graph must give."""
+    return model.encode_image({"image": images})["embed"].numpy()
+
+
+@torch.no_grad()
+def text_embed(model, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """The torch model's (B, E) caption embeddings: what the exported text graph must give."""
+    return model.encode_text(batch)["embed"].numpy()
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_unpacked_gru_equals_the_packed_one(bidirectional):
     from crossmatch.search.export import UnpackedGRU
@@ -50,15 +62,23 @@ def test_unpacked_gru_equals_the_packed_one(bidirectional):
     assert words2[1, 1:].abs().max() == 0 and words2[3, 1:].abs().max() == 0
 
 
-def test_dual_encoder_onnx_matches_torch_and_the_tokenizer_round_trips(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from crossmatch.models.registry import create_model
-    from crossmatch.search.export import OnnxDualEncoder, export_onnx
+def save_tiny_checkpoint(path, name: str, *overrides: str):
+    return conftest.save_tiny_checkpoint(path, name, *overrides, captions=CAPTIONS)
 
-    torch.manual_seed(0)
-    tok = tokenizer(max_words=8)
-    model = create_model("tiny_vse", data_defaults={"vocab_size": tok.vocab_size}, bidirectional=True).eval()
-    info = export_onnx(model, tok, 32, tmp_path / "onnx", model_name="tiny_vse")
+
+def test_vse_cnn_exports_quietly_through_the_cli_with_overrides_and_matches_torch(tmp_path, capsys):
+    """The vse_cnn setup (tiny_vse, bidirectional GRU), end to end: a checkpoint, `crossmatch export` with a
+    key=value override, both graphs and tokenizer.json alone against the torch model."""
+    pytest.importorskip("onnxruntime")
+    from crossmatch.cli.main import main
+    from crossmatch.runs import load_run
+    from crossmatch.search.export import OnnxDualEncoder
+
+    ckpt = save_tiny_checkpoint(tmp_path / "m.pt", "tiny_vse", "model.bidirectional=true")
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "onnx"), "data.image_mean=[0.5,0.5,0.5]"]) == 0
+    out = capsys.readouterr().out
+    assert "[torch.onnx]" not in out and len(out.splitlines()) == 2  # the files line and the parity line
+    assert out.startswith("exported tiny_vse (dual_encoder)") and "max abs diff" in out
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
         "crossmatch_onnx.json",
         "image_encoder.onnx",
@@ -66,13 +86,15 @@ def test_dual_encoder_onnx_matches_torch_and_the_tokenizer_round_trips(tmp_path)
         "tokenizer.json",
     ]
     saved = json.loads((tmp_path / "onnx" / "crossmatch_onnx.json").read_text())
-    assert saved == json.loads(json.dumps(info)) and saved["kind"] == "dual_encoder"
+    assert saved["kind"] == "dual_encoder"
     assert saved["image_encoder"]["inputs"]["image"]["shape"] == ["batch", 3, 32, 32]
     assert saved["image_encoder"]["outputs"] == {"embed": {"shape": ["batch", 16], "dtype": "float32"}}
     assert saved["text_encoder"]["outputs"] == {"embed": {"shape": ["batch", 16], "dtype": "float32"}}
-    assert saved["preprocessing"]["mean"] == [0.485, 0.456, 0.406] and saved["tokenizer"]["max_words"] == 8
+    assert saved["preprocessing"]["mean"] == [0.5, 0.5, 0.5]  # the override, not ImageNet's stored mean
+    assert saved["preprocessing"]["std"] == [0.229, 0.224, 0.225] and saved["tokenizer"]["max_words"] == 8
     assert max(saved["parity"]["max_abs_diff"].values()) <= ATOL
 
+    model, _, tok = load_run(ckpt)
     onnx = OnnxDualEncoder(tmp_path / "onnx")
     ids, mask = onnx.tokenize(TEXTS)  # tokenizer.json alone, as another runtime would use it
     ref = batch_of(tok, TEXTS)
@@ -80,16 +102,10 @@ def test_dual_encoder_onnx_matches_torch_and_the_tokenizer_round_trips(tmp_path)
     assert ids.shape == (4, 8)  # the long caption is cut to max_words; the empty one is [UNK]
 
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # another batch size than export
-    with torch.no_grad():
-        img_ref = model.encode_image({"image": images})["embed"].numpy()
-        txt_ref = model.encode_text(ref)["embed"].numpy()
+    img_ref, txt_ref = image_embed(model, images), text_embed(model, ref)
     assert np.abs(onnx.encode_image(images.numpy()) - img_ref).max() <= ATOL
     assert np.abs(onnx.encode_text(TEXTS) - txt_ref).max() <= ATOL
     assert np.abs(onnx.encode_text(TEXTS[:1]) - txt_ref[:1]).max() <= ATOL  # batch 1, length 3
-
-
-def save_tiny_checkpoint(path, name: str, *overrides: str):
-    return conftest.save_tiny_checkpoint(path, name, *overrides, captions=CAPTIONS)
 
 
 @pytest.mark.parametrize(
@@ -107,21 +123,13 @@ def test_models_that_are_not_dual_encoders_are_refused_naming_their_towers(name,
     assert reason in err and "--towers" in err and not (tmp_path / "out" / "image_encoder.onnx").exists()
 
 
-@pytest.mark.slow
-def test_export_cli_writes_a_dual_encoder_that_matches_the_checkpoint(tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
+def test_a_bad_override_of_export_is_a_one_line_error(tmp_path, capsys):
     from crossmatch.cli.main import main
-    from crossmatch.runs import load_run
-    from crossmatch.search.export import OnnxDualEncoder
 
     ckpt = save_tiny_checkpoint(tmp_path / "m.pt", "tiny_vse")
-    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "out")]) == 0
-    out = capsys.readouterr().out
-    assert "exported tiny_vse (dual_encoder)" in out and "max abs diff" in out
-    model, _, tok = load_run(ckpt)
-    with torch.no_grad():
-        ref = model.encode_text(batch_of(tok, TEXTS))["embed"].numpy()
-    assert np.abs(OnnxDualEncoder(tmp_path / "out").encode_text(TEXTS) - ref).max() <= ATOL
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "out"), "data.image_sise=48"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.image_sise" in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -154,8 +162,10 @@ def test_towers_of_scan_and_albef_match_torch(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrained_towers_export(tmp_path):
-    """vse_pretrained with a tiny random BERT folder and timm's test_efficientnet (no weights needed)."""
+def test_vse_pretrained_with_cached_frozen_towers_and_the_class_prior_matches_torch(tmp_path):
+    """vse_pretrained as configs/vse_pretrained_tux.yaml sets it up (model.cache_frozen, model.image_prior), with a
+    tiny random BERT folder and timm's test_efficientnet (no weights needed): the graphs compute the towers that
+    the model caches, and equal the cached model's embeddings."""
     pytest.importorskip("onnxruntime")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("timm")
@@ -172,16 +182,51 @@ def test_pretrained_towers_export(tmp_path):
         intermediate_size=32,
         max_position_embeddings=40,
     ).save_pretrained(bert)
+    tok.save(bert / "tokenizer.json")  # the class-name prior embeds ImageNet's names with the text tower's tokenizer
     torch.manual_seed(0)
-    model = create_model(
-        "vse_pretrained", text_tower=str(bert), image_tower="test_efficientnet", pretrained=False, embed_dim=8
-    ).eval()
+    kw = {"text_tower": str(bert), "image_tower": "test_efficientnet", "pretrained": False, "embed_dim": 8}
+    model = create_model("vse_pretrained", cache_frozen=True, image_prior="class_names", **kw).eval()
     info = export_onnx(model, tok, 64, tmp_path / "onnx", model_name="vse_pretrained")
     assert max(info["parity"]["max_abs_diff"].values()) <= ATOL
+    assert model.config.cache_frozen and not model.image_cache.store  # the model keeps caching; export read no cache
     onnx = OnnxDualEncoder(tmp_path / "onnx")
-    with torch.no_grad():
-        ref = model.encode_text(batch_of(tok, TEXTS))["embed"].numpy()
-    assert np.abs(onnx.encode_text(TEXTS) - ref).max() <= ATOL
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    # through the memory caches: each item's frozen outputs computed once, then read
+    txt_ref, img_ref = text_embed(model, batch_of(tok, TEXTS)), image_embed(model, images)
+    # the cached path ran: 3 images, 3 distinct token sequences ("" and "zebra" are both [UNK])
+    assert len(model.image_cache.store) == 3 and len(model.text_cache.store) == 3
+    assert np.abs(onnx.encode_text(TEXTS) - txt_ref).max() <= ATOL
+    assert np.abs(onnx.encode_image(images.numpy()) - img_ref).max() <= ATOL
+
+
+@pytest.mark.slow
+def test_tiny_clip_exports_its_bpe_tokenizer_and_matches_torch(tmp_path):
+    """The clip family: the graphs, and CLIP's BPE as a tokenizer.json that gives open_clip's ids."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("open_clip")
+    from crossmatch.cli.export import run_export
+    from crossmatch.config import config_to_dict, load_config
+    from crossmatch.engine.checkpoint import atomic_save
+    from crossmatch.runs import build_model, build_run_tokenizer, load_run, resolved_model_section
+    from crossmatch.search.export import OnnxDualEncoder
+
+    cfg = load_config(None, ["model.name=tiny_clip", "data.image_size=32"])
+    tok = build_run_tokenizer(cfg, lambda: [])  # the family's own: CLIP's BPE, 16 tokens
+    torch.manual_seed(0)
+    model, cfg = build_model(cfg, tok)
+    cfg.model = resolved_model_section("tiny_clip", model)
+    ckpt = tmp_path / "clip.pt"
+    atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "tokenizer": tok.to_str()}, ckpt)
+    info = run_export(str(ckpt), str(tmp_path / "onnx"))
+    assert max(info["parity"]["max_abs_diff"].values()) <= ATOL
+    model, _, tok = load_run(ckpt)
+    onnx = OnnxDualEncoder(tmp_path / "onnx")
+    texts = [*TEXTS, "Zebras' 12 café déjà-vu,  OK!"]  # case, apostrophes, digits, accents, runs of spaces
+    ids, mask = onnx.tokenize(texts)
+    ref = batch_of(tok, texts)
+    assert np.array_equal(ids, ref["input_ids"].numpy()) and np.array_equal(mask, ref["attention_mask"].numpy())
+    assert ids[2].tolist()[:2] == [49406, 49407] and ids.shape[1] == 16  # "" is [SOT, EOT]; cut to the context
+    assert np.abs(onnx.encode_text(texts) - text_embed(model, ref)).max() <= ATOL
 
 
 def test_missing_onnx_export_folder_is_a_one_line_error(tmp_path):

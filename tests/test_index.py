@@ -65,7 +65,8 @@ def test_build_writes_the_index_and_query_equals_brute_force(run, capsys):
     files = sorted(images.glob("*.png"))
     meta = json.loads((idx / "meta.json").read_text())
     assert meta["count"] == len(files) == 46 and meta["complete"] and meta["skipped"] == []
-    assert meta["checkpoint"] == str(ckpt.resolve()) and meta["model"] == "tiny_vse" and meta["embed_dim"] == 16
+    assert (idx / meta["checkpoint"]).resolve() == ckpt.resolve()  # stored relative to the index folder
+    assert meta["model"] == "tiny_vse" and meta["embed_dim"] == 16
     assert json.loads((idx / "paths.json").read_text()) == [f.name for f in files]
     emb = np.load(idx / "embeddings.npy")
     assert emb.dtype == np.float32 and emb.shape == (46, 16)

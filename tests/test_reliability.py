@@ -126,7 +126,7 @@ def test_sigkill_while_best_pt_is_written_then_resume_and_evaluate(shapes_root, 
     script = tmp_path / "kill.py"
     script.write_text(KILL_IN_BEST)
     run = tmp_path / "run"
-    args = train_args(shapes_root, run, "train.epochs=1", "checkpoint.every_steps=1")
+    args = train_args(shapes_root, run, "train.epochs=1", "checkpoint.every_steps=1", "checkpoint.safetensors=true")
     killed = subprocess.run([sys.executable, str(script), *args], env=ENV, cwd=ROOT, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpts = run / "checkpoints"
@@ -143,7 +143,7 @@ def test_sigkill_while_best_pt_is_written_then_resume_and_evaluate(shapes_root, 
 
 
 def test_resume_repairs_a_missing_or_stale_best(tmp_path):
-    ck = Checkpointer(tmp_path, keep_last=3)
+    ck = Checkpointer(tmp_path, keep_last=3, safetensors=True)
     ck.save(fake_state(1, 1, w=1.0), epoch_tag=1, is_best=True)
     # what the old write order left after a kill: last.pt says epoch 2 is best, best.* still hold epoch 1
     ck.save(fake_state(2, 2, w=2.0), epoch_tag=2)
@@ -165,7 +165,7 @@ def test_best_files_are_written_before_last(tmp_path, monkeypatch):
 
     order, real = [], checkpoint.atomic_write
     monkeypatch.setattr(checkpoint, "atomic_write", lambda path, write: order.append(path.name) or real(path, write))
-    Checkpointer(tmp_path).save(fake_state(1, 1), epoch_tag=1, is_best=True)
+    Checkpointer(tmp_path, keep_last=1, safetensors=True).save(fake_state(1, 1), epoch_tag=1, is_best=True)
     assert order == ["best.pt", "best.safetensors", "last.pt", "epoch_0001.pt", "last.safetensors"]
 
 
@@ -237,7 +237,7 @@ def test_an_overflowing_lr_below_the_bound_is_caught_by_the_nan_guard(shapes_roo
 
 @pytest.mark.parametrize("damage", [b"", b"hello world", b"not a checkpoint", b"PK\x03\x04 half a zip"])
 def test_resume_falls_back_from_an_empty_or_text_last_pt(tmp_path, caplog, damage):
-    ck = Checkpointer(tmp_path)
+    ck = Checkpointer(tmp_path, keep_last=1)
     ck.save(fake_state(1, 1, w=1.0), epoch_tag=1)
     (ck.dir / "last.pt").write_bytes(damage)
     with pytest.raises(CheckpointError) as err:
@@ -362,7 +362,7 @@ def test_byte_flips_in_a_safetensors_export_never_load_silently(tmp_path):
 
 
 def test_a_digest_that_does_not_match_is_corrupt_and_skipped_on_resume(tmp_path):
-    ck = Checkpointer(tmp_path)
+    ck = Checkpointer(tmp_path, keep_last=1)
     ck.save(fake_state(1, 1, w=1.0), epoch_tag=1)
     forged = {**fake_state(1, 1, w=9.0), "sha256": "0" * 64}  # an intact zip whose digest does not match
     torch.save(forged, ck.dir / "last.pt")
@@ -534,7 +534,7 @@ def test_pt_and_safetensors_files_get_the_same_mode(tmp_path):
 
     old = os.umask(0o027)
     try:
-        Checkpointer(tmp_path).save(fake_state(1, 1), epoch_tag=1, is_best=True)
+        Checkpointer(tmp_path, safetensors=True).save(fake_state(1, 1), epoch_tag=1, is_best=True)
         save_config(RunConfig(), tmp_path / "config.yaml")
     finally:
         os.umask(old)

@@ -246,6 +246,7 @@ def test_two_rank_training_on_shards_stores_every_ranks_position(shards, tmp_pat
     cmd += [f"data.root={shards}", "data.format=webdataset", "data.shuffle_buffer=16", "data.image_size=32"]
     cmd += ["model.name=tiny_vse", "model.batch_norm=false", "train.batch_size=4", "train.epochs=1"]
     cmd += ["train.max_steps_per_epoch=6", "checkpoint.every_steps=5", "eval.batch_size=16"]
+    cmd += ["checkpoint.keep_last=1"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "epoch_0001.pt")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -23,10 +24,14 @@ from crossmatch.files import write_text
 @dataclass
 class DataConfig:
     root: str = "data/shapes"  # dataset folder (dataset.json + images/, {split}_ims.npy, *.tar) or a shard pattern
-    format: str = "karpathy"  # see crossmatch.data.formats (karpathy, ...)
+    format: str = "karpathy"  # see crossmatch.data.formats (karpathy, jsonl, csv, folder, webdataset, ...)
     json_name: str = ""  # karpathy: the JSON file in root (default dataset.json; dataset_coco.json for COCO)
     image_dir: str = ""  # karpathy: image folder (default {root}/images)
     restval: bool = False  # karpathy COCO: fold the "restval" split into train
+    csv_img_key: str = "filepath"  # csv: the column of image paths (relative to root), as open_clip's --csv-img-key
+    csv_caption_key: str = "title"  # csv: the column of captions, as open_clip's --csv-caption-key
+    csv_separator: str = "\t"  # csv: the column separator (one character; "\\t" typed in a shell is a tab too)
+    split_file: str = ""  # folder: JSON {relative image path: split}; "": split by a hash of the path, 90/5/5
     image_size: Any = 64  # int: the square side the images are resized to; [H, W]: non-square (e.g. [384, 128])
     train_split: str = "train"  # split names as written in the dataset file
     val_split: str = "val"  # the split validated during training
@@ -147,6 +152,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # activation checkpointing in the towers that support it (clip)
     layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (the towers)
     tower_lr: float = 0.0  # lr of pretrained towers (vse_pretrained, clip, *_minilm) before layer_decay; 0 = train.lr
+    # where scalars go: tensorboard (tb/), jsonl (metrics.jsonl, which curves.png is drawn from), wandb (optional)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
 
 
 @dataclass
@@ -169,7 +176,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    keep_last: int = 3  # per-epoch checkpoints kept besides last.pt and best.pt
+    keep_last: int = 0  # full-state per-epoch checkpoints (epoch_XXXX.pt) kept besides last.pt and best.pt
+    safetensors: bool = False  # also write best.safetensors and last.safetensors (weights, config, tokenizer)
     every_steps: int = 0  # also refresh last.pt every this many optimizer steps (0: only at epoch ends)
 
 
@@ -213,12 +221,24 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
     return _merge([OmegaConf.structured(cfg)], overrides)
 
 
+def _override_layer(item: str) -> DictConfig:
+    """One `key=value` override as a config layer. Values are read as YAML (`[a,b]`, `true`, `1e-4`); a value
+    YAML cannot read, such as `data.csv_separator=,`, is taken as the text itself."""
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError:
+        key, value = item.split("=", 1)
+        layer = OmegaConf.create()
+        OmegaConf.update(layer, key, value, force_add=True)
+        return layer
+
+
 def _merge(layers: list, overrides: list[str] | tuple[str, ...]) -> RunConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
-        layers = [*layers, OmegaConf.from_dotlist(list(overrides))]
+        layers = [*layers, *(_override_layer(item) for item in overrides)]
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *layers)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
@@ -240,6 +260,7 @@ LOWER_IS_BETTER = ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
 MAX_LR = 3.4e38 / 10
 EVAL_PRECISIONS = ("fp32", "same", "bf16", "fp16")
 VILT_NEGATIVES = ("random", "hard")  # loss.vilt.negatives
+LOGGERS = ("tensorboard", "jsonl", "wandb")  # train.loggers (crossmatch.engine.logging)
 TEXT_NEGATIVE_TERMS = ("joint", "separate")  # loss.text_negative_term (losses/triplet.py)
 
 
@@ -345,6 +366,12 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
             ),
             ("loss.vilt.negatives", vilt_neg, vilt_neg in VILT_NEGATIVES, f"choose {' or '.join(VILT_NEGATIVES)}"),
             ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),
+            (
+                "train.loggers",
+                t.loggers,
+                all(name in LOGGERS for name in t.loggers),
+                f"each must be one of {', '.join(LOGGERS)}",
+            ),
             ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, "must be >= 0"),
         ]
     for key, value, ok, what in rules:

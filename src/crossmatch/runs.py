@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import shutil
 import sys
@@ -63,6 +64,7 @@ from crossmatch.retrieval.person import image_pids
 from crossmatch.tasks import build_task
 
 log = logging.getLogger(__name__)
+DATA_FROM_RUN = "data_root_from_run"  # checkpoint entry: the dataset's path relative to the run folder
 MAX_BOXES = 8  # object boxes read per image for box-region models
 
 
@@ -172,15 +174,63 @@ def build_eval_data(cfg: RunConfig, ds: ImageCaptionDataset, tokenizer: CaptionT
     )
 
 
-def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig, CaptionTokenizer]:
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint file: the parent of its `checkpoints/` folder, else its own folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def data_root_candidates(stored: str, run_dir: Path, from_run: str | None = None) -> list[Path]:
+    """Where a run's dataset may be, in order: the stored data.root as given (relative to the current
+    folder), the dataset's path relative to the run folder recorded at training time (`from_run`), the stored
+    path below the run folder."""
+    candidates = [Path(stored)]
+    if from_run:
+        candidates.append(Path(os.path.normpath(run_dir / from_run)))
+    if not Path(stored).is_absolute():
+        candidates.append(run_dir / stored)
+    return list(dict.fromkeys(candidates))
+
+
+def locate_data_root(cfg: RunConfig, run_dir: Path, from_run: str | None, required: bool) -> RunConfig:
+    """`cfg` with data.root set to the first of `data_root_candidates` that exists (a run folder moved or copied
+    elsewhere still finds its dataset), and a relative data.image_dir inside the stored root moved with it. A
+    shard pattern is left as it is.
+
+    Raises:
+        DataError: with `required`, when no candidate exists: one line listing the paths tried and naming the
+            data.root= override.
+    """
+    stored = cfg.data.root
+    if any(c in stored for c in "{*?["):  # a webdataset brace or glob pattern: not a path to test
+        return cfg
+    candidates = data_root_candidates(stored, run_dir, from_run)
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        if required:
+            tried = ", ".join(str(c) for c in candidates)
+            raise DataError(f"dataset of run {run_dir} not found (tried {tried}); pass data.root=PATH")
+        return cfg
+    image_dir = cfg.data.image_dir
+    if image_dir and not Path(image_dir).is_absolute() and Path(image_dir).is_relative_to(stored):
+        image_dir = str(found / Path(image_dir).relative_to(stored))  # e.g. data/coco/images -> <found>/images
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(found), image_dir=image_dir))
+
+
+def load_run(
+    path: str | Path, overrides: list[str] | None = None, need_data: bool = False
+) -> tuple[nn.Module, RunConfig, CaptionTokenizer]:
     """Model (eval mode, CPU), config and tokenizer from a .pt checkpoint or a .safetensors export;
-    `overrides` (key=value) apply on top of the stored config, e.g. a different data.root."""
+    `overrides` (key=value) apply on top of the stored config, e.g. a different data.root. Without a data.root
+    override, the dataset is looked for where `locate_data_root` says; with `need_data`, not finding it is an
+    error (evaluate, search), else the stored path stays (export, load)."""
     path = resolve_checkpoint(path)
     ckpt = read_weights(path)
     for key in ("config", "tokenizer"):
         if key not in ckpt:
             raise CheckpointError(f"{path} has no '{key}' entry (not written by crossmatch train)")
     cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides or [])
+    if not any(o.startswith("data.root=") for o in overrides or []):
+        cfg = locate_data_root(cfg, run_folder_of(path), ckpt.get(DATA_FROM_RUN), need_data)
     try:
         tokenizer = CaptionTokenizer.from_str(ckpt["tokenizer"], cfg.data.max_words)
     except DataError as err:
@@ -349,12 +399,21 @@ def build_trainer(
     )
 
     sinks = RunSinks(
-        Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main),
-        MetricLogger(run_dir, enabled=dist.is_main),
-        {"config": config_to_dict(cfg), "tokenizer": tokenizer.to_str()},
+        Checkpointer(run_dir, cfg.checkpoint.keep_last, dist.is_main, cfg.checkpoint.safetensors),
+        MetricLogger(run_dir, dist.is_main, cfg.train.loggers, config_to_dict(cfg)),
+        {
+            "config": config_to_dict(cfg),
+            "tokenizer": tokenizer.to_str(),
+            DATA_FROM_RUN: _relative_to(cfg.data.root, run_dir),
+        },
     )
     loaders = RunLoaders(loader, val_loader)
     return Trainer(task, optimizer, scheduler, loaders, evaluator, sinks, TrainerConfig.from_run(cfg), dist), cfg
+
+
+def _relative_to(path: str, folder: Path) -> str:
+    """`path` relative to `folder` (POSIX separators), for a run folder that moves together with its dataset."""
+    return Path(os.path.relpath(Path(path).resolve(), folder.resolve())).as_posix()
 
 
 class _FileKeys(torch.utils.data.Dataset):
@@ -467,7 +526,8 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-RUN_FILES = ("checkpoints", "tb", "metrics.jsonl", "train.log", "config.yaml", "tokenizer.json")  # --overwrite
+# What --overwrite removes.
+RUN_FILES = ("checkpoints", "tb", "wandb", "metrics.jsonl", "train.log", "config.yaml", "tokenizer.json", "curves.png")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:

@@ -184,7 +184,7 @@ def run_evaluate(
     if model_name is not None:
         model, cfg, tokenizer = build_untrained_run(model_name, data_root, list(overrides))
     else:
-        model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+        model, cfg, tokenizer = load_run(checkpoint, list(overrides), need_data=not negatives)
     validate_config(cfg, training=False)
     dist = init_distributed(device)
     if negatives:
@@ -264,7 +264,7 @@ def run_search(
     from crossmatch.engine.distributed import init_distributed
     from crossmatch.runs import build_eval_data, load_run, open_split
 
-    model, cfg, tokenizer = load_run(checkpoint, list(overrides))
+    model, cfg, tokenizer = load_run(checkpoint, list(overrides), need_data=True)
     validate_config(cfg, training=False)
     if explain and not hasattr(model, "word_attention"):
         raise ModelError(f"model {cfg.model['name']} has no word attention to explain")

@@ -4,11 +4,13 @@ every caption and id checked, all problems reported) and convert between formats
 
     crossmatch data shapes --out DIR [--train N] [--val N] [--test N] [--seed S] [--size PX]
     crossmatch data tuxpaint --out DIR [--source PATH_TO_DEB_OR_STAMPS_DIR]
-    crossmatch data validate PATH [--format F] [--json-name N] [--image-dir D]
+    crossmatch data validate PATH [--format F] [--json-name N] [--image-dir D] [CSV/FOLDER OPTIONS]
     crossmatch data convert SRC DST --to karpathy|jsonl|webdataset [--from F] [--json-name N] [--shard-size N]
 
 PATH and SRC are a dataset folder or its annotation file, or (webdataset) a folder of .tar shards or a brace
-pattern. Formats: karpathy, jsonl, cuhk_pedes, icfg_pedes, rstpreid, webdataset (guessed when not given).
+pattern. Formats: karpathy, jsonl, cuhk_pedes, icfg_pedes, rstpreid, webdataset, csv (open_clip's tables),
+folder (images with .txt captions) (guessed when not given). CSV/FOLDER OPTIONS: --csv-img-key,
+--csv-caption-key, --csv-separator, --split-file (the data.csv_* and data.split_file keys of a run).
 Heavy imports happen in `run`, not at parser build time.
 """
 
@@ -16,10 +18,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from crossmatch.cli.help import add_command
 
-FORMATS = ("karpathy", "jsonl", "cuhk_pedes", "icfg_pedes", "rstpreid", "webdataset")
+FORMATS = ("karpathy", "jsonl", "cuhk_pedes", "icfg_pedes", "rstpreid", "webdataset", "csv", "folder")
+
+
+def add_csv_folder_options(p: argparse.ArgumentParser) -> None:
+    """The csv and folder readers' settings, named and defaulted as the run config's data.* keys."""
+    p.add_argument("--csv-img-key", default="filepath", help="csv: column of image paths (data.csv_img_key)")
+    p.add_argument("--csv-caption-key", default="title", help="csv: column of captions (data.csv_caption_key)")
+    p.add_argument("--csv-separator", default="\t", help="csv: column separator, default tab (data.csv_separator)")
+    p.add_argument("--split-file", default="", help="folder: JSON {image path: split} (data.split_file)")
+
+
+def csv_folder_options(args: argparse.Namespace) -> dict:
+    return {
+        "img_key": args.csv_img_key,
+        "caption_key": args.csv_caption_key,
+        "sep": args.csv_separator,
+        "split_file": args.split_file,
+    }
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
@@ -56,6 +76,8 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         "check a dataset: images decode, captions, ids, split sizes",
         "crossmatch data validate data/shapes",
         "crossmatch data validate data/cuhk/reid_raw.json --format cuhk_pedes",
+        "crossmatch data validate data/cc/train.csv --csv-separator , --csv-caption-key caption",
+        "crossmatch data validate photos/ --format folder",
     )
     val.add_argument("path", help="dataset folder or annotation file")
     val.add_argument("--format", choices=FORMATS, default=None, help="guessed from the file name when not given")
@@ -64,6 +86,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     val.add_argument(
         "--allow-outside-root", action="store_true", help="accept image paths that leave the image folder (../, /abs)"
     )
+    add_csv_folder_options(val)
 
     conv = add_command(
         data_sub,
@@ -71,6 +94,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
         "convert a dataset to Karpathy JSON, JSONL or WebDataset shards",
         "crossmatch data convert data/shapes data/shapes.jsonl --to jsonl",
         "crossmatch data convert data/shapes data/shards --to webdataset --shard-size 1000",
+        "crossmatch data convert photos/ photos/dataset.jsonl --to jsonl --from folder",
     )
     conv.add_argument("src", help="dataset folder or annotation file")
     conv.add_argument("dst", help="output file (a folder of shards for --to webdataset)")
@@ -78,6 +102,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     conv.add_argument("--from", dest="from_format", choices=FORMATS, default=None, help="guessed when not given")
     conv.add_argument("--json-name", default="", help="annotation file name inside the SRC folder")
     conv.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard")
+    add_csv_folder_options(conv)
 
 
 def run(args: argparse.Namespace) -> bool:
@@ -98,7 +123,7 @@ def run(args: argparse.Namespace) -> bool:
         path = generate_shapes(
             args.out, args.train, args.val, args.test, seed=args.seed, size=args.size, progress=sys.stderr.isatty()
         )
-        print(f"wrote {path} (with exact negatives per caption) and {path.parent / NEGATIVES_FILE} (test triples)")
+        print(shapes_summary(path, path.parent / NEGATIVES_FILE))
         return True
     from crossmatch.data.check import (
         check_entries,
@@ -112,7 +137,7 @@ def run(args: argparse.Namespace) -> bool:
     from crossmatch.errors import DataError
 
     if args.data_command == "validate":
-        src = resolve_source(args.path, args.format, args.json_name, args.image_dir)
+        src = resolve_source(args.path, args.format, args.json_name, args.image_dir, csv_folder_options(args))
         if src.fmt == "webdataset":
             report = check_shards(src.file, progress=sys.stderr.isatty())
         else:
@@ -121,10 +146,62 @@ def run(args: argparse.Namespace) -> bool:
         if report.n_problems:
             raise DataError(f"{report.n_problems} problem(s) in {src.file}, first: {first_problem(report)}")
         return True
-    src = resolve_source(args.src, args.from_format, args.json_name)
+    src = resolve_source(args.src, args.from_format, args.json_name, options=csv_folder_options(args))
     out = convert(src, args.dst, args.to, args.shard_size)
-    if args.to == "webdataset":
-        print(f"wrote {len(list(out.glob('*.tar')))} shard(s) to {out} from {src.file} ({src.fmt})")
-    else:
-        print(f"wrote {out} ({args.to}) from {src.file} ({src.fmt}); image paths are relative to {src.image_dir}")
+    print(convert_summary(src, out, args.to))
     return True
+
+
+def convert_summary(src, out, to: str) -> str:
+    """What `data convert` wrote (images, captions, splits, size) and the next step."""
+    from collections import Counter
+    from pathlib import Path
+
+    from crossmatch.cli.train import folder_size
+    from crossmatch.data.check import read_entries
+
+    entries = read_entries(src)
+    splits = Counter(str(e.get("split")) for e in entries)
+    n_caps = sum(len(e["captions"]) for e in entries)
+    size = (folder_size(out) if Path(out).is_dir() else Path(out).stat().st_size) / 2**20
+    what = f"{len(entries)} images, {n_caps} captions ({', '.join(f'{k} {v}' for k, v in splits.items())})"
+    if to == "webdataset":
+        lines = [f"wrote {len(list(out.glob('*.tar')))} shard(s) to {out} ({size:.1f} MB): {what}, from {src.file}"]
+        lines.append(f"next: crossmatch data validate {out}, then train with data.format=webdataset data.root={out}")
+    else:
+        lines = [f"wrote {out} ({to}, {size:.1f} MB): {what}, from {src.file} ({src.fmt})"]
+        lines.append(f"image paths are relative to {src.image_dir}")
+        lines.append(
+            f"next: crossmatch data validate {out} --image-dir {src.image_dir}, then train with "
+            f"data.format={to} data.root={Path(out).parent} data.json_name={Path(out).name} "
+            f"data.image_dir={src.image_dir}"
+        )
+    return "\n".join(lines)
+
+
+def shapes_summary(dataset: Path, negatives: Path) -> str:
+    """What `data shapes` wrote (images and captions per split, size) and the next steps."""
+    from collections import Counter
+
+    from crossmatch.cli.demo import format_files
+    from crossmatch.cli.train import folder_size
+    from crossmatch.data.check import Source, read_entries
+
+    entries = read_entries(Source("karpathy", dataset, dataset.parent / "images"))
+    images, captions = Counter(e["split"] for e in entries), Counter()
+    for e in entries:
+        captions[e["split"]] += len(e["captions"])
+    counts = ", ".join(f"{s} {images[s]} images / {captions[s]} captions" for s in images)
+    root = dataset.parent
+    lines = [f"wrote the shapes dataset to {root} ({folder_size(root) / 2**20:.1f} MB): {counts}"]
+    lines.append(
+        format_files(
+            [
+                ("annotations (Karpathy JSON + exact negatives)", dataset),
+                ("test triples (image, caption, negative)", negatives),
+                ("images", root / "images"),
+            ]
+        )
+    )
+    lines.append(f"next: crossmatch train configs/vse_shapes.yaml data.root={root}")
+    return "\n".join(lines)

@@ -110,6 +110,12 @@ def curves_title(cfg) -> str:
     return title + f"\nvalidation on {n_val} val images"
 
 
+def format_files(files: list[tuple[str, object]]) -> str:
+    """What a command wrote, one `  what:  path` line per file, the paths aligned."""
+    width = max([54, *(len(what) + 3 for what, _ in files)])
+    return "\n".join(f"  {what + ':':<{width}}{path}" for what, path in files)
+
+
 def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrides: list[str] = ()) -> Phases:
     """The demo; returns the timing of each phase."""
     from crossmatch.cli.commands import run_evaluate, run_search
@@ -139,19 +145,19 @@ def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrid
     phases.start("search", steps, f"searching the test images for {query!r}:")
     run_search(str(best), query=query, top_k=10, out=str(gallery))
     phases.start("curves", steps, "drawing the training curves")
-    from crossmatch.search.curves import plot_curves
+    from crossmatch.cli.train import draw_curves
 
-    curves = plot_curves(run / "metrics.jsonl", run / "curves.png", cfg.eval.metric, curves_title(cfg))
+    curves = draw_curves(cfg, run, curves_title(cfg))
     phases.start("files", steps, "what the demo wrote:")
-    for what, path in (
+    files = [
         ("test metrics", metrics_json),
         ("report (worst-ranked test captions, metrics on top)", report),
         ("search gallery", gallery),
         ("training curves (train/val loss, val rsum)", curves),
         ("checkpoint", best),
         ("training log", run / "train.log"),
-    ):
-        print(f"  {what + ':':<54}{path}")
+    ]
+    print(format_files(files))
     print(f"  open {report} in a browser; TensorBoard: tensorboard --logdir {run / 'tb'}  (then http://localhost:6006)")
     phases.stop()
     return phases

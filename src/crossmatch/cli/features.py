@@ -55,5 +55,38 @@ def run(args: argparse.Namespace) -> bool:
         device=dist.device,
     )
     if dist.is_main:
-        print(f"wrote {info['features_file']} {tuple(info['shape'])} and {info['captions_file']} in {args.out}")
+        print(features_summary(info, args.out, args.split))
     return True
+
+
+def features_summary(info: dict, out: str, split: str) -> str:
+    """What `features` wrote (files, shape, size) and the next step: a model trained on them."""
+    from pathlib import Path
+
+    from crossmatch.cli.demo import format_files
+
+    folder = Path(out)
+    feats = folder / info["features_file"]
+    size = feats.stat().st_size / 2**20 if feats.is_file() else 0.0
+    n, shape = info["shape"][0], " x ".join(str(d) for d in info["shape"])
+    lines = [f"wrote the {info['kind']} features of {n} {split} images ({shape}, {size:.1f} MB) into {folder}:"]
+    lines.append(
+        format_files(
+            [
+                ("features", feats),
+                ("captions", folder / info["captions_file"]),
+                ("description", folder / "features.json"),
+            ]
+        )
+    )
+    if info["kind"] == "global":  # one vector per image: for other tools, not a region model
+        lines.append(
+            f"next: numpy.load('{feats}', mmap_mode='r') (row i: image i of the split); --kind grid or boxes "
+            "writes the region features that SCAN trains on"
+        )
+    else:
+        lines.append(
+            f"next: the other splits into {folder} too (--split train, --split val), then "
+            f"crossmatch train configs/scan_t2i_lse.yaml data.root={folder}"
+        )
+    return "\n".join(lines)

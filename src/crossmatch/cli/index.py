@@ -50,6 +50,9 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     b.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
     b.add_argument("--dtype", choices=DTYPES, default="float32", help="storage of embeddings.npy (float16: half)")
     index_ann.add_key_options(b, default=None)
+    b.add_argument(
+        "--absolute-paths", action="store_true", help="meta.json records absolute paths (default: relative to --out)"
+    )
     add_device_option(b)
     q = add_command(
         isub,
@@ -65,6 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     q.add_argument("--backend", choices=BACKENDS, default="torch", help="exact search engine")
     q.add_argument("--checkpoint", default=None, help="model to encode the query (default: the one in meta.json)")
     index_ann.add_search_params(q)
+    q.add_argument("--absolute-paths", action="store_true", help="print absolute image paths")
     add_device_option(q)
     index_ann.add_parsers(isub)
 
@@ -83,12 +87,21 @@ def run(args: argparse.Namespace) -> bool:
             args.workers,
             args.dtype,
             args.device,
+            args.absolute_paths,
         )
         if get_rank_env() == 0:
             index_ann.apply_key(args.out, args.index_key, args.train_rows)
     elif args.index_command == "query":
         run_query(
-            args.index, args.query, args.top_k, args.out, args.backend, args.checkpoint, args.device, args.search_params
+            args.index,
+            args.query,
+            args.top_k,
+            args.out,
+            args.backend,
+            args.checkpoint,
+            args.device,
+            args.search_params,
+            args.absolute_paths,
         )
     else:
         return index_ann.run(args)
@@ -111,8 +124,9 @@ def run_build(
     workers: int = 0,
     dtype: str = "float32",
     device: str = "auto",
+    absolute_paths: bool = False,
 ) -> dict:
-    """Build (or finish building) the index; prints a one-line summary and the skipped files."""
+    """Build (or finish building) the index; prints what it wrote, the skipped files and the next step."""
     from crossmatch.data.transforms import preprocess_kwargs
     from crossmatch.engine.distributed import init_distributed
     from crossmatch.errors import ConfigError
@@ -138,14 +152,23 @@ def run_build(
         progress=sys.stderr.isatty() and dist.is_main,
         max_image_pixels=cfg.data.max_image_pixels,
         dtype=dtype,
+        absolute_paths=absolute_paths,
     )
     if not dist.is_main:
         return meta
+    from crossmatch.cli.demo import format_files
+    from crossmatch.cli.train import folder_size
+
     skipped = meta["skipped"]
-    print(f"indexed {meta['count']} images (E={meta['embed_dim']}, {meta['model']}, {dtype}) into {out}")
+    size = folder_size(Path(out)) / 2**20
+    print(
+        f"indexed {meta['count']} images (E={meta['embed_dim']}, {meta['model']}, {dtype}) into {out} ({size:.1f} MB)"
+    )
     if skipped:
         names = ", ".join(Path(s["path"]).name for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         print(f"skipped {len(skipped)} unreadable image(s): {names} (listed in {Path(out) / 'meta.json'})")
+    print(format_files([("embeddings", Path(out) / "embeddings.npy"), ("image paths", Path(out) / "paths.json")]))
+    print(f'next: crossmatch index query {out} --query "a caption to search for" --top-k 5')
     return meta
 
 
@@ -158,9 +181,11 @@ def run_query(
     checkpoint: str | None = None,
     device: str = "auto",
     search_params: str | None = None,
+    absolute_paths: bool = False,
 ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
     """Print rank, score and path of the top-k images for each query (all searched in one pass); optionally
-    draw them (.png: one query; .html: any number). Returns the (path, score) list, one per query for a list."""
+    draw them (.png: one query; .html: any number). Paths are relative to the current folder when `index_dir`
+    is (absolute with `absolute_paths`). Returns the (path, score) list, one per query for a list."""
     from crossmatch.engine.distributed import resolve_device
     from crossmatch.errors import ConfigError, DataError
     from crossmatch.files import check_writable
@@ -182,14 +207,14 @@ def run_query(
         check_writable(out, "--out")
     index = load_index(index_dir)
     searcher = Searcher(index, search_params, backend)  # the approximate structure when the index has one
-    model, _, tokenizer = load_run(checkpoint or index.meta["checkpoint"])
+    model, _, tokenizer = load_run(checkpoint or index.checkpoint)
     for q in queries:
         tokenizer.encode_query(q)  # refuses a query whose words are all unknown
     dev = resolve_device(device)
     text = encode_texts(model.to(dev), tokenizer, queries, dev)  # (Q, E)
     scores, ids = searcher.search(text, top_k)  # (Q, k) each: one pass for all queries
     results = [
-        [(str(index.image_path(i)), s) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
+        [(str(_shown(index.image_path(i), absolute_paths)), s) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
         for row_i, row_s in zip(ids.tolist(), scores.tolist(), strict=True)
     ]
     for q, hits in zip(queries, results, strict=True):
@@ -212,3 +237,7 @@ def run_query(
         write_html_report(out, queries, rows, None, f"crossmatch index {index_dir}")
         print(f"report written to {out}")
     return results[0] if isinstance(query, str) else results
+
+
+def _shown(path: Path, absolute: bool) -> Path:
+    return path.resolve() if absolute else path

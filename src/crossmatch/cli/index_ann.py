@@ -154,7 +154,7 @@ def run_eval(
     searcher = Searcher(index, search_params)  # bad params fail before any model is loaded
     dev = resolve_device(device)
     overrides = [f"data.root={data}"] if data else []
-    model, cfg, tokenizer = load_run(checkpoint or index.meta["checkpoint"], overrides)
+    model, cfg, tokenizer = load_run(checkpoint or index.checkpoint, overrides)
     model = model.eval().to(dev)
     if data:
         from crossmatch.retrieval.evaluate import encode_split

@@ -61,7 +61,7 @@ def build_app(
         raise ConfigError(f"--max-upload-mb {max_upload_mb}: must be positive")
     index = load_index(index_dir)
     searcher = Searcher(index, search_params)
-    model, cfg, tokenizer = load_run(checkpoint or index.meta["checkpoint"])
+    model, cfg, tokenizer = load_run(checkpoint or index.checkpoint)
     dev = resolve_device(device)
     engine = SearchEngine(searcher, model.eval().to(dev), tokenizer, dev, cfg.data.max_image_pixels)
     return create_app(engine, max_upload_mb)

@@ -6,8 +6,9 @@ one image file under two ids, image paths that leave the image folder, entries w
 per-split statistics.
 
 Formats: Karpathy-split JSON (Flickr30K, COCO), JSONL (crossmatch.data.jsonl), the person-search files
-of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes), and WebDataset tar shards
-(crossmatch.data.shards). All are read into canonical entries {"image", "captions", "split", "id"?, "pid"?},
+of CUHK-PEDES, ICFG-PEDES and RSTPReid (crossmatch.data.pedes), WebDataset tar shards
+(crossmatch.data.shards), open_clip's CSV tables and folders of images with .txt captions
+(crossmatch.data.csv_folder). All are read into canonical entries {"image", "captions", "split", "id"?, "pid"?},
 which is also what conversion writes out.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from crossmatch.data.csv_folder import read_csv_entries, read_folder_entries
 from crossmatch.data.datasets import outside_root
 from crossmatch.data.jsonl import entries_to_karpathy, read_jsonl, read_karpathy_entries, write_jsonl
 from crossmatch.data.pedes import IMAGE_DIR as PEDES_IMAGE_DIR
@@ -37,6 +39,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "jsonl": ("dataset.jsonl", "images"),
     **{fmt: (spec.file, PEDES_IMAGE_DIR) for fmt, spec in PEDES.items()},
     "webdataset": ("", ""),  # a folder of .tar shards or a brace pattern: images inside the shards
+    "csv": ("", ""),  # {split}.csv tables (a file, or every *.csv of a folder); images relative to their folder
+    "folder": ("", ""),  # images with same-name .txt captions under the folder
 }
 EXAMPLES = 3  # culprits printed per kind of problem
 
@@ -46,8 +50,9 @@ class Source:
     """A dataset file and how to read it."""
 
     fmt: str  # a key of DEFAULTS
-    file: Path  # the annotation file
+    file: Path  # the annotation file (csv: a table or the folder of tables; folder: the folder)
     image_dir: Path  # folder the image paths are relative to
+    options: dict = field(default_factory=dict)  # csv: img_key, caption_key, sep; folder: split_file
 
 
 def guess_format(file: Path) -> str:
@@ -57,8 +62,12 @@ def guess_format(file: Path) -> str:
     return next((fmt for fmt, spec in PEDES.items() if spec.file == file.name), "karpathy")
 
 
-def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = "", image_dir: str = "") -> Source:
+def resolve_source(
+    path: str | Path, fmt: str | None = None, json_name: str = "", image_dir: str = "", options: dict | None = None
+) -> Source:
     """PATH (a dataset folder or its annotation file) + optional format, file name and image folder -> Source.
+    A folder without an annotation file is read as CSV tables when it holds *.csv files, else as a folder of
+    images with .txt captions. `options`: the csv and folder readers' settings (see Source).
 
     Raises:
         ConfigError: unknown format, or a folder holding no known annotation file.
@@ -68,7 +77,11 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
     if fmt == "webdataset" or (fmt is None and is_shard_spec(path)):
         spec = str(path) if is_url(str(path)) else Path(path)  # Path would fold "http://" into "http:/"
         return Source("webdataset", spec, spec)
-    path = Path(path)
+    path, options = Path(path), options or {}
+    if fmt in ("csv", "folder") or (fmt is None and path.suffix == ".csv"):
+        fmt = fmt or "csv"
+        folder = path.parent if path.is_file() else path
+        return Source(fmt, path, Path(image_dir) if image_dir else folder, options)
     if path.exists() and not path.is_dir():  # a FIFO or a device too: the reader refuses it in one line
         file = path
     elif json_name:
@@ -77,6 +90,9 @@ def resolve_source(path: str | Path, fmt: str | None = None, json_name: str = ""
         names = [DEFAULTS[fmt][0]] if fmt else [name for name, _ in DEFAULTS.values() if name]
         found = [path / n for n in names if (path / n).exists() and not (path / n).is_dir()]
         found += sorted(path.glob("dataset_*.json"))
+        if not found and fmt is None and path.is_dir():  # no annotation file: tables, else images with captions
+            fmt = "csv" if any(path.glob("*.csv")) else "folder"
+            return Source(fmt, path, Path(image_dir) if image_dir else path, options)
         if not found:
             raise ConfigError(f"no dataset file in {path} (looked for {', '.join(names)}); pass --json-name")
         file = found[0]
@@ -95,6 +111,18 @@ def read_entries(src: Source) -> list[dict]:
         return read_pedes(src.file, src.fmt)
     if src.fmt == "webdataset":
         return read_shard_entries(src.file)[0]
+    if src.fmt == "csv":  # a table is the split of its name
+        tables = [src.file] if src.file.is_file() else sorted(src.file.glob("*.csv"))
+        if not tables:
+            raise DataError(f"no .csv table in {src.file}")
+        keys = ("img_key", "caption_key", "sep")
+        return [
+            e
+            for t in tables
+            for e in read_csv_entries(t, t.stem, **{k: src.options[k] for k in keys if k in src.options})
+        ]
+    if src.fmt == "folder":
+        return read_folder_entries(src.file, src.options.get("split_file", ""))
     return read_karpathy_entries(src.file)
 
 

@@ -16,6 +16,7 @@ from crossmatch.errors import ConfigError
 _FORMATS: dict[str, Callable[[DataConfig, str], ImageCaptionDataset]] = {}
 # Modules that register more formats when imported (imported on first use of open_split).
 FORMAT_MODULES: list[str] = [
+    "crossmatch.data.csv_folder",
     "crossmatch.data.jsonl",
     "crossmatch.data.pedes",
     "crossmatch.data.precomputed",

@@ -1,10 +1,12 @@
 """Checkpoints: a plain dict of state_dicts plus counters, RNG states, config and tokenizer, written
 atomically (temp file in the same folder, fsync, os.replace) and read with `weights_only=True`.
 
-Layout of a run's `checkpoints/`: `last.pt` (newest), `best.pt` (best validation metric),
-`epoch_XXXX.pt` (the last `keep_last` epochs), `last.safetensors` / `best.safetensors` (weights, config and
-tokenizer). A crash during a save leaves the previous file intact; the best files are written before
-`last.pt`, which records the best epoch, and a resumed run repairs them if an older run left them stale.
+Layout of a run's `checkpoints/`: `last.pt` (newest, the full state: what `--resume` reads) and `best.pt`
+(best validation metric: weights, config, tokenizer and counters, no optimiser state: what evaluate, search
+and export read); opt-in, `epoch_XXXX.pt` (the last `keep_last` epochs, full state) and `last.safetensors` /
+`best.safetensors` (weights, config and tokenizer; `safetensors=True`). A crash during a save leaves the
+previous file intact; the best files are written before `last.pt`, which records the best epoch, and a
+resumed run repairs them if an older run left them stale.
 
 Integrity: every `.pt` holds a `sha256` entry (`payload_digest` of the rest) and every `.safetensors` one in
 its metadata; loading checks the zip records' CRC-32s, then the digest. An empty, truncated or corrupt file
@@ -242,17 +244,29 @@ def partial_load(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> di
     return report
 
 
+# What best.pt keeps of a training state: the model and what rebuilds and describes it. The optimiser,
+# scheduler, scaler, RNG and loader states (two thirds of an Adam run's bytes) only serve a resume: last.pt.
+WEIGHTS_KEYS = ("model", "loss", "trainer", "config", "tokenizer", "data_root_from_run")
+
+
+def weights_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The part of a training state that best.pt stores (WEIGHTS_KEYS)."""
+    return {k: state[k] for k in WEIGHTS_KEYS if k in state}
+
+
 class Checkpointer:
     """Saves and finds the checkpoints of one run directory."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 3, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, keep_last: int = 0, enabled: bool = True, safetensors: bool = False):
         self.dir = Path(run_dir) / "checkpoints"
-        self.keep_last = keep_last
+        self.keep_last = keep_last  # full-state epoch_XXXX.pt files kept besides last.pt (0: none)
         self.enabled = enabled  # False on non-main ranks
+        self.safetensors = safetensors  # also write best.safetensors and last.safetensors
 
     def save(self, state: dict[str, Any], epoch_tag: int | None = None, is_best: bool = False) -> None:
-        """Write best.pt and best.safetensors when `is_best`, then last.pt (always), then epoch_XXXX.pt
-        and last.safetensors when `epoch_tag` is given (epoch ends).
+        """Write best.pt (weights_state) and best.safetensors when `is_best`, then last.pt (always), then
+        epoch_XXXX.pt (when keep_last > 0) and last.safetensors when `epoch_tag` is given (epoch ends); the
+        .safetensors files only with `safetensors`.
 
         The best files go first: last.pt records the best epoch, so a run killed between the two
         resumes from the previous last.pt, redoes the epoch and writes the best files again, instead of
@@ -260,12 +274,15 @@ class Checkpointer:
         if not self.enabled:
             return
         if is_best:
-            atomic_save(state, self.dir / "best.pt")
-            export_safetensors(state, self.dir / "best.safetensors")
+            atomic_save(weights_state(state), self.dir / "best.pt")
+            if self.safetensors:
+                export_safetensors(state, self.dir / "best.safetensors")
         atomic_save(state, self.dir / "last.pt")
         if epoch_tag is not None:
-            atomic_save(state, self.dir / f"epoch_{epoch_tag:04d}.pt")
-            export_safetensors(state, self.dir / "last.safetensors")
+            if self.keep_last > 0:
+                atomic_save(state, self.dir / f"epoch_{epoch_tag:04d}.pt")
+            if self.safetensors:
+                export_safetensors(state, self.dir / "last.safetensors")
             self._prune()
 
     def _prune(self) -> None:
@@ -296,15 +313,15 @@ class Checkpointer:
         return None
 
     def repair_best(self, state: dict[str, Any]) -> list[Path]:
-        """Make best.pt and best.safetensors hold the epoch that `state` (the checkpoint a run resumes
-        from) records as best: a missing, unreadable or stale file is rewritten from the checkpoint of
+        """Make best.pt (and best.safetensors, when written) hold the epoch that `state` (the checkpoint a run
+        resumes from) records as best: a missing, unreadable or stale file is rewritten from the checkpoint of
         that epoch (`state` itself or epoch_XXXX.pt). Returns the files rewritten."""
         best = state.get("trainer", {}).get("best_epoch", -1)
         if not self.enabled or best < 1:
             return []
         pt, st = self.dir / "best.pt", self.dir / "best.safetensors"
         pt_ok = _epoch_of(pt, load_checkpoint) == best
-        st_ok = _epoch_of(st, _safetensors_epoch) == best
+        st_ok = not self.safetensors or _epoch_of(st, _safetensors_epoch) == best
         if pt_ok and st_ok:
             return []
         source = self._state_of_epoch(best, state)
@@ -314,7 +331,7 @@ class Checkpointer:
             return []
         written = []
         if not pt_ok:
-            atomic_save(source, pt)
+            atomic_save(weights_state(source), pt)
             written.append(pt)
         if not st_ok:
             export_safetensors(source, st)

@@ -1,6 +1,8 @@
 """Two logging channels: text through `logging` (console + the run's train.log, quiet on non-main
-ranks) and scalars through `MetricLogger` (TensorBoard, one writer per split so that train and val
-curves of the same tag share a chart, plus a metrics.jsonl file with the plain keys)."""
+ranks) and scalars through `MetricLogger`, to the backends named in `train.loggers`: `tensorboard` (one
+writer per split so that train and val curves of the same tag share a chart), `jsonl` (metrics.jsonl with the
+plain keys: what curves.png is drawn from) and `wandb` (Weights & Biases, its own optional package; a run
+under `WANDB_MODE=offline` writes it locally, under the run folder)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+from crossmatch.config import LOGGERS
+from crossmatch.errors import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -51,14 +57,43 @@ def tag(key: str, split: str) -> str:
     return f"retrieval/{key}" if split == "val" else f"{split}/{key}"
 
 
-class MetricLogger:
-    """`log(metrics, step, split)` -> TensorBoard `run_dir/tb/{split}` and `run_dir/metrics.jsonl`."""
+DEFAULT_LOGGERS = ("tensorboard", "jsonl")
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+
+def check_loggers(loggers: list[str] | tuple[str, ...]) -> None:
+    """Every name in `train.loggers` is a known backend, and `wandb` is importable when named.
+
+    Raises:
+        ConfigError: an unknown name, or wandb without its package.
+    """
+    for name in loggers:
+        if name not in LOGGERS:
+            raise ConfigError(f"train.loggers: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
+    if "wandb" in loggers:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("train.loggers: wandb needs its package: pip install 'crossmatch[wandb]'") from err
+
+
+class MetricLogger:
+    """`log(metrics, step, split)` -> the backends in `loggers`: TensorBoard `run_dir/tb/{split}`,
+    `run_dir/metrics.jsonl`, a wandb run (`run_dir/wandb/`, its name the run folder's, `config` its config)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool = True,
+        loggers: list[str] | tuple[str, ...] = DEFAULT_LOGGERS,
+        config: dict[str, Any] | None = None,
+    ):
+        check_loggers(loggers)
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.tensorboard = tensorboard
+        self.loggers = tuple(loggers)
+        self.config = config or {}  # what the wandb run records as its config
         self._writers: dict = {}
+        self._wandb = None
 
     def _writer(self, split: str):
         if split not in self._writers:
@@ -67,18 +102,28 @@ class MetricLogger:
             self._writers[split] = SummaryWriter(str(self.run_dir / "tb" / split))
         return self._writers[split]
 
+    def _wandb_run(self):
+        if self._wandb is None:
+            import wandb
+
+            self._wandb = wandb.init(dir=str(self.run_dir), name=self.run_dir.name, config=self.config)
+        return self._wandb
+
     def log(self, metrics: dict[str, float], step: int, split: str = "train", epoch: float | None = None) -> None:
         """Write one row of scalars at optimizer step `step`; `epoch` (epochs done, fractional within an
         epoch) goes into the JSONL row only, for per-epoch curves (`crossmatch.search.curves`)."""
         if not self.enabled:
             return
-        if self.tensorboard:
+        if "tensorboard" in self.loggers:
             w = self._writer(split)
             for k, v in metrics.items():
                 w.add_scalar(tag(k, split), v, step)
-        where = {"split": split, "step": step, **({"epoch": round(epoch, 4)} if epoch is not None else {})}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({**where, **metrics}) + "\n")
+        if "jsonl" in self.loggers:
+            where = {"split": split, "step": step, **({"epoch": round(epoch, 4)} if epoch is not None else {})}
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({**where, **metrics}) + "\n")
+        if "wandb" in self.loggers:
+            self._wandb_run().log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
 
     def flush(self) -> None:
         for w in self._writers.values():
@@ -88,3 +133,6 @@ class MetricLogger:
         for w in self._writers.values():
             w.close()
         self._writers.clear()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -30,7 +30,16 @@ from torch import Tensor
 
 from crossmatch.errors import ConfigError, DataError, install_hint
 from crossmatch.files import write_text
-from crossmatch.search.index import EMBEDDINGS, META, PATHS, SEARCH_CHUNK, Index, exact_topk, load_index
+from crossmatch.search.index import (
+    EMBEDDINGS,
+    META,
+    PATHS,
+    SEARCH_CHUNK,
+    Index,
+    exact_topk,
+    load_index,
+    stored_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +262,8 @@ def merge_indexes(sources: list[str | Path], out: str | Path) -> Index:
     for p in parts[1:]:
         for key in SAME_MODEL_KEYS:
             a, b = first.get(key), p.meta.get(key)
+            if key == "checkpoint":  # stored relative to each index's own folder
+                a, b = str(parts[0].checkpoint.resolve()), str(p.checkpoint.resolve())
             if key == "weights_sha256" and (a is None or b is None):
                 continue  # an index from before the weights hash: the checkpoint identity decides
             if a != b:
@@ -281,9 +292,17 @@ def merge_indexes(sources: list[str | Path], out: str | Path) -> Index:
     write_text(out / PATHS, json.dumps([os.path.relpath(x, root) for x in paths], indent=2))
     fingerprint = hashlib.sha1("|".join(p.meta.get("fingerprint", "") for p in parts).encode()).hexdigest()
     meta = {k: first[k] for k in (*SAME_MODEL_KEYS, "dtype", "max_image_pixels") if k in first}
-    skipped = [s for p in parts for s in p.meta.get("skipped", [])]
-    meta.update(image_dir=root, files=n, fingerprint=fingerprint, done=n, rows=n, count=n, complete=True)
-    meta.update(skipped=skipped, merged_from=[str(p.root.resolve()) for p in parts])
+    absolute = bool(first.get("absolute_paths", False))  # paths as the first source stores them
+    skipped = [
+        {**s, "path": stored_path(p.resolve(s["path"]), out, absolute)}
+        for p in parts
+        for s in p.meta.get("skipped", [])
+    ]
+    meta.update(checkpoint=stored_path(parts[0].checkpoint, out, absolute), absolute_paths=absolute)
+    meta.update(image_dir=stored_path(root, out, absolute), files=n, fingerprint=fingerprint, done=n, rows=n)
+    meta.update(
+        count=n, complete=True, skipped=skipped, merged_from=[stored_path(p.root, out, absolute) for p in parts]
+    )
     write_text(out / META, json.dumps(meta, indent=2))
     return load_index(out)
 

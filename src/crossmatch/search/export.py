@@ -18,6 +18,9 @@ and ViLT's fusion encoders, TIPCB's part cosines) are refused as dual encoders; 
 unimodal towers are exported instead (`image_tower.onnx`, `text_tower.onnx`: every tensor that
 `encode_image` / `encode_text` return, by name), which is what an external runtime can precompute.
 
+Frozen towers whose per-item outputs a model caches while training (`model.cache_frozen`, keyed by the bytes
+of each input) are exported uncached: a traced graph computes every tower, which gives the same numbers.
+
 The GRU text tower packs its batch by length (`pack_padded_sequence`), which ONNX has no operator for;
 the exported graph runs an equivalent `UnpackedGRU` on the padded batch instead (each direction is
 read at, or started from, each caption's last real word), checked against the packed original.
@@ -27,7 +30,10 @@ Legend: B batch, S image side, L tokens, D GRU width, W word-embedding width, E 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import io
 import json
 import logging
 import warnings
@@ -39,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from crossmatch.config import image_hw
+from crossmatch.data.clip_tokenizer import OpenClipTokenizer
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.tokenizer import PAD_ID, SPECIAL_TOKENS, UNK_ID, CaptionTokenizer
 from crossmatch.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -107,6 +114,19 @@ class UnpackedGRU(nn.Module):
             words = (words + back.gather(1, rev.unsqueeze(-1).expand(B, L, H))) / 2  # (B, L, D) original order
         valid = torch.arange(L, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
         return words * valid.unsqueeze(-1).to(words.dtype), sentence
+
+
+def uncached(model: nn.Module) -> nn.Module:
+    """`model`, or for a model that caches its frozen towers' outputs (`model.cache_frozen`) a shallow copy that
+    computes them on every call: a cache is keyed by the bytes of each input, which a traced graph cannot read,
+    and a cached output equals the computed one. The model itself is not changed."""
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "cache_frozen", False):
+        return model
+    twin = copy.copy(model)  # shares the weights; its own attributes below
+    twin.config = dataclasses.replace(cfg, cache_frozen=False)
+    twin.image_cache = twin.text_cache = None  # not read without cache_frozen; not deep-copied by onnx_friendly
+    return twin
 
 
 def onnx_friendly(model: nn.Module) -> nn.Module:
@@ -187,12 +207,19 @@ def check_exportable(model: nn.Module, name: str, img: dict, txt: dict, towers: 
         )
 
 
-def _export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, names: dict, opset: int) -> None:
-    """One torch.export -> ONNX pass with dynamic batch (and length) axes, written atomically as one file."""
+def _export_graph(
+    module: nn.Module, args: tuple[Tensor, ...], path: Path, names: dict, opset: int, verbose: bool = False
+) -> None:
+    """One torch.export -> ONNX pass with dynamic batch (and length) axes, written atomically as one file.
+    The exporter's progress lines and warnings are shown only with `verbose`."""
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     dims = [{0: batch}] if len(args) == 1 else [{0: batch, 1: length}, {0: batch, 1: length}]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and shape-naming chatter
+    quiet = contextlib.ExitStack()
+    if not verbose:  # the exporter prints its steps to stdout and warns about deprecations and shape names
+        quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        quiet.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+    with quiet:
         program = torch.onnx.export(
             module,
             args,
@@ -204,6 +231,7 @@ def _export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, names
             # onnxscript's optimizer drops the `+ eps` of l2norm (x / (||x|| + 1e-8)), turning the
             # zero vectors of padded words into NaN: export the graph as traced.
             optimize=False,
+            verbose=verbose,
         )
     proto = program.model_proto  # weights inline: one self-contained file (models under 2 GB)
     atomic_write(path, lambda f: f.write(proto.SerializeToString()))
@@ -280,12 +308,57 @@ def verify_parity(
 
 def exported_tokenizer(tokenizer: CaptionTokenizer) -> str:
     """The tokenizer as a tokenizer.json that, on its own, gives the ids and mask training used:
-    truncation to max_words and right padding with [PAD] = 0 to the longest caption of a batch."""
+    truncation to max_words and right padding with [PAD] = 0 to the longest caption of a batch. An open_clip
+    tokenizer (clip models) becomes the same BPE in the `tokenizers` format (`open_clip_tokenizer_json`)."""
     from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, OpenClipTokenizer):
+        return open_clip_tokenizer_json(tokenizer)
 
     tok = Tokenizer.from_str(tokenizer.to_str())
     tok.enable_truncation(max_length=tokenizer.max_words)
     tok.enable_padding(direction="right", pad_id=PAD_ID, pad_token=SPECIAL_TOKENS[PAD_ID])
+    return tok.to_str()
+
+
+# open_clip's SimpleTokenizer splits text with this pattern after its cleaning (ftfy, whitespace, lower case).
+CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def open_clip_tokenizer_json(tokenizer: OpenClipTokenizer) -> str:
+    """An open_clip tokenizer as a tokenizer.json: CLIP's byte-level BPE (its vocabulary and merges, words ending
+    in </w>) after NFC, whitespace folding and lower-casing, framed by [SOT] ... [EOT], truncated to the context
+    length with [EOT] kept last, right-padded with the pad id; a Hugging Face tokenizer as its own tokenizer.json
+    with that truncation and padding. open_clip's ftfy repair of broken Unicode is not reproduced.
+
+    Raises:
+        ModelError: an open_clip tokenizer of another kind.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    inner, n = tokenizer.tok, tokenizer.context_length
+    if hasattr(getattr(inner, "tokenizer", None), "backend_tokenizer"):  # open_clip's HFTokenizer
+        tok = Tokenizer.from_str(inner.tokenizer.backend_tokenizer.to_str())
+    elif hasattr(inner, "bpe_ranks") and hasattr(inner, "encoder"):  # open_clip's SimpleTokenizer (CLIP BPE)
+        merges = sorted(inner.bpe_ranks, key=inner.bpe_ranks.get)  # by rank: the order BPE applies them
+        tok = Tokenizer(models.BPE(vocab=dict(inner.encoder), merges=merges, end_of_word_suffix="</w>"))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        split = pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        sot, eot = inner.decoder[inner.sot_token_id], inner.decoder[inner.eot_token_id]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{sot} $A {eot}", special_tokens=[(sot, inner.sot_token_id), (eot, inner.eot_token_id)]
+        )
+    else:
+        raise ModelError(
+            f"cannot export the tokenizer of {tokenizer.arch or 'this clip model'} ({type(inner).__name__})"
+        )
+    tok.enable_truncation(max_length=n)
+    tok.enable_padding(direction="right", pad_id=tokenizer.pad_id, pad_token="<pad>")
     return tok.to_str()
 
 
@@ -345,7 +418,7 @@ def manifest(
         "tokenizer": {
             "file": TOKENIZER_FILE,
             "max_words": tokenizer.max_words,
-            "pad_id": PAD_ID,
+            "pad_id": getattr(tokenizer, "pad_id", PAD_ID),
             "empty_caption": [UNK_ID],
             "notes": (
                 "tokenizer.json truncates to max_words and pads batches on the right with pad_id; "
@@ -366,6 +439,7 @@ def export_onnx(
     opset: int = 18,
     verify: bool = True,
     preprocess: dict | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Write the ONNX graphs, tokenizer.json and crossmatch_onnx.json of `model` into `out_dir`.
 
@@ -378,6 +452,7 @@ def export_onnx(
         opset: ONNX opset of the graphs.
         verify: run both graphs through onnxruntime and compare with torch (raises past PARITY_ATOL).
         preprocess: the run's image preprocessing (`data.transforms.preprocess_kwargs(cfg.data)`), recorded.
+        verbose: show torch.onnx's progress lines and warnings.
     Returns:
         The manifest dict, with "parity" ({"image", "text"} max abs differences) when verified.
     Raises:
@@ -385,7 +460,7 @@ def export_onnx(
         ConfigError: onnx / onnxruntime are not installed.
     """
     require_onnx()
-    model = model.eval().cpu()
+    model = uncached(model.eval().cpu())
     vocab, max_len = tokenizer.vocab_size, max(2, tokenizer.max_words)
     img, txt = probe(model, image_size, vocab)
     check_exportable(model, model_name, img, txt, towers)
@@ -397,9 +472,9 @@ def export_onnx(
     ids, mask = _example_text(vocab, 3, min(7, max_len), seed=0)  # B, L > 1: size-1 examples would stay static
     image = torch.randn(2, 3, *image_hw(image_size), generator=torch.Generator().manual_seed(0))
     names = {"inputs": ["image"], "outputs": keys["image"]}
-    _export_graph(_ImageGraph(graph_model, keys["image"]), (image,), out_dir / files["image"], names, opset)
+    _export_graph(_ImageGraph(graph_model, keys["image"]), (image,), out_dir / files["image"], names, opset, verbose)
     names = {"inputs": ["input_ids", "attention_mask"], "outputs": keys["text"]}
-    _export_graph(_TextGraph(graph_model, keys["text"]), (ids, mask), out_dir / files["text"], names, opset)
+    _export_graph(_TextGraph(graph_model, keys["text"]), (ids, mask), out_dir / files["text"], names, opset, verbose)
     shapes = output_shapes(model, image_size, vocab, max_len)
     info = manifest(model_name, image_size, tokenizer, files, keys, shapes, towers, preprocess)
     info["opset"] = opset

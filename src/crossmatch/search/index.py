@@ -9,7 +9,9 @@ An index is a folder:
 - `paths.json`: N image paths relative to the image folder, row i <-> path i.
 - `meta.json`: checkpoint, model name, E, count, the image folder, the images skipped as unreadable and,
   while a build runs, the progress (`done` files) written atomically after each flushed batch, so an
-  interrupted build resumes where it stopped and ends with the same file as an uninterrupted one.
+  interrupted build resumes where it stopped and ends with the same file as an uninterrupted one. The
+  checkpoint, the image folder and skipped files are stored relative to the index folder (so an index moved
+  together with its images and checkpoint still finds them), or absolute with `absolute_paths=True`.
 - `index.faiss` (optional): a faiss `IndexFlatIP` over the same rows.
 
 Under `torchrun --nproc_per_node=N` every rank embeds a batch-aligned share of the images into
@@ -45,6 +47,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from crossmatch.config import image_hw
+from crossmatch.data.csv_folder import IMAGE_EXTENSIONS
 from crossmatch.data.loaders import build_eval_loader, pad_sequences
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, build_image_transform, load_image
 from crossmatch.engine.sharding import PARTS, batch_aligned_range, part_dir, write_npy_concat
@@ -54,7 +57,6 @@ from crossmatch.tensors import barrier, get_rank, get_world_size
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 EMBEDDINGS, PATHS, META, FAISS_FILE = "embeddings.npy", "paths.json", "meta.json", "index.faiss"
 BACKENDS = ("torch", "faiss")
 DTYPES = {"float32": np.float32, "float16": np.float16}  # storage of embeddings.npy
@@ -106,6 +108,12 @@ class _ImageFiles(Dataset):
             return {"image": self.transform(load_image(self.files[i], self.max_pixels)), "image_idx": i}
         except DataError as err:
             return {"skipped": (i, str(err))}
+
+
+def stored_path(path: str | Path, index_dir: str | Path, absolute: bool = False) -> str:
+    """How meta.json records a file or folder: relative to the index folder, or absolute with `absolute`."""
+    full = Path(path).resolve()
+    return str(full) if absolute else Path(os.path.relpath(full, Path(index_dir).resolve())).as_posix()
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -177,12 +185,14 @@ def build_index(
     progress: bool = False,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     dtype: str = "float32",
+    absolute_paths: bool = False,
 ) -> dict[str, Any]:
     """Embed every image under `image_dir` into the index folder `out` (see the module docstring).
 
     Running it again on an unfinished `out` with the same checkpoint and images continues the build;
     on a finished one it returns at once. Unreadable images are logged, recorded in meta["skipped"] and
-    left out of the index. `dtype` ("float32" | "float16") is the storage of embeddings.npy.
+    left out of the index. `dtype` ("float32" | "float16") is the storage of embeddings.npy. meta.json
+    records paths relative to `out`, or absolute with `absolute_paths`.
 
     Returns:
         The meta.json dict (count = N indexed images).
@@ -197,10 +207,12 @@ def build_index(
     files = list_images(root)
     rel = [p.relative_to(root).as_posix() for p in files]
     model = model.eval().to(device)
+    out = Path(out)
     meta = {
-        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint": stored_path(checkpoint, out, absolute_paths),
         "model": model_name,
-        "image_dir": str(root.resolve()),
+        "image_dir": stored_path(root, out, absolute_paths),
+        "absolute_paths": absolute_paths,
         "image_size": image_size,
         "embed_dim": embed_dim_of(model, image_size, model_name, device),
         "files": len(files),
@@ -209,7 +221,6 @@ def build_index(
         **({"preprocess": preprocess} if preprocess else {}),  # the model's mean/std/resize (data.* of its run)
         "dtype": dtype,
     }
-    out = Path(out)
     if get_world_size() > 1:
         meta = _build_sharded(model, files, rel, meta, out, (batch_size, device, num_workers, progress))
     else:
@@ -263,7 +274,10 @@ def _merge_parts(out: Path, meta: dict[str, Any], rel: list[str], batch_size: in
         folder = part_dir(out, "index", r, world)
         part = json.loads((folder / META).read_text())
         rows.append(np.load(folder / EMBEDDINGS, mmap_mode="r")[: part["rows"]])  # (rows_r, E)
-        skipped += [{**s, "index": s["index"] + share.start} for s in part["skipped"]]
+        absolute = meta.get("absolute_paths", False)
+        for s in part["skipped"]:  # a part records its paths relative to its own folder: rebase them onto `out`
+            path = stored_path(folder / s["path"], out, absolute)
+            skipped.append({**s, "path": path, "index": s["index"] + share.start})
     count = sum(len(x) for x in rows)
     if count == 0:
         raise DataError(f"no readable image under {meta['image_dir']} ({len(skipped)} skipped)")
@@ -298,7 +312,8 @@ def _embed_files(
     for batch in build_eval_loader(view, batch_size, num_workers):
         for i, reason in batch.get("skipped", []):
             log.warning("skipped: %s", reason)  # the reason names the file
-            meta["skipped"].append({"path": str(files[i]), "index": i, "error": reason})
+            path = stored_path(files[i], out, meta.get("absolute_paths", False))
+            meta["skipped"].append({"path": path, "index": i, "error": reason})
         n_ok = len(batch["image"]) if "image" in batch else 0
         if n_ok:
             vecs = model.encode_image({"image": batch["image"].to(device)})["embed"]  # (B, E)
@@ -345,8 +360,18 @@ class Index:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def resolve(self, stored: str) -> Path:
+        """A path of meta.json as a usable path: an absolute one as is, a relative one joined to the index
+        folder (relative to the current folder when the index folder was given so)."""
+        return Path(os.path.normpath(self.root / stored))
+
     def image_path(self, i: int) -> Path:
-        return Path(self.meta["image_dir"]) / self.paths[i]
+        return self.resolve(self.meta["image_dir"]) / self.paths[i]
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint the index was built with."""
+        return self.resolve(self.meta["checkpoint"])
 
     def search(
         self, text_embeds: Tensor | np.ndarray, k: int, backend: str = "torch", chunk_size: int = 0
