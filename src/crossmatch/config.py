@@ -61,6 +61,9 @@ class DataConfig:
     # larger images are unreadable (decompression bombs); Pillow's default
     max_image_pixels: int = ranged(89_478_485, min=1)
     allow_outside_root: bool = False  # accept image paths that leave the image folder (../x.png, /abs/x.png)
+    # accept images that are in the train split and in an evaluation split (same resolved path or shard key), with
+    # a warning; otherwise train and evaluate refuse them (the metrics would be inflated)
+    allow_split_overlap: bool = False
     shuffle_buffer: int = ranged(1000, min=1)  # webdataset: pairs held in each loader worker's shuffle buffer
     hard_batches: bool = False  # train batches of confusable pairs, images that share objects (data/hard_batches.py)
     # Image preprocessing. Empty values take the model's own (open_clip models declare theirs), else the

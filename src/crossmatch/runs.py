@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import shutil
 import sys
@@ -181,6 +182,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def image_identities(ds) -> set[str]:
+    """What makes images of two splits the same image: the resolved file path, or a shard sample's shard and key."""
+    keys = getattr(ds, "image_keys", None)
+    return set(keys) if keys is not None else {os.path.realpath(r.path) for r in ds.images}
+
+
+def check_split_overlap(cfg: RunConfig, split: str, ds=None, train_ds=None) -> None:
+    """Refuse an evaluation split that shares images with the train split (its metrics would be inflated),
+    or with `data.allow_split_overlap` warn about it. A split that does not exist shares nothing.
+
+    Raises:
+        DataError: naming how many images are shared and one of them.
+    """
+    if split == cfg.data.train_split:
+        return
+    try:
+        ds = ds if ds is not None else open_split(cfg, split)
+        train_ds = train_ds if train_ds is not None else open_split(cfg, cfg.data.train_split)
+    except DataError:
+        return
+    shared = image_identities(ds) & image_identities(train_ds)
+    if not shared:
+        return
+    what = (
+        f"{len(shared)} image(s) of the {split} split are also in the train split (e.g. {min(shared)}): "
+        "its metrics would be inflated"
+    )
+    if not cfg.data.allow_split_overlap:
+        raise DataError(f"{what}; fix the dataset's splits, or set data.allow_split_overlap=true to accept them")
+    log.warning("%s (data.allow_split_overlap=true)", what)
+
+
 def needs_boxes(model: nn.Module) -> int:
     return MAX_BOXES if getattr(model, "needs_boxes", False) else 0
 
@@ -235,7 +268,10 @@ def make_evaluator(
     first-stage model from `eval.first_stage`, loaded and scored once on first use); with `max_images`,
     of the split's first images only (quick validation, `eval.max_images`). The protocol is checked at once
     (`check_protocol`; `training`: the validation of a run)."""
-    ds = open_split(cfg, split).first_images(max_images)
+    ds = open_split(cfg, split)
+    if not training:  # a run checks its val and test splits against the train split it holds (build_trainer)
+        check_split_overlap(cfg, split, ds)
+    ds = ds.first_images(max_images)
 
     def first_stage() -> torch.Tensor:
         first, first_cfg, first_tok = load_run(cfg.eval.first_stage, [f"data.root={cfg.data.root}"])
@@ -396,6 +432,8 @@ def build_trainer(
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
     scheduler = create_scheduler(optimizer, cfg.train, steps)
     progress = dist.is_main and sys.stderr.isatty()
+    for split in dict.fromkeys((cfg.data.val_split, cfg.data.test_split)):
+        check_split_overlap(cfg, split, train_ds=train_ds)
     val = cfg.data.val_split
     evaluator = make_evaluator(cfg, val, tokenizer, model, dist.device, progress, cfg.eval.max_images, training=True)
     check_metric(cfg.eval.metric, evaluator.metric_names, evaluator.protocol)  # before an epoch, not after it

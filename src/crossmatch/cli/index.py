@@ -141,11 +141,12 @@ def run_query(
 ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
     """Print rank, score and path of the top-k images for each query (all searched in one pass); optionally
     draw them (.png: one query; .html: any number). Returns the (path, score) list, one per query for a list."""
+    from crossmatch.data.transforms import preprocess_kwargs
     from crossmatch.engine.distributed import resolve_device
     from crossmatch.errors import ConfigError, DataError
     from crossmatch.files import check_writable
     from crossmatch.runs import load_run
-    from crossmatch.search.index import encode_texts, load_index
+    from crossmatch.search.index import check_index_model, embed_dim_of, encode_texts, load_index, weights_sha256
 
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be at least 1")
@@ -160,7 +161,10 @@ def run_query(
     if out:
         check_writable(out, "--out")
     index = load_index(index_dir)
-    model, _, tokenizer = load_run(checkpoint or index.meta["checkpoint"])
+    source = checkpoint or index.meta["checkpoint"]
+    model, cfg, tokenizer = load_run(source)
+    embed_dim_of(model.eval(), cfg.data.image_size, cfg.model["name"])  # a single-vector model, or one line
+    check_index_model(index, weights_sha256(model, cfg.data.image_size, preprocess_kwargs(cfg.data)), source)
     for q in queries:
         tokenizer.encode_query(q)  # refuses a query whose words are all unknown
     dev = resolve_device(device)

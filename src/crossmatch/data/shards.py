@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,11 @@ def iter_shard(path: str, on_problem: Callable[[str], None] | None = None) -> It
         on_problem(message)
 
 
+def shard_key(path: str, key: str) -> str:
+    """The identity of a sample across splits: its shard file (resolved) and its key there."""
+    return f"{os.path.realpath(path)}/{key}"
+
+
 def sample_split(sample: ShardSample, default: str) -> str:
     return sample.split if isinstance(sample.split, str) and sample.split else default
 
@@ -190,6 +196,7 @@ class ShardTrainSet:
         self.root, self.split, self.default_split = cfg.root, split, cfg.train_split
         self.shards: list[ShardInfo] = []
         self.captions: list[str] = []
+        self.image_keys: list[str] = []  # "shard/key" of each sample of the split: what makes two samples the same
         for path in resolve_shards(cfg.root, split):
             info = ShardInfo(path, 0, 0, 0)
             for sample in iter_shard(path):
@@ -198,6 +205,7 @@ class ShardTrainSet:
                     info.images += 1
                     info.pairs += len(sample.captions)
                     self.captions.extend(sample.captions)
+                    self.image_keys.append(shard_key(path, sample.key))
             self.shards.append(info)
         self.num_images = sum(s.images for s in self.shards)
         self.num_pairs = sum(s.pairs for s in self.shards)
@@ -246,7 +254,7 @@ class ShardIndexedSplit(ImageCaptionDataset):
 
     def __init__(self, cfg: DataConfig, split: str):
         self.root = Path(str(cfg.root).split("{")[0])
-        entries, self.blobs, where = [], [], []
+        entries, self.blobs, where, self.image_keys = [], [], [], []
         for path in resolve_shards(cfg.root, split):
             for sample in iter_shard(path):
                 if sample_split(sample, cfg.train_split) != split:
@@ -260,6 +268,7 @@ class ShardIndexedSplit(ImageCaptionDataset):
                 )
                 entries.append(entry)
                 self.blobs.append(sample.image)
+                self.image_keys.append(shard_key(path, sample.key))
                 where.append(sample.where())
         self.where = where
         self._load(entries, split, Path(str(cfg.root)), cfg.root, files_on_disk=False)

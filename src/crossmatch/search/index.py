@@ -7,7 +7,9 @@ An index is a folder:
   search), l2-normalised image embeddings, written batch by batch through a memory map, so neither
   building nor searching holds the whole matrix in memory twice.
 - `paths.json`: N image paths relative to the image folder, row i <-> path i.
-- `meta.json`: checkpoint, model name, E, count, the image folder, the images skipped as unreadable and,
+- `meta.json`: checkpoint, model name, E, count, the image folder, the images skipped as unreadable,
+  `weights_sha256` (the image-side weights and preprocessing that made the rows: a query with a model whose
+  image side differs is refused; `fingerprint` is only for resuming a build) and,
   while a build runs, the progress (`done` files) written atomically after each flushed batch, so an
   interrupted build resumes where it stopped and ends with the same file as an uninterrupted one.
 - `index.faiss` (optional): a faiss `IndexFlatIP` over the same rows.
@@ -208,6 +210,7 @@ def build_index(
         "max_image_pixels": max_image_pixels,
         **({"preprocess": preprocess} if preprocess else {}),  # the model's mean/std/resize (data.* of its run)
         "dtype": dtype,
+        "weights_sha256": weights_sha256(model, image_size, preprocess),  # what a query's model must match
     }
     out = Path(out)
     if get_world_size() > 1:
@@ -404,7 +407,8 @@ def exact_topk(rows: np.ndarray, q: Tensor, k: int, chunk_size: int = 0) -> tupl
 
 
 def load_index(path: str | Path) -> Index:
-    """Open a finished index folder; an unfinished or foreign folder is a DataError naming it."""
+    """Open a finished index folder; an unfinished, foreign or damaged folder (a truncated embeddings.npy, a
+    missing or broken paths.json, a meta.json without embed_dim) is a DataError naming it."""
     root = Path(path)
     if not (root / META).is_file():
         raise DataError(f"not a crossmatch index (no {META}): {root}")
@@ -412,14 +416,73 @@ def load_index(path: str | Path) -> Index:
     if not meta.get("complete"):
         done = f"{meta.get('done', 0)}/{meta.get('files')}"
         raise DataError(f"index {root} is unfinished ({done} images): run `crossmatch index build` again")
-    # Copy-on-write map: torch.from_numpy needs a writable array; search only reads, so no page is copied.
-    emb = np.load(root / EMBEDDINGS, mmap_mode="c")
-    paths = json.loads((root / PATHS).read_text())
-    if emb.shape != (len(paths), meta["embed_dim"]):
-        raise DataError(f"index {root}: {EMBEDDINGS} {emb.shape} does not match {len(paths)} paths")
+    E = meta.get("embed_dim")
+    if not isinstance(E, int) or isinstance(E, bool) or E < 1 or not isinstance(meta.get("image_dir"), str):
+        raise DataError(f"index {root}: {META} has no valid embed_dim and image_dir (damaged; rebuild the index)")
+    try:  # copy-on-write map: torch.from_numpy needs a writable array; search only reads, so no page is copied
+        emb = np.load(root / EMBEDDINGS, mmap_mode="c")
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"index {root}: {EMBEDDINGS} is missing or damaged ({_first_line(err)}); rebuild it") from err
+    try:
+        paths = json.loads((root / PATHS).read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise DataError(f"index {root}: {PATHS} is missing or damaged ({_first_line(err)}); rebuild it") from err
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise DataError(f"index {root}: {PATHS} is not a list of image paths; rebuild the index")
+    if emb.ndim != 2 or emb.shape != (len(paths), E):
+        raise DataError(f"index {root}: {EMBEDDINGS} {emb.shape} does not match {len(paths)} paths of E={E}")
     if emb.dtype != DTYPES.get(meta.get("dtype", "float32")):
         raise DataError(f"index {root}: {EMBEDDINGS} is {emb.dtype}, meta.json says {meta.get('dtype', 'float32')}")
     return Index(root, emb, paths, meta)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:100] if text else type(err).__name__
+
+
+def weights_sha256(model: nn.Module, image_size: Any, preprocess: dict | None) -> str:
+    """sha256 of what turns an image into an index row: the image-side weights of `model` (the parameters and
+    buffers of every module that `encode_image` calls, and every parameter its output depends on) and the
+    preprocessing. Equal for a moved or copied checkpoint; different after any retraining of the image side."""
+    from crossmatch.engine.checkpoint import payload_digest
+
+    called: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: called.add(mod)) for m in model.modules()]
+    params = dict(model.named_parameters())
+    wanted = {n: p.requires_grad for n, p in params.items()}
+    device = next(iter(params.values())).device if params else "cpu"
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = model.eval().encode_image({"image": torch.zeros(1, 3, *image_hw(image_size), device=device)})
+            grads = torch.autograd.grad(out["embed"].sum(), list(params.values()), allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(wanted[n])
+    state = {n: p for (n, p), g in zip(params.items(), grads, strict=True) if g is not None}
+    for prefix, module in model.named_modules():
+        if module in called:
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            state.update({f"{prefix}.{n}" if prefix else n: t for n, t in own})
+    weights = {n: state[n] for n in sorted(state)}
+    return payload_digest({"weights": weights, "image_size": image_size, "preprocess": preprocess or {}})
+
+
+def check_index_model(index: Index, digest: str, checkpoint: str | Path) -> None:
+    """Refuse a model whose image side did not build `index` (its rows would be ranked by a text tower that
+    did not make them). An index built before the digest was recorded is searched with a warning."""
+    built = index.meta.get("weights_sha256")
+    if built is None:
+        log.warning("index %s records no weights_sha256 (an older build): its model is not checked", index.root)
+    elif built != digest:
+        raise ModelError(
+            f"index {index.root} was not built by the image weights and preprocessing of {checkpoint} (built from "
+            f"{index.meta.get('checkpoint')}, since retrained or another model?): rebuild the index with it"
+        )
 
 
 def _import_faiss():
