@@ -213,7 +213,7 @@ def _export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, names
     proto = program.model_proto  # weights inline: one self-contained file (models under 2 GB)
     written = graph_opset(proto)
     if written != opset:
-        raise ConfigError(f"--opset {opset}: the exporter can only write opset {written} here; choose --opset {written}")
+        raise ConfigError(f"--opset {opset}: the exporter can only write opset {written}; choose --opset {written}")
     atomic_write(path, lambda f: f.write(proto.SerializeToString()))
 
 
