@@ -167,8 +167,11 @@ def check_entries(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
             string, or a floating-point weight holds NaN or infinity (naming it).
     """
     model = ckpt.get("model")
-    if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+    if not isinstance(model, dict):
         raise CheckpointError(f"{path}: its 'model' entry is a {type(model).__name__}, not a dict of named tensors")
+    bad = next(((k, v) for k, v in model.items() if not (isinstance(k, str) and torch.is_tensor(v))), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: its 'model' entry holds {bad[0]!r}, a {type(bad[1]).__name__}, not a tensor")
     for key, kind in (("config", dict), ("tokenizer", str)):
         if key in ckpt and not isinstance(ckpt[key], kind):
             raise CheckpointError(f"{path}: its '{key}' entry is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
