@@ -44,7 +44,7 @@ from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, WHITE, describe_transform, transform_from_config
 from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
-from crossmatch.engine.logging import MetricLogger, close_run_log, setup_logging
+from crossmatch.engine.logging import MetricLogger, close_run_log, hold_run_log, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
 from crossmatch.engine.rundir import RunLock, SetAside
 from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig, TrainState
@@ -668,7 +668,7 @@ def _build(
 ) -> tuple[Trainer, RunConfig, tuple[dict, Path] | None]:
     """The Trainer with its resumed or initial weights, its resolved config and the checkpoint it resumed
     from: everything that can refuse a start, with nothing written in `run_dir`."""
-    setup_logging(None, dist.is_main)  # console only: train.log once the start is accepted
+    hold_run_log(dist.is_main)  # console now, train.log (these lines first) once the start is accepted
     latest = _resume_point(cfg, run_dir) if resume else None
     init_weights = read_weights(init_from)["model"] if init_from and latest is None else None  # fail early
     tokenizer = None

@@ -146,7 +146,7 @@ def run_query(
     from crossmatch.errors import ConfigError, DataError
     from crossmatch.files import check_writable
     from crossmatch.runs import load_run
-    from crossmatch.search.index import check_index_model, embed_dim_of, encode_texts, load_index, weights_sha256
+    from crossmatch.search.index import check_index_model, encode_texts, load_index, probe_image_side
 
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be at least 1")
@@ -163,8 +163,8 @@ def run_query(
     index = load_index(index_dir)
     source = checkpoint or index.meta["checkpoint"]
     model, cfg, tokenizer = load_run(source)
-    embed_dim_of(model.eval(), cfg.data.image_size, cfg.model["name"])  # a single-vector model, or one line
-    check_index_model(index, weights_sha256(model, cfg.data.image_size, preprocess_kwargs(cfg.data)), source)
+    _, digest = probe_image_side(model.eval(), cfg.data.image_size, cfg.model["name"], preprocess_kwargs(cfg.data))
+    check_index_model(index, digest, source)  # a single-vector model whose image side built the index
     for q in queries:
         tokenizer.encode_query(q)  # refuses a query whose words are all unknown
     dev = resolve_device(device)

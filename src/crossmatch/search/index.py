@@ -78,17 +78,56 @@ def list_images(image_dir: str | Path) -> list[Path]:
 
 def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | torch.device = "cpu") -> int:
     """E of a single-vector model (in eval mode), checked on two blank images; other models are a ModelError."""
-    with torch.no_grad():
-        out = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
-    if set(out) != {"embed"} or out["embed"].ndim != 2:
-        shapes = {k: tuple(v.shape) for k, v in out.items()}
-        raise ModelError(
-            f"model {name} cannot be indexed: encode_image must return only {{'embed': (B, E)}}, got {shapes}"
-        )
-    norms = out["embed"].float().norm(dim=-1)  # (2,)
+    return probe_image_side(model, image_size, name, None, device)[0]
+
+
+def probe_image_side(
+    model: nn.Module, image_size: Any, name: str, preprocess: dict | None, device: str | torch.device = "cpu"
+) -> tuple[int, str]:
+    """(E, weights_sha256) of a single-vector model from one `encode_image` call on two blank images.
+
+    E: the embedding width; a model whose `encode_image` is not exactly {"embed": (B, E)} l2-normalised is a
+    ModelError. weights_sha256: sha256 of what turns an image into an index row, the image-side weights (the
+    parameters and buffers of every module that `encode_image` calls, and every parameter its output depends
+    on) and `image_size` and `preprocess`: equal for a moved or copied checkpoint, different after any
+    retraining of the image side, whatever the text side did.
+    """
+    from crossmatch.engine.checkpoint import payload_digest
+
+    called: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: called.add(mod)) for m in model.modules()]
+    params = dict(model.named_parameters())
+    wanted = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
+            if set(out) != {"embed"} or out["embed"].ndim != 2:
+                shapes = {k: tuple(v.shape) for k, v in out.items()}
+                raise ModelError(
+                    f"model {name} cannot be indexed: encode_image must return only {{'embed': (B, E)}}, got {shapes}"
+                )
+            used = [p for p in params.values()]
+            grads = (
+                torch.autograd.grad(out["embed"].sum(), used, allow_unused=True) if out["embed"].requires_grad else []
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(wanted[n])
+    norms = out["embed"].detach().float().norm(dim=-1)  # (2,)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
         raise ModelError(f"model {name} cannot be indexed: its image embeddings are not l2-normalised")
-    return int(out["embed"].shape[1])
+    state = {n: p for (n, p), g in zip(params.items(), grads, strict=True) if g is not None}
+    for prefix, module in model.named_modules():
+        if module in called:
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            state.update({f"{prefix}.{n}" if prefix else n: t for n, t in own})
+    weights = {n: state[n] for n in sorted(state)}
+    digest = payload_digest({"weights": weights, "image_size": image_size, "preprocess": preprocess or {}})
+    return int(out["embed"].shape[1]), digest
 
 
 class _ImageFiles(Dataset):
@@ -199,18 +238,19 @@ def build_index(
     files = list_images(root)
     rel = [p.relative_to(root).as_posix() for p in files]
     model = model.eval().to(device)
+    E, digest = probe_image_side(model, image_size, model_name, preprocess, device)
     meta = {
         "checkpoint": str(checkpoint.resolve()),
         "model": model_name,
         "image_dir": str(root.resolve()),
         "image_size": image_size,
-        "embed_dim": embed_dim_of(model, image_size, model_name, device),
+        "embed_dim": E,
         "files": len(files),
         "fingerprint": _fingerprint(checkpoint, root, rel),
         "max_image_pixels": max_image_pixels,
         **({"preprocess": preprocess} if preprocess else {}),  # the model's mean/std/resize (data.* of its run)
         "dtype": dtype,
-        "weights_sha256": weights_sha256(model, image_size, preprocess),  # what a query's model must match
+        "weights_sha256": digest,  # what a query's model must match: its image-side weights and preprocessing
     }
     out = Path(out)
     if get_world_size() > 1:
@@ -439,37 +479,6 @@ def load_index(path: str | Path) -> Index:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:100] if text else type(err).__name__
-
-
-def weights_sha256(model: nn.Module, image_size: Any, preprocess: dict | None) -> str:
-    """sha256 of what turns an image into an index row: the image-side weights of `model` (the parameters and
-    buffers of every module that `encode_image` calls, and every parameter its output depends on) and the
-    preprocessing. Equal for a moved or copied checkpoint; different after any retraining of the image side."""
-    from crossmatch.engine.checkpoint import payload_digest
-
-    called: set[nn.Module] = set()
-    hooks = [m.register_forward_pre_hook(lambda mod, _args: called.add(mod)) for m in model.modules()]
-    params = dict(model.named_parameters())
-    wanted = {n: p.requires_grad for n, p in params.items()}
-    device = next(iter(params.values())).device if params else "cpu"
-    try:
-        for p in params.values():
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            out = model.eval().encode_image({"image": torch.zeros(1, 3, *image_hw(image_size), device=device)})
-            grads = torch.autograd.grad(out["embed"].sum(), list(params.values()), allow_unused=True)
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, p in params.items():
-            p.requires_grad_(wanted[n])
-    state = {n: p for (n, p), g in zip(params.items(), grads, strict=True) if g is not None}
-    for prefix, module in model.named_modules():
-        if module in called:
-            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            state.update({f"{prefix}.{n}" if prefix else n: t for n, t in own})
-    weights = {n: state[n] for n in sorted(state)}
-    return payload_digest({"weights": weights, "image_size": image_size, "preprocess": preprocess or {}})
 
 
 def check_index_model(index: Index, digest: str, checkpoint: str | Path) -> None:
