@@ -181,8 +181,7 @@ def _start_or_resume(out: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], n
     dtype = DTYPES[meta["dtype"]]
     if old_path.is_file():
         old = _read_meta(old_path)
-        same_weights = old.get("weights_sha256", meta["weights_sha256"]) == meta["weights_sha256"]  # older: unknown
-        if old.get("fingerprint") != meta["fingerprint"] or not same_weights:
+        if old.get("fingerprint") != meta["fingerprint"]:
             raise DataError(
                 f"{out} holds an index of another checkpoint or image set ({old.get('checkpoint')}, "
                 f"{old.get('image_dir')}); remove it or choose another --out"
