@@ -340,13 +340,12 @@ def _broken_rule(value: Any, rules: dict[str, Any]) -> str | None:
     lo, above, hi = rules.get("min"), rules.get("above"), rules.get("max")
     if (lo is None or value >= lo) and (above is None or value > above) and (hi is None or value <= hi):
         return None
-    parts = [f"> {above}" if above is not None else "", f">= {lo}" if lo not in (None, 1) else ""]
-    parts = (
-        [p for p in parts if p]
-        + (["at least 1"] if lo == 1 else [])
-        + ([f"at most {hi:.4g}" if isinstance(hi, float) else f"at most {hi}"] if hi is not None else [])
-    )
-    return "must be " + " and ".join(parts)
+    bounds = [
+        f"> {above}" if above is not None else "",
+        ("at least 1" if lo == 1 else f">= {lo}") if lo is not None else "",
+        (f"at most {hi:.4g}" if isinstance(hi, float) else f"at most {hi}") if hi is not None else "",
+    ]
+    return "must be " + " and ".join(b for b in bounds if b)
 
 
 def check_fields(obj: Any, prefix: str) -> None:
