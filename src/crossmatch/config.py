@@ -20,6 +20,27 @@ from omegaconf.errors import OmegaConfBaseException
 from crossmatch.errors import ConfigError
 from crossmatch.files import write_text
 
+# An Adam step is at most lr / (1 - beta1) = 10 lr; from lr = 3.4e37 on it is not a float32 number and the
+# optimiser itself fails. Far below that the weights blow up, and the non-finite loss guard stops the run.
+MAX_LR = 3.4e38 / 10
+MAX_SEED = 2**32 - 1  # NumPy's seed range (np.random.seed)
+EVAL_PRECISIONS = ("fp32", "same", "bf16", "fp16")
+VILT_NEGATIVES = ("random", "hard")  # loss.vilt.negatives
+TEXT_NEGATIVE_TERMS = ("joint", "separate")  # loss.text_negative_term (losses/triplet.py)
+LOGGERS = ("tensorboard", "jsonl", "wandb")  # train.loggers (crossmatch.engine.logging)
+
+
+def ranged(default: Any = dataclasses.MISSING, *, factory: Any = None, **rules: Any) -> Any:
+    """A dataclass field whose allowed values are declared beside it, for `check_fields`.
+
+    Rules: `min` (value >= min), `above` (value > above), `max` (value <= max), `choices` (a tuple),
+    `check` (a named rule of CHECKS: "size", "colour", "mean", "std"). A bound may name a sibling field
+    (`min="patch_size"`). A None value passes (unset)."""
+    meta = {"rules": rules}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class DataConfig:
@@ -32,30 +53,38 @@ class DataConfig:
     csv_caption_key: str = "title"  # csv: the column of captions, as open_clip's --csv-caption-key
     csv_separator: str = "\t"  # csv: the column separator (one character; "\\t" typed in a shell is a tab too)
     split_file: str = ""  # folder: JSON {relative image path: split}; "": split by a hash of the path, 90/5/5
-    image_size: Any = 64  # int: the square side the images are resized to; [H, W]: non-square (e.g. [384, 128])
+    # int: the square side the images are resized to; [H, W]: non-square (e.g. [384, 128])
+    image_size: Any = ranged(64, check="size")
     train_split: str = "train"  # split names as written in the dataset file
     val_split: str = "val"  # the split validated during training
     test_split: str = "test"  # the split `crossmatch evaluate --split test` reads
     augment: bool = True  # random resized crop + flip (flip is off: captions name left and right)
     tokenizer: str = "word"  # word: train a word-level vocabulary; else a tokenizer.json (or its folder)
-    min_word_freq: int = 1  # words seen fewer times in train captions map to [UNK]
-    max_words: int = 32  # captions are cut to this many tokens
-    num_workers: int = 0  # DataLoader workers; 0 keeps everything in the main process
-    max_bad_samples: int = 0  # unreadable images skipped per epoch before the run fails
-    max_image_pixels: int = 89_478_485  # larger images are unreadable (decompression bombs); Pillow's default
-    max_annotation_bytes: int = 1 << 30  # a dataset file read whole (a JSONL line) may hold at most this many bytes
-    max_shard_member_bytes: int = 256 << 20  # webdataset: the most one tar member may inflate to (gzip bombs)
+    min_word_freq: int = ranged(1, min=0)  # words seen fewer times in train captions map to [UNK]
+    max_words: int = ranged(32, min=1)  # captions are cut to this many tokens
+    num_workers: int = ranged(0, min=0)  # DataLoader workers; 0 keeps everything in the main process
+    max_bad_samples: int = ranged(0, min=0)  # unreadable images skipped per epoch before the run fails
+    # larger images are unreadable (decompression bombs); Pillow's default
+    max_image_pixels: int = ranged(89_478_485, min=1)
+    # a dataset file read whole (a JSONL line) may hold at most this many bytes
+    max_annotation_bytes: int = ranged(1 << 30, min=1)
+    # webdataset: the most one tar member may inflate to (gzip bombs)
+    max_shard_member_bytes: int = ranged(256 << 20, min=1)
     allow_outside_root: bool = False  # accept image paths that leave the image folder (../x.png, /abs/x.png)
-    shuffle_buffer: int = 1000  # webdataset: pairs held in each loader worker's shuffle buffer
+    # accept images that are in the train split and in an evaluation split (same resolved path or shard key), with
+    # a warning; otherwise train and evaluate refuse them (the metrics would be inflated)
+    allow_split_overlap: bool = False
+    shuffle_buffer: int = ranged(1000, min=1)  # webdataset: pairs held in each loader worker's shuffle buffer
     allow_pipe: bool = False  # webdataset: accept `pipe:` shard commands (they run in a shell) in data.root
     hard_batches: bool = False  # train batches of confusable pairs, images that share objects (data/hard_batches.py)
     # Image preprocessing. Empty values take the model's own (open_clip models declare theirs), else the
     # defaults (ImageNet mean/std, squash resize, bilinear). A run stores the resolved values.
-    image_mean: list[float] = field(default_factory=list)  # per-channel mean, RGB
-    image_std: list[float] = field(default_factory=list)  # per-channel std, RGB
+    image_mean: list[float] = ranged(factory=list, check="mean")  # per-channel mean, RGB
+    image_std: list[float] = ranged(factory=list, check="std")  # per-channel std, RGB
     resize: str = ""  # squash (stretch to a square) | shortest (shorter side, then centre crop) | letterbox (pad)
     interpolation: str = ""  # bilinear | bicubic
-    background: list[int] = field(default_factory=list)  # RGB 0-255 behind transparent pixels and letterbox bars
+    # RGB 0-255 behind transparent pixels and letterbox bars
+    background: list[int] = ranged(factory=list, check="colour")
 
     def splits_to_read(self, split: str) -> list[str]:
         """The split names a reader takes for `split`: COCO's "restval" joins train when `restval` is set."""
@@ -69,7 +98,7 @@ class AlbefLossConfig:
     itc_weight: float = 1.0  # weight of itc_loss
     itm_weight: float = 1.0  # weight of itm_loss
     mlm_weight: float = 1.0  # weight of mlm_loss (when model.mlm built the MLM head)
-    mlm_prob: float = 0.15  # fraction of real words masked (BERT's 80/10/10 replacement)
+    mlm_prob: float = ranged(0.15, min=0, max=1)  # fraction of real words masked (BERT's 80/10/10 replacement)
     alpha: float = 0.4  # momentum distillation weight, ramped linearly from 0 over the first epoch
 
 
@@ -77,8 +106,9 @@ class AlbefLossConfig:
 class ViltLossConfig:
     """ViLT's objective (crossmatch.tasks.vilt)."""
 
-    n_negatives: int = 15  # negative captions per positive for the ranking loss (at most B - 1)
-    negatives: str = "random"  # random (ViLT) | hard: drawn by softmax of the cheap head's ITC logits (ALBEF's draw)
+    n_negatives: int = ranged(15, min=1)  # negative captions per positive for the ranking loss (at most B - 1)
+    # random (ViLT) | hard: drawn by softmax of the cheap head's ITC logits (ALBEF's draw)
+    negatives: str = ranged("random", choices=VILT_NEGATIVES)
     rank_weight: float = 1.0  # weight of rank_loss
     itm_weight: float = 1.0  # weight of itm_loss
     itc_weight: float = 1.0  # weight of itc_loss (the cheap first-stage head)
@@ -89,7 +119,7 @@ class IdentityLossConfig:
     """Person search with part models (crossmatch.tasks.identity)."""
 
     name: str = "sdm"  # sdm (IRRA) | cmpm (TIPCB)
-    temperature: float = 0.02  # SDM temperature tau (IRRA's value)
+    temperature: float = ranged(0.02, above=0)  # SDM temperature tau (IRRA's value)
 
 
 @dataclass
@@ -102,20 +132,21 @@ class LossConfig:
     local: bool = False  # infonce/siglip under DDP: this rank's rows against all columns (open_clip --local-loss)
     init_logit_scale: float | None = None  # log of the initial scale; default CLIP log(1/0.07), SigLIP log(10)
     init_logit_bias: float | None = None  # SigLIP's initial bias; default -10
-    max_logit_scale: float = 100.0  # the learned scale exp(logit_scale) is clamped to at most this (CLIP)
+    # the learned scale exp(logit_scale) is clamped to at most this (CLIP)
+    max_logit_scale: float = ranged(100.0, above=0)
     margin: float = 0.2  # hinge margin (VSE++, SCAN)
     max_violation: bool = True  # hardest negative in the batch instead of the sum over negatives
-    warmup_epochs: int = 0  # epochs with the sum of violations before switching to hardest negatives
+    warmup_epochs: int = ranged(0, min=0)  # epochs with the sum of violations before switching to hardest negatives
     # K perturbed captions per pair as extra negatives (hinge: image -> negative caption; ITC: extra i2t
     # columns; ALBEF/ViLT: ITM pairs labelled 0), from the dataset's exact negatives or the rule-based
     # perturber (crossmatch.data.negatives); 0: off
-    text_negatives: int = 0
+    text_negatives: int = ranged(0, min=0)
     # hinge with max_violation: the K text negatives join each image's hardest-caption max (joint), or the
     # hardest of them is a hinge term of its own, beside the in-batch hardest (separate; losses/triplet.py)
-    text_negative_term: str = "joint"
+    text_negative_term: str = ranged("joint", choices=TEXT_NEGATIVE_TERMS)
     # dual-encoder hinge: weight of a second term with the caption as the anchor, its image the positive and
     # its hardest text negative the negative (cosine of the two captions' embeddings; losses/triplet.py); 0: off
-    caption_anchor_weight: float = 0.0
+    caption_anchor_weight: float = ranged(0.0, min=0)
     albef: AlbefLossConfig = field(default_factory=AlbefLossConfig)
     vilt: ViltLossConfig = field(default_factory=ViltLossConfig)
     identity: IdentityLossConfig = field(default_factory=IdentityLossConfig)
@@ -132,43 +163,51 @@ LEGACY_LOSS_KEYS: dict[str, tuple[str, dict[str, str]]] = {
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # passes over the train split
-    batch_size: int = 128  # pairs per micro-batch on each rank; a step sees this x accum_steps x world size
-    lr: float = 2e-4  # peak learning rate of the new (not pretrained) parameters
+    epochs: int = ranged(10, min=1)  # passes over the train split
+    # pairs per micro-batch on each rank; a step sees this x accum_steps x world size
+    batch_size: int = ranged(128, min=1)
+    lr: float = ranged(2e-4, above=0, max=MAX_LR)  # peak learning rate of the new (not pretrained) parameters
     optimizer: str = "adam"  # adam | adamw | sgd
-    weight_decay: float = 0.0  # decoupled for adamw; never on 1-D parameters (biases, norms) or temperatures
+    # decoupled for adamw; never on 1-D parameters (biases, norms) or temperatures
+    weight_decay: float = ranged(0.0, min=0)
     scheduler: str = "step"  # step | cosine | constant
-    lr_step_epochs: int = 15  # step scheduler: multiply the lr by lr_gamma every this many epochs
-    lr_gamma: float = 0.1  # step scheduler: the lr factor at each step
-    warmup_steps: int = 0  # linear lr warm-up from 0, in optimizer steps
-    grad_clip: float = 2.0  # max gradient norm; 0 disables clipping
-    seed: int = 0  # seeds the weights, the batch order and every augmentation (resume replays them)
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 cuts epochs short (smoke tests, demos)
-    log_every: int = 20  # steps between scalar logs
+    lr_step_epochs: int = ranged(15, min=1)  # step scheduler: multiply the lr by lr_gamma every this many epochs
+    lr_gamma: float = ranged(0.1, above=0)  # step scheduler: the lr factor at each step
+    warmup_steps: int = ranged(0, min=0)  # linear lr warm-up from 0, in optimizer steps
+    grad_clip: float = ranged(2.0, min=0)  # max gradient norm; 0 disables clipping
+    # seeds the weights, the batch order and every augmentation (resume replays them)
+    seed: int = ranged(0, min=0, max=MAX_SEED)
+    max_steps_per_epoch: int = ranged(0, min=0)  # 0 = the whole epoch; >0 cuts epochs short (smoke tests, demos)
+    log_every: int = ranged(20, min=1)  # steps between scalar logs
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
-    accum_steps: int = 1  # micro-batches per optimizer step; exact big-batch gradient for in-batch-negative tasks
+    # micro-batches per optimizer step; exact big-batch gradient for in-batch-negative tasks
+    accum_steps: int = ranged(1, min=1)
     compile: bool = False  # torch.compile the training step
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     grad_checkpointing: bool = False  # activation checkpointing in the towers that support it (clip)
-    layer_decay: float = 1.0  # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (the towers)
-    tower_lr: float = 0.0  # lr of pretrained towers (vse_pretrained, clip, *_minilm) before layer_decay; 0 = train.lr
+    # layer-wise lr decay: block k of n gets lr * layer_decay ** (n - k) (the towers)
+    layer_decay: float = ranged(1.0, above=0, max=1)
+    # lr of pretrained towers (vse_pretrained, clip, *_minilm) before layer_decay; 0 = train.lr
+    tower_lr: float = ranged(0.0, min=0, max=MAX_LR)
     # where scalars go: tensorboard (tb/), jsonl (metrics.jsonl, which curves.png is drawn from), wandb (optional)
-    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    loggers: list[str] = ranged(factory=lambda: ["tensorboard", "jsonl"], check="loggers")
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256  # encoding batch size
-    chunk_size: int = 512  # rows (images) per block of the all-pairs score matrix
-    every_epochs: int = 1  # validate every this many epochs
-    max_images: int = 0  # validation during training on the split's first N images and their captions (0: all)
-    loss_batches: int = 10  # batches of val pairs on which validation also computes the training loss (0: off)
+    batch_size: int = ranged(256, min=1)  # encoding batch size
+    chunk_size: int = ranged(512, min=1)  # rows (images) per block of the all-pairs score matrix
+    every_epochs: int = ranged(1, min=1)  # validate every this many epochs
+    # validation during training on the split's first N images and their captions (0: all)
+    max_images: int = ranged(0, min=0)
+    # batches of val pairs on which validation also computes the training loss (0: off)
+    loss_batches: int = ranged(10, min=0)
     metric: str = "rsum"  # key of the metrics dict that selects best.pt (higher is better)
-    folds: int = 1  # mean over this many consecutive image folds (COCO 1K protocol: 5 folds of 1000)
-    rerank_k: int = 0  # fusion models: re-score each query's top-k stage-1 candidates (0: stage 1 only)
-    rerank_batch: int = 128  # pairs per score_pairs call when re-ranking
+    folds: int = ranged(1, min=1)  # mean over this many consecutive image folds (COCO 1K protocol: 5 folds of 1000)
+    rerank_k: int = ranged(0, min=0)  # fusion models: re-score each query's top-k stage-1 candidates (0: stage 1 only)
+    rerank_batch: int = ranged(128, min=1)  # pairs per score_pairs call when re-ranking
     first_stage: str = ""  # checkpoint of a dual encoder whose scores replace the model's own stage 1
-    precision: str = "fp32"  # fp32 | same (the train.precision autocast) | bf16 | fp16
+    precision: str = ranged("fp32", choices=EVAL_PRECISIONS)  # fp32 | same (the train.precision autocast) | bf16 | fp16
 
     def precision_for(self, train_precision: str) -> str:
         return train_precision if self.precision == "same" else self.precision
@@ -176,9 +215,10 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    keep_last: int = 0  # full-state per-epoch checkpoints (epoch_XXXX.pt) kept besides last.pt and best.pt
+    # full-state per-epoch checkpoints (epoch_XXXX.pt) kept besides last.pt and best.pt
+    keep_last: int = ranged(0, min=0)
     safetensors: bool = False  # also write best.safetensors and last.safetensors (weights, config, tokenizer)
-    every_steps: int = 0  # also refresh last.pt every this many optimizer steps (0: only at epoch ends)
+    every_steps: int = ranged(0, min=0)  # also refresh last.pt every this many optimizer steps (0: only at epoch ends)
 
 
 @dataclass
@@ -240,10 +280,10 @@ def _merge(layers: list, overrides: list[str] | tuple[str, ...]) -> RunConfig:
     try:
         layers = [*layers, *(_override_layer(item) for item in overrides)]
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *layers)
+        cfg = OmegaConf.to_object(merged)  # resolves ${...} interpolations
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError(f"bad config key {key!r}: {_one_line(err)}" if key else _one_line(err)) from err
-    cfg = OmegaConf.to_object(merged)
     if "name" not in cfg.model:
         raise ConfigError("config has no model.name")
     return cfg
@@ -255,13 +295,6 @@ RETRIEVAL_METRICS = ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", 
 TWIN_METRICS = ("twin_acc",)  # only on splits with twin scenes (the shapes data)
 PERSON_METRICS = ("t2i_r1", "t2i_r5", "t2i_r10", "t2i_mAP", "t2i_mINP")
 LOWER_IS_BETTER = ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
-# An Adam step is at most lr / (1 - beta1) = 10 lr; from lr = 3.4e37 on it is not a float32 number and the
-# optimiser itself fails. Far below that the weights blow up, and the non-finite loss guard stops the run.
-MAX_LR = 3.4e38 / 10
-EVAL_PRECISIONS = ("fp32", "same", "bf16", "fp16")
-VILT_NEGATIVES = ("random", "hard")  # loss.vilt.negatives
-LOGGERS = ("tensorboard", "jsonl", "wandb")  # train.loggers (crossmatch.engine.logging)
-TEXT_NEGATIVE_TERMS = ("joint", "separate")  # loss.text_negative_term (losses/triplet.py)
 
 
 def selectable_metrics(person_search: bool, twins: bool) -> tuple[str, ...]:
@@ -302,84 +335,94 @@ def _is_colour(value) -> bool:
     return not value or (len(value) == 3 and ints)
 
 
+def _is_channels(value, positive: bool) -> bool:
+    """[] (the model's own, else the defaults) or three finite numbers, each > 0 when `positive` (a std)."""
+    if not isinstance(value, list):
+        return False
+    nums = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    return not value or (len(value) == 3 and nums and (not positive or all(v > 0 for v in value)))
+
+
+# The named rules of `ranged(check=...)`: (predicate, what a value must be).
+CHECKS = {
+    "size": (_is_size, "must be a side >= 1 or [H, W], each >= 1"),
+    "colour": (_is_colour, "must be [] or [R, G, B], each 0-255"),
+    "mean": (lambda v: _is_channels(v, False), "must be [] or three numbers [R, G, B]"),
+    "std": (lambda v: _is_channels(v, True), "must be [] or three numbers [R, G, B], each > 0"),
+    "loggers": (
+        lambda v: isinstance(v, list) and all(name in LOGGERS for name in v),
+        f"each must be one of {', '.join(LOGGERS)}",
+    ),
+}
+
+
+def _broken_rule(value: Any, rules: dict[str, Any]) -> str | None:
+    """What `value` must be, if it breaks one of its field's `rules`; None when it keeps them all."""
+    if value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if "check" in rules:
+        ok, what = CHECKS[rules["check"]]
+        return None if ok(value) else what
+    if "choices" in rules:
+        choices = rules["choices"]
+        names = " or ".join(choices) if len(choices) == 2 else ", ".join(choices)
+        return None if value in choices else f"choose {names}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    lo, above, hi = rules.get("min"), rules.get("above"), rules.get("max")
+    if (lo is None or value >= lo) and (above is None or value > above) and (hi is None or value <= hi):
+        return None
+    bounds = [
+        f"> {above}" if above is not None else "",
+        ("at least 1" if lo == 1 else f">= {lo}") if lo is not None else "",
+        (f"at most {hi:.4g}" if isinstance(hi, float) else f"at most {hi}") if hi is not None else "",
+    ]
+    return "must be " + " and ".join(b for b in bounds if b)
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Check every field of the dataclass `obj` (nested ones too) against the rules declared beside it
+    (`ranged`), and every float for being finite.
+
+    Raises:
+        ConfigError: `prefix.key=value: what it must be`, for the first field that breaks its rules.
+    """
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key)
+            continue
+        rules = dict(f.metadata.get("rules", {}))
+        named = {b: rules[b] for b in ("min", "above", "max") if isinstance(rules.get(b), str)}
+        rules.update({b: getattr(obj, name) for b, name in named.items()})  # e.g. image_size >= patch_size
+        what = _broken_rule(value, rules)
+        for b, name in named.items():
+            what = what and what.replace(f" {rules[b]}", f" {name} ({rules[b]})", 1)
+        if what:
+            raise ConfigError(f"{key}={value!r}: {what}")
+
+
 def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
-    """Check the whole resolved config before any work: sizes, counts, names, the learning rate and the
-    metric name, so that a bad value fails in one line at once rather than after an epoch.
+    """Check the whole resolved config before any work, so that a bad value fails in one line at once rather
+    than after an epoch: every section against the ranges declared beside its fields (`ranged`), and the
+    metric name. Model configs are checked the same way when they are built (`build_config`).
 
     Names that have a home elsewhere are checked there, also before any work: the model and its keys
     (create_model), train.optimizer, train.scheduler, train.precision (the builders), data.format.
 
     Args:
-        training: also check the `train` and `checkpoint` sections (evaluation reads data, model, eval).
+        training: also check the `train`, `loss` and `checkpoint` sections (evaluation reads data, model, eval).
     Raises:
         ConfigError: naming the first bad key and its value.
     """
-    d, t, e = cfg.data, cfg.train, cfg.eval
-    rules = [
-        ("data.image_size", d.image_size, _is_size(d.image_size), "must be a side >= 1 or [H, W], each >= 1"),
-        ("data.max_words", d.max_words, d.max_words >= 1, "must be at least 1"),
-        ("data.min_word_freq", d.min_word_freq, d.min_word_freq >= 0, "must be >= 0"),
-        ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0 (0: load in the main process)"),
-        ("data.max_bad_samples", d.max_bad_samples, d.max_bad_samples >= 0, "must be >= 0"),
-        ("data.max_image_pixels", d.max_image_pixels, d.max_image_pixels >= 1, "must be at least 1"),
-        ("data.max_annotation_bytes", d.max_annotation_bytes, d.max_annotation_bytes >= 1, "must be at least 1"),
-        ("data.max_shard_member_bytes", d.max_shard_member_bytes, d.max_shard_member_bytes >= 1, "must be at least 1"),
-        ("data.background", d.background, _is_colour(d.background), "must be [] or [R, G, B], each 0-255"),
-        ("eval.batch_size", e.batch_size, e.batch_size >= 1, "must be at least 1"),
-        ("eval.chunk_size", e.chunk_size, e.chunk_size >= 1, "must be at least 1"),
-        ("eval.every_epochs", e.every_epochs, e.every_epochs >= 1, "must be at least 1"),
-        ("eval.max_images", e.max_images, e.max_images >= 0, "must be >= 0 (0: the whole split)"),
-        ("eval.folds", e.folds, e.folds >= 1, "must be at least 1"),
-        ("eval.rerank_k", e.rerank_k, e.rerank_k >= 0, "must be >= 0 (0: no re-ranking)"),
-        ("eval.rerank_batch", e.rerank_batch, e.rerank_batch >= 1, "must be at least 1"),
-        ("eval.precision", e.precision, e.precision in EVAL_PRECISIONS, f"choose {', '.join(EVAL_PRECISIONS)}"),
-    ]
-    if training:
-        vilt_neg = cfg.loss.vilt.negatives
-        rules += [
-            ("train.epochs", t.epochs, t.epochs >= 1, "must be at least 1"),
-            ("train.batch_size", t.batch_size, t.batch_size >= 1, "must be at least 1"),
-            ("train.lr", t.lr, math.isfinite(t.lr) and 0 < t.lr <= MAX_LR, f"must be > 0 and at most {MAX_LR:.1e}"),
-            ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
-            ("train.tower_lr", t.tower_lr, math.isfinite(t.tower_lr) and 0 <= t.tower_lr <= MAX_LR, "must be >= 0"),
-            ("train.lr_step_epochs", t.lr_step_epochs, t.lr_step_epochs >= 1, "must be at least 1"),
-            ("train.lr_gamma", t.lr_gamma, math.isfinite(t.lr_gamma) and t.lr_gamma > 0, "must be > 0"),
-            ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),
-            ("train.grad_clip", t.grad_clip, math.isfinite(t.grad_clip) and t.grad_clip >= 0, "must be >= 0"),
-            ("train.max_steps_per_epoch", t.max_steps_per_epoch, t.max_steps_per_epoch >= 0, "must be >= 0"),
-            ("train.log_every", t.log_every, t.log_every >= 1, "must be at least 1"),
-            ("train.accum_steps", t.accum_steps, t.accum_steps >= 1, "must be at least 1"),
-            ("loss.margin", cfg.loss.margin, math.isfinite(cfg.loss.margin), "must be a finite number"),
-            ("loss.warmup_epochs", cfg.loss.warmup_epochs, cfg.loss.warmup_epochs >= 0, "must be >= 0"),
-            ("loss.text_negatives", cfg.loss.text_negatives, cfg.loss.text_negatives >= 0, "must be >= 0"),
-            (
-                "loss.text_negative_term",
-                cfg.loss.text_negative_term,
-                cfg.loss.text_negative_term in TEXT_NEGATIVE_TERMS,
-                f"must be {' or '.join(TEXT_NEGATIVE_TERMS)}",
-            ),
-            (
-                "loss.caption_anchor_weight",
-                cfg.loss.caption_anchor_weight,
-                math.isfinite(cfg.loss.caption_anchor_weight) and cfg.loss.caption_anchor_weight >= 0,
-                "must be >= 0",
-            ),
-            ("loss.vilt.negatives", vilt_neg, vilt_neg in VILT_NEGATIVES, f"choose {' or '.join(VILT_NEGATIVES)}"),
-            ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 0, "must be >= 0"),
-            (
-                "train.loggers",
-                t.loggers,
-                all(name in LOGGERS for name in t.loggers),
-                f"each must be one of {', '.join(LOGGERS)}",
-            ),
-            ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, "must be >= 0"),
-        ]
-    for key, value, ok, what in rules:
-        if not ok:
-            raise ConfigError(f"{key}={value!r}: {what}")
+    sections = ("data", "eval", "train", "loss", "checkpoint") if training else ("data", "eval")
+    for name in sections:
+        check_fields(getattr(cfg, name), name)
     if not isinstance(cfg.model.get("name"), str):
         raise ConfigError(f"model.name={cfg.model.get('name')!r}: must be the name of a registered model")
-    check_metric(e.metric, sorted({*RETRIEVAL_METRICS, *TWIN_METRICS, *PERSON_METRICS}), "any")
+    check_metric(cfg.eval.metric, sorted({*RETRIEVAL_METRICS, *TWIN_METRICS, *PERSON_METRICS}), "any")
     return cfg
 
 

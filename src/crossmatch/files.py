@@ -47,7 +47,8 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Replace `path` by what `write(binary_file)` writes, atomically and durably.
+    """Replace `path` by what `write(binary_file)` writes, atomically and durably (a symlink's target is
+    replaced, and the link kept).
 
     Raises:
         DiskFullError: the disk is full (the previous file is intact).
@@ -55,6 +56,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         CrossmatchError: any other OS error while writing (the previous file is intact).
     """
     path = Path(path)
+    if path.is_symlink():  # write the file it points to; the link stays
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from crossmatch.config import (
     check_metric,
     config_from_dict,
     config_to_dict,
+    image_hw,
     load_config,
     move_legacy_loss_keys,
     save_config,
@@ -43,12 +44,13 @@ from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, WHITE, describe_transform, transform_from_config
 from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
-from crossmatch.engine.logging import MetricLogger, close_run_log, setup_logging
+from crossmatch.engine.logging import MetricLogger, close_run_log, hold_run_log, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
-from crossmatch.engine.rundir import RunLock
+from crossmatch.engine.rundir import RunLock, SetAside
 from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig, TrainState
 from crossmatch.errors import CheckpointError, ConfigError, DataError
 from crossmatch.files import remove_orphans
+from crossmatch.metrics import image_folds
 from crossmatch.models.registry import UnknownModelKeysError, create_model, create_tokenizer
 from crossmatch.retrieval.compositional import (
     NegativesFileError,
@@ -86,7 +88,9 @@ def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer, load_weights: bool 
         "pad_id": getattr(tokenizer, "pad_id", 0),
     }
     try:
-        return create_model(cfg.model["name"], data_defaults=data, load_weights=load_weights, **overrides), cfg
+        model = create_model(cfg.model["name"], data_defaults=data, load_weights=load_weights, **overrides)
+        check_image_size(model, resolve_preprocess(cfg, model))
+        return model, cfg
     except UnknownModelKeysError as err:
         moved = move_legacy_loss_keys(cfg, err.config_class, err.keys)
         if moved is None:
@@ -94,6 +98,28 @@ def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer, load_weights: bool 
         cfg, what = moved
         log.warning("config keys moved since 0.1.0: %s", "; ".join(what))
         return build_model(cfg, tokenizer, load_weights)
+
+
+@torch.no_grad()
+def check_image_size(model: nn.Module, cfg: RunConfig) -> None:
+    """Encode two blank images of the configured size: a size the image tower cannot take (smaller than a
+    patch, pooled to nothing) is a ConfigError naming data.image_size, not a traceback at the first step.
+    A model whose image input is more than pixels (boxes, stored region features) is not probed."""
+    if getattr(model, "needs_boxes", False) or not hasattr(model, "encode_image"):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        model.encode_image({"image": torch.zeros(2, 3, *image_hw(cfg.data.image_size))})
+    except (RuntimeError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size}: too small for model {cfg.model['name']} ({detail})"
+        ) from err
+    except Exception:  # noqa: BLE001 - inputs this probe does not know (e.g. precomputed features): not judged
+        pass
+    finally:
+        model.train(was_training)
 
 
 def build_run_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]]) -> CaptionTokenizer:
@@ -155,6 +181,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 return candidate
         raise CheckpointError(f"{path} is a folder without checkpoints/best.pt (not a finished crossmatch run)")
     return path
+
+
+def image_identities(ds) -> set[str]:
+    """What makes images of two splits the same image: the resolved file path, or a shard sample's shard and key."""
+    keys = getattr(ds, "image_keys", None)
+    return set(keys) if keys is not None else {os.path.realpath(r.path) for r in ds.images}
+
+
+def check_split_overlap(cfg: RunConfig, split: str, ds=None, train_ds=None) -> None:
+    """Refuse an evaluation split that shares images with the train split (its metrics would be inflated),
+    or with `data.allow_split_overlap` warn about it. A split that does not exist shares nothing.
+
+    Raises:
+        DataError: naming how many images are shared and one of them.
+    """
+    if split == cfg.data.train_split:
+        return
+    try:
+        ds = ds if ds is not None else open_split(cfg, split)
+        train_ds = train_ds if train_ds is not None else open_split(cfg, cfg.data.train_split)
+    except DataError:
+        return
+    shared = image_identities(ds) & image_identities(train_ds)
+    if not shared:
+        return
+    what = (
+        f"{len(shared)} image(s) of the {split} split are also in the train split (e.g. {min(shared)}): "
+        "its metrics would be inflated"
+    )
+    if not cfg.data.allow_split_overlap:
+        raise DataError(f"{what}; fix the dataset's splits, or set data.allow_split_overlap=true to accept them")
+    log.warning("%s (data.allow_split_overlap=true)", what)
 
 
 def needs_boxes(model: nn.Module) -> int:
@@ -253,11 +311,16 @@ def make_evaluator(
     device: torch.device,
     progress: bool = False,
     max_images: int = 0,
+    training: bool = False,
 ) -> Evaluator:
     """The Evaluator of one split with the config's protocol (folds, re-ranking, person search, and a
     first-stage model from `eval.first_stage`, loaded and scored once on first use); with `max_images`,
-    of the split's first images only (quick validation, `eval.max_images`)."""
-    ds = open_split(cfg, split).first_images(max_images)
+    of the split's first images only (quick validation, `eval.max_images`). The protocol is checked at once
+    (`check_protocol`; `training`: the validation of a run)."""
+    ds = open_split(cfg, split)
+    if not training:  # a run checks its val and test splits against the train split it holds (build_trainer)
+        check_split_overlap(cfg, split, ds)
+    ds = ds.first_images(max_images)
 
     def first_stage() -> torch.Tensor:
         first, first_cfg, first_tok = load_run(cfg.eval.first_stage, [f"data.root={cfg.data.root}"])
@@ -265,11 +328,40 @@ def make_evaluator(
         return compute_scores(first.to(device), first_data, device, cfg.eval.chunk_size, progress)
 
     pids = image_pids(ds)  # person-search datasets: relevance by identity
+    check_protocol(cfg, model, ds, pids is not None, training)
     stage1 = first_stage if cfg.eval.first_stage else None
     evaluator = Evaluator(build_eval_data(cfg, ds, tokenizer, model), cfg.eval, device, pids, stage1, progress)
     evaluator.protocol = "person-search" if pids is not None else "retrieval"  # what it reports, for eval.metric
     evaluator.metric_names = selectable_metrics(person_search=pids is not None, twins=bool(ds.twins))
     return evaluator
+
+
+def check_protocol(cfg: RunConfig, model: nn.Module, ds, person_search: bool, training: bool) -> None:
+    """The eval settings that depend on the split and the model, checked before any work (a training run
+    would otherwise meet them after its first epoch): `eval.folds` divides the split's images, and an
+    `eval.first_stage` exists. In training, the first stage must also be re-ranked by the model: without
+    re-ranking every validation score is the first stage's, and no epoch could be better than another."""
+    e = cfg.eval
+    if not person_search:
+        try:
+            image_folds(ds.txt_to_img, e.folds)
+        except ValueError as err:
+            raise ConfigError(f"eval.folds={e.folds}: {err}") from err
+    if not e.first_stage:
+        return
+    if not resolve_checkpoint(e.first_stage).is_file():
+        raise ConfigError(f"eval.first_stage={e.first_stage}: no such checkpoint")
+    if training and first_stage_only(cfg, model):
+        raise ConfigError(
+            f"eval.first_stage={e.first_stage} without re-ranking (eval.rerank_k={e.rerank_k}, model "
+            f"{cfg.model['name']}): validation would measure only the first stage; set eval.rerank_k >= 1 "
+            "with a fusion model, or leave eval.first_stage empty"
+        )
+
+
+def first_stage_only(cfg: RunConfig, model: nn.Module) -> bool:
+    """Whether an evaluation's scores are all `eval.first_stage`'s (the model re-ranks none of them)."""
+    return bool(cfg.eval.first_stage) and not (cfg.eval.rerank_k > 0 and hasattr(model, "score_pairs"))
 
 
 def evaluate_negatives(
@@ -380,11 +472,19 @@ def build_trainer(
         raise DataError(
             f"the train split has {n_pairs} captions, fewer than one batch (train.batch_size={cfg.train.batch_size})"
         )
+    if len(loader) < cfg.train.accum_steps:
+        raise ConfigError(
+            f"train.accum_steps={cfg.train.accum_steps}: an epoch has {len(loader)} batches of "
+            f"{cfg.train.batch_size}, too few for one optimizer step; lower train.accum_steps or train.batch_size"
+        )
     optimizer = create_optimizer(task, cfg.train)
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
     scheduler = create_scheduler(optimizer, cfg.train, steps)
     progress = dist.is_main and sys.stderr.isatty()
-    evaluator = make_evaluator(cfg, cfg.data.val_split, tokenizer, model, dist.device, progress, cfg.eval.max_images)
+    for split in dict.fromkeys((cfg.data.val_split, cfg.data.test_split)):
+        check_split_overlap(cfg, split, train_ds=train_ds)
+    val = cfg.data.val_split
+    evaluator = make_evaluator(cfg, val, tokenizer, model, dist.device, progress, cfg.eval.max_images, training=True)
     check_metric(cfg.eval.metric, evaluator.metric_names, evaluator.protocol)  # before an epoch, not after it
     val_pairs = PairView(
         open_split(cfg, cfg.data.val_split),
@@ -530,21 +630,17 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 RUN_FILES = ("checkpoints", "tb", "wandb", "metrics.jsonl", "train.log", "config.yaml", "tokenizer.json", "curves.png")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuse to train into a folder that holds another run's checkpoints unless told what to do with
-    them: `resume` continues that run, `overwrite` deletes its files (checkpoints, logs, TensorBoard)."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a `--run-dir` that is a file, or a folder that holds another run's checkpoints unless told what
+    to do with them: `resume` continues that run, `overwrite` replaces it (see SetAside). Reads only."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a folder; choose another --run-dir")
     ckpts = run_dir / "checkpoints"
-    if not (ckpts.is_dir() and any(ckpts.iterdir())) or resume:
-        return
-    if not overwrite:
+    if ckpts.is_dir() and any(ckpts.iterdir()) and not (resume or overwrite):
         raise ConfigError(
             f"{run_dir} already holds a run's checkpoints: add --resume to continue it, --overwrite to start "
             "it again, or choose another --run-dir"
         )
-    if is_main:
-        for name in RUN_FILES:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def log_run_header(trainer: Trainer, cfg: RunConfig, dist: DistInfo, run_dir: Path) -> None:
@@ -577,23 +673,39 @@ def train(
 ) -> TrainState:
     """Train `cfg` in `run_dir`; with `resume`, continue from the newest readable checkpoint there, with
     `overwrite`, replace the run that is there. `init_from` (fine-tuning) loads the weights of another run
-    whose names and shapes match. A start that fails (bad data, bad config) leaves no new folder behind."""
+    whose names and shapes match.
+
+    Lifecycle: data, model, task, optimizer, evaluator and resume state are built and every setting checked
+    before the run folder is touched; a start that fails leaves it as it was (no new folder, no rewritten
+    config.yaml). `overwrite` sets the old run aside and deletes it only once the new run has written its
+    first checkpoint; a new run that fails before that gets the old one back."""
     validate_config(cfg)
     run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume, overwrite)
     dist = init_distributed(cfg.train.device)
     created = not run_dir.exists()
     lock = RunLock(run_dir).acquire() if dist.is_main else None  # one trainer per run dir
+    aside = SetAside(run_dir, RUN_FILES)
     try:
+        if dist.is_main:
+            aside.recover()  # a folder left by a killed --overwrite
+        check_run_dir(run_dir, resume, overwrite)
         try:
-            prepare_run_dir(run_dir, resume, overwrite, dist.is_main)
-            trainer = _start(cfg, run_dir, dist, resume, init_from)
+            trainer, cfg, latest = _build(cfg, run_dir, dist, resume, init_from)  # writes nothing in run_dir
+            if overwrite and dist.is_main and (run_dir / "checkpoints").is_dir():
+                aside.move()
+                trainer.sinks.checkpointer.on_first_save = aside.discard
+            _open_run(trainer, cfg, run_dir, dist, latest)
         except BaseException:
-            close_run_log(run_dir)  # release train.log before removing the folder
-            if created and dist.is_main:
-                shutil.rmtree(run_dir, ignore_errors=True)
+            _undo_start(run_dir, aside, created and dist.is_main)
             raise
         try:
             return trainer.fit()
+        except BaseException:
+            if trainer.sinks.checkpointer.on_first_save is not None:  # no checkpoint yet: the old run comes back
+                trainer.close()
+                _undo_start(run_dir, aside, False)
+            raise
         finally:
             trainer.close()
     finally:
@@ -602,12 +714,20 @@ def train(
             lock.release()
 
 
-def _start(cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool, init_from: str | None) -> Trainer:
-    """Logging, the newest checkpoint (when resuming), the Trainer, its saved config; the run header."""
-    setup_logging(run_dir, dist.is_main)
-    if dist.is_main:
-        for orphan in remove_orphans(run_dir / "checkpoints") + remove_orphans(run_dir):
-            log.info("removed %s, left by an interrupted run", orphan)
+def _undo_start(run_dir: Path, aside: SetAside, remove: bool) -> None:
+    """After a failed start: release train.log, put a run set aside back, remove a folder this start made."""
+    close_run_log(run_dir)
+    aside.restore()
+    if remove:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _build(
+    cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool, init_from: str | None
+) -> tuple[Trainer, RunConfig, tuple[dict, Path] | None]:
+    """The Trainer with its resumed or initial weights, its resolved config and the checkpoint it resumed
+    from: everything that can refuse a start, with nothing written in `run_dir`."""
+    hold_run_log(dist.is_main)  # console now, train.log (these lines first) once the start is accepted
     latest = _resume_point(cfg, run_dir) if resume else None
     init_weights = read_weights(init_from)["model"] if init_from and latest is None else None  # fail early
     tokenizer = None
@@ -617,9 +737,6 @@ def _start(cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool, init_fro
         except (KeyError, DataError) as err:
             raise CheckpointError(f"cannot resume from {latest[1]}: {err}") from err
     trainer, cfg = build_trainer(cfg, run_dir, dist, tokenizer)
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        CaptionTokenizer.from_str(trainer.sinks.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
     if init_weights is not None:
         report = partial_load(trainer.model, init_weights)
         log.info("initialised %d tensors from %s", len(report["loaded"]), init_from)
@@ -629,11 +746,25 @@ def _start(cfg: RunConfig, run_dir: Path, dist: DistInfo, resume: bool, init_fro
                 log.warning("--init-from %s: %d %s tensor(s) not loaded: %s", init_from, n, kind, names)
     if latest is not None:
         _load_resume_state(trainer, *latest)
+    return trainer, cfg, latest
+
+
+def _open_run(trainer: Trainer, cfg: RunConfig, run_dir: Path, dist: DistInfo, latest: tuple | None) -> None:
+    """The accepted start: train.log, config.yaml and tokenizer.json, best files repaired, the run header."""
+    setup_logging(run_dir, dist.is_main)
+    if dist.is_main:
+        for orphan in remove_orphans(run_dir / "checkpoints") + remove_orphans(run_dir):
+            log.info("removed %s, left by an interrupted run", orphan)
+        save_config(cfg, run_dir / "config.yaml")
+        CaptionTokenizer.from_str(trainer.sinks.extra_state["tokenizer"]).save(run_dir / "tokenizer.json")
+    if latest is not None:
+        ckpt, path = latest
+        trainer.sinks.checkpointer.repair_best(ckpt)
+        log.info("resumed from %s at epoch %d, step %d", path, trainer.state.epoch + 1, trainer.state.step_in_epoch)
     log_run_header(trainer, cfg, dist, run_dir)
     pairs, steps = getattr(trainer.train_loader, "dataset", None), cfg.train.max_steps_per_epoch
     if isinstance(pairs, PairView) and (steps <= 0 or steps >= len(trainer.train_loader)):  # epochs see every image
         cache_train_images(trainer.model, pairs, cfg.train.batch_size, cfg.data.num_workers)  # the weights are final
-    return trainer
 
 
 def _resume_point(cfg: RunConfig, run_dir: Path) -> tuple[dict, Path] | None:
@@ -658,13 +789,10 @@ def _resume_point(cfg: RunConfig, run_dir: Path) -> tuple[dict, Path] | None:
 
 
 def _load_resume_state(trainer: Trainer, ckpt: dict, path: Path) -> None:
-    """Restore the trainer from `ckpt`, and repair best.pt / best.safetensors if an interruption left them
-    missing or stale (see Checkpointer.repair_best)."""
+    """Restore the trainer from `ckpt` (best.pt / best.safetensors are repaired once the start is accepted)."""
     try:
         trainer.load_state_dict(ckpt)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         lines = str(err).strip().splitlines() or [type(err).__name__]
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
         raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({detail[:160]})") from err
-    trainer.sinks.checkpointer.repair_best(ckpt)
-    log.info("resumed from %s at epoch %d, step %d", path, trainer.state.epoch + 1, trainer.state.step_in_epoch)

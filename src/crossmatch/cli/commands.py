@@ -167,7 +167,7 @@ def run_evaluate(
     from crossmatch.errors import ConfigError
     from crossmatch.files import check_writable
     from crossmatch.retrieval.person import format_person_table
-    from crossmatch.runs import build_untrained_run, load_run, make_evaluator
+    from crossmatch.runs import build_untrained_run, first_stage_only, load_run, make_evaluator
 
     for option, path in (("--json", json_path), ("--html", html_path)):
         if path:
@@ -196,8 +196,11 @@ def run_evaluate(
     metrics = {k: round(v, METRIC_DECIMALS) for k, v in metrics.items()}
     protocol = f"{cfg.eval.folds} folds, " if cfg.eval.folds > 1 else ""
     protocol += f"re-ranking top-{cfg.eval.rerank_k}" if cfg.eval.rerank_k and hasattr(model, "score_pairs") else ""
+    scored_by = cfg.model["name"]
+    if first_stage_only(cfg, model):  # every score is the first stage's: say so, not the model's name
+        scored_by = f"first stage {cfg.eval.first_stage} alone (not re-ranked by {cfg.model['name']})"
     subset = f"first {max_images} images, " if max_images else ""
-    print(f"{cfg.model['name']} on {cfg.data.root} [{name}] {subset}{protocol} ({time.perf_counter() - t0:.1f} s)")
+    print(f"{scored_by} on {cfg.data.root} [{name}] {subset}{protocol} ({time.perf_counter() - t0:.1f} s)")
     print(format_person_table(metrics) if "t2i_mAP" in metrics else format_table(metrics))
     if json_path and dist.is_main:
         from crossmatch.files import write_text

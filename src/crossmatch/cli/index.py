@@ -189,9 +189,8 @@ def run_query(
     from crossmatch.engine.distributed import resolve_device
     from crossmatch.errors import ConfigError, DataError
     from crossmatch.files import check_writable
-    from crossmatch.runs import load_run
     from crossmatch.search.ann import Searcher
-    from crossmatch.search.index import encode_texts, load_index
+    from crossmatch.search.index import encode_texts, load_index, load_index_model
 
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be at least 1")
@@ -207,7 +206,7 @@ def run_query(
         check_writable(out, "--out")
     index = load_index(index_dir)
     searcher = Searcher(index, search_params, backend)  # the approximate structure when the index has one
-    model, _, tokenizer = load_run(checkpoint or index.checkpoint)
+    model, _, tokenizer = load_index_model(index, checkpoint)
     for q in queries:
         tokenizer.encode_query(q)  # refuses a query whose words are all unknown
     dev = resolve_device(device)

@@ -144,9 +144,8 @@ def run_eval(
 
     from crossmatch.engine.distributed import resolve_device
     from crossmatch.errors import ConfigError
-    from crossmatch.runs import load_run
     from crossmatch.search.ann import RECALL_KS, Searcher, evaluate_ann, save_evaluation
-    from crossmatch.search.index import encode_texts, load_index
+    from crossmatch.search.index import encode_texts, load_index, load_index_model
 
     if max_queries < 1:
         raise ConfigError(f"--max-queries {max_queries}: must be at least 1")
@@ -154,7 +153,7 @@ def run_eval(
     searcher = Searcher(index, search_params)  # bad params fail before any model is loaded
     dev = resolve_device(device)
     overrides = [f"data.root={data}"] if data else []
-    model, cfg, tokenizer = load_run(checkpoint or index.checkpoint, overrides)
+    model, cfg, tokenizer = load_index_model(index, checkpoint, overrides)
     model = model.eval().to(dev)
     if data:
         from crossmatch.retrieval.evaluate import encode_split

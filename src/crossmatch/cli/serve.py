@@ -52,16 +52,15 @@ def build_app(
     """Load the index and its model once and return the service's app."""
     from crossmatch.engine.distributed import resolve_device
     from crossmatch.errors import ConfigError
-    from crossmatch.runs import load_run
     from crossmatch.search.ann import Searcher
-    from crossmatch.search.index import load_index
+    from crossmatch.search.index import load_index, load_index_model
     from crossmatch.search.service import SearchEngine, create_app
 
     if max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb {max_upload_mb}: must be positive")
     index = load_index(index_dir)
     searcher = Searcher(index, search_params)
-    model, cfg, tokenizer = load_run(checkpoint or index.checkpoint)
+    model, cfg, tokenizer = load_index_model(index, checkpoint)
     dev = resolve_device(device)
     engine = SearchEngine(searcher, model.eval().to(dev), tokenizer, dev, cfg.data.max_image_pixels)
     return create_app(engine, max_upload_mb)

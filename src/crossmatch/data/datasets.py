@@ -466,7 +466,7 @@ class PairView(Dataset):
                 # The CPU generator only: torch.manual_seed would also (lazily) seed every CUDA device, which
                 # records a Python stack trace per call when CUDA is not initialised (a third of an item's time)
                 # and would reseed the CUDA stream that fork_rng(devices=[]) does not restore.
-                torch.default_generator.manual_seed(seed)
+                torch.default_generator.manual_seed(seed % (1 << 64))  # item seeds of large train.seed values
                 return {**self.images[cap["image_idx"]], **cap}
         except DataError as err:
             if not self.skip_bad:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -192,6 +193,11 @@ def iter_shard(
         on_problem(message)
 
 
+def shard_key(path: str, key: str) -> str:
+    """The identity of a sample across splits: its shard file (resolved) and its key there."""
+    return f"{path if is_url(path) else os.path.realpath(path)}/{key}"  # a URL names its shard as it is
+
+
 def sample_split(sample: ShardSample, default: str) -> str:
     return sample.split if isinstance(sample.split, str) and sample.split else default
 
@@ -221,6 +227,7 @@ class ShardTrainSet:
         listed = listed_counts(paths, split)  # from sizes.json + pairs.json, when they list every shard
         self.listed = listed is not None  # then each shard is checked against its counts as it is streamed
         self._captions: list[str] | None = None
+        self._image_keys: list[str] | None = None  # "shard/key" of each sample of the split (same-image checks)
         if listed is None:
             self._scan(paths)
         else:
@@ -237,8 +244,8 @@ class ShardTrainSet:
             n_img, n_txt = n_img + s.images, n_txt + s.pairs
 
     def _scan(self, paths: list[str]) -> None:
-        """Counts and captions from one read of every shard (every sample checked)."""
-        self.shards, self._captions = [], []
+        """Counts, captions and image keys from one read of every shard (every sample checked)."""
+        self.shards, self._captions, self._image_keys = [], [], []
         for path in paths:
             info = ShardInfo(path, 0, 0, 0)
             for sample in iter_shard(path, max_member_bytes=self.max_member_bytes):
@@ -247,6 +254,7 @@ class ShardTrainSet:
                     info.images += 1
                     info.pairs += len(sample.captions)
                     self._captions.extend(sample.captions)
+                    self._image_keys.append(shard_key(path, sample.key))
             self.shards.append(info)
 
     @property
@@ -256,6 +264,19 @@ class ShardTrainSet:
         if self._captions is None:
             self._captions = [c for s in range(len(self.shards)) for sample in self.read(s) for c in self._own(sample)]
         return self._captions
+
+    @property
+    def image_keys(self) -> list[str]:
+        """`shard_key` of every sample of the split (what makes two samples the same image): read on first use
+        when the counts came from sizes.json."""
+        if self._image_keys is None:
+            self._image_keys = [
+                shard_key(self.shards[s].path, sample.key)
+                for s in range(len(self.shards))
+                for sample in self.read(s)
+                if sample_split(sample, self.default_split) == self.split
+            ]
+        return self._image_keys
 
     def _own(self, sample: ShardSample) -> list[str]:
         return sample.captions if sample_split(sample, self.default_split) == self.split else []
@@ -300,7 +321,7 @@ class ShardIndexedSplit(ImageCaptionDataset):
 
     def __init__(self, cfg: DataConfig, split: str):
         self.root = Path(str(cfg.root).split("{")[0])
-        entries, self.blobs, where = [], [], []
+        entries, self.blobs, where, self.image_keys = [], [], [], []
         for path in resolve_shards(cfg.root, split, cfg.allow_pipe):
             for sample in iter_shard(path, max_member_bytes=cfg.max_shard_member_bytes):
                 if sample_split(sample, cfg.train_split) != split:
@@ -314,6 +335,7 @@ class ShardIndexedSplit(ImageCaptionDataset):
                 )
                 entries.append(entry)
                 self.blobs.append(sample.image)
+                self.image_keys.append(shard_key(path, sample.key))
                 where.append(sample.where())
         self.where = where
         self._load(entries, split, Path(str(cfg.root)), cfg.root, files_on_disk=False)

@@ -98,7 +98,14 @@ def build_tokenizer(name: str, captions: Iterable[str], min_freq: int = 1, max_w
     the attention mask from the true lengths. These settings travel with the saved tokenizer.json.
     """
     if name == "word":
-        return CaptionTokenizer.train(captions, min_freq, max_words)
+        captions = list(captions)
+        tok = CaptionTokenizer.train(captions, min_freq, max_words)
+        if tok.vocab_size <= len(SPECIAL_TOKENS):  # every caption would be [UNK] ...
+            raise ConfigError(
+                f"data.min_word_freq={min_freq}: no word occurs that often in the {len(captions)} train captions, "
+                "so the vocabulary would hold no word; lower data.min_word_freq"
+            )
+        return tok
     from crossmatch.weights import resolve_text_checkpoint
 
     path = Path(resolve_text_checkpoint(name))

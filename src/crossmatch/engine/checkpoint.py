@@ -23,6 +23,7 @@ import pickle
 import random
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from crossmatch.files import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+EPOCH_FILE = re.compile(r"epoch_(\d{1,12})\.pt")  # the per-epoch checkpoints a Checkpointer writes and prunes
 DIGEST_KEY = "sha256"  # checkpoint entry / safetensors metadata key of the payload digest
 
 
@@ -156,6 +158,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     expected = ckpt.pop(DIGEST_KEY, None)
     if expected is not None and expected != payload_digest(ckpt):
         raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match their stored sha256")
+    return check_entries(ckpt, path)
+
+
+def check_entries(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """`ckpt` itself if its entries have the types crossmatch writes and its weights are finite.
+
+    Raises:
+        CheckpointError: `model` is not a dict of named tensors, `config` not a dict, `tokenizer` not a
+            string, or a floating-point weight holds NaN or infinity (naming it).
+    """
+    model = ckpt.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path}: its 'model' entry is a {type(model).__name__}, not a dict of named tensors")
+    bad = next(((k, v) for k, v in model.items() if not (isinstance(k, str) and torch.is_tensor(v))), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: its 'model' entry holds {bad[0]!r}, a {type(bad[1]).__name__}, not a tensor")
+    for key, kind in (("config", dict), ("tokenizer", str)):
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            raise CheckpointError(f"{path}: its '{key}' entry is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
+    for name, w in model.items():
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise CheckpointError(f"{path}: weight {name} holds NaN or infinite values (saved from a diverged run?)")
     return ckpt
 
 
@@ -204,7 +228,7 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     model, meta = _read_safetensors_file(path)
     if meta.get("format") != "crossmatch":
-        return {"model": model}  # plain weights (e.g. for --init-from)
+        return check_entries({"model": model}, path)  # plain weights (e.g. for --init-from)
     try:
         config = json.loads(meta["config"])
     except (KeyError, ValueError, RecursionError) as err:
@@ -213,7 +237,7 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: the config in its metadata is not a JSON object")
     if not isinstance(meta.get("tokenizer"), str) or not meta["tokenizer"]:
         raise CheckpointError(f"{path} says format=crossmatch but has no tokenizer in its metadata")
-    return {"model": model, "config": config, "tokenizer": meta["tokenizer"]}
+    return check_entries({"model": model, "config": config, "tokenizer": meta["tokenizer"]}, path)
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:
@@ -262,6 +286,7 @@ class Checkpointer:
         self.keep_last = keep_last  # full-state epoch_XXXX.pt files kept besides last.pt (0: none)
         self.enabled = enabled  # False on non-main ranks
         self.safetensors = safetensors  # also write best.safetensors and last.safetensors
+        self.on_first_save: Callable[[], None] | None = None  # called once, after the first last.pt is written
 
     def save(self, state: dict[str, Any], epoch_tag: int | None = None, is_best: bool = False) -> None:
         """Write best.pt (weights_state) and best.safetensors when `is_best`, then last.pt (always), then
@@ -278,6 +303,9 @@ class Checkpointer:
             if self.safetensors:
                 export_safetensors(state, self.dir / "best.safetensors")
         atomic_save(state, self.dir / "last.pt")
+        if self.on_first_save is not None:
+            hook, self.on_first_save = self.on_first_save, None
+            hook()
         if epoch_tag is not None:
             if self.keep_last > 0:
                 atomic_save(state, self.dir / f"epoch_{epoch_tag:04d}.pt")
@@ -285,15 +313,19 @@ class Checkpointer:
                 export_safetensors(state, self.dir / "last.safetensors")
             self._prune()
 
+    def epoch_files(self) -> list[Path]:
+        """The `epoch_<number>.pt` files, oldest first; other names (a user's `epoch_best.pt`) are not ours."""
+        tagged = [(int(m[1]), p) for p in self.dir.glob("epoch_*.pt") if (m := EPOCH_FILE.fullmatch(p.name))]
+        return [p for _, p in sorted(tagged)]
+
     def _prune(self) -> None:
-        epochs = sorted(self.dir.glob("epoch_*.pt"))
+        epochs = self.epoch_files()
         for old in epochs[: max(0, len(epochs) - self.keep_last)]:
             old.unlink(missing_ok=True)
 
     def candidates(self) -> list[Path]:
         """Files to resume from, newest first: last.pt, then epoch files from the newest."""
-        epochs = sorted(self.dir.glob("epoch_*.pt"), key=lambda p: int(re.findall(r"\d+", p.name)[0]), reverse=True)
-        return [p for p in [self.dir / "last.pt", *epochs] if p.is_file()]
+        return [p for p in [self.dir / "last.pt", *reversed(self.epoch_files())] if p.is_file()]
 
     def load_latest(self) -> tuple[dict[str, Any], Path] | None:
         """The newest readable checkpoint, skipping (and reporting) empty, truncated or corrupt ones;

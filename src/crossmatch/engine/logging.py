@@ -22,6 +22,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def setup_logging(run_dir: str | Path | None = None, is_main: bool = True, level: int = logging.INFO) -> None:
     """Console + `run_dir/train.log` on the main rank; warnings only elsewhere."""
     root = logging.getLogger("crossmatch")
+    held = [r for h in root.handlers if isinstance(h, _Held) for r in h.records]
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
@@ -35,6 +36,26 @@ def setup_logging(run_dir: str | Path | None = None, is_main: bool = True, level
         fh = logging.FileHandler(Path(run_dir) / "train.log")
         fh.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(fh)
+        for record in held:  # logged by hold_run_log's phase, before train.log could exist
+            fh.handle(record)
+
+
+class _Held(logging.Handler):
+    """Keeps records in memory (see hold_run_log)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def hold_run_log(is_main: bool = True, level: int = logging.INFO) -> None:
+    """Console logging now; what is logged until `setup_logging(run_dir)` is kept and written at the top of
+    the run's train.log then (a run checks its whole start before it writes anything in its folder)."""
+    setup_logging(None, is_main, level)
+    logging.getLogger("crossmatch").addHandler(_Held())
 
 
 def close_run_log(run_dir: str | Path) -> None:
@@ -44,7 +65,7 @@ def close_run_log(run_dir: str | Path) -> None:
     root = logging.getLogger("crossmatch")
     path = os.path.abspath(Path(run_dir) / "train.log")  # as FileHandler stores it
     for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler) and h.baseFilename == path:
+        if isinstance(h, _Held) or (isinstance(h, logging.FileHandler) and h.baseFilename == path):
             root.removeHandler(h)
             h.close()
 

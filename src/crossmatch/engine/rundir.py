@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -98,3 +99,61 @@ def _read_pid(fd: int) -> str:
     except OSError:
         return ""
     return text if text.isdigit() else ""
+
+
+ASIDE_NAME = ".replaced"  # `--overwrite`: the old run's files, until the new run's first checkpoint
+
+
+class SetAside:
+    """`train --overwrite` without losing the old run to a start that fails: the old run's files are moved
+    into `RUN/.replaced/` once the new run is accepted, deleted when its first checkpoint is written
+    (`discard`), and moved back if it fails before that (`restore`). A process killed in between leaves the
+    folder; `recover` (at the next start, under the run lock) finishes what it was doing.
+
+    Args:
+        run_dir: the run folder.
+        names: the files and folders of a run (checkpoints, logs, config) that move.
+    """
+
+    def __init__(self, run_dir: str | Path, names: tuple[str, ...]):
+        self.run_dir, self.names = Path(run_dir), names
+        self.folder = self.run_dir / ASIDE_NAME
+
+    def move(self) -> SetAside:
+        self.folder.mkdir()
+        for name in self.names:
+            if (self.run_dir / name).exists():
+                os.replace(self.run_dir / name, self.folder / name)
+        return self
+
+    def restore(self) -> None:
+        """Delete what the failed new run wrote and put the old run back."""
+        if not self.folder.is_dir():
+            return
+        for name in self.names:
+            _remove(self.run_dir / name)
+            if (self.folder / name).exists():
+                os.replace(self.folder / name, self.run_dir / name)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def recover(self) -> None:
+        """A folder left by a killed `--overwrite`: discarded if the new run wrote a checkpoint, else restored."""
+        if not self.folder.is_dir():
+            return
+        ckpts = self.run_dir / "checkpoints"
+        if ckpts.is_dir() and any(ckpts.glob("*.pt")):
+            log.info("removing %s: the run that replaced it had written its first checkpoint", self.folder)
+            self.discard()
+        else:
+            log.warning("restoring the run in %s: the --overwrite that set it aside wrote no checkpoint", self.folder)
+            self.restore()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from crossmatch.config import ranged
 from crossmatch.errors import ModelError
 from crossmatch.models.layers import l2norm
 from crossmatch.models.registry import build_config, register_model
@@ -33,21 +34,21 @@ class AlbefConfig:
     image_tower: str = "vit"  # vit (patch embedding) | cnn | resnet18 | resnet50 (grid tokens, hybrid ViT)
     pretrained: bool = False  # ImageNet weights for the ResNet towers
     cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN widths when image_tower == "cnn"
-    image_size: int = 64  # input side; fixes the number of image tokens R
-    patch_size: int = 8  # ViT patch side (image_tower == "vit")
-    width: int = 256  # D of every transformer (image, text, fusion)
-    heads: int = 4  # attention heads H
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
-    dropout: float = 0.1  # dropout in embeddings, attention and MLPs
-    vision_layers: int = 4  # ViT blocks
-    text_layers: int = 2  # text-only blocks (the first half of ALBEF's BERT)
-    fusion_layers: int = 2  # blocks with cross-attention to the image tokens (the second half)
-    max_text_len: int = 64  # positions of the text embedding, [CLS] included
-    embed_dim: int = 256  # ITC embedding E
-    temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
+    image_size: int = ranged(64, min="patch_size")  # input side; fixes the number of image tokens R
+    patch_size: int = ranged(8, min=1)  # ViT patch side (image_tower == "vit")
+    width: int = ranged(256, min=1)  # D of every transformer (image, text, fusion)
+    heads: int = ranged(4, min=1)  # attention heads H
+    mlp_ratio: float = ranged(4.0, above=0)  # MLP hidden width = mlp_ratio * D
+    dropout: float = ranged(0.1, min=0, max=1)  # dropout in embeddings, attention and MLPs
+    vision_layers: int = ranged(4, min=0)  # ViT blocks
+    text_layers: int = ranged(2, min=0)  # text-only blocks (the first half of ALBEF's BERT)
+    fusion_layers: int = ranged(2, min=0)  # blocks with cross-attention to the image tokens (the second half)
+    max_text_len: int = ranged(64, min=1)  # positions of the text embedding, [CLS] included
+    embed_dim: int = ranged(256, min=1)  # ITC embedding E
+    temp: float = ranged(0.07, above=0)  # initial ITC temperature (learned, clamped to [0.001, 0.5])
     momentum: bool = True  # momentum encoders, queues and momentum distillation
-    momentum_decay: float = 0.995  # EMA factor of the momentum encoders
-    queue_size: int = 4096  # momentum feature queue length Q (65,536 in the paper)
+    momentum_decay: float = ranged(0.995, min=0, max=1)  # EMA factor of the momentum encoders
+    queue_size: int = ranged(4096, min=0)  # momentum feature queue length Q (65,536 in the paper)
     mlm: bool = False  # build the MLM head (the task then adds mlm_loss, see loss.albef)
     rerank_score: str = "itm"  # score_pairs: itm (ALBEF) | itm+itc (LAVIS/BLIP: ITM logit + ITC cosine)
 

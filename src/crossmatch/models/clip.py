@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from crossmatch.config import ranged
 from crossmatch.data.clip_tokenizer import OpenClipTokenizer, open_clip_module
 from crossmatch.errors import ModelError
 from crossmatch.models.dual_encoder import JointEmbedding
@@ -48,9 +49,9 @@ class ClipConfig:
     pretrained: str = ""  # an open_clip pretrained tag of `arch` (e.g. laion2b_s34b_b79k) or a weights file; "" random
     arch_config: dict | None = None  # a custom open_clip model config {embed_dim, vision_cfg, text_cfg}; replaces arch
     lock_image: bool = False  # freeze the image tower (LiT) ...
-    unlocked_image_groups: int = 0  # ... except its last N layer groups (the last one is the projection)
+    unlocked_image_groups: int = ranged(0, min=0)  # ... except its last N layer groups (the last one is the projection)
     lock_text: bool = False  # freeze the text tower ...
-    unlocked_text_layers: int = 0  # ... except its last N layer groups
+    unlocked_text_layers: int = ranged(0, min=0)  # ... except its last N layer groups
     pad_id: int = 0  # set at build time from the tokenizer: captions are padded to the context length with it
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import image_hw
+from crossmatch.config import image_hw, ranged
+from crossmatch.errors import ConfigError
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
 from crossmatch.models.registry import build_config, register_model
 
@@ -23,11 +24,23 @@ class DualEncoderConfig:
     pretrained: bool = False  # ImageNet weights for the ResNet towers (needs internet the first time)
     cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN conv widths
     batch_norm: bool = True  # BatchNorm after each SmallCNN conv (SyncBatchNorm under multi-GPU DDP)
-    image_size: int | list[int] = 64  # input side or [H, W]; fixes the SmallCNN flatten size
-    word_dim: int = 300  # word embedding width
-    text_hidden: int = 1024  # GRU width
+    image_size: int | list[int] = ranged(64, check="size")  # input side or [H, W]; fixes the SmallCNN flatten size
+    word_dim: int = ranged(300, min=1)  # word embedding width
+    text_hidden: int = ranged(1024, min=1)  # GRU width
     bidirectional: bool = False  # bi-GRU (the two directions are averaged)
-    embed_dim: int = 1024  # joint embedding width E
+    embed_dim: int = ranged(1024, min=1)  # joint embedding width E
+
+
+@torch.no_grad()
+def _flat_size(tower: nn.Module, cfg: DualEncoderConfig) -> int:
+    """Features of the SmallCNN's last map for one image of `cfg.image_size` (each stage halves the side)."""
+    try:
+        return tower.eval()(torch.zeros(1, 3, *image_hw(cfg.image_size))).numel()
+    except RuntimeError as err:
+        n = len(cfg.cnn_channels)
+        raise ConfigError(f"model.image_size={cfg.image_size}: the {n}-stage CNN needs at least {2**n} px") from err
+    finally:
+        tower.train()
 
 
 class JointEmbedding(nn.Module):
@@ -59,8 +72,7 @@ class DualEncoder(JointEmbedding):
         self.image_tower = build_image_tower(cfg.image_tower, cfg.pretrained, cfg.cnn_channels, cfg.batch_norm)
         if cfg.image_tower == "cnn":
             # The classic toy setup flattens the whole last map; its size follows from the input side.
-            with torch.no_grad():
-                n_flat = self.image_tower(torch.zeros(1, 3, *image_hw(cfg.image_size))).numel()
+            n_flat = _flat_size(self.image_tower, cfg)
             self.image_pool = nn.Flatten(1)
         else:
             n_flat = self.image_tower.out_channels

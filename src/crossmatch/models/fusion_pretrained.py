@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from crossmatch.config import ranged
 from crossmatch.errors import ModelError
 from crossmatch.models.albef import ALBEF
 from crossmatch.models.bert import (
@@ -147,24 +148,26 @@ def _text_tokens(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 @dataclass
 class AlbefPretrainedConfig:
     text_checkpoint: str = "minilm"  # BERT-family checkpoint folder, packaged short name or hub id
-    text_layers: int = 0  # layers of the text encoder; 0 = the first half (ALBEF); the rest are fusion layers
+    # layers of the text encoder; 0 = the first half (ALBEF); the rest are fusion layers
+    text_layers: int = ranged(0, min=0)
     image_tower: str = "efficientnet_lite0"  # tower whose feature map (or ViT tokens) gives the image tokens:
     # efficientnet_lite0 (packaged) | torchvision.resnet18/50 | any timm name (its weights are downloaded)
-    image_layers: int = 1  # new BERT-shaped self-attention layers over the projected image tokens (0: none)
+    # new BERT-shaped self-attention layers over the projected image tokens (0: none)
+    image_layers: int = ranged(1, min=0)
     image_pos_init: str = "normal"  # the learned image positions start at: normal (N(0, 0.02), ALBEF's ViT) |
     # sincos (MAE's 2D sine-cosine of each cell's row and column, at the scale of the content; square grids)
     freeze_image: bool = True  # the CNN stays fixed in eval mode (on CPU its backward would dominate a step)
     freeze_text: bool = False  # True: text embeddings + text layers fixed (the fusion layers still train)
     pretrained: bool = True  # load the checkpoint and CNN weights (False: the architectures, randomly initialised)
-    image_size: int = 128  # input side; fixes R (EfficientNet-Lite0, stride 32: 128 px -> 4 x 4 cells)
-    embed_dim: int = 256  # ITC embedding E
-    dropout: float = 0.1  # BERT's hidden and attention dropout
-    temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
+    image_size: int = ranged(128, min=1)  # input side; fixes R (EfficientNet-Lite0, stride 32: 128 px -> 4 x 4 cells)
+    embed_dim: int = ranged(256, min=1)  # ITC embedding E
+    dropout: float = ranged(0.1, min=0, max=1)  # BERT's hidden and attention dropout
+    temp: float = ranged(0.07, above=0)  # initial ITC temperature (learned, clamped to [0.001, 0.5])
     text_pool: str = "cls"  # ITC text feature: cls (ALBEF: the text half's [CLS]) | mean (of the real tokens, the
     # pooling MiniLM was trained with: its layer-2 [CLS] is nearly one vector for every caption, see the recipe)
     momentum: bool = True  # momentum encoders, queues and momentum distillation (on, as the paper starts)
-    momentum_decay: float = 0.995  # EMA factor of the momentum encoders
-    queue_size: int = 4096  # momentum feature queue length (65,536 in the paper)
+    momentum_decay: float = ranged(0.995, min=0, max=1)  # EMA factor of the momentum encoders
+    queue_size: int = ranged(4096, min=0)  # momentum feature queue length (65,536 in the paper)
     rerank_score: str = "itm"  # score_pairs: itm (ALBEF) | itm+itc (LAVIS/BLIP)
     cross_attn_lr: str = "new"  # the new cross-attention inside the pretrained fusion layers trains at: new
     # (train.lr, with the other new tensors) | tower (train.tower_lr and layer_decay of its layer, as the paper
@@ -297,14 +300,14 @@ class AlbefPretrained(ALBEF):
 class ViltPretrainedConfig:
     text_checkpoint: str = "minilm"  # BERT-family checkpoint folder, packaged short name or hub id
     image_tower: str = "patch"  # patch: ViLT's linear patch embedding (new) | a CNN whose feature map gives tokens
-    patch_size: int = 16  # patch side (image_tower == "patch")
+    patch_size: int = ranged(16, min=1)  # patch side (image_tower == "patch")
     freeze_image: bool = True  # a CNN image tower stays fixed in eval mode
     image_pos_init: str = "normal"  # the learned patch / cell positions start at: normal | sincos (as albef_minilm)
     pretrained: bool = True  # load the checkpoint (and CNN) weights (False: the architecture, random init)
-    image_size: int = 64  # input side; fixes R
-    embed_dim: int = 256  # E of the cheap first-stage embedding head
-    dropout: float = 0.1  # BERT's hidden and attention dropout
-    temp: float = 0.07  # initial ITC temperature of the cheap head (learned, clamped to [0.001, 0.5])
+    image_size: int = ranged(64, min=1)  # input side; fixes R
+    embed_dim: int = ranged(256, min=1)  # E of the cheap first-stage embedding head
+    dropout: float = ranged(0.1, min=0, max=1)  # BERT's hidden and attention dropout
+    temp: float = ranged(0.07, above=0)  # initial ITC temperature of the cheap head (learned, clamped to [0.001, 0.5])
     cache_frozen: bool = False  # keep a frozen CNN's per-image feature maps in memory (with data.augment=false)
     vocab_size: int = 0  # set at build time from the tokenizer; must be the checkpoint's (0: unchecked)
 

@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from crossmatch.config import ranged
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.tokenizer import build_tokenizer
 from crossmatch.errors import ConfigError, ModelError
@@ -410,14 +411,15 @@ class PretrainedDualConfig:
     pretrained: bool = True  # load tower weights (packaged ones are offline; others download)
     freeze_text: bool = True  # keep the text tower fixed; only the projections train
     freeze_image: bool = True  # keep the image tower fixed
-    embed_dim: int = 512  # joint embedding width E
+    embed_dim: int = ranged(512, min=1)  # joint embedding width E
     vocab_size: int = 0  # set at build time from the tokenizer; must be the text tower's (0: unchecked)
     cache_frozen: bool = False  # compute the frozen towers' (or frozen first blocks') per-item outputs once
     cache_dir: str = ""  # folder of the float16 disk cache; "": <run dir>/frozen_cache when training, else in memory
-    unfreeze_image_blocks: int = 0  # with freeze_image: the last N image blocks (and the head after them) train
-    unfreeze_text_layers: int = 0  # with freeze_text: the last N encoder layers of the text tower train
+    # with freeze_image: the last N image blocks (and the head after them) train
+    unfreeze_image_blocks: int = ranged(0, min=0)
+    unfreeze_text_layers: int = ranged(0, min=0)  # with freeze_text: the last N encoder layers of the text tower train
     image_prior: str = ""  # "" | class_names: the image tower's ImageNet classes named in the text space (ConSE)
-    prior_top_k: int = 5  # class_names: the k most probable classes are mixed
+    prior_top_k: int = ranged(5, min=1)  # class_names: the k most probable classes are mixed
 
 
 class PretrainedDualEncoder(JointEmbedding):

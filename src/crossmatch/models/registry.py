@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from crossmatch.config import check_fields
 from crossmatch.errors import ModelError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -133,8 +134,9 @@ def model_config(name: str, **overrides: Any) -> Any:
 
 
 def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str, Any]):
-    """`config_cls(**defaults)` with `overrides` applied. Unknown override keys raise an
-    UnknownModelKeysError naming them. Under `model_config`, the config is handed back to it instead."""
+    """`config_cls(**defaults)` with `overrides` applied, checked against the ranges declared beside its
+    fields (a ConfigError naming `model.key`). Unknown override keys raise an UnknownModelKeysError naming
+    them. Under `model_config`, the config is handed back to it instead."""
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -144,6 +146,7 @@ def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str
         if not _fits(value, hints.get(key, Any)):
             raise ModelError(f"model.{key}={value!r}: expected {_hint_name(hints[key])}, got {type(value).__name__}")
     config = config_cls(**{**defaults, **overrides})
+    check_fields(config, "model")  # the ranges declared beside its fields (negative sizes, ...)
     if _CONFIG_ONLY.get():
         raise _BuiltConfig(config)
     return config

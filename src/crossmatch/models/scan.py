@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossmatch.config import ranged
 from crossmatch.errors import ModelError
 from crossmatch.models.layers import (
     GRUTextEncoder,
@@ -53,20 +54,24 @@ class ScanConfig:
     pretrained: bool = False  # ImageNet weights for the ResNet towers (needs internet the first time)
     cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN conv widths
     batch_norm: bool = True  # BatchNorm after each SmallCNN conv
-    image_size: int | list[int] = 64  # input side or [H, W] (from data.image_size); unused by precomputed regions
-    feature_dim: int = 2048  # precomputed: width of the stored region features (bottom-up attention: 2048)
-    n_boxes: int = 3  # boxes: object-box slots per image (R = 1 + n_boxes); the shapes data has 1-3 objects
+    # input side or [H, W] (from data.image_size); unused by precomputed regions
+    image_size: int | list[int] = ranged(64, check="size")
+    # precomputed: width of the stored region features (bottom-up attention: 2048)
+    feature_dim: int = ranged(2048, min=1)
+    # boxes: object-box slots per image (R = 1 + n_boxes); the shapes data has 1-3 objects
+    n_boxes: int = ranged(3, min=0)
     box_position: bool = False  # boxes: add a learned embedding of each box's place and size to its region
-    embed_dim: int = 1024  # joint width E of regions and words
-    word_dim: int = 300  # word embedding width
-    text_hidden: int = 0  # GRU width; 0 = embed_dim (SCAN: the GRU states are the word vectors, no projection)
+    embed_dim: int = ranged(1024, min=1)  # joint width E of regions and words
+    word_dim: int = ranged(300, min=1)  # word embedding width
+    # GRU width; 0 = embed_dim (SCAN: the GRU states are the word vectors, no projection)
+    text_hidden: int = ranged(0, min=0)
     bidirectional: bool = False  # bi-GRU, the two directions averaged (SCAN's --bi_gru)
     direction: str = "t2i"  # t2i: words attend to regions ("t-i") | i2t: regions attend to words ("i-t")
     raw_feature_norm: str = "clipped_l2norm"  # normalisation of raw scores across the query axis
     agg_func: str = "LogSumExp"  # pooling of relevances: LogSumExp | Mean (the paper's AVG) | Max | Sum
-    lambda_softmax: float = 9.0  # inverse temperature of the attention softmax (t2i 9, i2t 4)
-    lambda_lse: float = 6.0  # inverse temperature of LogSumExp pooling (t2i 6, i2t 5)
-    score_chunk: int = 0  # images per scoring block in `similarity`; 0 = scan_similarity's own choice
+    lambda_softmax: float = ranged(9.0, above=0)  # inverse temperature of the attention softmax (t2i 9, i2t 4)
+    lambda_lse: float = ranged(6.0, above=0)  # inverse temperature of LogSumExp pooling (t2i 6, i2t 5)
+    score_chunk: int = ranged(0, min=0)  # images per scoring block in `similarity`; 0 = scan_similarity's own choice
 
 
 def _check(cfg: ScanConfig) -> None:

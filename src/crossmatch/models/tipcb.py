@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossmatch.config import ranged
 from crossmatch.errors import ModelError
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
 from crossmatch.models.registry import build_config, register_model
@@ -35,11 +36,12 @@ class TipcbConfig:
     image_tower: str = "resnet50"  # cnn | resnet18 | resnet50 (TIPCB: ResNet-50)
     pretrained: bool = False  # ImageNet weights for the ResNet towers (needs internet the first time)
     cnn_channels: tuple[int, ...] = (32, 32, 64)  # SmallCNN conv widths (image_tower=cnn)
-    image_size: int | list[int] = 224  # input side or [H, W] it is trained at (informational: stripes pool any map)
-    word_dim: int = 300  # word embedding width
-    text_hidden: int = 1024  # bi-GRU width D (the two directions are averaged)
-    embed_dim: int = 1024  # joint embedding width E (TIPCB: 2048)
-    num_parts: int = 6  # K horizontal stripes / text parts (TIPCB: 6)
+    # input side or [H, W] it is trained at (informational: stripes pool any map)
+    image_size: int | list[int] = ranged(224, check="size")
+    word_dim: int = ranged(300, min=1)  # word embedding width
+    text_hidden: int = ranged(1024, min=1)  # bi-GRU width D (the two directions are averaged)
+    embed_dim: int = ranged(1024, min=1)  # joint embedding width E (TIPCB: 2048)
+    num_parts: int = ranged(6, min=1)  # K horizontal stripes / text parts (TIPCB: 6)
 
 
 class PartProjection(nn.Module):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from crossmatch.config import ranged
 from crossmatch.models.layers import l2norm
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import Encoder, ImageEmbedding, PatchEmbed, TextEmbedding, prepend_cls
@@ -30,16 +31,16 @@ TEXT_TYPE, IMAGE_TYPE = 0, 1  # rows of the modality-type embedding
 @dataclass
 class ViltConfig:
     vocab_size: int = 1000  # set at build time from the tokenizer
-    image_size: int = 64  # input side; fixes the number of patches R
-    patch_size: int = 8  # patch side (32 in the paper, at 384 px)
-    width: int = 256  # transformer width D
-    heads: int = 4  # attention heads H
-    layers: int = 4  # transformer blocks (12 in the paper)
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
-    dropout: float = 0.1  # dropout in embeddings, attention and MLPs
-    max_text_len: int = 64  # positions of the text embedding, [CLS] included
-    embed_dim: int = 256  # E of the cheap first-stage embedding head
-    temp: float = 0.07  # initial ITC temperature of the cheap head (learned, clamped to [0.001, 0.5])
+    image_size: int = ranged(64, min="patch_size")  # input side; fixes the number of patches R
+    patch_size: int = ranged(8, min=1)  # patch side (32 in the paper, at 384 px)
+    width: int = ranged(256, min=1)  # transformer width D
+    heads: int = ranged(4, min=1)  # attention heads H
+    layers: int = ranged(4, min=0)  # transformer blocks (12 in the paper)
+    mlp_ratio: float = ranged(4.0, above=0)  # MLP hidden width = mlp_ratio * D
+    dropout: float = ranged(0.1, min=0, max=1)  # dropout in embeddings, attention and MLPs
+    max_text_len: int = ranged(64, min=1)  # positions of the text embedding, [CLS] included
+    embed_dim: int = ranged(256, min=1)  # E of the cheap first-stage embedding head
+    temp: float = ranged(0.07, above=0)  # initial ITC temperature of the cheap head (learned, clamped to [0.001, 0.5])
 
 
 class ViLT(nn.Module):

@@ -211,7 +211,12 @@ def _export_graph(
     module: nn.Module, args: tuple[Tensor, ...], path: Path, names: dict, opset: int, verbose: bool = False
 ) -> None:
     """One torch.export -> ONNX pass with dynamic batch (and length) axes, written atomically as one file.
-    The exporter's progress lines and warnings are shown only with `verbose`."""
+    The exporter's progress lines and warnings are shown only with `verbose`.
+
+    Raises:
+        ConfigError: the graph is not of the requested `opset` (torch's exporter writes 18 and converts; the
+            conversion to an older opset can fail and leave 18), before anything is written.
+    """
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     dims = [{0: batch}] if len(args) == 1 else [{0: batch, 1: length}, {0: batch, 1: length}]
     quiet = contextlib.ExitStack()
@@ -234,7 +239,15 @@ def _export_graph(
             verbose=verbose,
         )
     proto = program.model_proto  # weights inline: one self-contained file (models under 2 GB)
+    written = graph_opset(proto)
+    if written != opset:
+        raise ConfigError(f"--opset {opset}: the exporter can only write opset {written}; choose --opset {written}")
     atomic_write(path, lambda f: f.write(proto.SerializeToString()))
+
+
+def graph_opset(proto) -> int | None:
+    """The default-domain (ai.onnx) opset an ONNX model proto imports."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def output_shapes(model: nn.Module, image_size: int, vocab_size: int, max_len: int) -> dict[str, dict[str, dict]]:
@@ -477,7 +490,7 @@ def export_onnx(
     _export_graph(_TextGraph(graph_model, keys["text"]), (ids, mask), out_dir / files["text"], names, opset, verbose)
     shapes = output_shapes(model, image_size, vocab, max_len)
     info = manifest(model_name, image_size, tokenizer, files, keys, shapes, towers, preprocess)
-    info["opset"] = opset
+    info["opset"] = opset  # what both graphs import (_export_graph checks it)
     if verify:
         parity = verify_parity(model, out_dir, files, keys, image_size, {"vocab": vocab, "max_len": max_len})
         info["parity"] = {"max_abs_diff": parity, "atol": PARITY_ATOL, "runtime": "onnxruntime CPU"}

@@ -7,7 +7,9 @@ An index is a folder:
   search), l2-normalised image embeddings, written batch by batch through a memory map, so neither
   building nor searching holds the whole matrix in memory twice.
 - `paths.json`: N image paths relative to the image folder, row i <-> path i.
-- `meta.json`: checkpoint, model name, E, count, the image folder, the images skipped as unreadable and,
+- `meta.json`: checkpoint, model name, E, count, the image folder, the images skipped as unreadable,
+  `weights_sha256` (the image-side weights and preprocessing that made the rows: a query with a model whose
+  image side differs is refused; `fingerprint` is only for resuming a build) and,
   while a build runs, the progress (`done` files) written atomically after each flushed batch, so an
   interrupted build resumes where it stopped and ends with the same file as an uninterrupted one. The
   checkpoint, the image folder and skipped files are stored relative to the index folder (so an index moved
@@ -78,17 +80,56 @@ def list_images(image_dir: str | Path) -> list[Path]:
 
 def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | torch.device = "cpu") -> int:
     """E of a single-vector model (in eval mode), checked on two blank images; other models are a ModelError."""
-    with torch.no_grad():
-        out = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
-    if set(out) != {"embed"} or out["embed"].ndim != 2:
-        shapes = {k: tuple(v.shape) for k, v in out.items()}
-        raise ModelError(
-            f"model {name} cannot be indexed: encode_image must return only {{'embed': (B, E)}}, got {shapes}"
-        )
-    norms = out["embed"].float().norm(dim=-1)  # (2,)
+    return probe_image_side(model, image_size, name, None, device)[0]
+
+
+def probe_image_side(
+    model: nn.Module, image_size: Any, name: str, preprocess: dict | None, device: str | torch.device = "cpu"
+) -> tuple[int, str]:
+    """(E, weights_sha256) of a single-vector model from one `encode_image` call on two blank images.
+
+    E: the embedding width; a model whose `encode_image` is not exactly {"embed": (B, E)} l2-normalised is a
+    ModelError. weights_sha256: sha256 of what turns an image into an index row, the image-side weights (the
+    parameters and buffers of every module that `encode_image` calls, and every parameter its output depends
+    on) and `image_size` and `preprocess`: equal for a moved or copied checkpoint, different after any
+    retraining of the image side, whatever the text side did.
+    """
+    from crossmatch.engine.checkpoint import payload_digest
+
+    called: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: called.add(mod)) for m in model.modules()]
+    params = dict(model.named_parameters())
+    wanted = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
+            if set(out) != {"embed"} or out["embed"].ndim != 2:
+                shapes = {k: tuple(v.shape) for k, v in out.items()}
+                raise ModelError(
+                    f"model {name} cannot be indexed: encode_image must return only {{'embed': (B, E)}}, got {shapes}"
+                )
+            used = [p for p in params.values()]
+            grads = (
+                torch.autograd.grad(out["embed"].sum(), used, allow_unused=True) if out["embed"].requires_grad else []
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(wanted[n])
+    norms = out["embed"].detach().float().norm(dim=-1)  # (2,)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
         raise ModelError(f"model {name} cannot be indexed: its image embeddings are not l2-normalised")
-    return int(out["embed"].shape[1])
+    state = {n: p for (n, p), g in zip(params.items(), grads, strict=True) if g is not None}
+    for prefix, module in model.named_modules():
+        if module in called:
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            state.update({f"{prefix}.{n}" if prefix else n: t for n, t in own})
+    weights = {n: state[n] for n in sorted(state)}
+    digest = payload_digest({"weights": weights, "image_size": image_size, "preprocess": preprocess or {}})
+    return int(out["embed"].shape[1]), digest
 
 
 class _ImageFiles(Dataset):
@@ -208,18 +249,20 @@ def build_index(
     rel = [p.relative_to(root).as_posix() for p in files]
     model = model.eval().to(device)
     out = Path(out)
+    E, digest = probe_image_side(model, image_size, model_name, preprocess, device)
     meta = {
         "checkpoint": stored_path(checkpoint, out, absolute_paths),
         "model": model_name,
         "image_dir": stored_path(root, out, absolute_paths),
         "absolute_paths": absolute_paths,
         "image_size": image_size,
-        "embed_dim": embed_dim_of(model, image_size, model_name, device),
+        "embed_dim": E,
         "files": len(files),
         "fingerprint": _fingerprint(checkpoint, root, rel),
         "max_image_pixels": max_image_pixels,
         **({"preprocess": preprocess} if preprocess else {}),  # the model's mean/std/resize (data.* of its run)
         "dtype": dtype,
+        "weights_sha256": digest,  # what a query's model must match: its image-side weights and preprocessing
     }
     if get_world_size() > 1:
         meta = _build_sharded(model, files, rel, meta, out, (batch_size, device, num_workers, progress))
@@ -429,7 +472,8 @@ def exact_topk(rows: np.ndarray, q: Tensor, k: int, chunk_size: int = 0) -> tupl
 
 
 def load_index(path: str | Path) -> Index:
-    """Open a finished index folder; an unfinished or foreign folder is a DataError naming it."""
+    """Open a finished index folder; an unfinished, foreign or damaged folder (a truncated embeddings.npy, a
+    missing or broken paths.json, a meta.json without embed_dim) is a DataError naming it."""
     root = Path(path)
     if not (root / META).is_file():
         raise DataError(f"not a crossmatch index (no {META}): {root}")
@@ -437,14 +481,42 @@ def load_index(path: str | Path) -> Index:
     if not meta.get("complete"):
         done = f"{meta.get('done', 0)}/{meta.get('files')}"
         raise DataError(f"index {root} is unfinished ({done} images): run `crossmatch index build` again")
-    # Copy-on-write map: torch.from_numpy needs a writable array; search only reads, so no page is copied.
-    emb = np.load(root / EMBEDDINGS, mmap_mode="c")
-    paths = json.loads((root / PATHS).read_text())
-    if emb.shape != (len(paths), meta["embed_dim"]):
-        raise DataError(f"index {root}: {EMBEDDINGS} {emb.shape} does not match {len(paths)} paths")
+    E = meta.get("embed_dim")
+    if not isinstance(E, int) or isinstance(E, bool) or E < 1 or not isinstance(meta.get("image_dir"), str):
+        raise DataError(f"index {root}: {META} has no valid embed_dim and image_dir (damaged; rebuild the index)")
+    try:  # copy-on-write map: torch.from_numpy needs a writable array; search only reads, so no page is copied
+        emb = np.load(root / EMBEDDINGS, mmap_mode="c")
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"index {root}: {EMBEDDINGS} is missing or damaged ({_first_line(err)}); rebuild it") from err
+    try:
+        paths = json.loads((root / PATHS).read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise DataError(f"index {root}: {PATHS} is missing or damaged ({_first_line(err)}); rebuild it") from err
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise DataError(f"index {root}: {PATHS} is not a list of image paths; rebuild the index")
+    if emb.ndim != 2 or emb.shape != (len(paths), E):
+        raise DataError(f"index {root}: {EMBEDDINGS} {emb.shape} does not match {len(paths)} paths of E={E}")
     if emb.dtype != DTYPES.get(meta.get("dtype", "float32")):
         raise DataError(f"index {root}: {EMBEDDINGS} is {emb.dtype}, meta.json says {meta.get('dtype', 'float32')}")
     return Index(root, emb, paths, meta)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:100] if text else type(err).__name__
+
+
+def check_index_model(index: Index, digest: str, checkpoint: str | Path) -> None:
+    """Refuse a model whose image side did not build `index` (its rows would be ranked by a text tower that
+    did not make them). An index built before the digest was recorded is searched with a warning."""
+    built = index.meta.get("weights_sha256")
+    if built is None:
+        log.warning("index %s records no weights_sha256 (an older build): its model is not checked", index.root)
+    elif built != digest:
+        raise ModelError(
+            f"index {index.root} was not built by the image weights and preprocessing of {checkpoint} (built from "
+            f"{index.meta.get('checkpoint')}, since retrained or another model?): rebuild the index with it"
+        )
 
 
 def _import_faiss():
@@ -467,6 +539,22 @@ def faiss_flat_ip(index: Index, chunk_size: int = SEARCH_CHUNK):
 def write_faiss(index: Index, path: str | Path) -> Path:
     _import_faiss().write_index(faiss_flat_ip(index), str(path))
     return Path(path)
+
+
+def load_index_model(
+    index: Index, checkpoint: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[nn.Module, Any, Any]:
+    """(model, config, tokenizer) that searches `index`: the checkpoint that built it, or `checkpoint` (a moved
+    or copied one), refused in one line when its image side did not build the index (`check_index_model`).
+    Every reader of an index (query, eval, serve) loads its model here."""
+    from crossmatch.data.transforms import preprocess_kwargs
+    from crossmatch.runs import load_run
+
+    source = checkpoint or index.checkpoint
+    model, cfg, tokenizer = load_run(source, overrides)
+    _, digest = probe_image_side(model.eval(), cfg.data.image_size, cfg.model["name"], preprocess_kwargs(cfg.data))
+    check_index_model(index, digest, source)
+    return model, cfg, tokenizer
 
 
 @torch.no_grad()
