@@ -64,7 +64,7 @@ def split_features(model, cfg, tok, split: str, n: int) -> tuple[dict, list[int]
 def text_features(model, tok, raws: list[str], batch: int = 256) -> dict:
     """The text half's tokens (N, L, D) and mask (N, L) of the captions, padded to one length L."""
     ids, mask = pad_sequences([tok.encode(r) for r in raws])
-    out = [model.encode_text({"input_ids": ids[s : s + batch], "attention_mask": mask[s : s + batch]}) for s in
+    out = [model.encode_text_features({"input_ids": ids[s : s + batch], "attention_mask": mask[s : s + batch]}) for s in
            range(0, len(raws), batch)]  # fmt: skip
     return {k: torch.cat([o[k] for o in out]) for k in ("tokens", "mask")}
 

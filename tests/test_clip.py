@@ -46,10 +46,10 @@ def test_text_embedding_ignores_how_a_batch_is_padded(tiny):
     tok = tiny.make_tokenizer()
     caps = ["a red circle", "a huge cobalt plus is above a tiny white box"]
     ids, mask = pad_sequences(tok.encode_batch(caps))  # (2, L) 0-padded as collate pads
-    together = tiny.encode_text({"input_ids": ids, "attention_mask": mask})["embed"]
+    together = tiny.encode_text_features({"input_ids": ids, "attention_mask": mask})["embed"]
     for i, c in enumerate(caps):
         one, m = pad_sequences([tok.encode(c)])
-        alone = tiny.encode_text({"input_ids": one, "attention_mask": m})["embed"]
+        alone = tiny.encode_text_features({"input_ids": one, "attention_mask": m})["embed"]
         torch.testing.assert_close(alone[0], together[i], rtol=1e-5, atol=1e-6)
     assert together.norm(dim=1).sub(1).abs().max() < 1e-5
 

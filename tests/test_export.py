@@ -81,8 +81,8 @@ def test_dual_encoder_onnx_matches_torch_and_the_tokenizer_round_trips(tmp_path)
 
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # another batch size than export
     with torch.no_grad():
-        img_ref = model.encode_image({"image": images})["embed"].numpy()
-        txt_ref = model.encode_text(ref)["embed"].numpy()
+        img_ref = model.encode_image_features({"image": images})["embed"].numpy()
+        txt_ref = model.encode_text_features(ref)["embed"].numpy()
     assert np.abs(onnx.encode_image(images.numpy()) - img_ref).max() <= ATOL
     assert np.abs(onnx.encode_text(TEXTS) - txt_ref).max() <= ATOL
     assert np.abs(onnx.encode_text(TEXTS[:1]) - txt_ref[:1]).max() <= ATOL  # batch 1, length 3
@@ -120,7 +120,7 @@ def test_export_cli_writes_a_dual_encoder_that_matches_the_checkpoint(tmp_path, 
     assert "exported tiny_vse (dual_encoder)" in out and "max abs diff" in out
     model, _, tok = load_run(ckpt)
     with torch.no_grad():
-        ref = model.encode_text(batch_of(tok, TEXTS))["embed"].numpy()
+        ref = model.encode_text_features(batch_of(tok, TEXTS))["embed"].numpy()
     assert np.abs(OnnxDualEncoder(tmp_path / "out").encode_text(TEXTS) - ref).max() <= ATOL
 
 
@@ -142,7 +142,7 @@ def test_towers_of_scan_and_albef_match_torch(tmp_path):
         keys = sorted(info["text_encoder"]["outputs"])
         got = dict(zip(keys, sess.run(keys, {k: v.long().numpy() for k, v in batch.items()}), strict=True))
         with torch.no_grad():
-            ref = model.encode_text(batch)
+            ref = model.encode_text_features(batch)
         if name == "tiny_scan":  # per-word features on real words; the lengths exactly
             assert info["text_encoder"]["outputs"]["words"]["shape"] == ["batch", "length", 16]
             assert np.array_equal(got["lengths"], ref["lengths"].numpy())
@@ -180,7 +180,7 @@ def test_pretrained_towers_export(tmp_path):
     assert max(info["parity"]["max_abs_diff"].values()) <= ATOL
     onnx = OnnxDualEncoder(tmp_path / "onnx")
     with torch.no_grad():
-        ref = model.encode_text(batch_of(tok, TEXTS))["embed"].numpy()
+        ref = model.encode_text_features(batch_of(tok, TEXTS))["embed"].numpy()
     assert np.abs(onnx.encode_text(TEXTS) - ref).max() <= ATOL
 
 

@@ -127,7 +127,7 @@ def test_score_reranks_a_fusion_model_and_matches_brute_force_when_every_pair_is
     texts = ["a red circle", "a green square", "a blue triangle above a red circle", "a circle"]
     s = crossmatch.score(model, images=images, texts=texts, rerank_k=10)  # k >= N, M: every pair re-scored
     pixels = torch.stack([model.preprocess(im) for im in images])
-    img, txt = model.encode_image({"image": pixels}), model.encode_text(model.tokenizer(texts))
+    img, txt = model.encode_image_features({"image": pixels}), model.encode_text_features(model.tokenizer(texts))
     ref = torch.tensor([[model.score_pairs(slice1(img, i), slice1(txt, t)).item() for t in range(4)] for i in range(3)])
     torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-5)  # batched vs one-pair forward passes
     stage1 = crossmatch.score(model, images=images, texts=texts, rerank_k=0)
@@ -270,11 +270,11 @@ def test_cached_frozen_towers_give_the_uncached_embeddings_and_skip_the_second_f
     ids = torch.tensor([[101, 7592, 102, 0], [101, 2088, 2003, 102]])
     batch = {"image": images, "input_ids": ids, "attention_mask": ids != 0}
     with torch.no_grad():
-        first_img, first_txt = model.encode_image(batch)["embed"], model.encode_text(batch)["embed"]
+        first_img, first_txt = model.encode_image_features(batch)["embed"], model.encode_text_features(batch)["embed"]
         # the same items again, in another order and batch: the tower runs only for the one new image
-        again = model.encode_image({"image": torch.cat([images[[2, 0]], torch.randn(1, 3, 32, 32)])})["embed"]
+        again = model.encode_image_features({"image": torch.cat([images[[2, 0]], torch.randn(1, 3, 32, 32)])})["embed"]
         model.config.cache_frozen = False
-        plain_img, plain_txt = model.encode_image(batch)["embed"], model.encode_text(batch)["embed"]
+        plain_img, plain_txt = model.encode_image_features(batch)["embed"], model.encode_text_features(batch)["embed"]
     assert calls == [3, 1, 3] and model.image_cache.hits == 2
     # cached rows were computed in a batch of 3, the reference too: the same kernels, equal up to rounding
     torch.testing.assert_close(first_img, plain_img)
@@ -294,7 +294,9 @@ def test_score_gives_an_image_by_caption_matrix_for_every_family(name):
     s = crossmatch.score(model, images=images, texts=texts, rerank_k=0)
     pixels = torch.stack([model.preprocess(im) for im in images])
     with torch.no_grad():
-        ref = model.similarity(model.encode_image({"image": pixels}), model.encode_text(model.tokenizer(texts)))
+        ref = model.similarity(
+            model.encode_image_features({"image": pixels}), model.encode_text_features(model.tokenizer(texts))
+        )
     assert s.shape == (2, 3)
     torch.testing.assert_close(s, ref.float())  # the same batches through the same calls
 
@@ -326,5 +328,5 @@ def test_a_vse_pretrained_checkpoint_from_before_model_owned_preprocessing_keeps
     image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     old_transform = build_image_transform(32, train=False)  # 0.1.0's eval transform: ImageNet stats, squash
     with torch.no_grad():
-        expected = old.encode_image({"image": old_transform(image)[None]})["embed"]
+        expected = old.encode_image_features({"image": old_transform(image)[None]})["embed"]
     assert torch.equal(model.embed_images([pp(image)]), expected)  # the same weights, pixels and batch shape

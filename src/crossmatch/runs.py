@@ -40,7 +40,7 @@ from crossmatch.data.hard_batches import HardBatchSampler, item_keys
 from crossmatch.data.loaders import build_eval_loader, build_train_loader
 from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, WHITE, describe_transform, transform_from_config
-from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
+from crossmatch.engine.checkpoint import Checkpointer, is_pretrained_dir, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, close_run_log, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
@@ -145,13 +145,18 @@ def resolved_model_section(name: str, model: nn.Module) -> dict:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint path as given, or for a run folder its `checkpoints/best.pt`."""
+    """A checkpoint path as given, for a run folder its `checkpoints/best.pt`, a save_pretrained folder itself."""
     path = Path(path)
     if path.is_dir():
         for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"{path} is a folder without checkpoints/best.pt (not a finished crossmatch run)")
+        if is_pretrained_dir(path):
+            return path
+        raise CheckpointError(
+            f"{path} is a folder without checkpoints/best.pt (not a finished crossmatch run) and without "
+            "model.safetensors + config.json (not a save_pretrained folder)"
+        )
     return path
 
 
@@ -186,8 +191,10 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.M
     except DataError as err:
         raise CheckpointError(f"{path}: {err}") from err
     model, cfg = build_model(cfg, tokenizer, load_weights=False)
+    # 0.1.0 kept the contrastive objective's learned scale (and SigLIP bias) in the `loss` entry only
+    learned = {k: v for k, v in (ckpt.get("loss") or {}).items() if k in ("logit_scale", "logit_bias")}
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict({**learned, **ckpt["model"]} if "logit_scale" in model.state_dict() else ckpt["model"])
     except RuntimeError as err:
         lines = str(err).splitlines()
         detail = lines[1].strip() if len(lines) > 1 else str(err)

@@ -16,7 +16,7 @@ Under `torchrun --nproc_per_node=N` every rank embeds a batch-aligned share of t
 `.parts/index-rankRRR-of-NNN/` (itself a resumable build of those files), and rank 0 merges the parts into
 the files a single process writes, byte for byte (`crossmatch.engine.sharding`).
 
-Only models whose `encode_image` returns exactly {"embed": (B, E)} l2-normalised can be indexed: the
+Only models whose `encode_image_features` returns exactly {"embed": (B, E)} l2-normalised can be indexed: the
 score of a pair must be the inner product of two single vectors.
 
 Search is exact: one pass over the memory-mapped rows for all the queries of a call, block by block
@@ -77,11 +77,11 @@ def list_images(image_dir: str | Path) -> list[Path]:
 def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | torch.device = "cpu") -> int:
     """E of a single-vector model (in eval mode), checked on two blank images; other models are a ModelError."""
     with torch.no_grad():
-        out = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
+        out = model.encode_image_features({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
     if set(out) != {"embed"} or out["embed"].ndim != 2:
         shapes = {k: tuple(v.shape) for k, v in out.items()}
         raise ModelError(
-            f"model {name} cannot be indexed: encode_image must return only {{'embed': (B, E)}}, got {shapes}"
+            f"model {name} cannot be indexed: encode_image_features must return only {{'embed': (B, E)}}, got {shapes}"
         )
     norms = out["embed"].float().norm(dim=-1)  # (2,)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
@@ -301,7 +301,7 @@ def _embed_files(
             meta["skipped"].append({"path": str(files[i]), "index": i, "error": reason})
         n_ok = len(batch["image"]) if "image" in batch else 0
         if n_ok:
-            vecs = model.encode_image({"image": batch["image"].to(device)})["embed"]  # (B, E)
+            vecs = model.encode_image_features({"image": batch["image"].to(device)})["embed"]  # (B, E)
             emb[meta["rows"] : meta["rows"] + n_ok] = vecs.float().cpu().numpy()  # rounded to emb.dtype
             emb.flush()  # rows reach the file before meta.json says they exist
         meta["rows"] += n_ok
@@ -448,4 +448,8 @@ def write_faiss(index: Index, path: str | Path) -> Path:
 def encode_texts(model: nn.Module, tokenizer, texts: list[str], device: str | torch.device = "cpu") -> Tensor:
     """Sentences -> (Q, E) text embeddings with the model's own tokenizer."""
     ids, mask = pad_sequences(tokenizer.encode_batch(texts))  # (Q, L) each
-    return model.encode_text({"input_ids": ids.to(device), "attention_mask": mask.to(device)})["embed"].float().cpu()
+    return (
+        model.encode_text_features({"input_ids": ids.to(device), "attention_mask": mask.to(device)})["embed"]
+        .float()
+        .cpu()
+    )
