@@ -66,7 +66,7 @@ def test_retrieval_interface_shapes(name):
         assert sim.shape == (5, 3)
         scores = model.score_pairs(img, txt)
         assert scores.shape == (5,) and torch.isfinite(scores).all()
-        out = model(batch)
+        out = model.forward_features(batch)
     assert out["scores"].shape == (5, 5) and out["itm_logits"].shape == (5, 2)
 
 
@@ -143,7 +143,7 @@ def test_eval_mode_is_deterministic(name):
     model = build(name).eval()
     batch = make_batch([0, 1, 2])
     with torch.no_grad():
-        a, b = model(batch), model(batch)
+        a, b = model.forward_features(batch), model.forward_features(batch)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 

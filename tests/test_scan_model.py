@@ -41,7 +41,7 @@ def test_forward_shapes(regions, n_regions):
     model = create_model("tiny_scan", vocab_size=50, regions=regions, feature_dim=C_PRE).eval()
     image = torch.randn(3, R_PRE, C_PRE) if regions == "precomputed" else None
     with torch.no_grad():
-        out = model(batch(image=image))
+        out = model.forward_features(batch(image=image))
     assert model.needs_boxes == (regions == "boxes")
     assert out["regions"].shape == (3, n_regions, 16) and out["words"].shape == (3, 6, 16)
     assert out["lengths"].dtype == torch.long and out["lengths"].tolist() == [6, 2, 4]

@@ -251,7 +251,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> nn.Module:
     return attach(*load_run(local, overrides))[0]
 
 
-from_pretrained = load
+from_pretrained = load  # Hugging Face's name (crossmatch.from_pretrained is crossmatch.load)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

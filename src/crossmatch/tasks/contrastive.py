@@ -6,7 +6,8 @@ owns them (they go to the optimiser with the task's parameters, no weight decay:
 checkpoint's `loss` entry) and the model exposes the same tensors as open_clip's `logit_scale` / `logit_bias`,
 so they are stored with its weights too (models/face.py). Initial values: CLIP log-scale log(1/0.07), SigLIP
 t' = log 10 and b = -10; a pretrained open_clip model's own learned values when it has them
-(`model.contrastive_init`); `loss.init_*` over both. The scale exp(t') is clamped to [1, loss.max_logit_scale] (100, as CLIP) before every use.
+(`model.contrastive_init`); `loss.init_*` over both. The scale exp(t') is clamped to [1, loss.max_logit_scale]
+(100, as CLIP) before every use.
 """
 
 from __future__ import annotations
