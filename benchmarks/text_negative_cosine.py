@@ -1,6 +1,6 @@
 """Does the text side tell a caption from its perturbed negative at all? Per perturbation type, the cosine
-between the global caption embeddings (`model.embed_texts` of `crossmatch.load`: a dual encoder's, or a fusion model's
-stage-1 head) of each caption and its negative in a negatives file.
+between the global caption embeddings (`model.encode_text` of `crossmatch.load`: a dual encoder's, or a fusion
+model's stage-1 head) of each caption and its negative in a negatives file.
 
     python benchmarks/text_negative_cosine.py RUN/checkpoints/best.pt --negatives DATA/test_negatives.jsonl
         [--data DATA] [--per-type 500]
@@ -35,8 +35,9 @@ def cosine_by_type(model, tokenizer, triples, per_type: int, batch: int = 256) -
         cos = []
         for i in range(0, len(rows), batch):
             part = rows[i : i + batch]
-            a = model.embed_texts(tokenizer([t.caption for t in part]))  # (b, E) l2-normalised
-            b = model.embed_texts(tokenizer([t.negative for t in part]))  # (b, E)
+            with torch.no_grad():
+                a = model.encode_text(tokenizer([t.caption for t in part]), normalize=True)  # (b, E)
+                b = model.encode_text(tokenizer([t.negative for t in part]), normalize=True)  # (b, E)
             cos.append((a * b).sum(1))  # (b,)
         out[kind] = torch.cat(cos)
     return out

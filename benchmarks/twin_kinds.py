@@ -80,13 +80,15 @@ def main() -> None:
     kinds = [kind_of(ds.images[a].objects, ds.images[b].objects) for a, b in ds.twins]
     t2i = torch.as_tensor(ds.txt_to_img)
     pixels = [model.preprocess(str(r.path)) for r in ds.images]  # decoded once, for both uses below
-    scores = crossmatch.score(model, pixels, ds.captions)  # (N_img, N_txt)
+    scores = crossmatch.score(model, pixels, ds.captions, direction="i2t")  # (N_img, N_txt), as twin_acc ranks
     report = accuracy_by_kind(scores, t2i, ds.twins, kinds)
     cos = None
     try:
-        img = model.embed_images(pixels)  # (N_img, E)
-        cos = twin_cosines(img, model.embed_texts(model.tokenizer(ds.captions)), t2i, ds.twins)  # (n_pairs, 2)
-    except ModelError:  # no global embeddings (SCAN): accuracies only
+        with torch.no_grad():
+            img = model.encode_image(torch.stack(pixels), normalize=True)  # (N_img, E)
+            txt = model.encode_text(model.tokenizer(ds.captions), normalize=True)  # (N_txt, E)
+        cos = twin_cosines(img, txt, t2i, ds.twins)  # (n_pairs, 2)
+    except ModelError:  # models that read object boxes: accuracies only
         pass
     print(f"{'twins swap':<10} {'pairs':>6} {'cases':>6} {'twin_acc':>9} {'image cos':>10} {'caption cos':>12}")
     for kind, (n, wins, total) in report.items():

@@ -165,8 +165,8 @@ def test_text_negative_cosine_is_per_type_and_keeps_the_first_triples():
     bench = load_benchmark("text_negative_cosine")
     vec = {"cap": [1.0, 0.0], "neg a": [0.6, 0.8], "neg b": [0.0, 1.0], "neg c": [1.0, 0.0], "neg d": [-1.0, 0.0]}
 
-    class Model:  # embed_texts of whatever the tokenizer returns: here the texts themselves
-        def embed_texts(self, texts):
+    class Model:  # encode_text of whatever the tokenizer returns: here the texts themselves
+        def encode_text(self, texts, normalize=False):
             return torch.tensor([vec[t] for t in texts])
 
     def triple(neg, kind, line):

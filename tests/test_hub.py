@@ -20,10 +20,11 @@ from crossmatch.models.hub import first_words
 from crossmatch.runs import build_untrained_run
 
 
-def untrained_checkpoint(root, path, name, *overrides):
+def untrained_checkpoint(root, path, name, *overrides, **entries):
     torch.manual_seed(0)
     model, cfg, tok = build_untrained_run(name, str(root), ["data.image_size=32", *overrides])
-    atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "tokenizer": tok.to_str()}, path)
+    state = {"model": model.state_dict(), "config": config_to_dict(cfg), "tokenizer": tok.to_str(), **entries}
+    atomic_save(state, path)
     return path
 
 
@@ -65,7 +66,9 @@ def silent_hub(tmp_path, monkeypatch):
 
 
 def test_save_pretrained_writes_the_files_that_from_pretrained_reads(shapes_root, tmp_path):
-    model = crossmatch.load(untrained_checkpoint(shapes_root, tmp_path / "vse.pt", "tiny_vse"))
+    history = [{"epoch": 1, "rsum": 10.0}, {"epoch": 2, "rsum": 42.5, "i2t_r1": 8.25, "hinge_loss": 0.5}]
+    trainer = {"best_epoch": 2, "history": history}
+    model = crossmatch.load(untrained_checkpoint(shapes_root, tmp_path / "vse.pt", "tiny_vse", trainer=trainer))
     folder = model.save_pretrained(tmp_path / "hf")
     names = {"model.safetensors", "config.json", "preprocess.json", "tokenizer.json", "README.md"}
     assert {p.name for p in folder.iterdir()} == names
@@ -73,6 +76,8 @@ def test_save_pretrained_writes_the_files_that_from_pretrained_reads(shapes_root
     assert json.loads((folder / "preprocess.json").read_text())["size"] == 32
     card = (folder / "README.md").read_text()
     assert "family: `tiny_vse`" in card and f"`{shapes_root}`" in card and "create_model_and_transforms" in card
+    assert "| val rsum (epoch 2) | 42.50 |" in card and "| val i2t_r1 (epoch 2) | 8.25 |" in card
+    assert "10.00" not in card and "loss" not in card.split("## Metrics")[1].split("##")[0]  # best epoch, no losses
     again = crossmatch.from_pretrained(folder)
     texts = ["a red circle", "two blue squares"]
     assert torch.equal(again.encode(texts, convert_to_tensor=True), model.encode(texts, convert_to_tensor=True))

@@ -221,7 +221,9 @@ def _hub_snapshot(repo_id: str) -> Path:
         try:
             return Path(snapshot_download(repo_id, allow_patterns=list(PRETRAINED_FILES)))
         except Exception as err:  # huggingface_hub raises many kinds (offline, timeouts, 401, 404, ...)
-            raise ModelError(hub_error(f"crossmatch model {repo_id!r}", err, hub.offline)) from err
+            raise ModelError(
+                hub_error(f"crossmatch model {repo_id!r} (no such local path either)", err, hub.offline)
+            ) from err
 
 
 def _resolve(name_or_path: str | Path) -> Path | None:

@@ -199,7 +199,17 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.M
         lines = str(err).splitlines()
         detail = lines[1].strip() if len(lines) > 1 else str(err)
         raise CheckpointError(f"{path}: weights do not fit model {cfg.model['name']}: {detail}") from err
+    model.card_metrics = best_validation_row(ckpt.get("trainer") or {}, cfg.data.val_split)  # save_pretrained's card
     return model.eval(), cfg, tokenizer
+
+
+def best_validation_row(trainer: dict, split: str) -> dict[str, float] | None:
+    """The validation metrics of a checkpoint's best epoch (its `trainer` entry), or None when unknown."""
+    rows = [h for h in trainer.get("history", []) if h.get("epoch") == trainer.get("best_epoch")]
+    if not rows:
+        return None
+    metrics = {k: v for k, v in rows[-1].items() if k != "epoch" and not k.endswith("_loss")}
+    return {f"{split} {k} (epoch {trainer['best_epoch']})": v for k, v in metrics.items()}
 
 
 def make_evaluator(
