@@ -136,13 +136,14 @@ def test_clip_takes_open_clips_local_dir_names(tmp_path):
         crossmatch.create_model_and_transforms(f"local-dir:{folder}")
 
 
-def test_a_hub_id_fails_fast_in_one_line_when_the_hub_does_not_answer(silent_hub):
+@pytest.mark.parametrize("name", ["someone/tiny-crossmatch", "hf-hub:someone/tiny-open-clip"])
+def test_a_hub_id_fails_fast_in_one_line_when_the_hub_does_not_answer(silent_hub, name):
     start = time.monotonic()
     with pytest.raises(ModelError) as err:
-        crossmatch.from_pretrained("someone/tiny-crossmatch")
+        crossmatch.create_model_and_transforms(name)  # a crossmatch save_pretrained repo / an open_clip one
     elapsed = time.monotonic() - start
     msg = str(err.value)
-    assert "\n" not in msg and "'someone/tiny-crossmatch'" in msg and "local-dir:" in msg
+    assert "\n" not in msg and name.removeprefix("hf-hub:") in msg and "local-dir:" in msg
     assert elapsed < 15, f"took {elapsed:.1f} s"  # one request of HUB_TIMEOUT (3 s) decides; was minutes
 
 
