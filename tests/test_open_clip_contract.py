@@ -136,7 +136,7 @@ def test_create_model_and_transforms_returns_open_clips_triple(shapes_root, tmp_
     assert preprocess_val(photo).shape == preprocess_train(photo).shape == (3, 32, 32)
     assert not model.training and crossmatch.from_pretrained is crossmatch.load
     half, _, _ = crossmatch.create_model_and_transforms(str(ckpt), precision="bf16")
-    assert next(half.parameters()).dtype == torch.bfloat16
+    assert next(half.parameters()).dtype == torch.bfloat16 and half.encode([photo]).dtype == np.float32
     clip, _, pp = crossmatch.create_model_and_transforms("tiny_clip", overrides=["data.resize=letterbox"])
     assert pp["resize"] == "letterbox" and clip.encode_image(pp(photo)[None]).shape == (1, 32)
     with pytest.raises(ModelError, match="precision='fp8'"):

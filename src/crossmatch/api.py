@@ -132,10 +132,10 @@ def _image_features(model: nn.Module, pixels: Tensor, batch_size: int) -> dict[s
     """The internal face's features of N preprocessed images (N, 3, S, S), in batches."""
     if needs_boxes(model):
         raise ModelError(f"{type(model).__name__} reads object boxes: score it with `crossmatch evaluate`")
-    dev = _device(model)
+    dev, dtype = _device(model), next(model.parameters()).dtype  # fp16/bf16 models take images of their dtype
     return cat_features(
         [
-            model.encode_image_features({"image": pixels[i : i + batch_size].to(dev)})
+            model.encode_image_features({"image": pixels[i : i + batch_size].to(dev, dtype)})
             for i in range(0, len(pixels), batch_size)
         ]
     )

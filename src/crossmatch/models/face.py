@@ -151,7 +151,7 @@ class ImageTextModel(nn.Module):
             raise ModelError("model.encode needs the preprocessing and tokenizer of crossmatch.load / from_pretrained")
         if device is not None:
             self.to(device)
-        dev = next(self.parameters()).device
+        dev, dtype = next(self.parameters()).device, next(self.parameters()).dtype
         if show_progress_bar is None:
             show_progress_bar = log.getEffectiveLevel() <= logging.INFO and logging.getLogger().level <= logging.INFO
         was_training = self.training
@@ -163,7 +163,7 @@ class ImageTextModel(nn.Module):
                 if kinds == {"text"}:
                     emb = self.encode_text(tokenizer(part).to(dev), normalize=normalize_embeddings)  # (b, E)
                 else:
-                    pixels = torch.stack([preprocess(x) for x in part]).to(dev)  # (b, 3, H, W)
+                    pixels = torch.stack([preprocess(x) for x in part]).to(dev, dtype)  # (b, 3, H, W)
                     emb = self.encode_image(pixels, normalize=normalize_embeddings)  # (b, E)
                 out.append(emb.float())
         finally:
