@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
 from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
+from crossmatch.models.face import ImageTextModel
 from crossmatch.tasks.base import Task
 from crossmatch.tasks.text_negatives import encode_negatives
 
@@ -50,7 +51,7 @@ class ContrastiveTask(Task):
         else:
             self.logit_bias = None
             self.loss = InfoNCELoss(rank, world_size, cfg.local)
-        if hasattr(model, "share_contrastive_params"):
+        if isinstance(model, ImageTextModel):  # the model stores and exposes them (open_clip's logit_scale)
             model.share_contrastive_params(self.logit_scale, self.logit_bias)
 
     def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
