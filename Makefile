@@ -12,7 +12,7 @@ $(BIN)/python:
 # torch/torchvision pinned here (the local wheel cache serves these); pyproject only declares ranges.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[test,pretrained,index,clip,export,webdataset,docs,serve,wandb]"
+	$(BIN)/pip install -e ".[test,pretrained,index,clip,export,webdataset,docs,serve,wandb,hub]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -116,10 +116,10 @@ class FixedScores(torch.nn.Module):
         super().__init__()
         self.scores = scores
 
-    def encode_image(self, batch):
+    def encode_image_features(self, batch):
         return {"idx": batch["image_idx"]}
 
-    def encode_text(self, batch):
+    def encode_text_features(self, batch):
         return {"idx": batch["text_idx"]}
 
     def similarity(self, img, txt):

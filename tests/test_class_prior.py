@@ -57,9 +57,9 @@ def test_vse_pretrained_projects_the_pooled_features_and_the_prior(with_prior):
         pooled = model.image_tower(image)  # (2, 1280)
         by_hand = nn.functional.normalize(model.image_proj(torch.cat([pooled, model.prior(pooled)], 1)), dim=-1)
         model.fill_image_cache([b"a", b"b"], image)
-        keyed = model.encode_image({"image_key": [b"a", b"b"]})["embed"]
+        keyed = model.encode_image_features({"image_key": [b"a", b"b"]})["embed"]
         model.config.cache_frozen = False
-        plain = model.encode_image({"image": image})["embed"]
+        plain = model.encode_image_features({"image": image})["embed"]
         model.config.cache_frozen = True
     # the same operations on the same batch, but separate calls of the tower: with several threads oneDNN may split
     # a convolution differently from one call to the next (CROSSMATCH_TEST_THREADS=2 showed last-bit differences),
@@ -82,7 +82,10 @@ def test_a_checkpoint_rebuilds_the_same_prior(with_prior):
     loading.load_state_dict(with_prior.state_dict())
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        loaded, original = loading.eval().encode_image({"image": image}), with_prior.encode_image({"image": image})
+        loaded, original = (
+            loading.eval().encode_image_features({"image": image}),
+            with_prior.encode_image_features({"image": image}),
+        )
     # the same weights, batch and operations in two tower calls (float32 rounding across threads, see above)
     torch.testing.assert_close(loaded["embed"], original["embed"], rtol=1e-5, atol=1e-6)
 

@@ -162,10 +162,10 @@ class SignTimesLength(torch.nn.Module):
         if fusion:
             self.score_pairs = lambda img, txt: img["s"] * txt["n"]  # (b,)
 
-    def encode_image(self, batch):
+    def encode_image_features(self, batch):
         return {"s": torch.where(batch["image"].mean((1, 2, 3)) < 0, 1.0, -1.0)}  # (B,)
 
-    def encode_text(self, batch):
+    def encode_text_features(self, batch):
         return {"n": batch["attention_mask"].sum(1).float()}  # (B,)
 
     def similarity(self, img, txt):

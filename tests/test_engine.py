@@ -28,7 +28,7 @@ def test_safetensors_export_rebuilds_the_same_model(shapes_root, tmp_path):
     a, b = from_pt.state_dict(), from_st.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = torch.tensor([from_st.tokenizer.encode("a small red circle")])
-    emb = from_st.encode_text({"input_ids": ids, "attention_mask": ids != 0})["embed"]
+    emb = from_st.encode_text_features({"input_ids": ids, "attention_mask": ids != 0})["embed"]
     assert emb.shape == (1, 16) and from_st.run_config.model["name"] == "tiny_vse"
 
 

@@ -35,13 +35,13 @@ def batch_of(tok: CaptionTokenizer, texts: list[str]) -> dict[str, torch.Tensor]
 @torch.no_grad()
 def image_embed(model, images: torch.Tensor) -> np.ndarray:
     """The torch model's (B, E) image embeddings: what the exported image graph must give."""
-    return model.encode_image({"image": images})["embed"].numpy()
+    return model.encode_image_features({"image": images})["embed"].numpy()
 
 
 @torch.no_grad()
 def text_embed(model, batch: dict[str, torch.Tensor]) -> np.ndarray:
     """The torch model's (B, E) caption embeddings: what the exported text graph must give."""
-    return model.encode_text(batch)["embed"].numpy()
+    return model.encode_text_features(batch)["embed"].numpy()
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -150,7 +150,7 @@ def test_towers_of_scan_and_albef_match_torch(tmp_path):
         keys = sorted(info["text_encoder"]["outputs"])
         got = dict(zip(keys, sess.run(keys, {k: v.long().numpy() for k, v in batch.items()}), strict=True))
         with torch.no_grad():
-            ref = model.encode_text(batch)
+            ref = model.encode_text_features(batch)
         if name == "tiny_scan":  # per-word features on real words; the lengths exactly
             assert info["text_encoder"]["outputs"]["words"]["shape"] == ["batch", "length", 16]
             assert np.array_equal(got["lengths"], ref["lengths"].numpy())

@@ -154,17 +154,17 @@ def test_keys_only_for_an_image_not_in_the_cache_is_an_error():
     with torch.no_grad():
         model.fill_image_cache([b"a", b"b"], image)
         assert model.missing_image_outputs([b"a", b"c", b"b"]) == [1]
-        by_key = model.encode_image({"image_key": [b"a", b"b"]})["embed"]
-        swapped = model.encode_image({"image_key": [b"b", b"a"]})["embed"]
+        by_key = model.encode_image_features({"image_key": [b"a", b"b"]})["embed"]
+        swapped = model.encode_image_features({"image_key": [b"b", b"a"]})["embed"]
         model.config.cache_frozen = False
-        by_pixels = model.encode_image({"image": image})["embed"]
+        by_pixels = model.encode_image_features({"image": image})["embed"]
         # the in-memory cache is exact (float32) and the batch shape the same, but the rows come from the fill's
         # tower call: with several threads a convolution may round differently between calls (float32 rounding)
         torch.testing.assert_close(by_key, by_pixels, rtol=1e-5, atol=1e-6)
         # the same rows in the other order: only the projection's matmul may round differently per row position
         torch.testing.assert_close(swapped, by_key.flip(0), rtol=1e-6, atol=1e-6)
         with pytest.raises(ModelError, match="1 image.* not in the cache"):
-            model.encode_image({"image_key": [b"a", b"c"]})
+            model.encode_image_features({"image_key": [b"a", b"c"]})
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ def test_retrieval_interface_shapes(name):
     model = build(name).eval()
     batch = make_batch([0, 0, 1, 2, 3])
     with torch.no_grad():
-        img, txt = model.encode_image(batch), model.encode_text(batch)
+        img, txt = model.encode_image_features(batch), model.encode_text_features(batch)
         assert img["embed"].shape == (5, 8) and txt["embed"].shape == (5, 8)
         assert img["tokens"].shape[:2] == img["mask"].shape and img["tokens"].shape[0] == 5
         assert txt["tokens"].shape == (5, 7, 16) and txt["mask"].shape == (5, 7)  # [CLS] prepended
@@ -66,7 +66,7 @@ def test_retrieval_interface_shapes(name):
         assert sim.shape == (5, 3)
         scores = model.score_pairs(img, txt)
         assert scores.shape == (5,) and torch.isfinite(scores).all()
-        out = model(batch)
+        out = model.forward_features(batch)
     assert out["scores"].shape == (5, 5) and out["itm_logits"].shape == (5, 2)
 
 
@@ -107,7 +107,7 @@ def test_vilt_hard_negatives_are_drawn_by_the_cheap_head(monkeypatch):
     monkeypatch.setattr(vilt_task, "sample_random_negatives", None)  # must not be called
     with torch.no_grad():
         losses, _ = task.training_step(batch)
-        img, txt = model.encode_image(batch), model.encode_text(batch)
+        img, txt = model.encode_image_features(batch), model.encode_text_features(batch)
     torch.testing.assert_close(seen["sim"], img["embed"] @ txt["embed"].t() / model.temp, rtol=0, atol=1e-6)
     assert seen["n"] == 2 and not seen["sim"].requires_grad
     assert all(torch.isfinite(v) for v in losses.values())
@@ -127,7 +127,7 @@ def test_score_pairs_is_row_aligned_and_padding_invariant(name):
     model = build(name).eval()
     batch = make_batch([0, 1, 1, 2, 3, 4])
     with torch.no_grad():
-        img, txt = model.encode_image(batch), model.encode_text(batch)
+        img, txt = model.encode_image_features(batch), model.encode_text_features(batch)
         full = model.score_pairs(img, txt)
         rows = torch.tensor([4, 0, 2])
         sliced = model.score_pairs({k: v[rows] for k, v in img.items()}, {k: v[rows] for k, v in txt.items()})
@@ -143,7 +143,7 @@ def test_eval_mode_is_deterministic(name):
     model = build(name).eval()
     batch = make_batch([0, 1, 2])
     with torch.no_grad():
-        a, b = model(batch), model(batch)
+        a, b = model.forward_features(batch), model.forward_features(batch)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 

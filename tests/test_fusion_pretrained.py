@@ -96,12 +96,12 @@ def test_albef_cross_attention_and_heads_are_new(albef):
 def test_albef_text_half_equals_the_checkpoints_layer_3_hidden_states(albef, hf):
     batch = text_batch([SENTENCE])
     with torch.no_grad():
-        ours = albef.encode_text(batch)["tokens"]  # (1, L, 384)
+        ours = albef.encode_text_features(batch)["tokens"]  # (1, L, 384)
     # float32 through two different kernels; in float64 the two agree to 4e-14 (checked by hand)
     torch.testing.assert_close(ours, hidden_states(hf[0], batch)[3], atol=1e-5, rtol=0)
     padded = text_batch([SENTENCE, "a cat"])  # with padding: the real tokens are what counts
     with torch.no_grad():
-        ours = albef.encode_text(padded)["tokens"]
+        ours = albef.encode_text_features(padded)["tokens"]
     real = padded["attention_mask"].bool()
     torch.testing.assert_close(ours[real], hidden_states(hf[0], padded)[3][real], atol=1e-5, rtol=0)
 
@@ -113,7 +113,7 @@ def test_albef_fusion_half_without_cross_attention_is_the_checkpoints_layers_3_t
     for layer in albef.fusion_encoder.layers:
         monkeypatch.setattr(layer, "cross", False)
     with torch.no_grad():
-        txt = albef.encode_text(batch)
+        txt = albef.encode_text_features(batch)
         ours = albef.fusion_encoder(txt["tokens"], txt["mask"])  # (2, L, 384)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(ours[real], hidden_states(hf[0], batch)[6][real], atol=1e-5, rtol=0)

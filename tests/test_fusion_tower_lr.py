@@ -166,7 +166,7 @@ def test_text_pool_mean_is_the_mean_of_the_real_tokens_for_the_model_and_its_mom
     ids = torch.tensor([[101, 2000, 2001, 102, 0], [101, 2002, 102, 0, 0]])
     batch = {"input_ids": ids, "attention_mask": ids != 0, "image": torch.randn(2, 3, 64, 64)}
     with torch.no_grad():
-        out = model.encode_text(batch)
+        out = model.encode_text_features(batch)
         tokens = out["tokens"]  # (2, 5, 384)
         reference = torch.stack([tokens[0, :4].mean(0), tokens[1, :3].mean(0)])  # the real tokens, one by one
         torch.testing.assert_close(out["embed"], l2norm(model.text_proj(reference)), rtol=0, atol=1e-6)

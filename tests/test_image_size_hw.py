@@ -72,7 +72,7 @@ def test_scan_box_regions_span_the_non_square_image():
     assert boxes[0, 0].tolist() == [0.0, 0.0, 16.0, 32.0]  # the whole image: x to W = 16, y to H = 32
     assert boxes[0, 1].tolist() == [0.0, 0.0, 8.0, 16.0]  # the first coarse grid cell (2 x 2 grid for 3 boxes)
     assert model.region_layout(batch)[0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
-    assert model.encode_image(batch)["regions"].shape[:2] == (1, 4)
+    assert model.encode_image_features(batch)["regions"].shape[:2] == (1, 4)
 
 
 def test_the_config_takes_an_int_or_hw_and_a_checkpoint_keeps_it():

@@ -50,14 +50,14 @@ def brute_force_images(ckpt: Path, files: list[Path]) -> torch.Tensor:
     """(N, E) embeddings of `files`, encoded one by one with the checkpoint's model."""
     model, cfg, _ = load_run(ckpt)
     transform = build_image_transform(cfg.data.image_size, train=False)
-    return torch.cat([model.encode_image({"image": transform(load_image(f))[None]})["embed"] for f in files])
+    return torch.cat([model.encode_image_features({"image": transform(load_image(f))[None]})["embed"] for f in files])
 
 
 @torch.no_grad()
 def brute_force_text(ckpt: Path, text: str) -> torch.Tensor:
     model, _, tokenizer = load_run(ckpt)
     ids, mask = pad_sequences([tokenizer.encode(text)])
-    return model.encode_text({"input_ids": ids, "attention_mask": mask})["embed"]  # (1, E)
+    return model.encode_text_features({"input_ids": ids, "attention_mask": mask})["embed"]  # (1, E)
 
 
 def test_build_writes_the_index_and_query_equals_brute_force(run, capsys):
@@ -93,7 +93,7 @@ def test_interrupted_build_resumes_to_an_identical_index(run, tmp_path, monkeypa
     images, ckpt, idx = run
     model, cfg, _ = load_run(ckpt)
     calls = {"n": 0, "crash_at": 4}
-    encode = model.encode_image
+    encode = model.encode_image_features
 
     def flaky(batch):  # call 1 is the single-vector probe, then one call per batch
         calls["n"] += 1
@@ -101,7 +101,7 @@ def test_interrupted_build_resumes_to_an_identical_index(run, tmp_path, monkeypa
             raise KeyboardInterrupt  # Ctrl-C while the 3rd batch is encoded
         return encode(batch)
 
-    monkeypatch.setattr(model, "encode_image", flaky)
+    monkeypatch.setattr(model, "encode_image_features", flaky)
     kwargs = dict(checkpoint=ckpt, model_name="tiny_vse", image_size=cfg.data.image_size, batch_size=8)
     with pytest.raises(KeyboardInterrupt):
         build_index(model, images, tmp_path / "idx", **kwargs)
@@ -155,11 +155,11 @@ def test_build_refuses_a_folder_of_other_inputs_and_non_single_vector_models(run
     assert len(err) == 1 and str(idx) in err[0] and "another" in err[0]
 
     class Tokens(nn.Module):  # a fusion-style model: embed plus token features
-        def encode_image(self, batch):
+        def encode_image_features(self, batch):
             return {"embed": torch.ones(len(batch["image"]), 4) / 2, "tokens": torch.zeros(len(batch["image"]), 3, 4)}
 
     class Unnormalised(nn.Module):
-        def encode_image(self, batch):
+        def encode_image_features(self, batch):
             return {"embed": torch.ones(len(batch["image"]), 4)}
 
     with pytest.raises(ModelError, match="fusion_toy cannot be indexed.*'tokens'"):

@@ -23,6 +23,6 @@ def test_a_legacy_checkpoint_loads_and_scores_as_before(path):
     ids = expected["input_ids"]
     batch = {"image": expected["image"], "input_ids": ids, "attention_mask": ids != 0}
     with torch.no_grad():
-        s = model.similarity(model.encode_image(batch), model.encode_text(batch))
+        s = model.similarity(model.encode_image_features(batch), model.encode_text_features(batch))
     # same code path and batch shapes as when the fixture was written: equal up to BLAS kernel choice
     torch.testing.assert_close(s.float(), expected["similarity"], rtol=1e-5, atol=1e-6)

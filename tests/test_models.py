@@ -45,7 +45,7 @@ def test_forward_shapes_and_scores(name):
     model = create_model(name, data_defaults={"vocab_size": 50, "image_size": 32}).eval()
     batch = tiny_batch()
     with torch.no_grad():
-        img, txt = model.encode_image(batch), model.encode_text(batch)
+        img, txt = model.encode_image_features(batch), model.encode_text_features(batch)
         scores = model.similarity(img, txt)
     assert scores.shape == (4, 4) and torch.isfinite(scores).all()
     for feats in (img, txt):
@@ -79,7 +79,7 @@ def test_every_parameter_gets_a_gradient(name):
 def test_vse_config_round_trips_and_overrides_apply():
     m = create_model("tiny_vse", vocab_size=50, embed_dim=12, bidirectional=True)
     assert m.config.embed_dim == 12 and m.config.bidirectional and m.config.vocab_size == 50
-    assert m.encode_text(tiny_batch())["embed"].shape == (4, 12)
+    assert m.encode_text_features(tiny_batch())["embed"].shape == (4, 12)
 
 
 def test_data_defaults_fill_only_fields_the_model_has():

@@ -129,7 +129,7 @@ def test_tipcb_score_is_global_plus_mean_part_cosine():
     model = create_model("tiny_tipcb", vocab_size=50, num_parts=2).eval()
     batch = tiny_batch()
     with torch.no_grad():
-        img, txt = model.encode_image(batch), model.encode_text(batch)
+        img, txt = model.encode_image_features(batch), model.encode_text_features(batch)
         scores = model.similarity(img, txt)
         (ig, ip), (tg, tp) = model.image_features(batch), model.text_features(batch)
     cos = nn.functional.cosine_similarity
@@ -171,8 +171,8 @@ def test_tiny_tipcb_trains_through_the_cli_and_evaluates_by_identity(tmp_path):
     assert list(m) == list(KEYS) and all(0 <= v <= 100 for v in m.values())
     data = build_eval_data(cfg, ds, tokenizer, model)  # reference: one batch of everything, scored directly
     with torch.no_grad():
-        img = model.encode_image(next(iter(build_eval_loader(data.image_loader.dataset, 100))))
-        txt = model.encode_text(next(iter(build_eval_loader(data.text_loader.dataset, 100))))
+        img = model.encode_image_features(next(iter(build_eval_loader(data.image_loader.dataset, 100))))
+        txt = model.encode_text_features(next(iter(build_eval_loader(data.text_loader.dataset, 100))))
         scores = model.similarity(img, txt)  # (4, 8)
     chunked = compute_scores(model, data, torch.device("cpu"))  # what the evaluation ranks
     # batches of 8 vs one batch of everything: the same scores up to float32 rounding of BLAS kernels

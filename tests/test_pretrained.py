@@ -185,7 +185,7 @@ def test_unfrozen_timm_tower_fine_tunes_while_frozen_text_tower_stays_fixed():
     ).train()
     assert model.image_tower.training and not model.text_tower.training  # frozen: eval mode (no dropout)
     batch = collate([{"image": torch.randn(3, 32, 32), "input_ids": [101, 2000 + i, 102]} for i in range(2)])
-    out = model(batch)
+    out = model.forward_features(batch)
     assert out["scores"].shape == (2, 2) and out["image_embed"].norm(dim=-1).allclose(torch.ones(2))
     out["scores"].sum().backward()
     assert all(p.grad is not None for p in model.image_tower.parameters())

@@ -181,11 +181,11 @@ def test_changing_the_preprocessing_misses_the_cache_and_computes_afresh(tmp_pat
     bigger = build_image_transform(40, train=False, mean=[0.5] * 3, std=[0.5] * 3, resize="letterbox")
     with torch.no_grad():
         for t in (lite0, imagenet, bigger, lite0):
-            model.encode_image({"image": t(image)[None]})
+            model.encode_image_features({"image": t(image)[None]})
         model.config.cache_frozen = False
-        plain = model.encode_image({"image": imagenet(image)[None]})["embed"]
+        plain = model.encode_image_features({"image": imagenet(image)[None]})["embed"]
         model.config.cache_frozen = True
-        cached = model.encode_image({"image": imagenet(image)[None]})["embed"]
+        cached = model.encode_image_features({"image": imagenet(image)[None]})["embed"]
     assert (model.image_cache.misses, model.image_cache.hits) == (3, 2)  # only the repeated lite0 input hit
     torch.testing.assert_close(cached, plain, rtol=2e-3, atol=2e-3)  # float16-rounded pooled features (see above)
 
@@ -193,9 +193,9 @@ def test_changing_the_preprocessing_misses_the_cache_and_computes_afresh(tmp_pat
 def test_a_new_process_reads_the_rows_a_previous_one_wrote(tmp_path):
     b = batch_of()
     with torch.no_grad():
-        first = cached_model(tmp_path).eval().encode_image(b)["embed"]
+        first = cached_model(tmp_path).eval().encode_image_features(b)["embed"]
         again = cached_model(tmp_path).eval()
-        second = again.encode_image(b)["embed"]
+        second = again.encode_image_features(b)["embed"]
     assert again.image_cache.hits == 3 and again.image_cache.misses == 0
     assert torch.equal(first, second)
 
@@ -241,12 +241,12 @@ def test_another_unfreezing_or_other_weights_use_another_cache_folder(tmp_path):
     a = cached_model(tmp_path).eval()
     b = cached_model(tmp_path, unfreeze_image_blocks=1).eval()
     with torch.no_grad():
-        a.encode_image(batch_of(1, 64))
-        b.encode_image(batch_of(1, 64))
+        a.encode_image_features(batch_of(1, 64))
+        b.encode_image_features(batch_of(1, 64))
         torch.nn.init.zeros_(b.image_tower.body.conv_stem.weight)  # other frozen weights (e.g. another checkpoint)
         c = cached_model(tmp_path, unfreeze_image_blocks=1).eval()
         c.image_tower.load_state_dict(b.image_tower.state_dict())
-        c.encode_image(batch_of(1, 64))
+        c.encode_image_features(batch_of(1, 64))
     folders = {a.image_cache.folder, b.image_cache.folder, c.image_cache.folder}
     assert len(folders) == 3 and c.image_cache.hits == 0
 
@@ -254,7 +254,7 @@ def test_another_unfreezing_or_other_weights_use_another_cache_folder(tmp_path):
 def test_a_named_cache_dir_is_used_outside_a_run_too(tmp_path):
     model = model_of(cache_frozen=True, cache_dir=str(tmp_path / "shared")).eval()
     with torch.no_grad():
-        model.encode_image(batch_of())
-        model.encode_text(batch_of())
+        model.encode_image_features(batch_of())
+        model.encode_text_features(batch_of())
     assert isinstance(model.image_cache, DiskOutputCache) and isinstance(model.text_cache, DiskOutputCache)
     assert model.image_cache.folder.parent == tmp_path / "shared" / "image" and model.text_cache.misses == 3

@@ -105,9 +105,10 @@ def test_load_gives_preprocess_tokenizer_and_embeddings_of_a_legacy_checkpoint(t
     pil = Image.open(tmp_path / "a.png")
     x = [pp(pil), pp(tmp_path / "a.png"), pp(load_image(tmp_path / "a.png"))]
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2]) and x[0].shape == (3, pp["size"], pp["size"])
-    batch = tok(["a red circle", "a blue square left of a red circle"])
-    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
-    img, txt = model.embed_images(x), model.embed_texts(batch)  # (3, E), (2, E)
+    ids = tok(["a red circle", "a blue square left of a red circle"])  # (2, L) padded with 0
+    assert ids.shape[0] == 2 and (ids[0] != 0).sum() < (ids[1] != 0).sum()
+    with torch.no_grad():
+        img, txt = model.encode_image(torch.stack(x)), model.encode_text(ids)  # (3, E), (2, E)
     assert img.shape[0] == 3 and txt.shape == (2, img.shape[1])
     torch.testing.assert_close(img.norm(dim=1), torch.ones(3))
     # score = cosine of the embeddings (dual encoder); same batch shapes -> equal up to float32 rounding
@@ -126,10 +127,11 @@ def test_score_reranks_a_fusion_model_and_matches_brute_force_when_every_pair_is
     ]
     texts = ["a red circle", "a green square", "a blue triangle above a red circle", "a circle"]
     s = crossmatch.score(model, images=images, texts=texts, rerank_k=10)  # k >= N, M: every pair re-scored
+    assert torch.equal(s, crossmatch.score(model, images=images, texts=texts, direction="i2t", rerank_k=10))
     pixels = torch.stack([model.preprocess(im) for im in images])
-    img, txt = model.encode_image({"image": pixels}), model.encode_text(model.tokenizer(texts))
+    img, txt = model.encode_image_features({"image": pixels}), model.encode_text_features(model.tokenizer.batch(texts))
     ref = torch.tensor([[model.score_pairs(slice1(img, i), slice1(txt, t)).item() for t in range(4)] for i in range(3)])
-    torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-5)  # batched vs one-pair forward passes
+    torch.testing.assert_close(s.float(), ref, rtol=1e-4, atol=1e-5)  # batched vs one-pair forward passes
     stage1 = crossmatch.score(model, images=images, texts=texts, rerank_k=0)
     torch.testing.assert_close(stage1, img["embed"] @ txt["embed"].t(), rtol=1e-4, atol=1e-5)
 
@@ -139,8 +141,8 @@ def slice1(feats: dict, i: int) -> dict:
 
 
 def test_create_model_and_transforms_takes_a_checkpoint_and_refuses_an_unknown_name():
-    model, pp, tok = crossmatch.create_model_and_transforms(str(FIXTURES / "legacy_tiny_vse.pt"))
-    assert model.preprocess is pp and model.tokenizer is tok and callable(pp) and callable(tok)
+    model, _, pp = crossmatch.create_model_and_transforms(str(FIXTURES / "legacy_tiny_vse.pt"))
+    assert model.preprocess is pp and callable(pp) and callable(model.tokenizer)
     with pytest.raises(crossmatch.errors.ModelError, match="no_such_model"):
         crossmatch.create_model_and_transforms("no_such_model")
 
@@ -148,9 +150,9 @@ def test_create_model_and_transforms_takes_a_checkpoint_and_refuses_an_unknown_n
 def test_create_model_and_transforms_of_a_registered_name_takes_the_towers_preprocessing():
     pytest.importorskip("transformers")
     pytest.importorskip("timm")
-    model, pp, tok = crossmatch.create_model_and_transforms("vse_pretrained", ["model.embed_dim=8"])
+    model, _, pp = crossmatch.create_model_and_transforms("vse_pretrained", overrides=["model.embed_dim=8"])
     assert pp["mean"] == [0.5] * 3 and pp["size"] == 224
-    emb = model.embed_texts(tok(["a frog."]))
+    emb = model.encode_text(crossmatch.get_tokenizer("vse_pretrained")(["a frog."]))
     assert emb.shape == (1, 8)
 
 
@@ -270,11 +272,11 @@ def test_cached_frozen_towers_give_the_uncached_embeddings_and_skip_the_second_f
     ids = torch.tensor([[101, 7592, 102, 0], [101, 2088, 2003, 102]])
     batch = {"image": images, "input_ids": ids, "attention_mask": ids != 0}
     with torch.no_grad():
-        first_img, first_txt = model.encode_image(batch)["embed"], model.encode_text(batch)["embed"]
+        first_img, first_txt = model.encode_image_features(batch)["embed"], model.encode_text_features(batch)["embed"]
         # the same items again, in another order and batch: the tower runs only for the one new image
-        again = model.encode_image({"image": torch.cat([images[[2, 0]], torch.randn(1, 3, 32, 32)])})["embed"]
+        again = model.encode_image_features({"image": torch.cat([images[[2, 0]], torch.randn(1, 3, 32, 32)])})["embed"]
         model.config.cache_frozen = False
-        plain_img, plain_txt = model.encode_image(batch)["embed"], model.encode_text(batch)["embed"]
+        plain_img, plain_txt = model.encode_image_features(batch)["embed"], model.encode_text_features(batch)["embed"]
     assert calls == [3, 1, 3] and model.image_cache.hits == 2
     # cached rows were computed in a batch of 3, the reference too: the same kernels, equal up to rounding
     torch.testing.assert_close(first_img, plain_img)
@@ -294,7 +296,9 @@ def test_score_gives_an_image_by_caption_matrix_for_every_family(name):
     s = crossmatch.score(model, images=images, texts=texts, rerank_k=0)
     pixels = torch.stack([model.preprocess(im) for im in images])
     with torch.no_grad():
-        ref = model.similarity(model.encode_image({"image": pixels}), model.encode_text(model.tokenizer(texts)))
+        ref = model.similarity(
+            model.encode_image_features({"image": pixels}), model.encode_text_features(model.tokenizer.batch(texts))
+        )
     assert s.shape == (2, 3)
     torch.testing.assert_close(s, ref.float())  # the same batches through the same calls
 
@@ -326,5 +330,7 @@ def test_a_vse_pretrained_checkpoint_from_before_model_owned_preprocessing_keeps
     image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     old_transform = build_image_transform(32, train=False)  # 0.1.0's eval transform: ImageNet stats, squash
     with torch.no_grad():
-        expected = old.encode_image({"image": old_transform(image)[None]})["embed"]
-    assert torch.equal(model.embed_images([pp(image)]), expected)  # the same weights, pixels and batch shape
+        expected = old.encode_image_features({"image": old_transform(image)[None]})["embed"]
+    with torch.no_grad():
+        got = model.encode_image(pp(image)[None])
+    assert torch.equal(got, expected)  # the same weights, pixels and batch shape

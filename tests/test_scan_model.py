@@ -41,7 +41,7 @@ def test_forward_shapes(regions, n_regions):
     model = create_model("tiny_scan", vocab_size=50, regions=regions, feature_dim=C_PRE).eval()
     image = torch.randn(3, R_PRE, C_PRE) if regions == "precomputed" else None
     with torch.no_grad():
-        out = model(batch(image=image))
+        out = model.forward_features(batch(image=image))
     assert model.needs_boxes == (regions == "boxes")
     assert out["regions"].shape == (3, n_regions, 16) and out["words"].shape == (3, 6, 16)
     assert out["lengths"].dtype == torch.long and out["lengths"].tolist() == [6, 2, 4]
@@ -54,7 +54,7 @@ def test_similarity_is_scan_similarity_and_ignores_padding(direction):
     model = create_model("tiny_scan", vocab_size=50, direction=direction, agg_func="Mean", lambda_softmax=5.0).eval()
     b = batch()
     with torch.no_grad():
-        img, txt = model.encode_image(b), model.encode_text(b)
+        img, txt = model.encode_image_features(b), model.encode_text_features(b)
         scores = model.similarity(img, txt)
         ref = scan_similarity(img["regions"], txt["words"], txt["lengths"], direction, "clipped_l2norm", "Mean", 5.0)
         padded = {**txt, "words": F.pad(txt["words"], (0, 0, 0, 3))}  # the evaluator zero-pads dim 1
@@ -95,11 +95,13 @@ def test_box_position_adds_each_regions_place_and_size():
     with torch.no_grad():
         feats = placed.region_features(b)  # (3, 4, C): the pooled features are the plain model's
         expect = l2norm(placed.image_proj(feats) + placed.box_proj(geo))
-        torch.testing.assert_close(placed.encode_image(b)["regions"], expect)
+        torch.testing.assert_close(placed.encode_image_features(b)["regions"], expect)
         # without the position term the regions are the plain model's (same seed: the towers are built first)
         torch.nn.init.zeros_(placed.box_proj.weight)
         torch.nn.init.zeros_(placed.box_proj.bias)
-        torch.testing.assert_close(placed.encode_image(b)["regions"], plain.encode_image(b)["regions"])
+        torch.testing.assert_close(
+            placed.encode_image_features(b)["regions"], plain.encode_image_features(b)["regions"]
+        )
     assert "box_proj.weight" not in plain.state_dict()  # off by default: checkpoints of before load as they were
     with pytest.raises(ModelError, match="box_position needs model.regions=boxes"):
         create_model("tiny_scan", vocab_size=50, regions="grid", box_position=True)
@@ -109,7 +111,7 @@ def test_word_attention_rows_sum_to_one_and_match_a_hand_computation():
     model = create_model("tiny_scan", vocab_size=50).eval()
     b = batch()
     with torch.no_grad():
-        img, txt = model.encode_image(b), model.encode_text(b)
+        img, txt = model.encode_image_features(b), model.encode_text_features(b)
         one_img = {"regions": img["regions"][1:2]}
         one_txt = {"words": txt["words"][2:3], "lengths": txt["lengths"][2:3]}
         att = model.word_attention(one_img, one_txt)  # (4, 16)

@@ -70,7 +70,7 @@ def test_two_process_index_build_is_the_single_process_one_and_resumes_per_rank(
     monkeypatch.setattr(index_mod, "barrier", lambda: None)
     model, cfg, _ = load_run(ckpt)
     calls = {"n": 0}
-    encode = model.encode_image
+    encode = model.encode_image_features
 
     def flaky(batch):  # call 1 probes the model, call 2 embeds rank 1's first batch, call 3 is "killed"
         calls["n"] += 1
@@ -78,7 +78,7 @@ def test_two_process_index_build_is_the_single_process_one_and_resumes_per_rank(
             raise KeyboardInterrupt
         return encode(batch)
 
-    monkeypatch.setattr(model, "encode_image", flaky)
+    monkeypatch.setattr(model, "encode_image_features", flaky)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         index_mod.build_index(

@@ -180,7 +180,7 @@ def test_vilt_without_negatives_is_bitwise_its_old_objective():
     torch.manual_seed(5)
     with torch.no_grad():  # the objective as it was written before text negatives
         cfg, idx, m = task.cfg, batch["image_idx"], model
-        img, txt = m.encode_image(batch), m.encode_text(batch)
+        img, txt = m.encode_image_features(batch), m.encode_text_features(batch)
         neg, valid = sample_random_negatives(idx, cfg.n_negatives)
         B, K = 5, neg.shape[1]
         txt_rows = torch.cat([torch.arange(B)[:, None], neg], 1)
@@ -226,7 +226,7 @@ def test_scan_paired_scores_equal_the_full_matrix_blocks():
     batch["neg_input_ids"] = torch.randint(5, VOCAB, (B, K, L), generator=g)
     batch["neg_attention_mask"] = torch.arange(L)[None, None, :] < torch.tensor([[5, 3], [4, 5], [2, 5]])[..., None]
     with torch.no_grad():
-        img, neg = model.encode_image(batch), encode_negatives(model, batch)
+        img, neg = model.encode_image_features(batch), encode_negatives(model, batch)
         got = paired_scores(model, img, neg)  # (B, K)
         full = model.similarity(img, {k: v.flatten(0, 1) for k, v in neg.items()})  # (B, B*K)
     want = torch.stack([full[b, b * K : (b + 1) * K] for b in range(B)])
@@ -262,7 +262,7 @@ def test_itm_gets_each_valid_text_negative_as_a_label_0_pair(family, monkeypatch
     monkeypatch.setattr(task.itm, "forward", spy)
     with torch.no_grad():
         losses, _ = task.training_step(batch)
-        img, neg = model.encode_image(batch), encode_negatives(model, batch)
+        img, neg = model.encode_image_features(batch), encode_negatives(model, batch)
         pairs = [(b, k) for b in range(4) for k in range(2) if batch["neg_valid"][b, k]]
         want = torch.cat(
             [
@@ -288,7 +288,7 @@ def test_triplet_task_reads_the_text_negative_term(term):
     batch = with_negatives(make_batch([0, 1, 2, 3]))
     with torch.no_grad():
         got = task.training_step(batch)[0]["triplet_loss"]
-        img, txt = model.encode_image(batch), model.encode_text(batch)
+        img, txt = model.encode_image_features(batch), model.encode_text_features(batch)
         neg = paired_scores(model, img, encode_negatives(model, batch))  # (4, 2)
         S = model.similarity(img, txt)
     args = (S.tolist(), [0, 1, 2, 3], neg.tolist(), batch["neg_valid"].tolist(), 0.2, True)
@@ -346,7 +346,7 @@ def test_triplet_task_adds_the_caption_anchored_term():
     batch = with_negatives(make_batch([0, 1, 2, 3]))
     with torch.no_grad():
         got = task.training_step(batch)[0]["triplet_loss"]
-        img, txt = model.encode_image(batch), model.encode_text(batch)
+        img, txt = model.encode_image_features(batch), model.encode_text_features(batch)
         negf = encode_negatives(model, batch)
         neg = paired_scores(model, img, negf)  # (4, 2)
         cap = torch.einsum("be,bke->bk", txt["embed"], negf["embed"])  # (4, 2) caption . negative

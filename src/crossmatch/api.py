@@ -1,14 +1,17 @@
-"""The Python API a user of open_clip expects: a model, its image preprocessing and its tokenizer.
+"""The Python API a user of open_clip expects, with open_clip's names, argument order and return values:
 
-    model, preprocess, tokenizer = crossmatch.create_model_and_transforms("runs/x")
-    img = model.embed_images([preprocess(Image.open(p)) for p in paths])  # (N, E) l2-normalised
-    txt = model.embed_texts(tokenizer(["a frog.", "a red circle"]))          # (M, E)
-    scores = crossmatch.score(model, images=pil_images, texts=captions)     # (N, M) for every family
+    model, _, preprocess = crossmatch.create_model_and_transforms("runs/x")   # or a registered name
+    tokenizer = crossmatch.get_tokenizer("runs/x")
+    images = torch.stack([preprocess(Image.open(p)) for p in paths])          # (N, 3, S, S)
+    img = model.encode_image(images, normalize=True)                         # (N, E)
+    txt = model.encode_text(tokenizer(["a frog.", "a red circle"]), normalize=True)  # (M, E)
+    scores = crossmatch.score(model, pil_images, captions, direction="t2i")  # (N, M), every family
 
-Modelled on open_clip's `create_model_and_transforms` / `get_tokenizer` (Ilharco et al., 2021). The
-preprocessing is the run's `data` section (the model's own, resolved when it was trained: see
-`runs.resolve_preprocess`), so a checkpoint is scored on exactly what it was trained on. Legend: N images,
-M captions, E embedding width, S image side, L tokens.
+Modelled on open_clip's `create_model_and_transforms` / `get_tokenizer` (Ilharco et al., 2021); the model's
+methods are declared in `models/protocols.py`. The preprocessing is the run's `data` section (the model's
+own, resolved when it was trained: see `runs.resolve_preprocess`), so a checkpoint is scored on exactly
+what it was trained on. `from_pretrained` reads run folders, checkpoints, `save_pretrained` folders and
+Hugging Face hub ids. Legend: N images, M captions, E embedding width, S image side, L tokens.
 """
 
 from __future__ import annotations
@@ -23,31 +26,35 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from crossmatch.config import DataConfig, RunConfig
-from crossmatch.data.loaders import collate
+from crossmatch.config import DataConfig, RunConfig, load_config
+from crossmatch.data.loaders import collate, pad_sequences
+from crossmatch.data.tokenizer import PAD_ID, CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, load_image, to_rgb, transform_from_config
+from crossmatch.engine.checkpoint import read_weights
 from crossmatch.errors import DataError, ModelError
-from crossmatch.retrieval.rerank import below_candidates, candidate_pairs, topk_masks
-from crossmatch.runs import build_untrained_run, load_run, needs_boxes, resolve_preprocess
-from crossmatch.tensors import cat_features, slice_features
-
-BATCH = 64  # images or captions encoded at a time
+from crossmatch.models.hub import HUB_ID, PRETRAINED_FILES, hub_error, short_hub_timeouts
+from crossmatch.models.protocols import PairScorer
+from crossmatch.retrieval.evaluate import score_all_pairs
+from crossmatch.retrieval.rerank import rerank
+from crossmatch.runs import build_untrained_run, load_run, needs_boxes, resolve_checkpoint, resolve_preprocess
+from crossmatch.tensors import cat_features
 
 
 class ImagePreprocess(Mapping):
-    """A run's evaluation image transform: PIL image, image path or uint8 tensor (3, H, W) -> (3, S, S) float.
+    """A run's evaluation (or, with `train`, training) image transform: PIL image, image path or uint8 tensor
+    (3, H, W) -> (3, S, S) float.
 
     It is also a read-only mapping of the resolved preprocessing (size, mean, std, resize, interpolation,
     background), the fields a model's `preprocess` dict declares.
     """
 
-    def __init__(self, data: DataConfig):
+    def __init__(self, data: DataConfig, train: bool = False):
         self.fields = {"size": data.image_size, **{k: v for k, v in DEFAULT_PREPROCESS.items()}}
         set_fields = {"mean": data.image_mean, "std": data.image_std, "resize": data.resize}
         set_fields |= {"interpolation": data.interpolation, "background": data.background}
         self.fields |= {k: v for k, v in set_fields.items() if v}
         self.max_pixels = data.max_image_pixels
-        self.transform = transform_from_config(data, train=False)
+        self.transform = transform_from_config(data, train=train)
 
     def __call__(self, image: Image.Image | str | Path | Tensor) -> Tensor:
         """One image -> the model's input (3, S, S) float32."""
@@ -82,64 +89,67 @@ class ImagePreprocess(Mapping):
 
 
 class Tokenizer:
-    """A run's caption tokenizer: `tokenizer(list[str])` -> {"input_ids": (M, L) long, "attention_mask": (M, L)
-    bool}, padded to the longest caption. Other attributes (encode, decode, vocab_size) are the wrapped one's."""
+    """A model's caption tokenizer with open_clip's contract: `tokenizer(texts)` -> (B, L) long ids padded with
+    the model's pad id `pad_id` (a tensor: `.to(device)` works), L the longest caption of the batch.
+    `batch(texts)` gives the internal face's dict {"input_ids", "attention_mask"}; other attributes (encode,
+    decode, vocab_size, to_str) are the wrapped tokenizer's."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
+        self.pad_id = int(getattr(tokenizer, "pad_id", PAD_ID))
 
-    def __call__(self, texts: str | Sequence[str]) -> dict[str, Tensor]:
+    def __call__(self, texts: str | Sequence[str]) -> Tensor:
+        ids, _ = pad_sequences(self._encode(texts), self.pad_id)  # (B, L)
+        return ids
+
+    def batch(self, texts: str | Sequence[str]) -> dict[str, Tensor]:
+        """Captions -> {"input_ids": (B, L) long, "attention_mask": (B, L) bool}, as the loaders collate them."""
+        return collate([{"input_ids": ids} for ids in self._encode(texts)])
+
+    def _encode(self, texts: str | Sequence[str]) -> list[list[int]]:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise DataError("the tokenizer was given no captions")
-        return collate([{"input_ids": ids} for ids in self.tokenizer.encode_batch(texts)])
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise DataError("the tokenizer takes a caption or a list of captions (str)")
+        return self.tokenizer.encode_batch(texts)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["tokenizer"], name)
+        inner = self.__dict__.get("tokenizer")
+        if inner is None or name.startswith("__"):  # copy/pickle probe dunders before __init__ has run
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({type(self.tokenizer).__name__}, vocab_size={self.tokenizer.vocab_size}, pad_id={self.pad_id})"
+        )
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def embed_images(model: nn.Module, images: Sequence[Tensor] | Tensor) -> Tensor:
-    """Preprocessed images (N, 3, S, S) or a list of (3, S, S) -> (N, E) float32 l2-normalised, on the CPU."""
-    feats = encode_images(model, images)
-    if "embed" not in feats:
-        raise ModelError(f"{type(model).__name__} has no global image embedding: use crossmatch.score")
-    return feats["embed"].float().cpu()
-
-
-@torch.no_grad()
-def embed_texts(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """A tokenizer's batch {"input_ids", "attention_mask"} (M, L) -> (M, E) float32 l2-normalised, on the CPU."""
-    feats = encode_texts(model, batch)
-    if "embed" not in feats:
-        raise ModelError(f"{type(model).__name__} has no global caption embedding: use crossmatch.score")
-    return feats["embed"].float().cpu()
-
-
-def encode_images(model: nn.Module, images: Sequence[Tensor] | Tensor) -> dict[str, Tensor]:
-    """Every feature `model.encode_image` returns, for N preprocessed images, in batches of BATCH."""
+def _image_features(model: nn.Module, pixels: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """The internal face's features of N preprocessed images (N, 3, S, S), in batches."""
     if needs_boxes(model):
         raise ModelError(f"{type(model).__name__} reads object boxes: score it with `crossmatch evaluate`")
-    stack = images if isinstance(images, Tensor) else torch.stack(list(images))  # (N, 3, S, S)
-    model.eval()
-    dev = _device(model)
+    dev, dtype = _device(model), next(model.parameters()).dtype  # fp16/bf16 models take images of their dtype
     return cat_features(
-        [model.encode_image({"image": stack[i : i + BATCH].to(dev)}) for i in range(0, len(stack), BATCH)]
+        [
+            model.encode_image_features({"image": pixels[i : i + batch_size].to(dev, dtype)})
+            for i in range(0, len(pixels), batch_size)
+        ]
     )
 
 
-def encode_texts(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Every feature `model.encode_text` returns for a tokenizer's batch, in batches of BATCH."""
-    model.eval()
+def _text_features(model: nn.Module, batch: dict[str, Tensor], batch_size: int) -> dict[str, Tensor]:
     dev, n = _device(model), batch["input_ids"].shape[0]
     parts = []
-    for i in range(0, n, BATCH):
-        rows = {k: batch[k][i : i + BATCH].to(dev) for k in ("input_ids", "attention_mask")}
-        parts.append(model.encode_text(rows))
+    for i in range(0, n, batch_size):
+        parts.append(
+            model.encode_text_features(
+                {k: batch[k][i : i + batch_size].to(dev) for k in ("input_ids", "attention_mask")}
+            )
+        )
     return cat_features(parts)
 
 
@@ -148,74 +158,169 @@ def score(
     model: nn.Module,
     images: Sequence[Image.Image | str | Path | Tensor],
     texts: Sequence[str],
+    direction: str = "t2i",
     rerank_k: int | None = None,
 ) -> Tensor:
-    """(N, M) float scores of N images against M captions, higher = better match, for every family.
+    """(N, M) scores of N images against M captions, higher = better, ranked as `crossmatch evaluate` ranks
+    `direction`: the Evaluator's own code (`score_all_pairs`, then for fusion models `rerank`).
 
-    Dual encoders and SCAN: the model's all-pairs `similarity`. Fusion models (ALBEF, ViLT): that first
-    stage, then `score_pairs` re-scores each image's and each caption's top-k candidates (k: `rerank_k`,
-    default the model's own `eval.rerank_k`); pairs outside every top-k keep their first-stage order, below
-    every candidate (as `crossmatch evaluate` ranks them). Needs a model from `load` or
-    `create_model_and_transforms` (it carries `preprocess` and `tokenizer`).
+    Dual encoders, CLIP, TIPCB and SCAN: the model's all-pairs `similarity` (the same for both directions).
+    Fusion models (ALBEF, ViLT): that first stage, then `score_pairs` re-scores the top-k candidates of each
+    query of `direction` (i2t: each image's top-k captions, row-wise; t2i: each caption's top-k images,
+    column-wise); the others keep their first-stage order below every candidate. k: `rerank_k`, default the
+    run's `eval.rerank_k`. Needs a model from `crossmatch.load` / `create_model_and_transforms`.
+
+    Raises:
+        ModelError: a bare model (no preprocessing or tokenizer), or an unknown direction.
     """
+    if direction not in ("t2i", "i2t"):
+        raise ModelError(f"direction={direction!r}: expected 't2i' (caption queries) or 'i2t' (image queries)")
     preprocess, tokenizer = getattr(model, "preprocess", None), getattr(model, "tokenizer", None)
     if not callable(preprocess) or not isinstance(tokenizer, Tokenizer):
         raise ModelError("crossmatch.score needs a model from crossmatch.load or create_model_and_transforms")
-    pixels = [im if isinstance(im, Tensor) and im.is_floating_point() else preprocess(im) for im in images]
-    img, txt = encode_images(model, pixels), encode_texts(model, tokenizer(texts))
-    stage1 = model.similarity(img, txt).float().cpu()  # (N, M)
-    cfg = getattr(model, "run_config", None)
-    k = rerank_k if rerank_k is not None else (cfg.eval.rerank_k if cfg is not None else 0)
-    if k <= 0 or not hasattr(model, "score_pairs"):
-        return stage1
-    in_i2t, in_t2i = topk_masks(stage1, k)  # (N, M) bool each
-    pairs = candidate_pairs(in_i2t, in_t2i)  # (P, 2)
-    full = torch.zeros_like(stage1)
-    dev = _device(model)
-    for start in range(0, len(pairs), BATCH):
-        i, t = pairs[start : start + BATCH].to(dev).unbind(1)  # (b,), (b,)
-        full[i.cpu(), t.cpu()] = model.score_pairs(slice_features(img, i), slice_features(txt, t)).float().cpu()
-    return below_candidates(full, stage1, in_i2t | in_t2i).float()  # (N, M)
+    cfg = getattr(model, "run_config", None) or load_config(None, [])
+    was_training = model.training
+    model.eval()
+    try:
+        pixels = torch.stack(
+            [im if isinstance(im, Tensor) and im.is_floating_point() else preprocess(im) for im in images]
+        )
+        img = _image_features(model, pixels, cfg.eval.batch_size)
+        txt = _text_features(model, tokenizer.batch(texts), cfg.eval.batch_size)
+        stage1 = score_all_pairs(model, img, txt, cfg.eval.chunk_size)  # (N, M)
+        k = rerank_k if rerank_k is not None else cfg.eval.rerank_k
+        if k <= 0 or not isinstance(model, PairScorer):
+            return stage1
+        s_i2t, s_t2i = rerank(model, stage1, img, txt, k, cfg.eval.rerank_batch)  # (N, M) float64 each
+        return s_i2t if direction == "i2t" else s_t2i
+    finally:
+        model.train(was_training)
 
 
-def attach(model: nn.Module, cfg: RunConfig, tokenizer: Any) -> tuple[nn.Module, ImagePreprocess, Tokenizer]:
-    """Give a built model its run config, preprocessing and tokenizer, and the embed_* helpers."""
-    preprocess, tok = ImagePreprocess(cfg.data), tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+def attach(model: nn.Module, cfg: RunConfig, tokenizer: Any) -> tuple[nn.Module, ImagePreprocess, ImagePreprocess]:
+    """Give a built model its run config, preprocessing and tokenizer (plain attributes: a deep copy of the
+    model stays whole). Returns (model, preprocess_train, preprocess_val)."""
+    preprocess = ImagePreprocess(cfg.data)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     model.run_config, model.preprocess, model.tokenizer = cfg, preprocess, tok
-    model.embed_images = lambda images: embed_images(model, images)
-    model.embed_texts = lambda batch: embed_texts(model, batch)
-    return model, preprocess, tok
+    return model, ImagePreprocess(cfg.data, train=True), preprocess
+
+
+SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip's model names that the clip family takes as model.arch
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local copy of a Hugging Face hub repository written by save_pretrained (downloaded once)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ModelError(
+            f"{repo_id!r} is not a local path; hub ids need huggingface_hub: pip install crossmatch[hub]"
+        ) from err
+    with short_hub_timeouts() as hub:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=list(PRETRAINED_FILES)))
+        except Exception as err:  # huggingface_hub raises many kinds (offline, timeouts, 401, 404, ...)
+            raise ModelError(
+                hub_error(f"crossmatch model {repo_id!r} (no such local path either)", err, hub.offline)
+            ) from err
+
+
+def _resolve(name_or_path: str | Path) -> Path | None:
+    """A local run folder, checkpoint or save_pretrained folder; a hub id downloaded; None for a registered name."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    from crossmatch.models.registry import list_models
+
+    if name in list_models() or name.startswith(SCHEMAS):
+        return None
+    if HUB_ID.fullmatch(name):
+        return _hub_snapshot(name)
+    raise ModelError(
+        f"{name!r} is neither a file, a run folder, a save_pretrained folder, a hub id (org/name) nor a "
+        "registered model (crossmatch models)"
+    )
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> nn.Module:
-    """A trained model from a run folder, .pt or .safetensors, eval mode, with `preprocess`, `tokenizer`,
-    `run_config`, `embed_images` and `embed_texts` attached."""
-    model, cfg, tokenizer = load_run(path, overrides)
-    return attach(model, cfg, tokenizer)[0]
+    """A trained model, eval mode, from a run folder, .pt, .safetensors, save_pretrained folder or hub id, with
+    `preprocess`, `tokenizer` and `run_config` attached (what `encode`, `score` and `save_pretrained` use)."""
+    local = _resolve(path)
+    if local is None:
+        raise ModelError(f"{str(path)!r} is a registered name, not trained weights: use create_model_and_transforms")
+    return attach(*load_run(local, overrides))[0]
+
+
+from_pretrained = load  # Hugging Face's name (crossmatch.from_pretrained is crossmatch.load)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def create_model_and_transforms(
-    name_or_path: str | Path, overrides: list[str] | None = None, data_root: str = "data"
-) -> tuple[nn.Module, ImagePreprocess, Tokenizer]:
-    """(model, preprocess, tokenizer) of a checkpoint, run folder or .safetensors export, else of a
-    registered model name (untrained heads, pretrained towers as the model's config says).
+    name_or_path: str | Path,
+    pretrained: str | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    *,
+    overrides: list[str] | None = None,
+    data_root: str = "data",
+) -> tuple[nn.Module, ImagePreprocess, ImagePreprocess]:
+    """(model, preprocess_train, preprocess_val), as open_clip's function of that name returns them.
 
     Args:
+        name_or_path: a run folder, .pt, .safetensors, save_pretrained folder or hub id (trained weights); a
+            registered model name (untrained heads, pretrained towers as the model's config says); or, for the
+            clip family, open_clip's `hf-hub:org/repo` and `local-dir:/path` names.
+        pretrained: sets model.pretrained of a registered name (clip: an open_clip tag or a weights file).
+        precision: fp32 | fp16 | bf16, the dtype of the weights (feed images of that dtype).
+        device: where the model goes.
         overrides: key=value config overrides (e.g. data.resize=letterbox, model.embed_dim=256).
         data_root: for a name whose tokenizer is trained on captions (data.tokenizer=word): the dataset.
     A name whose model has a `text_tower` uses that tower's tokenizer unless data.tokenizer is given, and a
     pretrained image tower its native input size unless data.image_size is given.
     """
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     overrides = list(overrides or [])
-    path = Path(name_or_path)
-    if path.exists():
-        model, preprocess, tok = attach(*load_run(path, overrides))
-        return model, preprocess, tok
-    from crossmatch.models.registry import list_models, model_config
+    local = _resolve(name_or_path)
+    if local is not None:
+        if pretrained is not None:
+            raise ModelError(
+                f"pretrained={pretrained!r} applies to a registered name; {name_or_path} holds its weights"
+            )
+        model, pp_train, pp_val = attach(*load_run(local, overrides))
+    else:
+        model, pp_train, pp_val = attach(*_untrained(str(name_or_path), pretrained, overrides, data_root))
+    return model.to(device=device, dtype=PRECISIONS[precision]).eval(), pp_train, pp_val
 
-    name = str(name_or_path)
-    if name not in list_models():
-        raise ModelError(f"{name!r} is neither a file, a run folder nor a registered model (crossmatch models)")
+
+def create_model_from_pretrained(
+    name_or_path: str | Path,
+    pretrained: str | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    *,
+    overrides: list[str] | None = None,
+    data_root: str = "data",
+) -> tuple[nn.Module, ImagePreprocess]:
+    """(model, preprocess_val), as open_clip's function of that name; arguments as create_model_and_transforms."""
+    model, _, preprocess = create_model_and_transforms(
+        name_or_path, pretrained, precision, device, overrides=overrides, data_root=data_root
+    )
+    return model, preprocess
+
+
+def _untrained(name: str, pretrained: str | None, overrides: list[str], data_root: str):
+    """(model, cfg, tokenizer) of a registered name (or an open_clip hf-hub:/local-dir: name)."""
+    from crossmatch.models.registry import model_config
+
+    if name.startswith(SCHEMAS):
+        overrides = [f"model.arch={name}", *overrides]
+        name = "clip"
+    if pretrained is not None:
+        overrides.append(f"model.pretrained={pretrained}")
     text_tower = getattr(model_config(name), "text_tower", None)
     if text_tower is not None and not any(o.startswith("data.tokenizer=") for o in overrides):
         overrides.append(f"data.tokenizer={text_tower}")
@@ -223,4 +328,35 @@ def create_model_and_transforms(
     native = (getattr(model, "preprocess", None) or {}).get("native_size")
     if native and not any(o.startswith("data.image_size=") for o in overrides):
         cfg = resolve_preprocess(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=native)), model)
-    return attach(model, cfg, tokenizer)
+    return model, cfg, tokenizer
+
+
+def get_tokenizer(name_or_path: str | Path) -> Tokenizer:
+    """The tokenizer of a run folder, checkpoint, save_pretrained folder or hub id, or of a registered model
+    that brings its own (clip, tiny_clip) or a pretrained text tower's (vse_pretrained, albef_minilm, ...).
+
+    Raises:
+        ModelError: a registered name whose vocabulary is learned from its training captions.
+    """
+    local = _resolve(name_or_path)
+    if local is not None:
+        ckpt = read_weights(resolve_checkpoint(local))
+        if "tokenizer" not in ckpt:
+            raise ModelError(f"{name_or_path} has no tokenizer (not written by crossmatch train)")
+        max_words = (ckpt.get("config") or {}).get("data", {}).get("max_words", 32)
+        return Tokenizer(CaptionTokenizer.from_str(ckpt["tokenizer"], max_words))
+    from crossmatch.models.registry import create_tokenizer, model_config
+
+    name = str(name_or_path)
+    if name.startswith(SCHEMAS):
+        return Tokenizer(create_tokenizer("clip", arch=name))
+    own = create_tokenizer(name)
+    if own is not None:
+        return Tokenizer(own)
+    text_tower = getattr(model_config(name), "text_tower", None)
+    if text_tower is not None:
+        return Tokenizer(build_tokenizer(text_tower, [], max_words=DataConfig().max_words))
+    raise ModelError(
+        f"model {name} learns its vocabulary from its training captions: pass its run folder, "
+        f"e.g. crossmatch.get_tokenizer('runs/{name}')"
+    )

@@ -42,7 +42,7 @@ from crossmatch.data.hard_batches import HardBatchSampler, item_keys
 from crossmatch.data.loaders import build_eval_loader, build_train_loader
 from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, WHITE, describe_transform, transform_from_config
-from crossmatch.engine.checkpoint import Checkpointer, partial_load, read_weights
+from crossmatch.engine.checkpoint import Checkpointer, is_pretrained_dir, partial_load, read_weights
 from crossmatch.engine.distributed import DistInfo, init_distributed
 from crossmatch.engine.logging import MetricLogger, close_run_log, hold_run_log, setup_logging
 from crossmatch.engine.optim import create_optimizer, create_scheduler
@@ -105,12 +105,12 @@ def check_image_size(model: nn.Module, cfg: RunConfig) -> None:
     """Encode two blank images of the configured size: a size the image tower cannot take (smaller than a
     patch, pooled to nothing) is a ConfigError naming data.image_size, not a traceback at the first step.
     A model whose image input is more than pixels (boxes, stored region features) is not probed."""
-    if getattr(model, "needs_boxes", False) or not hasattr(model, "encode_image"):
+    if getattr(model, "needs_boxes", False) or not hasattr(model, "encode_image_features"):
         return
     was_training = model.training
     model.eval()
     try:
-        model.encode_image({"image": torch.zeros(2, 3, *image_hw(cfg.data.image_size))})
+        model.encode_image_features({"image": torch.zeros(2, 3, *image_hw(cfg.data.image_size))})
     except (RuntimeError, ValueError) as err:
         detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -173,13 +173,18 @@ def resolved_model_section(name: str, model: nn.Module) -> dict:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint path as given, or for a run folder its `checkpoints/best.pt`."""
+    """A checkpoint path as given, for a run folder its `checkpoints/best.pt`, a save_pretrained folder itself."""
     path = Path(path)
     if path.is_dir():
         for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"{path} is a folder without checkpoints/best.pt (not a finished crossmatch run)")
+        if is_pretrained_dir(path):
+            return path
+        raise CheckpointError(
+            f"{path} is a folder without checkpoints/best.pt (not a finished crossmatch run) and without "
+            "model.safetensors + config.json (not a save_pretrained folder)"
+        )
     return path
 
 
@@ -294,13 +299,25 @@ def load_run(
     except DataError as err:
         raise CheckpointError(f"{path}: {err}") from err
     model, cfg = build_model(cfg, tokenizer, load_weights=False)
+    # 0.1.0 kept the contrastive objective's learned scale (and SigLIP bias) in the `loss` entry only
+    learned = {k: v for k, v in (ckpt.get("loss") or {}).items() if k in ("logit_scale", "logit_bias")}
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict({**learned, **ckpt["model"]} if "logit_scale" in model.state_dict() else ckpt["model"])
     except RuntimeError as err:
         lines = str(err).splitlines()
         detail = lines[1].strip() if len(lines) > 1 else str(err)
         raise CheckpointError(f"{path}: weights do not fit model {cfg.model['name']}: {detail}") from err
+    model.card_metrics = best_validation_row(ckpt.get("trainer") or {}, cfg.data.val_split)  # save_pretrained's card
     return model.eval(), cfg, tokenizer
+
+
+def best_validation_row(trainer: dict, split: str) -> dict[str, float] | None:
+    """The validation metrics of a checkpoint's best epoch (its `trainer` entry), or None when unknown."""
+    rows = [h for h in trainer.get("history", []) if h.get("epoch") == trainer.get("best_epoch")]
+    if not rows:
+        return None
+    metrics = {k: v for k, v in rows[-1].items() if k != "epoch" and not k.endswith("_loss")}
+    return {f"{split} {k} (epoch {trainer['best_epoch']})": v for k, v in metrics.items()}
 
 
 def make_evaluator(

@@ -189,7 +189,7 @@ def _encode_images(model, index, images: list[Path], device):
     transform = build_image_transform(index.meta["image_size"], train=False, **(index.meta.get("preprocess") or {}))
     with torch.no_grad():
         batch = torch.stack([transform(load_image(p)) for p in images])  # (Q, 3, S, S)
-        return model.encode_image({"image": batch.to(device)})["embed"].float().cpu()
+        return model.encode_image_features({"image": batch.to(device)})["embed"].float().cpu()
 
 
 def run_merge(indexes: list[str], out: str, key: str | None = None, train_rows: int = TRAIN_ROWS) -> None:

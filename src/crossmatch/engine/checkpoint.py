@@ -32,6 +32,7 @@ import torch
 
 from crossmatch.errors import CheckpointError, UnsafeCheckpointError
 from crossmatch.files import atomic_write
+from crossmatch.models.face import CONFIG_NAME, OPEN_CLIP_TOKENIZER_NAME, TOKENIZER_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -240,8 +241,34 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
     return check_entries({"model": model, "config": config, "tokenizer": meta["tokenizer"]}, path)
 
 
+def is_pretrained_dir(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `model.save_pretrained` (model.safetensors + config.json)."""
+    path = Path(path)
+    return (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file()
+
+
+def read_pretrained_dir(path: str | Path) -> dict[str, Any]:
+    """A save_pretrained folder read back into the checkpoint layout: {model, config, tokenizer}."""
+    path = Path(path)
+    model, _ = _read_safetensors_file(path / WEIGHTS_NAME)
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not readable JSON ({_first_line(err)})") from err
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not a crossmatch run config (no 'model' section)")
+    for name in (TOKENIZER_NAME, OPEN_CLIP_TOKENIZER_NAME):
+        if (path / name).is_file():
+            return {"model": model, "config": config, "tokenizer": (path / name).read_text()}
+    raise CheckpointError(
+        f"{path} has no {TOKENIZER_NAME} (nor {OPEN_CLIP_TOKENIZER_NAME}): save_pretrained writes one"
+    )
+
+
 def read_weights(path: str | Path) -> dict[str, Any]:
-    """A .pt checkpoint or a .safetensors export, in the checkpoint layout."""
+    """A .pt checkpoint, a .safetensors export or a save_pretrained folder, in the checkpoint layout."""
+    if Path(path).is_dir():
+        return read_pretrained_dir(path)
     return read_safetensors(path) if str(path).endswith(".safetensors") else load_checkpoint(path)
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from crossmatch.config import ranged
 from crossmatch.errors import ModelError
+from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import l2norm
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import Encoder, TextTransformer, VisionTransformer, build_patch_stem, prepend_cls
@@ -53,7 +54,7 @@ class AlbefConfig:
     rerank_score: str = "itm"  # score_pairs: itm (ALBEF) | itm+itc (LAVIS/BLIP: ITM logit + ITC cosine)
 
 
-class ALBEF(nn.Module):
+class ALBEF(ImageTextModel):
     """Unimodal encoders + fusion encoder; ITC projections, ITM head, optional momentum copies and queues.
 
     Momentum copies (`*_m`) have requires_grad False and are updated by EMA in `momentum_features`; the queues
@@ -91,13 +92,23 @@ class ALBEF(nn.Module):
         self.register_buffer("idx_queue", torch.full((cfg.queue_size,), -1, dtype=torch.long))  # (Q,)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
-    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    @property
+    def logit_scale(self) -> Tensor:
+        """() log of the ITC scale 1 / temp (open_clip's `logit_scale`), from the learned temperature."""
+        return -self.temp.log()
+
+    def training_only_keys(self) -> list[str]:
+        """The momentum copies (`*_m`) and the feature queues: only training reads them."""
+        queues = {"image_queue", "text_queue", "idx_queue", "queue_ptr"}
+        return [k for k in self.state_dict() if k.split(".")[0].endswith("_m") or k in queues]
+
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E) l2-normalised, "tokens": (B, 1+R, D), "mask": (B, 1+R)}."""
         tokens = self.visual_encoder(batch["image"])  # (B, 1+R, D)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, 1+R)
         return {"embed": l2norm(self.vision_proj(tokens[:, 0])), "tokens": tokens, "mask": mask}
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E), "tokens": (B, 1+L, D),
         "mask": (B, 1+L)}; a [CLS] is prepended."""
         ids, mask = prepend_cls(batch["input_ids"], batch["attention_mask"])  # (B, 1+L)
@@ -124,8 +135,9 @@ class ALBEF(nn.Module):
             score = score + (img["embed"] * txt["embed"]).sum(-1)
         return score
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        img, txt = self.encode_image(batch), self.encode_text(batch)
+    def forward_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Both internal encoders and the all-pairs score of one batch (the internal face's forward)."""
+        img, txt = self.encode_image_features(batch), self.encode_text_features(batch)
         return {
             "image_embed": img["embed"],
             "text_embed": txt["embed"],

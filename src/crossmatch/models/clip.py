@@ -10,8 +10,9 @@ which is how the tests and the CPU recipe build small random-initialised models 
 
 The model brings its own tokenizer (crossmatch.data.clip_tokenizer, saved with the run) and image
 preprocessing (`preprocess`: size, mean/std, interpolation, resize mode from open_clip's pretrained config),
-which a run resolves into its `data` section. The temperature is not the model's: the contrastive objective
-(tasks/contrastive.py) learns its own, starting from the pretrained one (`contrastive_init`).
+which a run resolves into its `data` section. open_clip's own temperature stays frozen: the contrastive
+objective (tasks/contrastive.py) learns the model's `logit_scale`, starting from the pretrained one
+(`contrastive_init`). `pad_token_id` is the tokenizer's pad id, which `encode_text` reads as padding.
 
 Partial training: `lock_image` / `lock_text` freeze a tower (LiT, Zhai et al., CVPR 2022), except its last
 `unlocked_image_groups` layer groups / `unlocked_text_layers` layers (open_clip's --lock-image-unlocked-groups,
@@ -24,28 +25,34 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from crossmatch.config import ranged
 from crossmatch.data.clip_tokenizer import OpenClipTokenizer, open_clip_module
 from crossmatch.errors import ModelError
 from crossmatch.models.dual_encoder import JointEmbedding
+from crossmatch.models.hub import hub_error, short_hub_timeouts
 from crossmatch.models.layers import l2norm
 from crossmatch.models.registry import build_config, register_model, register_tokenizer
 
 # open_clip's preprocessing -> crossmatch's data.resize (open_clip's 'longest' pads: not offered here)
 RESIZE = {"shortest": "shortest", "squash": "squash"}
+SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip's model names that model.arch takes besides its built-in ones
 
 
 @dataclass
 class ClipConfig:
-    arch: str = "ViT-B-32"  # an open_clip architecture name (open_clip.list_models())
+    arch: str = (
+        "ViT-B-32"  # an open_clip architecture name (open_clip.list_models()), hf-hub:org/repo or local-dir:/path
+    )
     pretrained: str = ""  # an open_clip pretrained tag of `arch` (e.g. laion2b_s34b_b79k) or a weights file; "" random
     arch_config: dict | None = None  # a custom open_clip model config {embed_dim, vision_cfg, text_cfg}; replaces arch
     lock_image: bool = False  # freeze the image tower (LiT) ...
@@ -57,6 +64,8 @@ class ClipConfig:
 
 def tokenizer_spec(cfg: ClipConfig) -> tuple[str, dict[str, Any]]:
     """(arch, text_cfg) that determine the tokenizer of a config."""
+    if cfg.arch.startswith(SCHEMAS) and not cfg.arch_config:
+        return "", dict(schema_source(cfg.arch)[0].get("text_cfg", {}))
     if cfg.arch_config:
         return "", dict(cfg.arch_config.get("text_cfg", {}))
     model_cfg = open_clip_module().get_model_config(cfg.arch)
@@ -106,6 +115,16 @@ def build_open_clip(cfg: ClipConfig, load_weights: bool = True) -> tuple[nn.Modu
         ModelError: unknown arch or pretrained tag (listing what exists), or weights that cannot be fetched.
     """
     open_clip = open_clip_module()
+    if cfg.arch.startswith(SCHEMAS) and not cfg.arch_config:
+        model_cfg, pp_cfg, weights = schema_source(cfg.arch)
+        cfg.arch_config = model_cfg  # the architecture travels with the run: rebuilding it needs no download
+        model, _ = build_open_clip(cfg, load_weights)
+        if load_weights and weights:
+            open_clip.load_checkpoint(model, weights)
+        open_clip.set_model_preprocess_cfg(
+            model, {**_default_preprocess(open_clip), "size": model.visual.image_size, **pp_cfg}
+        )
+        return model, _preprocess(open_clip, model)
     if cfg.arch_config:
         model_cfg = copy.deepcopy(dict(cfg.arch_config))
         custom_text = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
@@ -136,16 +155,47 @@ def build_open_clip(cfg: ClipConfig, load_weights: bool = True) -> tuple[nn.Modu
         with _quiet(logging.NOTSET if load_weights else logging.WARNING):
             model = open_clip.create_model(cfg.arch, pretrained=None)
         return model, _preprocess(open_clip, model, tag_cfg)
-    try:
-        with _quiet(logging.ERROR):
+    with _quiet(logging.ERROR), short_hub_timeouts() as hub:
+        try:
             model = open_clip.create_model(cfg.arch, pretrained=cfg.pretrained)
-    except (RuntimeError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(
-            f"cannot load open_clip weights {cfg.arch}/{cfg.pretrained} (they download from the Hugging Face hub "
-            f"the first time: this needs the network or a cached copy): {first[:200]}"
-        ) from err
+        except Exception as err:  # open_clip wraps hub errors in RuntimeError; the HTTP clients raise their own
+            raise ModelError(hub_error(f"open_clip weights {cfg.arch}/{cfg.pretrained}", err, hub.offline)) from err
     return model, _preprocess(open_clip, model, tag_cfg)
+
+
+def schema_source(arch: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """open_clip's `hf-hub:org/repo` or `local-dir:/path` name -> (model_cfg, preprocess_cfg, weights file or "").
+    A hub repository's files download (once) as open_clip fetches them: open_clip_config.json and the weights.
+
+    Raises:
+        ModelError: a folder without open_clip_config.json, or a hub repository that cannot be fetched.
+    """
+    open_clip = open_clip_module()
+    schema, ident = arch.split(":", 1)
+    if schema == "local-dir":
+        folder = Path(ident)
+        config_file = folder / "open_clip_config.json"
+        if not config_file.is_file():
+            raise ModelError(f"model.arch={arch}: no open_clip_config.json in {folder}")
+        spec = json.loads(config_file.read_text())
+        weights = next(
+            (
+                str(p)
+                for p in sorted(folder.glob("open_clip_model.safetensors"))
+                + sorted(folder.glob("open_clip_pytorch_model.bin"))
+            ),
+            "",
+        )
+    else:
+        with short_hub_timeouts() as hub:
+            try:
+                spec = open_clip.factory._get_hf_config(ident)
+                weights = str(open_clip.pretrained.download_pretrained_from_hf(ident))
+            except Exception as err:  # huggingface_hub raises many kinds (offline, timeouts, 401, 404, ...)
+                raise ModelError(hub_error(f"open_clip model {arch}", err, hub.offline)) from err
+    if "model_cfg" not in spec:
+        raise ModelError(f"model.arch={arch}: its open_clip_config.json has no model_cfg")
+    return spec["model_cfg"], spec.get("preprocess_cfg", {}), weights
 
 
 def _default_preprocess(open_clip) -> dict[str, Any]:
@@ -173,7 +223,8 @@ class ClipImageTower(nn.Module):
 
 
 class ClipModel(JointEmbedding):
-    """An open_clip model: encode_image / encode_text -> {"embed": (B, E)} l2-normalised; score = cosine."""
+    """An open_clip model: encode_image_features / encode_text_features -> {"embed": (B, E)} l2-normalised;
+    score = cosine. Public face: open_clip's own `encode_image` / `encode_text` of the wrapped model, normalised."""
 
     def __init__(self, cfg: ClipConfig, load_weights: bool = True):
         super().__init__()
@@ -187,17 +238,24 @@ class ClipModel(JointEmbedding):
                 p.requires_grad_(False)
                 if cfg.pretrained:
                     self.contrastive_init[name] = float(p.detach().reshape(-1)[0])
+        # open_clip's `logit_scale` / `logit_bias` on the public face: the pretrained values until trained
+        for name, value in self.contrastive_init.items():
+            setattr(self, name, torch.tensor(value))
         self.context_length = int(getattr(self.clip, "context_length", 0) or self.clip.text.context_length)
         if cfg.lock_image:
             self.clip.lock_image_tower(unlocked_groups=cfg.unlocked_image_groups)
         if cfg.lock_text:
             self.clip.lock_text_tower(unlocked_layers=cfg.unlocked_text_layers)
 
-    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    @property
+    def pad_token_id(self) -> int:
+        return self.config.pad_id
+
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, S, S), preprocessed as `preprocess` says -> {"embed": (B, E)}."""
         return {"embed": l2norm(self.clip.encode_image(batch["image"]))}
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L), L <= C -> {"embed": (B, E)}. Captions are
         re-padded with the tokenizer's pad id to the context length C the text tower was built for."""
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, L)

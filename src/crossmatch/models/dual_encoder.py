@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from crossmatch.config import image_hw, ranged
 from crossmatch.errors import ConfigError
+from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
 from crossmatch.models.registry import build_config, register_model
 
@@ -43,13 +44,13 @@ def _flat_size(tower: nn.Module, cfg: DualEncoderConfig) -> int:
         tower.train()
 
 
-class JointEmbedding(nn.Module):
+class JointEmbedding(ImageTextModel):
     """What every dual encoder shares: a `text_tower` returning (words, sentence), a `text_proj`, cosine
-    scores of l2-normalised embeddings. Subclasses build the towers and implement `encode_image`."""
+    scores of l2-normalised embeddings. Subclasses build the towers and implement `encode_image_features`."""
 
     is_dual_encoder = True  # l2-normalised (B, E) embeddings: the contrastive losses (loss.name) apply
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
         _, sentence = self.text_tower(batch["input_ids"], batch["attention_mask"])  # (B, D)
         return {"embed": l2norm(self.text_proj(sentence))}  # (B, E)
@@ -58,8 +59,9 @@ class JointEmbedding(nn.Module):
         """All pairs: (N_img, E) x (N_txt, E) -> (N_img, N_txt) cosine scores."""
         return img["embed"] @ txt["embed"].t()
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        img, txt = self.encode_image(batch), self.encode_text(batch)
+    def forward_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Both internal encoders and the all-pairs score of one batch (the internal face's forward)."""
+        img, txt = self.encode_image_features(batch), self.encode_text_features(batch)
         return {"image_embed": img["embed"], "text_embed": txt["embed"], "scores": self.similarity(img, txt)}
 
 
@@ -81,12 +83,12 @@ class DualEncoder(JointEmbedding):
         self.text_tower = GRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.text_hidden, cfg.bidirectional)
         self.text_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim)
 
-    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E)} l2-normalised."""
         fmap = self.image_tower(batch["image"])  # (B, C, h, w)
         return {"embed": l2norm(self.image_proj(self.image_pool(fmap)))}  # (B, E)
 
-    # encode_text, similarity and forward come from JointEmbedding.
+    # encode_text_features, similarity and forward come from JointEmbedding.
 
 
 def _dual(defaults: dict, overrides: dict) -> DualEncoder:

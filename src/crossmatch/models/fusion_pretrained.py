@@ -254,13 +254,13 @@ class AlbefPretrained(ALBEF):
             "image_tower.tower.", self.image_tower
         )
 
-    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E) l2-normalised, "tokens": (B, 1+R, D), "mask": (B, 1+R)}."""
         tokens = self.visual_encoder(self.image_tower(batch["image"]))  # (B, 1+R, D)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, 1+R)
         return {"embed": l2norm(self.vision_proj(tokens[:, 0])), "tokens": tokens, "mask": mask}
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L), [CLS] first -> {"embed": (B, E), "tokens": (B, L, D),
         "mask": (B, L)}."""
         ids, mask = _text_tokens(batch)
@@ -354,7 +354,7 @@ class ViltPretrained(ViLT):
         self.init_report = complete_report(report, self, other, {})
         log_report("vilt_minilm", self.init_report)
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L), [CLS] first -> {"embed": (B, E), "tokens": (B, L, D)
         embedded words (input of the joint pass), "mask": (B, L)}."""
         ids, mask = _text_tokens(batch)
@@ -375,7 +375,7 @@ class ViltPretrained(ViLT):
             out |= _tower_depths("image_embed.features.tower.", self.image_embed.features)
         return out
 
-    # encode_image, itm_logits, similarity, score_pairs and forward come from ViLT.
+    # encode_image_features, itm_logits, similarity, score_pairs and forward come from ViLT.
 
 
 @register_model

@@ -504,7 +504,7 @@ class PretrainedDualEncoder(JointEmbedding):
 
     @property
     def caches_image_outputs(self) -> bool:
-        """Whether encode_image keeps the frozen image tower's outputs (or its frozen blocks') per item."""
+        """Whether encode_image_features keeps the frozen image tower's outputs (or its frozen blocks') per item."""
         tower = self.image_tower
         return (
             self.config.cache_frozen
@@ -537,7 +537,7 @@ class PretrainedDualEncoder(JointEmbedding):
         with torch.no_grad():
             self._frozen_image(keys, image)
 
-    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W), or batch["image_key"] (B keys filled by fill_image_cache) ->
         {"embed": (B, E)} l2-normalised."""
         tower, device = self.image_tower, self.image_proj.weight.device
@@ -551,11 +551,11 @@ class PretrainedDualEncoder(JointEmbedding):
         pooled = tower.run_suffix(out) if tower.unfrozen else out  # (B, C)
         return {"embed": l2norm(self.image_proj(self._image_input(pooled)))}  # (B, E)
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E)} l2-normalised."""
         tower = self.text_tower
         if not (self.config.cache_frozen and tower.frozen):
-            return super().encode_text(batch)
+            return super().encode_text_features(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()  # (B, L) each
         keys = [input_key(row[m]) for row, m in zip(ids, mask, strict=True)]  # the real tokens only
         if not tower.unfrozen:

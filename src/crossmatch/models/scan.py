@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from crossmatch.config import ranged
 from crossmatch.errors import ModelError
+from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import (
     GRUTextEncoder,
     build_image_tower,
@@ -101,7 +102,7 @@ def normalise_raw(raw: Tensor, norm: str, dim: int = -1, eps: float = 1e-8) -> T
     return x  # clipped, no_norm
 
 
-class ScanModel(nn.Module):
+class ScanModel(ImageTextModel):
     """Regions and words in one l2-normalised space, scored by stacked cross attention."""
 
     def __init__(self, cfg: ScanConfig):
@@ -158,7 +159,7 @@ class ScanModel(nn.Module):
         pooled = pool_boxes(fmap, boxes[:, 1:], tuple(image.shape[-2:]))  # (B, n, C)
         return torch.cat([fmap.mean((2, 3))[:, None], pooled], dim=1)  # (B, 1 + n, C): whole image first
 
-    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, S, S), or (B, R, feature_dim) features -> {"regions": (B, R, E)} l2-normalised."""
         feats = self.region_features(batch)  # (B, R, C)
         regions = self.image_proj(feats.to(self.image_proj.weight.dtype))  # (B, R, E)
@@ -175,7 +176,7 @@ class ScanModel(nn.Module):
         return torch.cat([boxes, area[..., None]], dim=-1)  # (B, R, 5)
 
     # ---- text side --------------------------------------------------------------------------------
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"words": (B, L, E) l2-normalised (padding
         zero or garbage, never read), "lengths": (B,) long}."""
         mask = batch["attention_mask"]
@@ -241,8 +242,21 @@ class ScanModel(nn.Module):
             h, w = self.image_tower(batch["image"][:1]).shape[-2:]
         return int(h), int(w)
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        img, txt = self.encode_image(batch), self.encode_text(batch)
+    # ---- public face: SCAN ranks by cross attention, not by a dot product -------------------------------
+    def image_embedding(self, feats: dict[str, Tensor]) -> Tensor:
+        """`encode_image`'s vector: the mean of the l2-normalised regions (B, R, E) -> (B, E). A pooled
+        summary for embedding pipelines; SCAN's own score (`similarity`) attends over the regions."""
+        return feats["regions"].mean(1)  # (B, E)
+
+    def text_embedding(self, feats: dict[str, Tensor]) -> Tensor:
+        """`encode_text`'s vector: the mean of the caption's real words (B, L, E) -> (B, E)."""
+        words, lengths = feats["words"], feats["lengths"]  # (B, L, E), (B,)
+        real = torch.arange(words.shape[1], device=words.device)[None] < lengths[:, None]  # (B, L)
+        return (words * real[..., None]).sum(1) / lengths[:, None].clamp(min=1)  # (B, E)
+
+    def forward_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Both internal encoders and the all-pairs score of one batch (the internal face's forward)."""
+        img, txt = self.encode_image_features(batch), self.encode_text_features(batch)
         return {**img, **txt, "scores": self.similarity(img, txt)}
 
 

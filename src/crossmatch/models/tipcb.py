@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from crossmatch.config import ranged
 from crossmatch.errors import ModelError
+from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
 from crossmatch.models.registry import build_config, register_model
 
@@ -71,7 +72,7 @@ class AttentionParts(nn.Module):
         return logits.softmax(-1) @ words  # (B, K, D)
 
 
-class Tipcb(nn.Module):
+class Tipcb(ImageTextModel):
     """Global + part features for images and captions; score = global cosine + mean part cosine."""
 
     def __init__(self, cfg: TipcbConfig):
@@ -103,12 +104,12 @@ class Tipcb(nn.Module):
         parts = self.text_attention(words, mask)  # (B, K, D)
         return self.text_global(sentence), self.text_parts(parts)  # (B, E), (B, K, E)
 
-    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """-> {"embed": (B, E), "parts": (B, K, E)}, each vector l2-normalised."""
         g, p = self.image_features(batch)
         return {"embed": l2norm(g), "parts": l2norm(p)}
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """-> {"embed": (B, E), "parts": (B, K, E)}, each vector l2-normalised."""
         g, p = self.text_features(batch)
         return {"embed": l2norm(g), "parts": l2norm(p)}
@@ -119,8 +120,9 @@ class Tipcb(nn.Module):
         parts = torch.einsum("ike,tke->it", img["parts"], txt["parts"]) / img["parts"].shape[1]  # (N_img, N_txt)
         return glob + parts
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        img, txt = self.encode_image(batch), self.encode_text(batch)
+    def forward_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Both internal encoders and the all-pairs score of one batch (the internal face's forward)."""
+        img, txt = self.encode_image_features(batch), self.encode_text_features(batch)
         return {
             "image_embed": img["embed"],
             "image_parts": img["parts"],

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from crossmatch.config import ranged
+from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import l2norm
 from crossmatch.models.registry import build_config, register_model
 from crossmatch.models.transformer import Encoder, ImageEmbedding, PatchEmbed, TextEmbedding, prepend_cls
@@ -43,7 +44,7 @@ class ViltConfig:
     temp: float = ranged(0.07, above=0)  # initial ITC temperature of the cheap head (learned, clamped to [0.001, 0.5])
 
 
-class ViLT(nn.Module):
+class ViLT(ImageTextModel):
     """Single-stream transformer over [text; image] tokens with an ITM head and a cheap embedding head."""
 
     def __init__(self, cfg: ViltConfig):
@@ -60,7 +61,12 @@ class ViLT(nn.Module):
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         nn.init.normal_(self.type_embed.weight, std=0.02)
 
-    def encode_image(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    @property
+    def logit_scale(self) -> Tensor:
+        """() log of the ITC scale 1 / temp (open_clip's `logit_scale`), from the learned temperature."""
+        return -self.temp.log()
+
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["image"] (B, 3, H, W) -> {"embed": (B, E) cheap-head embedding, "tokens": (B, 1+R, D)
         embedded patches (input of the joint pass), "mask": (B, 1+R)}."""
         tokens = self.image_embed(batch["image"]) + self.type_embed.weight[IMAGE_TYPE]  # (B, 1+R, D)
@@ -68,7 +74,7 @@ class ViLT(nn.Module):
         pooled = self.encoder(tokens, mask)[:, 0]  # (B, D): image-only pass, image [CLS]
         return {"embed": l2norm(self.image_proj(pooled)), "tokens": tokens, "mask": mask}
 
-    def encode_text(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch["input_ids"], batch["attention_mask"] (B, L) -> {"embed": (B, E), "tokens": (B, 1+L, D)
         embedded words with a [CLS] prepended, "mask": (B, 1+L)}."""
         ids, mask = prepend_cls(batch["input_ids"], batch["attention_mask"])  # (B, 1+L)
@@ -91,8 +97,9 @@ class ViLT(nn.Module):
         """Stage 2, row-aligned pairs (image row b with caption row b) -> (B,) ITM positive logit."""
         return self.itm_logits(img, txt)[:, 1]
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        img, txt = self.encode_image(batch), self.encode_text(batch)
+    def forward_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Both internal encoders and the all-pairs score of one batch (the internal face's forward)."""
+        img, txt = self.encode_image_features(batch), self.encode_text_features(batch)
         return {
             "image_embed": img["embed"],
             "text_embed": txt["embed"],

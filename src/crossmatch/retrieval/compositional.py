@@ -157,8 +157,8 @@ def score_triples(
     was_training = model.training
     model.eval()
     try:
-        img = encode_all(model.encode_image, image_loader, device, "encode images", progress)
-        txt = encode_all(model.encode_text, text_loader, device, "encode texts", progress)
+        img = encode_all(model.encode_image_features, image_loader, device, "encode images", progress)
+        txt = encode_all(model.encode_text_features, text_loader, device, "encode texts", progress)
         T = len(split.img_of)
         pairs = torch.stack([torch.cat([split.img_of, split.img_of]), split.txt_of], 1)  # (2T, 2): pos, then neg
         distinct, where = torch.unique(pairs, dim=0, return_inverse=True)  # (P, 2), (2T,)

@@ -98,8 +98,8 @@ def encode_split(model: nn.Module, data: EvalData, device: torch.device, progres
     was_training = model.training
     model.eval()
     try:
-        img = encode_all(model.encode_image, data.image_loader, device, "encode images", progress)
-        txt = encode_all(model.encode_text, data.text_loader, device, "encode captions", progress)
+        img = encode_all(model.encode_image_features, data.image_loader, device, "encode images", progress)
+        txt = encode_all(model.encode_text_features, data.text_loader, device, "encode captions", progress)
         return img, txt
     finally:
         model.train(was_training)

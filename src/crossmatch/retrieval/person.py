@@ -38,7 +38,7 @@ def evaluate_person_search(
     """Text -> image person search on one split.
 
     Args:
-        model: any model with the retrieval interface (encode_image, encode_text, similarity).
+        model: any model with the retrieval interface (encode_image_features, encode_text_features, similarity).
         data: the split's loaders and `txt_to_img` (N_txt,).
         image_pids: (N_img,) identity of each image; a caption's identity is that of its image.
         chunk_size: images per block of the (N_img, N_txt) score matrix.

@@ -16,7 +16,7 @@ did; the empty-caption rule), the score, and the parity measured against torch a
 Models whose score is not such a dot product (SCAN's cross attention over regions and words, ALBEF's
 and ViLT's fusion encoders, TIPCB's part cosines) are refused as dual encoders; with `towers=True` their
 unimodal towers are exported instead (`image_tower.onnx`, `text_tower.onnx`: every tensor that
-`encode_image` / `encode_text` return, by name), which is what an external runtime can precompute.
+`encode_image_features` / `encode_text_features` return, by name), which is what an external runtime can precompute.
 
 Frozen towers whose per-item outputs a model caches while training (`model.cache_frozen`, keyed by the bytes
 of each input) are exported uncached: a traced graph computes every tower, which gives the same numbers.
@@ -140,26 +140,26 @@ def onnx_friendly(model: nn.Module) -> nn.Module:
 
 
 class _ImageGraph(nn.Module):
-    """image (B, 3, S, S) -> the tensors of encode_image, in the order of `keys`."""
+    """image (B, 3, S, S) -> the tensors of encode_image_features, in the order of `keys`."""
 
     def __init__(self, model: nn.Module, keys: list[str]):
         super().__init__()
         self.model, self.keys = model, keys
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        out = self.model.encode_image({"image": image})
+        out = self.model.encode_image_features({"image": image})
         return tuple(out[k] for k in self.keys)
 
 
 class _TextGraph(nn.Module):
-    """input_ids, attention_mask (B, L) int64 -> the tensors of encode_text, in the order of `keys`."""
+    """input_ids, attention_mask (B, L) int64 -> the tensors of encode_text_features, in the order of `keys`."""
 
     def __init__(self, model: nn.Module, keys: list[str]):
         super().__init__()
         self.model, self.keys = model, keys
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
-        out = self.model.encode_text({"input_ids": input_ids, "attention_mask": attention_mask > 0})
+        out = self.model.encode_text_features({"input_ids": input_ids, "attention_mask": attention_mask > 0})
         return tuple(out[k] for k in self.keys)
 
 
@@ -178,11 +178,11 @@ def _tensor_outputs(out: dict[str, Any]) -> list[str]:
 
 
 def probe(model: nn.Module, image_size: int, vocab_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """encode_image / encode_text outputs on a tiny batch, to see what the model returns."""
+    """encode_image_features / encode_text_features outputs on a tiny batch, to see what the model returns."""
     with torch.no_grad():
-        img = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size))})
+        img = model.encode_image_features({"image": torch.zeros(2, 3, *image_hw(image_size))})
         ids, mask = _example_text(vocab_size, 2, 2, seed=0)
-        txt = model.encode_text({"input_ids": ids, "attention_mask": mask > 0})
+        txt = model.encode_text_features({"input_ids": ids, "attention_mask": mask > 0})
     return img, txt
 
 
@@ -197,8 +197,9 @@ def check_exportable(model: nn.Module, name: str, img: dict, txt: dict, towers: 
             else "its similarity() is not the dot product of one vector per side"
         )
         raise ModelError(
-            f"model {name} is not a dual encoder ({why}: encode_image gives {_tensor_outputs(img)}, encode_text "
-            f"{_tensor_outputs(txt)}); export its unimodal towers instead: crossmatch export CKPT --onnx DIR --towers"
+            f"model {name} is not a dual encoder ({why}: encode_image_features gives {_tensor_outputs(img)}, "
+            f"encode_text_features {_tensor_outputs(txt)}); export its unimodal towers instead: "
+            "crossmatch export CKPT --onnx DIR --towers"
         )
     if getattr(model, "needs_boxes", False) or getattr(getattr(model, "config", None), "regions", "") == "precomputed":
         raise ModelError(
@@ -257,8 +258,10 @@ def output_shapes(model: nn.Module, image_size: int, vocab_size: int, max_len: i
     with torch.no_grad():
         for B, L in ((2, max(1, max_len - 1)), (3, max_len)):
             ids, mask = _example_text(vocab_size, B, L, seed=0)
-            img = model.encode_image({"image": torch.zeros(B, 3, *image_hw(image_size))})
-            runs.append((L, {"image": img, "text": model.encode_text({"input_ids": ids, "attention_mask": mask > 0})}))
+            img = model.encode_image_features({"image": torch.zeros(B, 3, *image_hw(image_size))})
+            runs.append(
+                (L, {"image": img, "text": model.encode_text_features({"input_ids": ids, "attention_mask": mask > 0})})
+            )
     (L0, first), (_, second) = runs
     shapes: dict[str, dict[str, dict]] = {"image": {}, "text": {}}
     for side in shapes:

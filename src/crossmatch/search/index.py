@@ -20,7 +20,7 @@ Under `torchrun --nproc_per_node=N` every rank embeds a batch-aligned share of t
 `.parts/index-rankRRR-of-NNN/` (itself a resumable build of those files), and rank 0 merges the parts into
 the files a single process writes, byte for byte (`crossmatch.engine.sharding`).
 
-Only models whose `encode_image` returns exactly {"embed": (B, E)} l2-normalised can be indexed: the
+Only models whose `encode_image_features` returns exactly {"embed": (B, E)} l2-normalised can be indexed: the
 score of a pair must be the inner product of two single vectors.
 
 Search is exact: one pass over the memory-mapped rows for all the queries of a call, block by block
@@ -86,11 +86,11 @@ def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | tor
 def probe_image_side(
     model: nn.Module, image_size: Any, name: str, preprocess: dict | None, device: str | torch.device = "cpu"
 ) -> tuple[int, str]:
-    """(E, weights_sha256) of a single-vector model from one `encode_image` call on two blank images.
+    """(E, weights_sha256) of a single-vector model from one `encode_image_features` call on two blank images.
 
-    E: the embedding width; a model whose `encode_image` is not exactly {"embed": (B, E)} l2-normalised is a
+    E: the embedding width; a model whose `encode_image_features` is not exactly {"embed": (B, E)} l2-normalised is a
     ModelError. weights_sha256: sha256 of what turns an image into an index row, the image-side weights (the
-    parameters and buffers of every module that `encode_image` calls, and every parameter its output depends
+    parameters and buffers of every module that `encode_image_features` calls, and every parameter its output depends
     on) and `image_size` and `preprocess`: equal for a moved or copied checkpoint, different after any
     retraining of the image side, whatever the text side did.
     """
@@ -104,11 +104,11 @@ def probe_image_side(
         for p in params.values():
             p.requires_grad_(True)
         with torch.enable_grad():
-            out = model.encode_image({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
+            out = model.encode_image_features({"image": torch.zeros(2, 3, *image_hw(image_size), device=device)})
             if set(out) != {"embed"} or out["embed"].ndim != 2:
                 shapes = {k: tuple(v.shape) for k, v in out.items()}
                 raise ModelError(
-                    f"model {name} cannot be indexed: encode_image must return only {{'embed': (B, E)}}, got {shapes}"
+                    f"model {name} cannot be indexed: encode_image_features must return only {{'embed': (B, E)}}, got {shapes}"
                 )
             used = [p for p in params.values()]
             grads = (
@@ -359,7 +359,7 @@ def _embed_files(
             meta["skipped"].append({"path": path, "index": i, "error": reason})
         n_ok = len(batch["image"]) if "image" in batch else 0
         if n_ok:
-            vecs = model.encode_image({"image": batch["image"].to(device)})["embed"]  # (B, E)
+            vecs = model.encode_image_features({"image": batch["image"].to(device)})["embed"]  # (B, E)
             emb[meta["rows"] : meta["rows"] + n_ok] = vecs.float().cpu().numpy()  # rounded to emb.dtype
             emb.flush()  # rows reach the file before meta.json says they exist
         meta["rows"] += n_ok
@@ -561,4 +561,8 @@ def load_index_model(
 def encode_texts(model: nn.Module, tokenizer, texts: list[str], device: str | torch.device = "cpu") -> Tensor:
     """Sentences -> (Q, E) text embeddings with the model's own tokenizer."""
     ids, mask = pad_sequences(tokenizer.encode_batch(texts))  # (Q, L) each
-    return model.encode_text({"input_ids": ids.to(device), "attention_mask": mask.to(device)})["embed"].float().cpu()
+    return (
+        model.encode_text_features({"input_ids": ids.to(device), "attention_mask": mask.to(device)})["embed"]
+        .float()
+        .cpu()
+    )

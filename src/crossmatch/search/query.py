@@ -19,7 +19,7 @@ def encode_query(model: nn.Module, tokenizer: CaptionTokenizer, text: str, devic
     """A sentence -> the model's text features (1, ...). An empty query, or one whose every word is
     unknown to the tokenizer, is refused: ranking by [UNK] alone would be noise presented as a result."""
     t = torch.tensor([tokenizer.encode_query(text)])
-    return model.encode_text(to_device({"input_ids": t, "attention_mask": t != 0}, device))
+    return model.encode_text_features(to_device({"input_ids": t, "attention_mask": t != 0}, device))
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def text_query_scores(
 ) -> tuple[Tensor, FeatureDict, FeatureDict]:
     """(N_img,) score of every image of the split for `text` (CPU), and the image and query features."""
     txt = encode_query(model, tokenizer, text, device)
-    img = encode_all(model.encode_image, data.image_loader, device, "encode images", False)
+    img = encode_all(model.encode_image_features, data.image_loader, device, "encode images", False)
     scores = model.similarity(img, txt)[:, 0].float().cpu()  # (N_img,) stage 1
     if rerank_k > 0 and hasattr(model, "score_pairs"):  # fusion models: re-rank the top-k
         scores = rerank_query(model, scores, img, txt, rerank_k)
@@ -56,8 +56,8 @@ def text_query_scores(
 @torch.no_grad()
 def image_query_scores(model: nn.Module, image: Tensor, data: EvalData, device: torch.device) -> Tensor:
     """(N_txt,) score of every caption of the split for one preprocessed image (3, S, S) (CPU)."""
-    img = model.encode_image(to_device({"image": image[None]}, device))
-    txt = encode_all(model.encode_text, data.text_loader, device, "encode captions", False)
+    img = model.encode_image_features(to_device({"image": image[None]}, device))
+    txt = encode_all(model.encode_text_features, data.text_loader, device, "encode captions", False)
     return model.similarity(img, txt)[0].float().cpu()
 
 

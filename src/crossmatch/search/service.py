@@ -76,7 +76,7 @@ class SearchEngine:
         pixels = load_image(data, self.max_image_pixels, name="upload")  # DataError: not an image, too large
         with self.lock:
             batch = {"image": self.transform(pixels)[None].to(self.device)}  # (1, 3, S, S)
-            embed = self.model.encode_image(batch)["embed"].float().cpu()  # (1, E)
+            embed = self.model.encode_image_features(batch)["embed"].float().cpu()  # (1, E)
         return self._hits(embed, k)
 
 

@@ -73,7 +73,7 @@ class AlbefTask(Task):
         return not self.model.config.momentum
 
     def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        feats = {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        feats = {"image": self.model.encode_image_features(batch), "text": self.model.encode_text_features(batch)}
         neg = encode_negatives(self.model, batch)  # embed (B, K, E), tokens (B, K, 1+L, D), mask; or None
         return feats if neg is None else {**feats, "neg_text": neg}
 

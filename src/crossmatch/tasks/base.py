@@ -4,7 +4,7 @@ A Task owns the model and its losses. The Trainer calls `training_step(batch)` a
 losses (every key ends in `_loss`); it never branches on the model family. Each objective lives in its own
 module of this package and is registered for the model class it trains (`register_task`); its settings
 are a typed section of the run's `loss` config. Evaluation goes through
-the model's retrieval interface (`encode_image`, `encode_text`, `similarity`, optional `score_pairs`).
+the model's retrieval interface (`encode_image_features`, `encode_text_features`, `similarity`, optional `score_pairs`).
 
 Tasks whose loss compares pairs across the batch (in-batch negatives) split `training_step` into
 `encode(batch) -> features` (the towers, per micro-batch) and `objective(features, batch) -> (losses, logs)`

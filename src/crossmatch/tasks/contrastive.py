@@ -1,11 +1,13 @@
 """The contrastive objective of dual encoders (`loss.name: infonce | siglip`): CLIP's InfoNCE (Radford et al.,
 ICML 2021) or SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023) on the models' l2-normalised embeddings.
 
-The learned temperature (and SigLIP's bias) belong to the objective, not the model: they live here, go to
-the optimiser with the task's parameters (no weight decay: scalars) and are saved in the checkpoint's `loss`
-entry. Initial values: CLIP log-scale log(1/0.07), SigLIP t' = log 10 and b = -10; a pretrained open_clip
-model's own learned values when it has them (`model.contrastive_init`); `loss.init_*` over both. The scale
-exp(t') is clamped to [1, loss.max_logit_scale] (100, as CLIP) before every use.
+The learned temperature (and SigLIP's bias) are the objective's parameters, shared with the model: the task
+owns them (they go to the optimiser with the task's parameters, no weight decay: scalars, and are saved in the
+checkpoint's `loss` entry) and the model exposes the same tensors as open_clip's `logit_scale` / `logit_bias`,
+so they are stored with its weights too (models/face.py). Initial values: CLIP log-scale log(1/0.07), SigLIP
+t' = log 10 and b = -10; a pretrained open_clip model's own learned values when it has them
+(`model.contrastive_init`); `loss.init_*` over both. The scale exp(t') is clamped to [1, loss.max_logit_scale]
+(100, as CLIP) before every use.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
 from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
+from crossmatch.models.face import ImageTextModel
 from crossmatch.tasks.base import Task
 from crossmatch.tasks.text_negatives import encode_negatives
 
@@ -48,9 +51,11 @@ class ContrastiveTask(Task):
         else:
             self.logit_bias = None
             self.loss = InfoNCELoss(rank, world_size, cfg.local)
+        if isinstance(model, ImageTextModel):  # the model stores and exposes them (open_clip's logit_scale)
+            model.share_contrastive_params(self.logit_scale, self.logit_bias)
 
     def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        feats = {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        feats = {"image": self.model.encode_image_features(batch), "text": self.model.encode_text_features(batch)}
         neg = encode_negatives(self.model, batch)  # {"embed": (B, K, E)} or None
         return feats if neg is None else {**feats, "neg_text": neg}
 

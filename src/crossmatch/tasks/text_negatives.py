@@ -25,7 +25,9 @@ def encode_negatives(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Te
         "input_ids": batch["neg_input_ids"].reshape(B * K, L),
         "attention_mask": batch["neg_attention_mask"].reshape(B * K, L),
     }
-    return {k: v.reshape(B, K, *v.shape[1:]) for k, v in model.encode_text(flat).items()}  # (B*K, ...) -> (B, K, ...)
+    return {
+        k: v.reshape(B, K, *v.shape[1:]) for k, v in model.encode_text_features(flat).items()
+    }  # (B*K, ...) -> (B, K, ...)
 
 
 def flat(neg: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -35,7 +35,7 @@ class TripletTask(Task):
         self.loss.max_violation = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
 
     def encode(self, batch):
-        feats = {"image": self.model.encode_image(batch), "text": self.model.encode_text(batch)}
+        feats = {"image": self.model.encode_image_features(batch), "text": self.model.encode_text_features(batch)}
         neg = encode_negatives(self.model, batch)  # each (B, K, ...), or None
         return feats if neg is None else {**feats, "neg_text": neg}
 

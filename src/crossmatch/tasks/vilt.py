@@ -44,7 +44,7 @@ class ViltTask(Task):
         m, cfg, idx = self.model, self.cfg, batch["image_idx"]
         with torch.no_grad():
             m.temp.clamp_(0.001, 0.5)
-        img, txt = m.encode_image(batch), m.encode_text(batch)
+        img, txt = m.encode_image_features(batch), m.encode_text_features(batch)
         B = len(idx)
         if cfg.negatives == "hard":  # the candidates the cheap head will hand the re-ranker at test time
             sim = (m.similarity(img, txt) / m.temp).detach()  # (B, B) cheap-head ITC logits, image row, caption column

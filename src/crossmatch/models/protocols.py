@@ -1,0 +1,106 @@
+"""What a crossmatch model offers, declared in one place as `typing.Protocol`s.
+
+Two faces, one model (STYLE.md rule 5):
+- the public face is open_clip's tensor contract (`ClipLike`): `encode_image(images, normalize=False)`,
+  `encode_text(tokens, normalize=False)`, `forward(image, text)` -> `(image_features, text_features,
+  logit_scale.exp())` (plus `logit_bias` for SigLIP-trained models), so that a tool written for open_clip
+  models (retrieval benchmarks, embedding pipelines, index builders) runs on any crossmatch model;
+- the internal face (`FeatureEncoder`) feeds the tasks, the Evaluator and the index: batch dicts in,
+  feature dicts out (token features `(B, R, D)` / `(B, L, D)` where a family has them), an all-pairs
+  `similarity`, and for cross-encoders a `PairScorer.score_pairs` that re-scores candidate pairs.
+
+`SentenceEncoder` is sentence-transformers' `encode`, and `SavesPretrained` Hugging Face's file layout.
+Every registered model is all of these (`models/face.py` implements the public ones on top of the internal
+face); `isinstance(model, PairScorer)` is how code asks for a capability.
+
+Legend: B batch, L tokens, E embedding, N_img images, N_txt captions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class FeatureEncoder(Protocol):
+    """The internal face: what the tasks, the Evaluator and the index call."""
+
+    def encode_image_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["image"] (B, 3, H, W) (plus boxes for box-region models) -> feature dict."""
+        ...
+
+    def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch["input_ids"], batch["attention_mask"] (B, L) -> feature dict."""
+        ...
+
+    def similarity(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
+        """All pairs of encoded images and captions -> (N_img, N_txt) first-stage scores."""
+        ...
+
+
+@runtime_checkable
+class PairScorer(Protocol):
+    """Cross-encoders (ALBEF, ViLT): a second-stage score of aligned (image, caption) pairs."""
+
+    def score_pairs(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
+        """B encoded images and B encoded captions, row i with row i -> (B,) scores."""
+        ...
+
+
+@runtime_checkable
+class ClipLike(Protocol):
+    """open_clip's public contract (open_clip `CLIP.encode_image` / `encode_text` / `forward`)."""
+
+    logit_scale: Tensor  # () log of the contrastive scale; 0 (scale 1) for hinge-trained models
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, E) first-stage embeddings."""
+        ...
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        """(B, L) token ids padded with the model's pad id -> (B, E) first-stage embeddings."""
+        ...
+
+    def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, ...]:
+        """-> (image_features (B, E), text_features (B, E), logit_scale.exp()) l2-normalised, plus
+        logit_bias for SigLIP-trained models."""
+        ...
+
+
+@runtime_checkable
+class SentenceEncoder(Protocol):
+    """sentence-transformers' `encode`: captions (str) or images (PIL images, pathlib.Path), one modality
+    per call, -> embeddings."""
+
+    def encode(
+        self,
+        items: Any,
+        batch_size: int = 32,
+        device: Any = None,
+        normalize_embeddings: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        show_progress_bar: bool | None = None,
+    ) -> Any: ...
+
+
+@runtime_checkable
+class SavesPretrained(Protocol):
+    """Hugging Face's file layout: a folder `crossmatch.from_pretrained` reads back."""
+
+    def save_pretrained(self, save_directory: str | Path) -> Path: ...
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str: ...
+
+
+@runtime_checkable
+class Tokenizes(Protocol):
+    """`get_tokenizer(name)(texts)`: captions -> (B, L) long ids padded with `pad_id`."""
+
+    pad_id: int
+
+    def __call__(self, texts: str | Sequence[str]) -> Tensor: ...
