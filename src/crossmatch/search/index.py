@@ -108,7 +108,8 @@ def probe_image_side(
             if set(out) != {"embed"} or out["embed"].ndim != 2:
                 shapes = {k: tuple(v.shape) for k, v in out.items()}
                 raise ModelError(
-                    f"model {name} cannot be indexed: encode_image_features must return only {{'embed': (B, E)}}, got {shapes}"
+                    f"model {name} cannot be indexed: encode_image_features must return only "
+                    f"{{'embed': (B, E)}}, got {shapes}"
                 )
             used = [p for p in params.values()]
             grads = (
