@@ -234,6 +234,6 @@ def test_train_with_box_regions_then_search_explain(shapes_root, tmp_path, capsy
 
     _, cfg, tokenizer = runs.load_run(ckpt)
     cfg.model = {"name": "tiny_vse"}
-    monkeypatch.setattr(runs, "load_run", lambda *a: (create_model("tiny_vse", vocab_size=50), cfg, tokenizer))
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: (create_model("tiny_vse", vocab_size=50), cfg, tokenizer))
     with pytest.raises(ModelError, match="model tiny_vse has no word attention to explain"):
         commands.run_search(ckpt, "a circle", explain=True)

@@ -408,7 +408,7 @@ def test_exact_negatives_of_the_dataset_file_are_used_and_short_lists_masked(tmp
     [
         ([{"raw": "A red circle.", "type": "swap_relation"}], "equals the caption"),
         ([{"raw": " ", "type": "swap_relation"}], "expected"),
-        ("a green circle", "must be a list"),
+        ("a green circle", "must hold one list per caption"),
     ],
 )
 def test_bad_exact_negatives_are_one_line_errors(tmp_path, negatives, message):
