@@ -151,7 +151,14 @@ def test_the_example_files_of_the_data_page_read(tmp_path, capsys):
     from crossmatch.retrieval.compositional import read_negatives
 
     examples = example_files(ROOT / "docs" / "data.md")
-    assert set(examples) == {"dataset.json", "dataset.jsonl", "reid_raw.json", "test_caps.txt", "test_negatives.jsonl"}
+    assert set(examples) == {
+        "dataset.json",
+        "dataset.jsonl",
+        "train.csv",
+        "reid_raw.json",
+        "test_caps.txt",
+        "test_negatives.jsonl",
+    }
     for name, folder in (("dataset.json", "images"), ("dataset.jsonl", "images"), ("reid_raw.json", "imgs")):
         root = tmp_path / name
         (root / folder).mkdir(parents=True)
@@ -162,6 +169,15 @@ def test_the_example_files_of_the_data_page_read(tmp_path, capsys):
             Image.new("RGB", (16, 16), "red").save(root / folder / image)
         assert main(["data", "validate", str(root)]) == 0, capsys.readouterr().err
         assert "no problems found" in capsys.readouterr().out
+    root = tmp_path / "csv"  # a train table alone: two images, the first with two captions
+    (root / "images").mkdir(parents=True)
+    (root / "train.csv").write_text(examples["train.csv"])
+    for image in ("000001.jpg", "000002.jpg"):
+        Image.new("RGB", (16, 16), "red").save(root / "images" / image)
+    split = open_split(DataConfig(root=str(root), format="csv"), "train")
+    assert len(split.images) == 2 and split.txt_to_img == [0, 0, 1]
+    assert main(["data", "validate", str(root), "--format", "csv"]) == 0, capsys.readouterr().err
+    assert "no problems found" in capsys.readouterr().out
     root = tmp_path / "precomputed"
     root.mkdir()
     (root / "test_caps.txt").write_text(examples["test_caps.txt"])
@@ -374,5 +390,6 @@ def test_install_hints_name_the_clone_install():
 def test_every_reliability_promise_names_a_test_that_exists():
     page = (ROOT / "docs" / "reliability.md").read_text()
     names = [n for n in re.findall(r"`([a-z0-9_]+)`", page) if n.count("_") >= 3]  # test names, not functions
-    tests = set(re.findall(r"^def test_(\w+)\(", (ROOT / "tests" / "test_reliability.py").read_text(), flags=re.M))
+    files = ("test_reliability.py", "test_reliability_runs.py", "test_reliability_data.py")
+    tests = {n for f in files for n in re.findall(r"^def test_(\w+)\(", (ROOT / "tests" / f).read_text(), flags=re.M)}
     assert len(names) >= 30 and [n for n in names if n not in tests] == []

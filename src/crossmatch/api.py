@@ -31,7 +31,7 @@ from crossmatch.data.loaders import collate, pad_sequences
 from crossmatch.data.tokenizer import PAD_ID, CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, load_image, to_rgb, transform_from_config
 from crossmatch.engine.checkpoint import read_weights
-from crossmatch.errors import DataError, ModelError
+from crossmatch.errors import DataError, ModelError, install_hint
 from crossmatch.models.hub import HUB_ID, PRETRAINED_FILES, hub_error, short_hub_timeouts
 from crossmatch.models.protocols import PairScorer
 from crossmatch.retrieval.evaluate import score_all_pairs
@@ -215,7 +215,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as err:
         raise ModelError(
-            f"{repo_id!r} is not a local path; hub ids need huggingface_hub: pip install crossmatch[hub]"
+            f"{repo_id!r} is not a local path; hub ids need huggingface_hub, {install_hint('hub')}"
         ) from err
     with short_hub_timeouts() as hub:
         try:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossmatch.errors import DataError, ModelError
+from crossmatch.errors import DataError, ModelError, install_hint
 from crossmatch.files import atomic_write, write_text
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,11 @@ class ImageTextModel(nn.Module):
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """`save_pretrained` into a new or existing Hugging Face hub repository; returns its URL.
-        Needs `huggingface_hub` (pip install crossmatch[hub]) and a login or `token`."""
+        Needs `huggingface_hub` (the `hub` extra) and a login or `token`."""
         try:
             from huggingface_hub import HfApi
         except ImportError as err:
-            raise ModelError("push_to_hub needs huggingface_hub: pip install crossmatch[hub]") from err
+            raise ModelError(f"push_to_hub needs huggingface_hub, {install_hint('hub')}") from err
         api = HfApi(token=token)
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:

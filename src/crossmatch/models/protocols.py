@@ -1,6 +1,6 @@
 """What a crossmatch model offers, declared in one place as `typing.Protocol`s.
 
-Two faces, one model (STYLE.md rule 5):
+Two faces, one model:
 - the public face is open_clip's tensor contract (`ClipLike`): `encode_image(images, normalize=False)`,
   `encode_text(tokens, normalize=False)`, `forward(image, text)` -> `(image_features, text_features,
   logit_scale.exp())` (plus `logit_bias` for SigLIP-trained models), so that a tool written for open_clip
