@@ -81,6 +81,8 @@ def test_build_writes_the_index_and_query_equals_brute_force(run, capsys):
         assert ids[0].tolist() == expected.indices[:10].tolist()
         torch.testing.assert_close(scores[0], expected.values[:10], atol=1e-5, rtol=1e-5)
     assert index.search(txt, 100)[1].shape == (1, 46)  # k capped at N
+    tracked = txt.clone().requires_grad_(True)  # e.g. model.encode_text(...) outside torch.no_grad()
+    assert torch.equal(index.search(tracked, 10)[1], index.search(txt, 10)[1])
 
     capsys.readouterr()
     assert main(["index", "query", str(idx), "--query", QUERY, "--top-k", "5"]) == 0

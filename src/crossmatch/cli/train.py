@@ -25,7 +25,11 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/<config name>)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
-    mode.add_argument("--overwrite", action="store_true", help="delete the run dir's checkpoints and logs first")
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again: the old run is set aside and deleted once the new run writes its first checkpoint",
+    )
     p.add_argument("--init-from", default=None, help="fine-tune: load matching weights of a .pt/.safetensors")
     add_device_option(p, default=None)  # None: train.device (auto)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=5")

@@ -423,7 +423,7 @@ class Index:
         """Exact inner-product top-k of every query in one pass over the index: text_embeds (Q, E) ->
         scores (Q, k) float32, ids (Q, k) long, best first (k is capped at N). `chunk_size` rows are read
         per GEMM (0: SEARCH_CHUNK for float32 rows, HALF_CHUNK for float16)."""
-        q = torch.as_tensor(text_embeds).float().cpu().contiguous()  # (Q, E)
+        q = torch.as_tensor(text_embeds).detach().float().cpu().contiguous()  # (Q, E)
         if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
             e = self.meta["embed_dim"]
             raise ModelError(f"query embeddings {tuple(q.shape)} do not fit index {self.root} (E={e})")
