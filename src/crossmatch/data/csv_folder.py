@@ -90,6 +90,21 @@ def read_split_file(path: str | Path) -> dict[str, str]:
     return {Path(k).as_posix(): v for k, v in splits.items()}
 
 
+def list_images(image_dir: str | Path) -> list[Path]:
+    """Every image file under `image_dir` (recursive, by extension), sorted by relative path.
+
+    Raises:
+        DataError: `image_dir` is not a folder, or holds no image.
+    """
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+    return files
+
+
 def read_folder_entries(root: str | Path, split_file: str | Path = "") -> list[dict]:
     """The canonical entries of a folder dataset, sorted by relative path; an image without its .txt has no
     captions (a problem `data validate` reports and a reader refuses).
@@ -98,11 +113,7 @@ def read_folder_entries(root: str | Path, split_file: str | Path = "") -> list[d
         DataError: `root` is not a folder, or holds no image.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not images:
-        raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+    images = list_images(root)
     splits = read_split_file(split_file) if split_file else None
     entries = []
     for image in images:

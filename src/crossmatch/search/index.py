@@ -49,7 +49,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from crossmatch.config import image_hw
-from crossmatch.data.csv_folder import IMAGE_EXTENSIONS
+from crossmatch.data.csv_folder import list_images
 from crossmatch.data.loaders import build_eval_loader, pad_sequences
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, build_image_transform, load_image
 from crossmatch.engine.sharding import PARTS, batch_aligned_range, part_dir, write_npy_concat
@@ -65,17 +65,6 @@ DTYPES = {"float32": np.float32, "float16": np.float16}  # storage of embeddings
 SEARCH_CHUNK = 65536  # index rows scored at once: a (Q, C) block, never the whole (N, E) as a copy
 HALF_CHUNK = 2048  # float16 rows widened at once: a (C, E) float32 buffer small enough to stay in cache
 SCORE_BUFFER_BYTES = 32 << 20  # the (Q, G) score buffer; G rows share one top-k
-
-
-def list_images(image_dir: str | Path) -> list[Path]:
-    """Every image file under `image_dir` (recursive, by extension), sorted by relative path."""
-    root = Path(image_dir)
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-    return files
 
 
 def embed_dim_of(model: nn.Module, image_size: int, name: str, device: str | torch.device = "cpu") -> int:
