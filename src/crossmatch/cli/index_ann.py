@@ -116,7 +116,7 @@ def apply_key(index_dir: str, key: str | None, train_rows: int) -> None:
 
 def _read_queries(path: str) -> tuple[list[str], list[Path]]:
     from crossmatch.errors import DataError
-    from crossmatch.search.index import IMAGE_EXTENSIONS
+    from crossmatch.data.csv_folder import IMAGE_EXTENSIONS
 
     try:
         lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
