@@ -104,3 +104,68 @@ class Tokenizes(Protocol):
     pad_id: int
 
     def __call__(self, texts: str | Sequence[str]) -> Tensor: ...
+
+
+# Optional capabilities. A model has one when it implements the members below; code asks with `isinstance`
+# (or the one-line helpers after them), never by attribute name.
+
+
+@runtime_checkable
+class TakesBoxes(Protocol):
+    """Box-region models (SCAN with `regions: boxes`): `encode_image_features` reads batch["boxes"]."""
+
+    needs_boxes: bool  # False for the same family configured on grid regions
+
+
+def takes_boxes(model: object) -> bool:
+    """Whether the data must load batch["boxes"] (B, R, 4) for `model`."""
+    return isinstance(model, TakesBoxes) and bool(model.needs_boxes)
+
+
+@runtime_checkable
+class LayeredTowers(Protocol):
+    """Towers with numbered blocks: layer-wise lr decay (`train.layer_decay`, engine/optim.py)."""
+
+    def layer_depths(self) -> dict[str, tuple[int, int]]:
+        """Parameter name -> (depth, depth of its tower): 0 embeddings, block i -> i + 1, head -> top."""
+        ...
+
+
+@runtime_checkable
+class GradCheckpointing(Protocol):
+    """Towers that recompute activations in the backward pass (`train.grad_checkpointing`)."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None: ...
+
+
+@runtime_checkable
+class FrozenCacheable(Protocol):
+    """Frozen pretrained towers whose outputs are computed once and kept on disk (`model.cache_frozen`)."""
+
+    caches_image_outputs: bool  # whether encode_image_features serves the image tower's frozen outputs per item
+
+    def use_cache_dir(self, folder: str | Path, cache_images: bool = True) -> None: ...
+
+
+@runtime_checkable
+class WordAttention(Protocol):
+    """Cross-attention models (SCAN): which image regions each word attends to (`crossmatch search --explain`)."""
+
+    def word_attention(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
+        """One encoded image and one caption -> (L, R) attention of each word over the regions."""
+        ...
+
+
+@runtime_checkable
+class ResumableLoader(Protocol):
+    """A train loader the Trainer can stop and restart mid-epoch at the same batch (exact resume).
+
+    The indexed loader (its sampler), the hard-batch loader and the shard stream implement it."""
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Order the epoch's items by (seed, epoch); skip the first `start` items this rank would read."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
