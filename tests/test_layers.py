@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "crossmatch"
 # Lowest first. The base holds what every layer may use: errors, config schema, durable files, the pure
 # metrics, tensor/collective helpers, and where offline weights live.
 LAYERS = [
-    {"errors", "config", "files", "metrics", "tensors", "weights"},
+    {"errors", "config", "files", "metrics", "progress", "tensors", "weights"},
     {"data"},
     {"models"},
     {"losses"},
