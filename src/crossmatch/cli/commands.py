@@ -284,7 +284,9 @@ def _search_images(model, cfg, tokenizer, ds, data, query, top_k, out, split, ex
     from crossmatch.data.transforms import load_image
     from crossmatch.search.query import pessimistic_rank, text_query_scores
 
-    scores, img, txt = text_query_scores(model, tokenizer, data, query, device, cfg.eval.rerank_k)
+    scores, img, txt = text_query_scores(
+        model, tokenizer, data, query, device, cfg.eval.rerank_k, cfg.eval.rerank_batch
+    )
     top = scores.topk(min(top_k, len(scores)))
     wanted = query.strip().lower()
     matches = {ds.txt_to_img[t] for t, c in enumerate(ds.captions) if c.lower() == wanted}
