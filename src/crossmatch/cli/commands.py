@@ -282,7 +282,7 @@ def run_search(
 
 def _search_images(model, cfg, tokenizer, ds, data, query, top_k, out, split, explain, device):
     from crossmatch.data.transforms import load_image
-    from crossmatch.search.query import pessimistic_rank, text_query_scores
+    from crossmatch.search.query import match_rank, text_query_scores
 
     scores, img, txt = text_query_scores(
         model, tokenizer, data, query, device, cfg.eval.rerank_k, cfg.eval.rerank_batch
@@ -293,7 +293,7 @@ def _search_images(model, cfg, tokenizer, ds, data, query, top_k, out, split, ex
     results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
     for rank, (i, s) in enumerate(results, 1):
         print(f"{rank:3d}  {s:7.4f}  {ds.images[i].path.name}{'  <- match' if i in matches else ''}")
-    rank = pessimistic_rank(scores, matches)
+    rank = match_rank(scores, matches)
     shown = {i for i, _ in results}
     if rank is not None and not matches & shown:
         print(f"true match at rank {rank}")

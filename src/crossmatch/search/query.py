@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.metrics import pessimistic_ranks
 from crossmatch.retrieval.evaluate import EvalData, encode_all
 from crossmatch.retrieval.rerank import rerank_text_query, reranks
 from crossmatch.tensors import FeatureDict, to_device
@@ -50,11 +51,11 @@ def image_query_scores(model: nn.Module, image: Tensor, data: EvalData, device: 
     return model.similarity(img, txt)[0].float().cpu()
 
 
-def pessimistic_rank(scores: Tensor, matches: set[int]) -> int | None:
-    """1-based rank of the best of `matches` in `scores` (N,), every other item scoring at least as high
-    counted ahead (ties against the model, as crossmatch.metrics); None without matches."""
+def match_rank(scores: Tensor, matches: set[int]) -> int | None:
+    """1-based rank of the best of `matches` in `scores` (N,), ties against the model
+    (`crossmatch.metrics.pessimistic_ranks`); None without matches."""
     if not matches:
         return None
-    wrong = torch.ones(len(scores), dtype=torch.bool)
-    wrong[list(matches)] = False
-    return min(int((scores[wrong] >= scores[m]).sum()) + 1 for m in matches)
+    positive = torch.zeros(len(scores), dtype=torch.bool)
+    positive[list(matches)] = True
+    return int(pessimistic_ranks(scores, positive)) + 1
