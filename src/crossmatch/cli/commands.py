@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from crossmatch.cli.help import add_command, add_device_option
+from crossmatch.progress import show_progress
 
 GALLERY_SUFFIXES = (".png", ".html", ".htm")
 METRIC_DECIMALS = 4  # metrics JSON: 28.999999999999996 is written 29.0
@@ -178,7 +178,7 @@ def run_evaluate(
         raise ConfigError(f"--max-images must be >= 0 (0: the whole split), got {max_images}")
     if negatives and max_images:
         raise ConfigError("--max-images cuts a retrieval split; --negatives scores every triple of its file")
-    progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
+    progress = show_progress(override=progress)  # bars only on a terminal
     if (checkpoint is None) == (model_name is None) or (model_name is not None and not data_root):
         raise ConfigError("evaluate takes a CHECKPOINT, or --model NAME with --data ROOT (an untrained model)")
     if model_name is not None:
