@@ -167,6 +167,7 @@ def run_evaluate(
     from crossmatch.errors import ConfigError
     from crossmatch.files import check_writable
     from crossmatch.retrieval.person import format_person_table
+    from crossmatch.retrieval.rerank import reranks
     from crossmatch.runs import build_untrained_run, first_stage_only, load_run, make_evaluator
 
     for option, path in (("--json", json_path), ("--html", html_path)):
@@ -195,7 +196,7 @@ def run_evaluate(
     metrics, scores = evaluator.evaluate(model.to(dist.device))
     metrics = {k: round(v, METRIC_DECIMALS) for k, v in metrics.items()}
     protocol = f"{cfg.eval.folds} folds, " if cfg.eval.folds > 1 else ""
-    protocol += f"re-ranking top-{cfg.eval.rerank_k}" if cfg.eval.rerank_k and hasattr(model, "score_pairs") else ""
+    protocol += f"re-ranking top-{cfg.eval.rerank_k}" if reranks(model, cfg.eval.rerank_k) else ""
     scored_by = cfg.model["name"]
     if first_stage_only(cfg, model):  # every score is the first stage's: say so, not the model's name
         scored_by = f"first stage {cfg.eval.first_stage} alone (not re-ranked by {cfg.model['name']})"
@@ -265,11 +266,12 @@ def run_search(
 
     from crossmatch.config import validate_config
     from crossmatch.engine.distributed import init_distributed
+    from crossmatch.models.protocols import WordAttention
     from crossmatch.runs import build_eval_data, load_run, open_split
 
     model, cfg, tokenizer = load_run(checkpoint, list(overrides), need_data=True)
     validate_config(cfg, training=False)
-    if explain and not hasattr(model, "word_attention"):
+    if explain and not isinstance(model, WordAttention):
         raise ModelError(f"model {cfg.model['name']} has no word attention to explain")
     dist = init_distributed(device)
     model.to(dist.device)
