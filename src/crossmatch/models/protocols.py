@@ -169,3 +169,24 @@ class ResumableLoader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# What the Python API attaches and reads (crossmatch.api).
+
+
+@runtime_checkable
+class DeclaresPreprocess(Protocol):
+    """Families whose pretrained towers bring their input statistics: `preprocess` (mean, std, native_size, ...)
+    fills the data section's unset fields (`runs.resolve_preprocess`); None or {} when a family has none."""
+
+    preprocess: Any  # Mapping[str, Any] | None
+
+
+@runtime_checkable
+class RunAttached(Protocol):
+    """A model from `crossmatch.load` / `create_model_and_transforms`: its run's config, image preprocessing
+    and tokenizer, attached as plain attributes (what `encode`, `score` and `save_pretrained` read)."""
+
+    run_config: Any  # the RunConfig it was trained or built with
+    preprocess: Any  # image (PIL, path or uint8 (3, H, W)) -> (3, S, S) float; also a mapping of its fields
+    tokenizer: Tokenizes  # captions -> (B, L) ids
