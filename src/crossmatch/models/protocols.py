@@ -190,3 +190,25 @@ class RunAttached(Protocol):
     run_config: Any  # the RunConfig it was trained or built with
     preprocess: Any  # image (PIL, path or uint8 (3, H, W)) -> (3, S, S) float; also a mapping of its fields
     tokenizer: Tokenizes  # captions -> (B, L) ids
+
+
+@runtime_checkable
+class KeyedImageCache(FrozenCacheable, Protocol):
+    """Frozen-cache models whose image outputs are filled ahead of training under keys of the caller's choosing
+    (image file keys) and then read by key alone, `batch["image_key"]` instead of pixels (`frozen_cache.warm_up`)."""
+
+    def missing_image_outputs(self, keys: list[bytes]) -> list[int]:
+        """The positions of the keys whose frozen image outputs are not cached yet."""
+        ...
+
+    def fill_image_cache(self, keys: list[bytes], image: Tensor) -> None:
+        """Compute and keep the frozen image outputs of (B, 3, H, W) `image` under `keys` (B of them)."""
+        ...
+
+
+@runtime_checkable
+class HasImageTower(Protocol):
+    """Models with one image backbone, `image_tower` (an nn.Module: (B, 3, H, W) -> a (B, C, h, w) feature map,
+    or a tower with `feature_map` and `pool`), whose outputs `crossmatch features` exports."""
+
+    image_tower: Any
