@@ -23,7 +23,7 @@ from crossmatch.cli.help import HelpFormatter, has_default
 from crossmatch.cli.main import _parser, main, parse_args
 from crossmatch.config import CheckpointConfig, LossConfig, load_config
 from crossmatch.models.registry import model_config
-from tests.conftest import ROOT, train_args
+from tests.helpers import ROOT, train_args
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP = re.compile(r"<!-- skip-exec: (.*?) -->")

@@ -10,10 +10,8 @@ import random
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -28,21 +26,7 @@ from crossmatch.engine.checkpoint import (
     read_safetensors,
 )
 from crossmatch.errors import CheckpointError, ConfigError, CrossmatchError, DataError
-from tests.conftest import train_args, write_karpathy
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-ENTRIES = [{"split": s, "captions": [f"a {c} shape", f"the {c} one"]} for s, c in [("train", "red"), ("test", "blue")]]
-
-
-def error_line(capsys) -> str:
-    """The one error line of a failed command (log lines may precede it; a traceback may not)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err[-2000:]
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("crossmatch: error:"), err[-2000:]
-    assert sum(ln.startswith("crossmatch: error") for ln in lines) == 1
-    return lines[-1]
+from tests.helpers import ENTRIES, ROOT, SUBPROCESS_ENV, error_line, png_header_bomb, train_args, write_karpathy
 
 
 def fake_state(epoch: int, best_epoch: int, step: int = 0, w: float = 0.0) -> dict:
@@ -54,20 +38,6 @@ def fake_state(epoch: int, best_epoch: int, step: int = 0, w: float = 0.0) -> di
         "config": {},
         "tokenizer": "t",
     }
-
-
-def png_header_bomb(path: Path, side: int = 30000) -> Path:
-    """A valid 1-bit PNG of side x side pixels, all black: about 110 KB that decode to 900 M pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    z = zlib.compressobj(9)
-    row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
-    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +97,9 @@ def test_sigkill_while_best_pt_is_written_then_resume_and_evaluate(shapes_root, 
     script.write_text(KILL_IN_BEST)
     run = tmp_path / "run"
     args = train_args(shapes_root, run, "train.epochs=1", "checkpoint.every_steps=1", "checkpoint.safetensors=true")
-    killed = subprocess.run([sys.executable, str(script), *args], env=ENV, cwd=ROOT, capture_output=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, str(script), *args], env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, timeout=300
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpts = run / "checkpoints"
     assert [p.name for p in ckpts.glob(".best.pt.tmp*")], "the kill must come while best.pt is half written"
@@ -299,7 +271,7 @@ def test_the_run_lock_dies_with_its_process(tmp_path):
     from crossmatch.engine.rundir import RunDirLockedError, RunLock
 
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout.readline().strip() == "held"

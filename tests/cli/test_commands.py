@@ -11,7 +11,7 @@ from PIL import Image
 
 from crossmatch.cli.help import has_default
 from crossmatch.cli.main import _parser, main
-from tests.conftest import train_args
+from tests.helpers import train_args
 
 
 def one_error_line(capsys) -> str:

@@ -8,7 +8,7 @@ import torch
 from crossmatch.cli.main import main
 from crossmatch.metrics import retrieval_metrics
 from crossmatch.runs import load_run, make_evaluator
-from tests.conftest import save_tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from crossmatch.cli.main import main
-from tests.conftest import train_args
+from tests.helpers import train_args
 
 KEYS = "i2t_r1 i2t_r5 i2t_r10 i2t_medr i2t_meanr t2i_r1 t2i_r5 t2i_r10 t2i_medr t2i_meanr rsum".split()
 

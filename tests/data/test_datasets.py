@@ -6,7 +6,7 @@ from crossmatch.data.loaders import EpochSampler, build_train_loader, collate, p
 from crossmatch.data.tokenizer import MASK_ID, PAD_ID, UNK_ID, CaptionTokenizer
 from crossmatch.data.transforms import build_image_transform, load_image
 from crossmatch.errors import DataError
-from tests.conftest import write_karpathy
+from tests.helpers import write_karpathy
 
 ENTRIES = [
     {"split": "train", "captions": ["a red circle", "a crimson disc", "red round thing"]},

@@ -19,7 +19,7 @@ from crossmatch.errors import ConfigError, DataError
 from crossmatch.models import scan_scoring
 from crossmatch.models.layers import SmallCNN
 from crossmatch.search.curves import plot_curves, read_curves
-from tests.conftest import tiny_cfg, write_karpathy
+from tests.helpers import tiny_cfg, write_karpathy
 
 ENTRIES = [
     {"split": "val", "captions": ["a red circle", "a crimson disc"], "twin": 1},

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from crossmatch.cli.main import main
 from crossmatch.config import DataConfig, load_config
@@ -14,24 +13,9 @@ from crossmatch.data.formats import open_split
 from crossmatch.data.pedes import PEDES
 from crossmatch.errors import DataError
 from crossmatch.models import list_models
+from tests.helpers import ROOT, png, write_pedes
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def png(path: Path, colour: tuple[int, int, int] = (200, 40, 40), size: int = 8) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), colour).save(path)
-
-
-def write_pedes(root: Path, fmt: str, records: list[tuple[str, int, list[str], str]]) -> Path:
-    """A person-search dataset of format `fmt`: records are (image path, person id, captions, split)."""
-    spec = PEDES[fmt]
-    rows = []
-    for k, (path, pid, caps, split) in enumerate(records):
-        png(root / "imgs" / path, (30 * k % 255, 90, 20 * pid % 255))
-        rows.append({spec.path_key: path, "id": pid, "captions": caps, "split": split, "processed_tokens": []})
-    (root / spec.file).write_text(json.dumps(rows))
-    return root
+CONFIGS = ROOT / "configs"
 
 
 def write_jsonl(root: Path, lines: list[dict], images: bool = True) -> Path:

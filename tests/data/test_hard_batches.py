@@ -11,7 +11,7 @@ from crossmatch.data.hard_batches import HardBatchSampler, caption_nouns, image_
 from crossmatch.data.loaders import EpochSampler
 from crossmatch.engine.checkpoint import load_checkpoint
 from crossmatch.runs import train as run_train
-from tests import conftest
+from tests import helpers
 
 
 def tiny_example():
@@ -116,7 +116,7 @@ def test_real_captions_group_by_shared_nouns(tmp_path) -> None:
         {"split": "train", "captions": ["a red car", "the car is parked"]},
         {"split": "train", "captions": ["it is red", "very small"]},
     ]
-    ds = ImageCaptionDataset(conftest.write_karpathy(tmp_path, entries), "train")
+    ds = ImageCaptionDataset(helpers.write_karpathy(tmp_path, entries), "train")
     keys = [k for k, _ in image_keys(ds)]
     assert keys[0] == keys[1] == frozenset({"dog"})  # "grass", "ball" in 1 of 3 captions only
     assert keys[2] == frozenset({"car"})
@@ -132,13 +132,13 @@ def _losses(run_dir) -> dict[int, float]:
 @pytest.mark.slow
 def test_trainer_resumed_mid_epoch_with_hard_batches_is_exact(shapes_root, tmp_path, monkeypatch) -> None:
     def cfg(*extra):
-        return conftest.tiny_cfg(
+        return helpers.tiny_cfg(
             shapes_root, "data.hard_batches=true", "train.epochs=1", "train.max_steps_per_epoch=4",
             "train.log_every=1", "eval.batch_size=32", *extra,
         )  # fmt: skip
 
     run_train(cfg(), tmp_path / "full")
-    conftest.train_interrupted(
+    helpers.train_interrupted(
         monkeypatch, lambda: run_train(cfg("checkpoint.every_steps=1"), tmp_path / "cut"), after=2
     )
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]["step_in_epoch"] == 2
@@ -156,6 +156,6 @@ def test_build_trainer_uses_the_hard_sampler_only_when_asked(shapes_root, tmp_pa
 
     dist = init_distributed("cpu")
     for flag, kind in (("true", HardBatchSampler), ("false", EpochSampler)):
-        trainer, _ = build_trainer(conftest.tiny_cfg(shapes_root, f"data.hard_batches={flag}"), tmp_path / flag, dist)
+        trainer, _ = build_trainer(helpers.tiny_cfg(shapes_root, f"data.hard_batches={flag}"), tmp_path / flag, dist)
         assert type(trainer.train_loader.sampler) is kind
         trainer.close()

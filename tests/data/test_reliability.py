@@ -32,10 +32,8 @@ from crossmatch.config import DataConfig
 from crossmatch.data.formats import open_split
 from crossmatch.data.transforms import load_image, to_rgb
 from crossmatch.errors import DataError
-from tests.conftest import save_tiny_checkpoint, train_args, write_karpathy
-from tests.test_reliability import ENTRIES, error_line, png_header_bomb
+from tests.helpers import ENTRIES, error_line, png_header_bomb, save_tiny_checkpoint, train_args, write_karpathy
 
-ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
 

@@ -32,8 +32,8 @@ from crossmatch.data.tokenizer import CaptionTokenizer  # noqa: E402
 from crossmatch.data.transforms import build_image_transform  # noqa: E402
 from crossmatch.engine.checkpoint import load_checkpoint  # noqa: E402
 from crossmatch.errors import ConfigError, DataError  # noqa: E402
+from tests.helpers import ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
 TRAIN = "train-{000000..000009}.tar"
 ALL = "{train-{000000..000009},val-{000000..000002},test-{000000..000002}}.tar"  # each split takes its own

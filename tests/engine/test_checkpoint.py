@@ -7,15 +7,7 @@ import torch
 from crossmatch.engine.checkpoint import Checkpointer, atomic_save, load_checkpoint, rng_state, set_rng_state
 from crossmatch.errors import CheckpointError
 from crossmatch.runs import train as run_train
-from tests import conftest
-
-
-def tiny_cfg(root, *extra):
-    return conftest.tiny_cfg(root, "train.max_steps_per_epoch=4", "train.log_every=2", "eval.batch_size=32", *extra)
-
-
-def weights(run_dir):
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+from tests import helpers
 
 
 def test_atomic_save_round_trip_and_rng(tmp_path):
@@ -81,11 +73,11 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_resume_after_an_epoch_gives_identical_weights(shapes_root, tmp_path):
-    run_train(tiny_cfg(shapes_root, "train.epochs=2"), tmp_path / "full")
-    run_train(tiny_cfg(shapes_root, "train.epochs=1"), tmp_path / "split")
-    state = run_train(tiny_cfg(shapes_root, "train.epochs=2"), tmp_path / "split", resume=True)
+    run_train(helpers.resume_cfg(shapes_root, "train.epochs=2"), tmp_path / "full")
+    run_train(helpers.resume_cfg(shapes_root, "train.epochs=1"), tmp_path / "split")
+    state = run_train(helpers.resume_cfg(shapes_root, "train.epochs=2"), tmp_path / "split", resume=True)
     assert state.epoch == 2 and state.global_step == 8 and len(state.history) == 2
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    a, b = helpers.last_weights(tmp_path / "full"), helpers.last_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
     full_hist = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["trainer"]["history"]
     assert full_hist == state.history
@@ -93,12 +85,14 @@ def test_resume_after_an_epoch_gives_identical_weights(shapes_root, tmp_path):
 
 @pytest.mark.slow
 def test_resume_mid_epoch_gives_identical_weights(shapes_root, tmp_path, monkeypatch):
-    run_train(tiny_cfg(shapes_root, "train.epochs=1"), tmp_path / "full")
-    cut = tiny_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1")
-    conftest.train_interrupted(monkeypatch, lambda: run_train(cut, tmp_path / "cut"), after=3)  # a kill after step 3
+    run_train(helpers.resume_cfg(shapes_root, "train.epochs=1"), tmp_path / "full")
+    cut = helpers.resume_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1")
+    helpers.train_interrupted(monkeypatch, lambda: run_train(cut, tmp_path / "cut"), after=3)  # a kill after step 3
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]["step_in_epoch"] == 3
-    run_train(tiny_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1"), tmp_path / "cut", resume=True)
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    run_train(
+        helpers.resume_cfg(shapes_root, "train.epochs=1", "checkpoint.every_steps=1"), tmp_path / "cut", resume=True
+    )
+    a, b = helpers.last_weights(tmp_path / "full"), helpers.last_weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

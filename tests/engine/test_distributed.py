@@ -11,27 +11,24 @@ import pytest
 import torch
 
 from crossmatch.engine.checkpoint import load_checkpoint
-from tests.conftest import ROOT, train_args
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def args(root, run_dir, *extra):
-    # the tiny run without batch norm (its statistics are per rank), one whole epoch unless cut shorter
-    return train_args(root, run_dir, "model.batch_norm=false", "train.epochs=1", "train.max_steps_per_epoch=0", *extra)
-
-
-def run(cmd, timeout=240):
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+from tests.helpers import ROOT, SUBPROCESS_ENV, TORCHRUN, ddp_args, run_in_root
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_root, tmp_path):
     steps = ["train.max_steps_per_epoch=3", "train.grad_clip=0"]
-    one = run([sys.executable, "-m", "crossmatch", *args(shapes_root, tmp_path / "one", "train.batch_size=16", *steps)])
+    one = run_in_root(
+        [
+            sys.executable,
+            "-m",
+            "crossmatch",
+            *ddp_args(shapes_root, tmp_path / "one", "train.batch_size=16", *steps),
+        ]
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run([*TORCHRUN, "-m", "crossmatch", *args(shapes_root, tmp_path / "two", "train.batch_size=8", *steps)])
+    two = run_in_root(
+        [*TORCHRUN, "-m", "crossmatch", *ddp_args(shapes_root, tmp_path / "two", "train.batch_size=8", *steps)]
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
@@ -66,11 +63,11 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(shapes_root, tmp_path):
     script = tmp_path / "die.py"
     script.write_text(DIE)
     t0 = time.monotonic()
-    out = run(
+    out = run_in_root(
         [
             *TORCHRUN,
             str(script),
-            *args(shapes_root, tmp_path / "run", "train.batch_size=8", "train.max_steps_per_epoch=6"),
+            *ddp_args(shapes_root, tmp_path / "run", "train.batch_size=8", "train.max_steps_per_epoch=6"),
         ],
         timeout=200,
     )
@@ -88,11 +85,11 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(shapes_root, tmp_pat
         "train.log_every=1",
         "checkpoint.every_steps=1",
     ]
-    full = run([sys.executable, "-m", "crossmatch", *args(shapes_root, tmp_path / "full", *cfg)])
+    full = run_in_root([sys.executable, "-m", "crossmatch", *ddp_args(shapes_root, tmp_path / "full", *cfg)])
     assert full.returncode == 0, full.stderr[-2000:]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crossmatch", *args(shapes_root, tmp_path / "cut", *cfg)],
-        env=ENV,
+        [sys.executable, "-m", "crossmatch", *ddp_args(shapes_root, tmp_path / "cut", *cfg)],
+        env=SUBPROCESS_ENV,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -105,7 +102,9 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(shapes_root, tmp_pat
     proc.wait()
     cut = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]
     assert cut["epoch"] == 0 and 3 <= cut["step_in_epoch"] < 20, cut  # killed in the middle of epoch 1
-    resumed = run([sys.executable, "-m", "crossmatch", *args(shapes_root, tmp_path / "cut", *cfg), "--resume"])
+    resumed = run_in_root(
+        [sys.executable, "-m", "crossmatch", *ddp_args(shapes_root, tmp_path / "cut", *cfg), "--resume"]
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")

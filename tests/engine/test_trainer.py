@@ -11,7 +11,7 @@ import crossmatch
 from crossmatch.cli.main import main
 from crossmatch.engine.checkpoint import load_checkpoint, partial_load
 from crossmatch.models import create_model
-from tests.conftest import train_args
+from tests.helpers import train_args
 
 
 def train(root, run_dir, *extra):
@@ -125,7 +125,7 @@ def test_a_run_releases_its_train_log_when_it_ends(shapes_root, tmp_path):
 
     from crossmatch import runs
     from crossmatch.errors import DataError
-    from tests.conftest import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     def file_handlers():
         return [h for h in logging.getLogger("crossmatch").handlers if isinstance(h, logging.FileHandler)]

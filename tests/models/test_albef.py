@@ -18,8 +18,8 @@ from crossmatch.losses.itm import (
 )
 from crossmatch.models import albef, vilt
 from crossmatch.tasks.base import build_task
+from tests.helpers import VOCAB, make_batch
 
-VOCAB = 40
 FAMILIES = {  # name -> (builder, overrides): every code path of each family once
     "tiny_albef": (albef.tiny_albef, {}),
     "tiny_albef_mlm_cnn": (
@@ -28,22 +28,6 @@ FAMILIES = {  # name -> (builder, overrides): every code path of each family onc
     ),
     "tiny_vilt": (vilt.tiny_vilt, {}),
 }
-
-
-def make_batch(image_idx: list[int], L: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A collate-style batch with ragged captions (row b has L - b % 3 real words)."""
-    g = torch.Generator().manual_seed(seed)
-    B = len(image_idx)
-    lengths = torch.tensor([L - b % 3 for b in range(B)])
-    mask = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
-    ids = torch.randint(5, VOCAB, (B, L), generator=g).masked_fill(~mask, 0)
-    return {
-        "image": torch.randn(B, 3, 32, 32, generator=g),
-        "input_ids": ids,
-        "attention_mask": mask,
-        "image_idx": torch.tensor(image_idx),
-        "text_idx": torch.arange(B),
-    }
 
 
 def build(name: str) -> torch.nn.Module:

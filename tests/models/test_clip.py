@@ -191,7 +191,7 @@ def test_train_evaluate_search_and_zero_shot_through_the_cli(shapes_root, tmp_pa
 
 @pytest.mark.slow
 def test_a_clip_checkpoint_is_the_first_stage_of_a_fusion_model(shapes_root, tmp_path):
-    from tests.conftest import train_args
+    from tests.helpers import train_args
 
     assert main(clip_args(shapes_root, tmp_path / "clip")) == 0
     assert main(train_args(shapes_root, tmp_path / "albef", "model.name=tiny_albef", "train.epochs=1")) == 0

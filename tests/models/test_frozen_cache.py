@@ -2,7 +2,7 @@
 disk), the one opener every frozen tower's cache comes from (`tower_cache`: vse_pretrained's towers and the fusion
 families' CNN), and which models the train-image warm-up (`warm_up`, run as `runs.cache_train_images`) applies to.
 The disk cache's damage handling and the cached epochs' losses are tested in test_pretrained_tuning.py, the
-warm-up's runs in test_frozen_image_keys.py."""
+warm-up's runs in tests/runs/test_warmup.py."""
 
 from types import SimpleNamespace
 
@@ -105,7 +105,7 @@ def test_the_warm_up_skips_models_without_a_keyed_image_cache():
 
 def test_features_refuses_a_checkpoint_without_an_image_tower(tmp_path):
     from crossmatch.search.features import load_tower
-    from tests.conftest import save_tiny_checkpoint
+    from tests.helpers import save_tiny_checkpoint
 
     ckpt = save_tiny_checkpoint(tmp_path / "albef.pt", "tiny_albef")
     with pytest.raises(ModelError, match="model tiny_albef has no image_tower"):

@@ -24,7 +24,7 @@ from crossmatch.data.tokenizer import build_tokenizer  # noqa: E402
 from crossmatch.models import create_model, list_models  # noqa: E402
 from crossmatch.models.bert import load_mapped  # noqa: E402
 from crossmatch.weights import resolve_text_checkpoint  # noqa: E402
-from tests.conftest import train_args  # noqa: E402
+from tests.helpers import train_args  # noqa: E402
 
 SENTENCE = "a small red circle to the left of a large blue square"
 

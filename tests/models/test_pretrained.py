@@ -33,7 +33,7 @@ from crossmatch.models.pretrained import (  # noqa: E402
     require,
 )
 from crossmatch.weights import efficientnet_lite0_file  # noqa: E402
-from tests.conftest import train_args  # noqa: E402
+from tests.helpers import train_args  # noqa: E402
 
 
 @pytest.fixture
@@ -166,7 +166,7 @@ def test_features_match_a_direct_forward_pass(shapes_root, tmp_path, kind):
 
 @pytest.mark.slow
 def test_features_with_uneven_captions_write_a_karpathy_json(tmp_path):
-    from tests.conftest import write_karpathy
+    from tests.helpers import write_karpathy
 
     root = write_karpathy(tmp_path / "data", [{"split": "test", "captions": ["a b"] * n} for n in (1, 3, 2)])
     out = tmp_path / "feats"

@@ -8,23 +8,9 @@ from crossmatch.config import LossConfig
 from crossmatch.errors import ModelError
 from crossmatch.models import create_model, list_models
 from crossmatch.tasks import build_task
+from tests.helpers import tiny_batch
 
 TINY = list_models("tiny_")
-
-
-def tiny_batch(B=4, L=6, size=32, vocab=50):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (B, L), generator=g)
-    mask = torch.arange(L)[None] < torch.tensor([L, 3, 1, 5][:B])[:, None]
-    return {
-        "image": torch.randn(B, 3, size, size, generator=g),
-        "input_ids": ids * mask,
-        "attention_mask": mask,
-        "image_idx": torch.tensor([0, 1, 1, 2][:B]),
-        "text_idx": torch.arange(B),
-        "boxes": torch.tensor([[2.0, 2, 14, 14], [16, 16, 30, 30]]).expand(B, 2, 4).clone(),
-        "box_mask": torch.tensor([True, False]).expand(B, 2).clone(),
-    }
 
 
 def test_registry_lists_every_family_and_a_tiny_variant():

@@ -1,5 +1,5 @@
 """SCAN model (Lee et al., ECCV 2018): region sources, scores, word attention, the precomputed-feature format,
-training through the CLI, and `search --explain`. Registry-wide checks (gradients, NaN) are in test_models."""
+training through the CLI, and `search --explain`. Registry-wide checks (gradients, NaN) are in test_registry.py."""
 
 import json
 

@@ -20,7 +20,7 @@ from crossmatch.data.shapes import (
     generate_shapes,
     relations,
 )
-from tests.conftest import FixedScores, save_tiny_checkpoint
+from tests.helpers import FixedScores, save_tiny_checkpoint
 
 SIZE = 64
 SHAPE_OF = {w: k for k, words in SHAPE_WORDS.items() for w in words}

@@ -18,9 +18,7 @@ from crossmatch.retrieval.evaluate import EvalData, compute_scores
 from crossmatch.retrieval.person import KEYS, evaluate_person_search, format_person_table, image_pids
 from crossmatch.runs import build_eval_data, load_run, open_split
 from crossmatch.tasks import build_task
-from tests.conftest import FixedScores, train_args
-from tests.test_formats import write_pedes
-from tests.test_models import tiny_batch
+from tests.helpers import FixedScores, tiny_batch, train_args, write_pedes
 
 # Hand-made (N_img=4, N_txt=3) scores; image pids [0, 0, 1, 2]; captions of images 0, 2, 3.
 SCORES = torch.tensor([[0.9, 0.1, 0.3], [0.5, 0.8, 0.2], [0.7, 0.6, 0.4], [0.2, 0.3, 0.1]])

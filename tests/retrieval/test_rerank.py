@@ -17,7 +17,7 @@ from crossmatch.retrieval.evaluate import (
 from crossmatch.retrieval.rerank import below_candidates, candidate_pairs, rerank, rerank_text_query, topk_masks
 from crossmatch.runs import build_eval_data
 from crossmatch.tensors import cat_features
-from tests.conftest import FixedScores
+from tests.helpers import FixedScores
 
 
 @pytest.fixture(scope="module")

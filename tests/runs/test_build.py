@@ -16,7 +16,7 @@ import torch
 import crossmatch
 from crossmatch.cli.main import main
 from crossmatch.engine.checkpoint import atomic_save, load_checkpoint
-from tests import conftest
+from tests import helpers
 
 
 def error_line(capsys) -> str:
@@ -32,8 +32,8 @@ def test_a_moved_run_evaluates_searches_exports_and_loads_from_another_folder(
     project = tmp_path / "project"
     shutil.copytree(shapes_root, project / "data")
     monkeypatch.chdir(project)  # trained as a user does: relative paths from the project folder
-    args = ["train", str(conftest.ROOT / "configs/vse_shapes.yaml"), "--run-dir", "runs/r"]
-    assert main([*args, *conftest.tiny_overrides("data")]) == 0
+    args = ["train", str(helpers.ROOT / "configs/vse_shapes.yaml"), "--run-dir", "runs/r"]
+    assert main([*args, *helpers.tiny_overrides("data")]) == 0
     out = capsys.readouterr().out
     # the summary: best and last validation rows, the files, the folder's size, the next commands
     lines = out.splitlines()
@@ -73,7 +73,7 @@ def test_a_moved_run_evaluates_searches_exports_and_loads_from_another_folder(
 
 def test_a_run_whose_dataset_is_nowhere_names_the_paths_tried_and_the_override(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    ckpt = conftest.save_tiny_checkpoint(run / "checkpoints" / "best.pt", "tiny_vse", "data.root=gone/shapes")
+    ckpt = helpers.save_tiny_checkpoint(run / "checkpoints" / "best.pt", "tiny_vse", "data.root=gone/shapes")
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", str(run)]) == 2
     line = error_line(capsys)
@@ -90,7 +90,7 @@ def test_a_run_whose_dataset_is_nowhere_names_the_paths_tried_and_the_override(t
 
 def test_the_data_root_override_wins_over_the_stored_path(shapes_root, tmp_path, capsys):
     run = tmp_path / "run"
-    conftest.save_tiny_checkpoint(run / "checkpoints" / "best.pt", "tiny_vse", "data.root=gone/shapes")
+    helpers.save_tiny_checkpoint(run / "checkpoints" / "best.pt", "tiny_vse", "data.root=gone/shapes")
     assert main(["evaluate", str(run), f"data.root={shapes_root}"]) == 0
     assert f"on {shapes_root} [test]" in capsys.readouterr().out
 
@@ -100,7 +100,7 @@ def test_a_moved_index_finds_its_images_and_checkpoint_and_prints_relative_paths
 ):
     a = tmp_path / "a"
     shutil.copytree(shapes_root / "images", a / "photos", ignore=lambda d, names: sorted(names)[5:])
-    conftest.save_tiny_checkpoint(a / "m.pt", "tiny_vse")
+    helpers.save_tiny_checkpoint(a / "m.pt", "tiny_vse")
     monkeypatch.chdir(a)
     assert main(["index", "build", "m.pt", "photos", "--out", "idx"]) == 0
     built = capsys.readouterr().out
@@ -122,7 +122,7 @@ def test_a_moved_index_finds_its_images_and_checkpoint_and_prints_relative_paths
 
 
 def test_a_logger_name_that_does_not_exist_is_a_one_line_error(shapes_root, tmp_path, capsys):
-    assert main(conftest.train_args(shapes_root, tmp_path / "run", "train.loggers=[tensorboard,mlflow]")) == 2
+    assert main(helpers.train_args(shapes_root, tmp_path / "run", "train.loggers=[tensorboard,mlflow]")) == 2
     assert "train.loggers=['tensorboard', 'mlflow']: each must be one of tensorboard, jsonl, wandb" in error_line(
         capsys
     )
@@ -155,9 +155,9 @@ def test_best_pt_of_a_resumed_run_is_still_what_evaluate_reads(shapes_root, tmp_
     """--resume from last.pt (full state) keeps best.pt weights-only, and best.pt loads as before."""
     from crossmatch.runs import train
 
-    cfg = conftest.tiny_cfg(shapes_root, "train.epochs=1")
+    cfg = helpers.tiny_cfg(shapes_root, "train.epochs=1")
     train(cfg, tmp_path / "run")
-    train(conftest.tiny_cfg(shapes_root, "train.epochs=2"), tmp_path / "run", resume=True)
+    train(helpers.tiny_cfg(shapes_root, "train.epochs=2"), tmp_path / "run", resume=True)
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert sorted(best) == ["config", "data_root_from_run", "loss", "model", "tokenizer", "trainer"]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["trainer"]["epoch"] == 2

@@ -20,8 +20,7 @@ import torch
 from crossmatch.cli.main import main
 from crossmatch.engine.checkpoint import atomic_save, load_checkpoint
 from crossmatch.errors import CheckpointError, ConfigError
-from tests.conftest import save_tiny_checkpoint, tiny_cfg, train_args, train_interrupted, write_karpathy
-from tests.test_reliability import error_line
+from tests.helpers import error_line, save_tiny_checkpoint, tiny_cfg, train_args, train_interrupted, write_karpathy
 
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "train.log", "checkpoints/last.pt")
 

@@ -18,7 +18,7 @@ from crossmatch.data import datasets  # noqa: E402
 from crossmatch.data.datasets import KeyedImageView, file_key  # noqa: E402
 from crossmatch.data.transforms import build_image_transform  # noqa: E402
 from crossmatch.errors import DataError  # noqa: E402
-from tests.conftest import tiny_cfg  # noqa: E402
+from tests.helpers import tiny_cfg  # noqa: E402
 
 PRETRAINED = (
     "model.name=vse_pretrained",

@@ -24,7 +24,7 @@ from crossmatch.search.ann import (
     recall_at_k,
 )
 from crossmatch.search.index import exact_topk, load_index
-from tests.conftest import train_args
+from tests.helpers import ROOT, train_args
 
 faiss = pytest.importorskip("faiss")
 
@@ -200,7 +200,7 @@ def test_index_search_benchmark_measures_approximate_keys(tmp_path, monkeypatch,
     argv = ["index_search.py", "--rows", "400", "--dim", "16", "--ann-only", "--ann-queries", "20"]
     argv += ["--ann", "IVF2,Flat|nprobe=2", "--ann", "IVF2,Flat|nprobe=1", "--dir", str(tmp_path)]
     monkeypatch.setattr("sys.argv", argv)
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "index_search.py"), run_name="__main__")
+    runpy.run_path(str(ROOT / "benchmarks" / "index_search.py"), run_name="__main__")
     rows = {ln.split()[1]: ln.split()[-3:] for ln in capsys.readouterr().out.splitlines() if "IVF2,Flat" in ln}
     assert rows["nprobe=2"] == ["1.0000", "1.0000", "1.0000"]  # both lists probed: exact, for every query set
     assert rows["nprobe=1"] != rows["nprobe=2"]  # half the rows unseen: some true neighbours missed

@@ -14,7 +14,7 @@ from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.errors import ModelError
 from crossmatch.models.layers import GRUTextEncoder
-from tests import conftest
+from tests import helpers
 
 CAPTIONS = ["a red circle left of a blue square", "two green triangles above a small star", "one big yellow square"]
 TEXTS = ["a blue square", "a red circle left of a blue square above two green triangles and one star", "", "zebra"]
@@ -63,7 +63,7 @@ def test_unpacked_gru_equals_the_packed_one(bidirectional):
 
 
 def save_tiny_checkpoint(path, name: str, *overrides: str):
-    return conftest.save_tiny_checkpoint(path, name, *overrides, captions=CAPTIONS)
+    return helpers.save_tiny_checkpoint(path, name, *overrides, captions=CAPTIONS)
 
 
 def test_vse_cnn_exports_quietly_through_the_cli_with_overrides_and_matches_torch(tmp_path, capsys):

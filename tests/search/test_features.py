@@ -8,15 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from crossmatch.engine.sharding import batch_aligned_range
-from tests.conftest import save_tiny_checkpoint
+from tests.helpers import ROOT, save_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "crossmatch"]
 SINGLE = [sys.executable, "-m", "crossmatch"]
 # One intra-op thread in every process (torchrun's default for its workers): the same kernels either way.

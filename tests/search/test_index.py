@@ -21,7 +21,7 @@ from crossmatch.errors import DataError, ModelError
 from crossmatch.runs import load_run
 from crossmatch.search.index import build_index, embed_dim_of, load_index
 from crossmatch.search.report import report_from_scores, write_html_report
-from tests.conftest import train_args
+from tests.helpers import train_args
 
 QUERY = "a red circle left of a blue square"
 

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from crossmatch.cli.main import main
-from tests.conftest import train_args
+from tests.helpers import train_args
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

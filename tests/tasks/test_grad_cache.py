@@ -153,13 +153,20 @@ def test_two_gloo_processes_accumulating_equal_one_process_on_the_global_batch(s
     import sys
 
     from crossmatch.engine.checkpoint import load_checkpoint
-    from tests.test_distributed import TORCHRUN, args, run
+    from tests.helpers import TORCHRUN, ddp_args, run_in_root
 
     steps = ["train.max_steps_per_epoch=3", "train.grad_clip=0", "loss.name=infonce"]
-    one = run([sys.executable, "-m", "crossmatch", *args(shapes_root, tmp_path / "one", "train.batch_size=16", *steps)])
+    one = run_in_root(
+        [
+            sys.executable,
+            "-m",
+            "crossmatch",
+            *ddp_args(shapes_root, tmp_path / "one", "train.batch_size=16", *steps),
+        ]
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     acc = ["train.batch_size=4", "train.accum_steps=2", *steps]
-    two = run([*TORCHRUN, "-m", "crossmatch", *args(shapes_root, tmp_path / "two", *acc)])
+    two = run_in_root([*TORCHRUN, "-m", "crossmatch", *ddp_args(shapes_root, tmp_path / "two", *acc)])
     assert two.returncode == 0, two.stderr[-2000:]
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")

@@ -24,8 +24,8 @@ from crossmatch.losses.triplet import TripletLoss
 from crossmatch.models import albef, dual_encoder, scan, vilt
 from crossmatch.tasks.base import build_task
 from crossmatch.tasks.text_negatives import encode_negatives, paired_scores
-from tests import conftest
-from tests.test_fusion_models import VOCAB, make_batch
+from tests import helpers
+from tests.helpers import VOCAB, make_batch
 
 TOL = {"rel": 1e-12, "abs": 1e-12}  # float64: the loops only sum in another order
 
@@ -389,7 +389,7 @@ def test_pair_view_negatives_never_equal_the_positive_and_are_seeded(shapes_root
 
 def test_exact_negatives_of_the_dataset_file_are_used_and_short_lists_masked(tmp_path):
     entries = [{"captions": ["a red circle", "a blue star"], "split": "train"}] * 1
-    root = conftest.write_karpathy(tmp_path, entries)
+    root = helpers.write_karpathy(tmp_path, entries)
     data = json.loads((root / "dataset.json").read_text())
     data["images"][0]["sentences"][0]["negatives"] = [{"raw": "a green circle", "type": "replace_attribute"}]
     (root / "dataset.json").write_text(json.dumps(data))
@@ -412,7 +412,7 @@ def test_exact_negatives_of_the_dataset_file_are_used_and_short_lists_masked(tmp
     ],
 )
 def test_bad_exact_negatives_are_one_line_errors(tmp_path, negatives, message):
-    root = conftest.write_karpathy(tmp_path, [{"captions": ["a red circle"], "split": "train"}])
+    root = helpers.write_karpathy(tmp_path, [{"captions": ["a red circle"], "split": "train"}])
     data = json.loads((root / "dataset.json").read_text())
     data["images"][0]["sentences"][0]["negatives"] = negatives
     (root / "dataset.json").write_text(json.dumps(data))
@@ -424,22 +424,21 @@ def test_bad_exact_negatives_are_one_line_errors(tmp_path, negatives, message):
 def test_training_with_text_negatives_resumes_exactly(shapes_root, tmp_path, monkeypatch):
     from crossmatch.engine.checkpoint import load_checkpoint
     from crossmatch.runs import train as run_train
-    from tests.test_checkpoint import tiny_cfg, weights
 
     extra = ("train.epochs=1", "checkpoint.every_steps=1", "loss.text_negatives=2")
-    run_train(tiny_cfg(shapes_root, *extra), tmp_path / "full")
+    run_train(helpers.resume_cfg(shapes_root, *extra), tmp_path / "full")
 
     def has_negatives(batches):
         first = batches[0] if isinstance(batches, list) else batches  # the micro-batches of a step
         assert first["neg_input_ids"].shape[1] == 2 and first["neg_valid"].any()
 
-    cut = lambda: run_train(tiny_cfg(shapes_root, *extra), tmp_path / "cut")  # noqa: E731
-    conftest.train_interrupted(monkeypatch, cut, after=2, check=has_negatives)
+    cut = lambda: run_train(helpers.resume_cfg(shapes_root, *extra), tmp_path / "cut")  # noqa: E731
+    helpers.train_interrupted(monkeypatch, cut, after=2, check=has_negatives)
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["trainer"]["step_in_epoch"] == 2
-    run_train(tiny_cfg(shapes_root, *extra), tmp_path / "cut", resume=True)
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    run_train(helpers.resume_cfg(shapes_root, *extra), tmp_path / "cut", resume=True)
+    a, b = helpers.last_weights(tmp_path / "full"), helpers.last_weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # and the negatives changed the training (else the test above could not tell)
-    run_train(tiny_cfg(shapes_root, "train.epochs=1"), tmp_path / "plain")
-    c = weights(tmp_path / "plain")
+    run_train(helpers.resume_cfg(shapes_root, "train.epochs=1"), tmp_path / "plain")
+    c = helpers.last_weights(tmp_path / "plain")
     assert not all(torch.equal(a[k], c[k]) for k in a)
