@@ -49,7 +49,7 @@ DATA="$WORK/shapes"
 grep -E "steps_per_s|peak memory" "$WORK/run/train.log" | tail -3 | sed 's/^.*INFO [a-z.]*: //'
 
 echo "== mixed-precision tests on CUDA"
-"$PY" -m pytest -q tests/test_engine.py -k "mixed_precision" -p no:cacheprovider
-"$PY" -m pytest -q tests/test_throughput.py tests/test_scan_similarity.py -p no:cacheprovider -x -q 2>&1 | tail -2
+"$PY" -m pytest -q tests/engine/test_trainer.py -k "mixed_precision" -p no:cacheprovider
+"$PY" -m pytest -q tests/data/test_datasets_throughput.py tests/models/test_scan_scoring.py -p no:cacheprovider -x -q 2>&1 | tail -2
 
 echo "== gpu_check done in $(( $(date +%s) - start )) s (work dir $WORK; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg))"

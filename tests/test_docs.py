@@ -390,6 +390,7 @@ def test_install_hints_name_the_clone_install():
 def test_every_reliability_promise_names_a_test_that_exists():
     page = (ROOT / "docs" / "reliability.md").read_text()
     names = [n for n in re.findall(r"`([a-z0-9_]+)`", page) if n.count("_") >= 3]  # test names, not functions
-    files = ("test_reliability.py", "test_reliability_runs.py", "test_reliability_data.py")
-    tests = {n for f in files for n in re.findall(r"^def test_(\w+)\(", (ROOT / "tests" / f).read_text(), flags=re.M)}
+    files = re.findall(r"`(tests/(?:\w+/)?test_reliability\.py)`", page.split("\n\n")[1])
+    assert files == ["tests/test_reliability.py", "tests/runs/test_reliability.py", "tests/data/test_reliability.py"]
+    tests = {n for f in files for n in re.findall(r"^def test_(\w+)\(", (ROOT / f).read_text(), flags=re.M)}
     assert len(names) >= 30 and [n for n in names if n not in tests] == []
