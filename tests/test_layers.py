@@ -1,6 +1,7 @@
 """The package's imports follow its architecture: data -> models -> losses -> tasks -> engine -> retrieval
 -> runs -> search -> cli. A module may import its own layer and any layer below it, never one above; only
-the CLI (and `__main__`) imports `crossmatch.cli`. Function-level imports count too (walked with `ast`)."""
+the CLI (and `__main__`) imports `crossmatch.cli`. Some layers also stay independent of layers below them
+(INDEPENDENT). Function-level imports count too (walked with `ast`)."""
 
 import ast
 from pathlib import Path
@@ -23,6 +24,10 @@ LAYERS = [
     {"cli", "__main__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
+# Lower layers a layer never imports although it may: the engine drives any Task over any loader (it knows no
+# dataset and no task family), and retrieval scores any model's features (it knows no training).
+# (engine -> models is not in the contract: engine/checkpoint.py takes the export file names from models/face.py.)
+INDEPENDENT = {"engine": {"data", "tasks"}, "retrieval": {"tasks", "engine"}}
 
 
 def top_part(module: str) -> str:
@@ -59,12 +64,18 @@ def test_every_module_belongs_to_a_layer():
 @pytest.mark.parametrize(
     "path,part", list(modules()), ids=lambda x: str(x.relative_to(SRC)) if isinstance(x, Path) else ""
 )
-def test_no_import_from_a_higher_layer(path, part):
+def test_no_import_from_a_higher_or_independent_layer(path, part):
     upward = [m for m in imports_of(path) if LEVEL.get(top_part(m), -1) > LEVEL[part]]
     assert not upward, f"{path.relative_to(SRC)} ({part}) imports higher layers: {upward}"
+    across = [m for m in imports_of(path) if top_part(m) in INDEPENDENT.get(part, ())]
+    assert not across, f"{path.relative_to(SRC)} ({part}) imports layers it stays independent of: {across}"
 
 
 def test_the_layer_walk_catches_an_upward_import(tmp_path):
     bad = tmp_path / "m.py"
     bad.write_text("def f():\n    from crossmatch.cli.main import main\n")
     assert imports_of(bad) == ["crossmatch.cli.main"] and LEVEL["cli"] > LEVEL["models"]
+    # a lower layer that an independent one may not import either: engine -> data, retrieval -> tasks
+    bad.write_text("from crossmatch.data import loaders\nimport crossmatch.tasks.base\n")
+    assert imports_of(bad) == ["crossmatch.data", "crossmatch.tasks.base"]
+    assert "data" in INDEPENDENT["engine"] and "tasks" in INDEPENDENT["retrieval"]
