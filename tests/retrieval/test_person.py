@@ -149,6 +149,7 @@ def pedes_records():
     return records  # train: 6 images, 12 captions, 3 ids; val: 4 images, 8 captions, 2 ids
 
 
+@pytest.mark.slow
 def test_tiny_tipcb_trains_through_the_cli_and_evaluates_by_identity(tmp_path):
     root = write_pedes(tmp_path / "CUHK-PEDES", "cuhk_pedes", pedes_records())
     run = tmp_path / "run"

@@ -154,6 +154,7 @@ def _ranked(out: str) -> list[str]:
     return [ln.split()[2] for ln in out.splitlines() if ln.strip()[:1].isdigit()]
 
 
+@pytest.mark.slow
 def test_index_commands_end_to_end(trained, tmp_path, capsys):
     data, ckpt = trained
     images = str(data / "images")

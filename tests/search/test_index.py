@@ -60,6 +60,7 @@ def brute_force_text(ckpt: Path, text: str) -> torch.Tensor:
     return model.encode_text_features({"input_ids": ids, "attention_mask": mask})["embed"]  # (1, E)
 
 
+@pytest.mark.slow
 def test_build_writes_the_index_and_query_equals_brute_force(run, capsys):
     images, ckpt, idx = run
     files = sorted(images.glob("*.png"))
@@ -91,6 +92,7 @@ def test_build_writes_the_index_and_query_equals_brute_force(run, capsys):
     assert [Path(ln[2]) for ln in lines] == [files[i] for i in expected.indices[:5].tolist()]
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_to_an_identical_index(run, tmp_path, monkeypatch):
     images, ckpt, idx = run
     model, cfg, _ = load_run(ckpt)
@@ -123,6 +125,7 @@ def test_interrupted_build_resumes_to_an_identical_index(run, tmp_path, monkeypa
     assert calls["n"] == 1
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_reported_and_skipped(run, tmp_path, capsys):
     images, ckpt, _ = run
     folder = tmp_path / "imgs"
@@ -147,6 +150,7 @@ def test_unreadable_image_is_reported_and_skipped(run, tmp_path, capsys):
     torch.testing.assert_close(torch.from_numpy(emb), brute_force_images(ckpt, good), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_build_refuses_a_folder_of_other_inputs_and_non_single_vector_models(run, tmp_path, capsys):
     images, ckpt, idx = run
     other = tmp_path / "other"
@@ -170,6 +174,7 @@ def test_build_refuses_a_folder_of_other_inputs_and_non_single_vector_models(run
         embed_dim_of(Unnormalised(), 32, "raw_toy")
 
 
+@pytest.mark.slow
 def test_query_writes_gallery_and_html(run, tmp_path):
     _, _, idx = run
     for name in ("g.png", "g.html"):
@@ -181,6 +186,7 @@ def test_query_writes_gallery_and_html(run, tmp_path):
     assert page.count("<section") == 1 and page.count("data:image/png;base64,") == 3
 
 
+@pytest.mark.slow
 def test_faiss_and_torch_backends_agree(run, tmp_path, monkeypatch, capsys):
     images, ckpt, idx = run
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss were not installed
@@ -272,6 +278,7 @@ def test_exact_topk_equals_brute_force_over_the_stored_rows(dtype, monkeypatch):
         torch.testing.assert_close(scores.double(), expected.values, atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_float16_index_halves_the_file_and_keeps_the_top_results(run, tmp_path, capsys):
     images, ckpt, idx = run
     out = tmp_path / "idx16"
@@ -292,6 +299,7 @@ def test_float16_index_halves_the_file_and_keeps_the_top_results(run, tmp_path, 
         build_index(*load_run(ckpt)[:1], images, out, checkpoint=ckpt, model_name="tiny_vse", image_size=32)
 
 
+@pytest.mark.slow
 def test_several_queries_are_answered_in_one_pass(run, tmp_path, capsys, monkeypatch):
     from crossmatch.search import index as index_mod
 

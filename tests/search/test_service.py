@@ -71,6 +71,7 @@ def upload(url: str, payload: bytes, filename: str = "q.png", k: str = "5") -> t
     return request(f"{url}/search", body, {"Content-Type": f"multipart/form-data; boundary={b}"})
 
 
+@pytest.mark.slow
 def test_text_and_image_search_equal_index_query(service, capsys):
     url, images, idx = service
     capsys.readouterr()
@@ -111,12 +112,14 @@ def test_text_and_image_search_equal_index_query(service, capsys):
         ("/etc/passwd", 404, "no such page: /etc/passwd"),
     ],
 )
+@pytest.mark.slow
 def test_bad_requests_are_one_line_json_4xx(service, path, status, message):
     got, body, kind = request(service[0] + path)
     assert got == status and kind == "application/json"
     assert body.count(b"\n") == 0 and message in json.loads(body)["error"]
 
 
+@pytest.mark.slow
 def test_bad_uploads_are_refused(service):
     url, images, _ = service
     cases = [
@@ -132,6 +135,7 @@ def test_bad_uploads_are_refused(service):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.slow
 def test_page_in_headless_chromium(service, tmp_path):
     url, _, _ = service
     page = f"{url}/?{urllib.parse.urlencode({'q': QUERY, 'k': 5})}"
@@ -147,6 +151,7 @@ def test_page_in_headless_chromium(service, tmp_path):
     assert dom.count('<img src="/image/') == 5 and "cdn" not in dom.lower()
 
 
+@pytest.mark.slow
 def test_serve_refuses_bad_options_in_one_line(service, tmp_path, capsys):
     _, _, idx = service
     for args, message in [
