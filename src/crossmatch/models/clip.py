@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.data.clip_tokenizer import OpenClipTokenizer, open_clip_module
 from crossmatch.errors import ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.dual_encoder import JointEmbedding
 from crossmatch.models.hub import hub_error, short_hub_timeouts
 from crossmatch.models.layers import l2norm

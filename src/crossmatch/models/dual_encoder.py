@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import image_hw, ranged
 from crossmatch.errors import ConfigError
+from crossmatch.fields import image_hw, ranged
 from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
 from crossmatch.models.registry import build_config, register_model

@@ -20,6 +20,7 @@ Legend: B batch, L tokens, E embedding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -184,8 +185,6 @@ class ImageTextModel(nn.Module):
         a README.md model card. Returns the folder."""
         from safetensors.torch import save
 
-        from crossmatch.config import config_to_dict
-
         cfg, tokenizer = getattr(self, "run_config", None), getattr(self, "tokenizer", None)
         if cfg is None or tokenizer is None or not hasattr(tokenizer, "to_str"):
             raise ModelError("save_pretrained needs a model from crossmatch.load / create_model_and_transforms")
@@ -194,7 +193,7 @@ class ImageTextModel(nn.Module):
         skip = set(self.training_only_keys())
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items() if k not in skip}
         atomic_write(folder / WEIGHTS_NAME, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
-        config = config_to_dict(cfg)
+        config = dataclasses.asdict(cfg)  # the run config as checkpoints store it (models import no run config)
         write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
         pp = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(getattr(self, "preprocess", {}) or {}).items()}
         write_text(folder / PREPROCESS_NAME, json.dumps(pp, indent=2, sort_keys=True) + "\n")

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.errors import ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.albef import ALBEF
 from crossmatch.models.bert import (
     BertEmbeddings,

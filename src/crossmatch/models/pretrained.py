@@ -23,10 +23,10 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.tokenizer import build_tokenizer
 from crossmatch.errors import ConfigError, ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.class_prior import ClassNamePrior, embed_names, imagenet_class_names
 from crossmatch.models.dual_encoder import JointEmbedding
 from crossmatch.models.frozen_cache import DiskOutputCache, MemoryOutputCache, input_key, weights_digest

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from crossmatch.config import check_fields
 from crossmatch.errors import ModelError
+from crossmatch.fields import check_fields
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
