@@ -7,6 +7,14 @@ import torch
 from crossmatch.config import LossConfig
 from crossmatch.errors import ModelError
 from crossmatch.models import create_model, list_models
+from crossmatch.models.protocols import (
+    Loaded,
+    PairScorer,
+    config_of,
+    is_dual_encoder,
+    pretrained_temperature,
+    takes_boxes,
+)
 from crossmatch.tasks import build_task
 
 TINY = list_models("tiny_")
@@ -87,3 +95,18 @@ def test_data_defaults_fill_only_fields_the_model_has():
     assert m.config.vocab_size == 77 and m.config.embed_dim == 10  # max_text_len is not a VSE field: ignored
     m = create_model("tiny_vse", data_defaults={"vocab_size": 77}, vocab_size=5)
     assert m.config.vocab_size == 5  # explicit overrides win
+
+
+def test_capabilities_are_asked_through_the_protocols():
+    vse = create_model("tiny_vse", vocab_size=50)
+    scan = create_model("tiny_scan", vocab_size=50)
+    boxes = create_model("tiny_scan", vocab_size=50, regions="boxes")
+    albef = create_model("tiny_albef", vocab_size=50)
+    assert [is_dual_encoder(m) for m in (vse, scan, albef)] == [True, False, False]
+    assert [isinstance(m, PairScorer) for m in (vse, scan, albef)] == [False, False, True]
+    assert [takes_boxes(m) for m in (vse, scan, boxes)] == [False, False, True]  # scan on grid cells reads none
+    assert config_of(scan) is scan.config and config_of(torch.nn.Linear(2, 2)) is None
+    assert pretrained_temperature(vse) == {}  # only open_clip models bring a pretrained temperature
+    assert not isinstance(vse, Loaded)  # a bare model: crossmatch.load attaches preprocessing and tokenizer
+    with pytest.raises(ModelError, match="needs the preprocessing and tokenizer"):
+        vse.encode(["a caption"])

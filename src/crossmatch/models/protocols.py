@@ -169,3 +169,53 @@ class ResumableLoader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# What a model declares about itself (the registry, the tasks and the exporters read it).
+
+
+@runtime_checkable
+class Configured(Protocol):
+    """A model built from a config dataclass (every registered model: `create_model`); checkpoints save it."""
+
+    config: Any  # the family's config dataclass (ScanConfig, AlbefConfig, ...)
+
+
+def config_of(model: object) -> Any | None:
+    """The config dataclass `model` was built from; None for a module built outside the registry."""
+    return model.config if isinstance(model, Configured) else None
+
+
+@runtime_checkable
+class DualEncoding(Protocol):
+    """Dual encoders: one l2-normalised (B, E) embedding per side and their dot product as the score, so the
+    contrastive losses and caption-to-caption cosines apply."""
+
+    is_dual_encoder: bool
+
+
+def is_dual_encoder(model: object) -> bool:
+    """Whether `model` scores a pair by the dot product of one embedding per side."""
+    return isinstance(model, DualEncoding) and bool(model.is_dual_encoder)
+
+
+@runtime_checkable
+class PretrainedTemperature(Protocol):
+    """Pretrained contrastive models (open_clip): the temperature the contrastive objective starts from."""
+
+    contrastive_init: dict[str, float]  # {"logit_scale": log scale, "logit_bias": bias (SigLIP)}, as loaded
+
+
+def pretrained_temperature(model: object) -> dict[str, float]:
+    """The model's pretrained {logit_scale, logit_bias}; {} for a model that brings none."""
+    return dict(model.contrastive_init) if isinstance(model, PretrainedTemperature) else {}
+
+
+@runtime_checkable
+class Loaded(Protocol):
+    """A model from `crossmatch.load` / `create_model_and_transforms`: what they attach as plain attributes, and
+    what `encode` and `save_pretrained` read."""
+
+    run_config: Any  # the run's config (crossmatch.config.RunConfig)
+    preprocess: Any  # image -> (3, H, W) input tensor
+    tokenizer: Any  # captions -> (B, L) ids; `to_str()` gives its file

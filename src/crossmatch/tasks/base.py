@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
 from crossmatch.errors import CheckpointError, ConfigError
+from crossmatch.models.protocols import is_dual_encoder
 
 LOSS_NAMES = ("hinge", "infonce", "siglip")
 
@@ -136,14 +137,14 @@ def build_task(model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int
     if cfg.name not in LOSS_NAMES:
         raise ConfigError(f"unknown loss.name {cfg.name!r}; known: {', '.join(LOSS_NAMES)}")
     own = task_class(model)
-    if cfg.name != "hinge" and (own is not None or not getattr(model, "is_dual_encoder", False)):
+    if cfg.name != "hinge" and (own is not None or not is_dual_encoder(model)):
         raise ConfigError(
             f"loss.name={cfg.name} needs a dual encoder (l2-normalised embeddings); "
             f"{type(model).__name__} trains with {'its own objective' if own else 'the hinge loss'}"
         )
     if cfg.name != "hinge":
         return ContrastiveTask(model, cfg, rank=rank, world_size=world_size)
-    if cfg.caption_anchor_weight > 0 and (own is not None or not getattr(model, "is_dual_encoder", False)):
+    if cfg.caption_anchor_weight > 0 and (own is not None or not is_dual_encoder(model)):
         raise ConfigError(
             f"loss.caption_anchor_weight={cfg.caption_anchor_weight} needs a dual encoder trained with the hinge "
             f"loss (the cosine of two caption embeddings), not {type(model).__name__}"

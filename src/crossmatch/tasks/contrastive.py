@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from crossmatch.config import LossConfig
 from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
 from crossmatch.models.face import ImageTextModel
+from crossmatch.models.protocols import pretrained_temperature
 from crossmatch.tasks.base import Task
 from crossmatch.tasks.text_negatives import encode_negatives
 
@@ -38,7 +39,7 @@ class ContrastiveTask(Task):
     def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
         self.name = cfg.name
-        init = {**DEFAULT_INIT[cfg.name], **getattr(model, "contrastive_init", {})}
+        init = {**DEFAULT_INIT[cfg.name], **pretrained_temperature(model)}
         if cfg.init_logit_scale is not None:
             init["logit_scale"] = cfg.init_logit_scale
         if cfg.init_logit_bias is not None:
