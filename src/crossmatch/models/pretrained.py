@@ -31,7 +31,7 @@ from crossmatch.models.class_prior import ClassNamePrior, embed_names, imagenet_
 from crossmatch.models.dual_encoder import JointEmbedding
 from crossmatch.models.frozen_cache import DiskOutputCache, MemoryOutputCache, input_key, weights_digest
 from crossmatch.models.layers import ResNetTower, l2norm
-from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.registry import register_model
 from crossmatch.weights import INSTALL_HINT, efficientnet_lite0_file, resolve_text_checkpoint
 
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0 (and B0)
@@ -589,9 +589,9 @@ class PretrainedDualEncoder(JointEmbedding):
     # similarity and forward come from JointEmbedding.
 
 
-@register_model
-def vse_pretrained(load_weights: bool = True, **overrides) -> PretrainedDualEncoder:
+@register_model(PretrainedDualConfig, loads_weights=True)
+def vse_pretrained(cfg: PretrainedDualConfig, load_weights: bool) -> PretrainedDualEncoder:
     """MiniLM-L6 text + EfficientNet-Lite0 image towers, both frozen: trains on CPU with packaged weights.
     Train it with `data.tokenizer=minilm` (the text tower's own WordPiece vocabulary). `load_weights=False`
     (a checkpoint follows) skips computing the class-name prior, whose tensors the checkpoint holds."""
-    return PretrainedDualEncoder(build_config(PretrainedDualConfig, {}, overrides), load_weights)
+    return PretrainedDualEncoder(cfg, load_weights)
