@@ -61,6 +61,8 @@ class ALBEF(ImageTextModel):
     (`image_queue`, `text_queue`, `idx_queue`, `queue_ptr`) are buffers, so they are in the state_dict.
     """
 
+    family = "albef"  # crossmatch.tasks.albef: its own objective
+
     def __init__(self, cfg: AlbefConfig):
         super().__init__()
         if cfg.rerank_score not in ("itm", "itm+itc"):

@@ -48,6 +48,7 @@ class JointEmbedding(ImageTextModel):
     """What every dual encoder shares: a `text_tower` returning (words, sentence), a `text_proj`, cosine
     scores of l2-normalised embeddings. Subclasses build the towers and implement `encode_image_features`."""
 
+    family = "dual_encoder"  # crossmatch.tasks: hinge (VSE++), infonce, siglip
     is_dual_encoder = True  # l2-normalised (B, E) embeddings: the contrastive losses (loss.name) apply
 
     def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -187,6 +187,18 @@ def config_of(model: object) -> Any | None:
 
 
 @runtime_checkable
+class FamilyMember(Protocol):
+    """A model of a named family; training objectives are registered by (family, loss.name) (crossmatch.tasks)."""
+
+    family: str  # declared on the family's model class, e.g. "scan"
+
+
+def model_family(model: object) -> str:
+    """The family `model` declares; "" for a module that declares none."""
+    return model.family if isinstance(model, FamilyMember) else ""
+
+
+@runtime_checkable
 class DualEncoding(Protocol):
     """Dual encoders: one l2-normalised (B, E) embedding per side and their dot product as the score, so the
     contrastive losses and caption-to-caption cosines apply."""

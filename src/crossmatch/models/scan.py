@@ -105,6 +105,8 @@ def normalise_raw(raw: Tensor, norm: str, dim: int = -1, eps: float = 1e-8) -> T
 class ScanModel(ImageTextModel):
     """Regions and words in one l2-normalised space, scored by stacked cross attention."""
 
+    family = "scan"  # crossmatch.tasks: the hinge triplet loss (VSE++'s)
+
     def __init__(self, cfg: ScanConfig):
         super().__init__()
         _check(cfg)

@@ -75,6 +75,8 @@ class AttentionParts(nn.Module):
 class Tipcb(ImageTextModel):
     """Global + part features for images and captions; score = global cosine + mean part cosine."""
 
+    family = "tipcb"  # crossmatch.tasks.identity: CMPM or SDM
+
     def __init__(self, cfg: TipcbConfig):
         super().__init__()
         if cfg.num_parts < 1:

@@ -47,6 +47,8 @@ class ViltConfig:
 class ViLT(ImageTextModel):
     """Single-stream transformer over [text; image] tokens with an ITM head and a cheap embedding head."""
 
+    family = "vilt"  # crossmatch.tasks.vilt: its own objective
+
     def __init__(self, cfg: ViltConfig):
         super().__init__()
         self.config = cfg
