@@ -20,7 +20,9 @@ memory, then measured against the exact search of the same rows, queries one at 
 both sides: build time, size (faiss's serialised bytes), queries/s and recall@k.
 
     python benchmarks/index_search.py --rows 50000 --ann-only --ann "HNSW32|efSearch=64" --ann "IVF256,Flat|nprobe=16"
-    python benchmarks/index_search.py --real INDEX --data DIR --split test --ann "HNSW32|efSearch=128"
+    python benchmarks/index_search.py --real INDEX --data DIR --split test --ann "HNSW32|efSearch=64;efSearch=128"
+
+`KEY|P1;P2` measures several search settings (faiss ParameterSpace strings) on one build.
 
 On synthetic rows (uniform, or with `--clusters C` around C centres) the query sets are "image-like" (an
 indexed row plus noise), "text-like" (the same, pushed along one common direction before renormalising: a
@@ -108,8 +110,11 @@ def paired_queries(rows: np.ndarray, q: int, gap: float, seed: int) -> tuple[tor
     return unit(x), unit(t)
 
 
-def ann_section(index, specs: list[str], query_sets: dict[str, torch.Tensor], k: int, train_rows: int) -> None:
-    """Build each approximate key in memory; print build time, size, queries/s and recall@k vs exact."""
+def ann_section(
+    index, specs: list[str], query_sets: dict[str, torch.Tensor], k: int, train_rows: int, build_threads: int = 1
+) -> None:
+    """Build each approximate key in memory (on `build_threads` threads); print build time, size, queries/s
+    (one query at a time, one thread, as the exact search it is compared with) and recall@k vs exact."""
     import faiss
 
     from crossmatch.search.ann import Searcher, recall_at_k, train_ann
@@ -123,23 +128,30 @@ def ann_section(index, specs: list[str], query_sets: dict[str, torch.Tensor], k:
     )
     names = "  ".join(f"{f'R@{k} {name}':>13s}" for name in query_sets)
     exact_qps = f"exact: {len(q0) / t_exact:.0f} q/s"
-    print(f"\napproximate keys, {len(index)} rows, one query at a time, 1 thread ({exact_qps}):")
+    load = os.getloadavg()[0]
+    print(
+        f"\napproximate keys, {len(index)} rows, one query at a time, 1 thread ({exact_qps}; "
+        f"built on {build_threads} thread(s); load {load:.2f}):"
+    )
     print(f"  {'key':34s} {'params':24s} {'build s':>8s} {'MiB':>8s} {'q/s':>9s} {'x exact':>8s}  {names}")
     for spec in specs:
         key, _, params = spec.partition("|")
+        faiss.omp_set_num_threads(build_threads)
         t0 = time.perf_counter()
         ann, _ = train_ann(index, key, train_rows)
         built = time.perf_counter() - t0
+        faiss.omp_set_num_threads(1)
         size = faiss.serialize_index(ann).size / 2**20
-        searcher = Searcher(index, params or None, ann=ann, key=key)
-        t = min(timed(lambda s=searcher: [s.search(q0[i : i + 1], k) for i in range(len(q0))]) for _ in range(2))
-        recalls = []
-        for name, q in query_sets.items():
-            got = torch.cat([searcher.search(q[i : i + 1], k)[1] for i in range(len(q))])  # (Q, k)
-            recalls.append(f"{recall_at_k(got, exact[name], k):13.4f}")
-        qps = len(q0) / t
-        row = f"{built:8.1f} {size:8.1f} {qps:9.0f} {qps * t_exact / len(q0):8.1f}"
-        print(f"  {key:34s} {params or '-':24s} {row}  {'  '.join(recalls)}")
+        for one in params.split(";") if params else [""]:  # several search settings share one build
+            searcher = Searcher(index, one or None, ann=ann, key=key)
+            t = min(timed(lambda s=searcher: [s.search(q0[i : i + 1], k) for i in range(len(q0))]) for _ in range(2))
+            recalls = []
+            for name, q in query_sets.items():
+                got = torch.cat([searcher.search(q[i : i + 1], k)[1] for i in range(len(q))])  # (Q, k)
+                recalls.append(f"{recall_at_k(got, exact[name], k):13.4f}")
+            qps = len(q0) / t
+            row = f"{built:8.1f} {size:8.1f} {qps:9.0f} {qps * t_exact / len(q0):8.1f}"
+            print(f"  {key:34s} {one or '-':24s} {row}  {'  '.join(recalls)}", flush=True)
 
 
 def real_queries(index, data: str, split: str, n: int) -> dict[str, torch.Tensor]:
@@ -166,6 +178,7 @@ def main() -> None:
     p.add_argument("--ann-only", action="store_true", help="skip the exact-search sections")
     p.add_argument("--ann-queries", type=int, default=500, help="queries of each set for the approximate keys")
     p.add_argument("--train-rows", type=int, default=100_000, help="training sample of the approximate keys")
+    p.add_argument("--build-threads", type=int, default=1, help="faiss threads building the approximate keys")
     p.add_argument("--gap", type=float, default=0.8, help="synthetic modality gap of the text-like queries")
     p.add_argument("--clusters", type=int, default=0, help="synthetic rows around this many centres (0: uniform)")
     p.add_argument("--real", default=None, help="an index built by `crossmatch index build` (with --data)")
@@ -178,7 +191,12 @@ def main() -> None:
         torch.set_num_threads(1)
         index = load_index(args.real)
         ann_section(
-            index, args.ann, real_queries(index, args.data, args.split, args.ann_queries), args.k, args.train_rows
+            index,
+            args.ann,
+            real_queries(index, args.data, args.split, args.ann_queries),
+            args.k,
+            args.train_rows,
+            args.build_threads,
         )
         return
     n, e = (1_000_000, 256) if args.full else (args.rows, args.dim)
@@ -199,7 +217,7 @@ def main() -> None:
         torch.set_num_threads(1)
         image_q, text_q = paired_queries(X.numpy(), args.ann_queries, args.gap, seed=11)
         sets = {"image": image_q, "text": text_q, "random": queries(X.numpy(), args.ann_queries, e, False, 13)}
-        ann_section(load_index(f32), args.ann, sets, args.k, args.train_rows)
+        ann_section(load_index(f32), args.ann, sets, args.k, args.train_rows, args.build_threads)
         if args.ann_only:
             return
         torch.set_num_threads(threads)

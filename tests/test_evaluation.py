@@ -14,7 +14,7 @@ from crossmatch.retrieval.evaluate import (
     score_all_pairs,
     split_metrics,
 )
-from crossmatch.retrieval.rerank import below_candidates, candidate_pairs, rerank, topk_masks
+from crossmatch.retrieval.rerank import below_candidates, candidate_pairs, rerank, rerank_text_query, topk_masks
 from crossmatch.runs import build_eval_data
 from crossmatch.tensors import cat_features
 from tests.conftest import FixedScores
@@ -120,6 +120,32 @@ def test_rerank_keeps_outside_candidates_below_in_stage1_order(split):
         assert (best_rest < worst_cand).all()
         shift = (got - stage1.double())[~cand]
         torch.testing.assert_close(shift, shift[:1].expand_as(shift))
+
+
+@pytest.mark.parametrize("name", ["tiny_albef", "tiny_vilt"])
+def test_one_text_query_is_reranked_as_its_column_of_the_t2i_matrix(split, name):
+    """Single-query search (`rerank_text_query`) and the Evaluator (`rerank`) re-rank a caption's top-k images
+    alike: the query's scores are exactly its column of rerank's t2i matrix. rerank also scores the pairs its
+    i2t direction picks (with one caption: every image), so its batches hold other pairs; a batch of a fusion
+    model's GEMMs may round a row differently with other rows beside it, so both score one pair per call."""
+    cfg, ds, tok = split
+    torch.manual_seed(0)
+    model = create_model(
+        name, data_defaults={"vocab_size": tok.vocab_size, "image_size": 32, "max_text_len": 33}
+    ).eval()
+    img, txt = encode_split(model, build_eval_data(cfg, ds, tok, model), torch.device("cpu"))
+    for t in (0, 17):
+        query = {k: v[t : t + 1] for k, v in txt.items()}  # (1, ...)
+        stage1 = score_all_pairs(model, img, query)  # (N_img, 1)
+        got = rerank_text_query(model, stage1[:, 0], img, query, k=3, batch_size=1)
+        _, s_t2i = rerank(model, stage1, img, query, k=3, batch_size=1)
+        assert got.dtype == torch.float64 and torch.equal(got, s_t2i[:, 0])
+        top = stage1[:, 0].topk(3).indices
+        with torch.no_grad():
+            pair = model.score_pairs(
+                {k: v[top] for k, v in img.items()}, {k: v.expand(3, *v.shape[1:]) for k, v in query.items()}
+            )
+        torch.testing.assert_close(got[top], pair.double())  # one call of 3 vs calls of 1: last bits only
 
 
 def test_split_metrics_with_one_matrix_is_retrieval_metrics():

@@ -11,6 +11,7 @@ import torch
 from crossmatch.metrics import (
     fold_metrics,
     person_search_metrics,
+    pessimistic_ranks,
     ranks_i2t,
     ranks_t2i,
     recall_summary,
@@ -26,6 +27,34 @@ def pessimistic_position(cands: list[tuple[float, bool]]) -> int:
     """0-based position of the first positive after sorting by score descending, negatives first on ties."""
     order = sorted(cands, key=lambda c: (-c[0], c[1]))  # False (negative) sorts before True (positive)
     return min(p for p, (_, is_pos) in enumerate(order) if is_pos)
+
+
+def test_pessimistic_ranks_by_hand() -> None:
+    """The one tie rule that every rank (retrieval, person search, search, the report) comes from."""
+    scores = torch.tensor(
+        [
+            [0.5, 0.9, 0.5, 0.1],  # positive 0 (0.5): 0.9 ahead, 0.5 ties (counted ahead)       -> rank 2
+            [0.3, 0.3, 0.3, 0.3],  # constant scores, positive 3: every other item ahead          -> rank 3
+            [0.2, 0.8, 0.8, 0.6],  # positives 1, 2 tie at 0.8: the best one, nothing else ahead  -> rank 0
+            [0.4, 0.7, 0.1, 0.7],  # positives 0, 2 (best 0.4): 0.7 twice                         -> rank 2
+            [0.4, 0.7, 0.1, 0.7],  # no positive: every item ahead                                -> rank 4
+        ]
+    )
+    positive = torch.tensor(
+        [
+            [True, False, False, False],
+            [False, False, False, True],
+            [False, True, True, False],
+            [True, False, True, False],
+            [False, False, False, False],
+        ]
+    )
+    assert pessimistic_ranks(scores, positive).tolist() == [2, 3, 0, 2, 4]
+    assert int(pessimistic_ranks(scores[0], positive[0])) == 2  # one query: a 1-D row
+    from crossmatch.search.query import match_rank
+
+    assert match_rank(scores[3], {0, 2}) == 3  # search prints it 1-based
+    assert match_rank(scores[3], set()) is None
 
 
 def oracle_retrieval(scores: list[list[float]], txt_to_img: list[int]) -> dict[str, float]:

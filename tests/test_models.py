@@ -9,8 +9,8 @@ from crossmatch.errors import ModelError
 from crossmatch.models import create_model, list_models, registry
 from crossmatch.models.dual_encoder import DualEncoder, DualEncoderConfig
 from crossmatch.models.protocols import (
-    Loaded,
     PairScorer,
+    RunAttached,
     config_of,
     is_dual_encoder,
     pretrained_temperature,
@@ -108,7 +108,7 @@ def test_capabilities_are_asked_through_the_protocols():
     assert [takes_boxes(m) for m in (vse, scan, boxes)] == [False, False, True]  # scan on grid cells reads none
     assert config_of(scan) is scan.config and config_of(torch.nn.Linear(2, 2)) is None
     assert pretrained_temperature(vse) == {}  # only open_clip models bring a pretrained temperature
-    assert not isinstance(vse, Loaded)  # a bare model: crossmatch.load attaches preprocessing and tokenizer
+    assert not isinstance(vse, RunAttached)  # a bare model: crossmatch.load attaches preprocessing and tokenizer
     with pytest.raises(ModelError, match="needs the preprocessing and tokenizer"):
         vse.encode(["a caption"])
 

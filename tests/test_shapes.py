@@ -162,3 +162,26 @@ def test_rejects_tiny_images(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="--size 16: must be 24 to 4096 px"):
         generate_shapes(tmp_path, 1, 1, 1, size=16)
+
+
+def test_a_twin_pair_that_cannot_be_captioned_is_drawn_again(tmp_path):
+    """Train slot 23392 of seed 0 first draws a twin pair whose every caption is also true of its twin (the
+    generator used to stop a 200k-image run there with a traceback); the slot now draws another pair, and
+    the worker captions and renders it."""
+    import random
+
+    from crossmatch.data import shapes
+
+    first = random.Random("shapes/0/train/23392")
+    a = shapes._sample_scene(first, SIZE, first.choice((2, 3)))
+    b = shapes._twin(first, a, SIZE)
+    assert not shapes._captionable("train", 23392, 0, SIZE, [a, b])  # the draw that failed before
+
+    scenes = shapes._sample_slot("train", 23392, True, 0, SIZE, set())
+    assert scenes != [a, b] and shapes._captionable("train", 23392, 0, SIZE, scenes)
+    shapes._init_worker({"seed": 0, "size": SIZE, "out": str(tmp_path), "taken": set(), "offsets": {"train": 0}})
+    (tmp_path / "images").mkdir()
+    split, p, result = shapes._work(("train", 23392, True, None))
+    assert (split, p, len(result)) == ("train", 23392, 2)
+    assert all(len(sentences) == 5 for _, sentences in result)
+    assert sorted(f.name for f in (tmp_path / "images").iterdir()) == ["023392.png", "023393.png"]

@@ -26,17 +26,17 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from crossmatch.config import DataConfig, RunConfig, load_config
+from crossmatch.config import DataConfig, RunConfig
 from crossmatch.data.loaders import collate, pad_sequences
 from crossmatch.data.tokenizer import PAD_ID, CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS, load_image, to_rgb, transform_from_config
 from crossmatch.engine.checkpoint import read_weights
 from crossmatch.errors import DataError, ModelError, install_hint
 from crossmatch.models.hub import HUB_ID, PRETRAINED_FILES, hub_error, short_hub_timeouts
-from crossmatch.models.protocols import PairScorer
+from crossmatch.models.protocols import DeclaresPreprocess, RunAttached, takes_boxes
 from crossmatch.retrieval.evaluate import score_all_pairs
-from crossmatch.retrieval.rerank import rerank
-from crossmatch.runs import build_untrained_run, load_run, needs_boxes, resolve_checkpoint, resolve_preprocess
+from crossmatch.retrieval.rerank import rerank, reranks
+from crossmatch.runs import build_untrained_run, load_run, resolve_checkpoint, resolve_preprocess
 from crossmatch.tensors import cat_features
 
 
@@ -130,7 +130,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def _image_features(model: nn.Module, pixels: Tensor, batch_size: int) -> dict[str, Tensor]:
     """The internal face's features of N preprocessed images (N, 3, S, S), in batches."""
-    if needs_boxes(model):
+    if takes_boxes(model):
         raise ModelError(f"{type(model).__name__} reads object boxes: score it with `crossmatch evaluate`")
     dev, dtype = _device(model), next(model.parameters()).dtype  # fp16/bf16 models take images of their dtype
     return cat_features(
@@ -175,10 +175,9 @@ def score(
     """
     if direction not in ("t2i", "i2t"):
         raise ModelError(f"direction={direction!r}: expected 't2i' (caption queries) or 'i2t' (image queries)")
-    preprocess, tokenizer = getattr(model, "preprocess", None), getattr(model, "tokenizer", None)
-    if not callable(preprocess) or not isinstance(tokenizer, Tokenizer):
+    if not isinstance(model, RunAttached) or not isinstance(model.tokenizer, Tokenizer):
         raise ModelError("crossmatch.score needs a model from crossmatch.load or create_model_and_transforms")
-    cfg = getattr(model, "run_config", None) or load_config(None, [])
+    preprocess, tokenizer, cfg = model.preprocess, model.tokenizer, model.run_config
     was_training = model.training
     model.eval()
     try:
@@ -189,7 +188,7 @@ def score(
         txt = _text_features(model, tokenizer.batch(texts), cfg.eval.batch_size)
         stage1 = score_all_pairs(model, img, txt, cfg.eval.chunk_size)  # (N, M)
         k = rerank_k if rerank_k is not None else cfg.eval.rerank_k
-        if k <= 0 or not isinstance(model, PairScorer):
+        if not reranks(model, k):
             return stage1
         s_i2t, s_t2i = rerank(model, stage1, img, txt, k, cfg.eval.rerank_batch)  # (N, M) float64 each
         return s_i2t if direction == "i2t" else s_t2i
@@ -325,7 +324,7 @@ def _untrained(name: str, pretrained: str | None, overrides: list[str], data_roo
     if text_tower is not None and not any(o.startswith("data.tokenizer=") for o in overrides):
         overrides.append(f"data.tokenizer={text_tower}")
     model, cfg, tokenizer = build_untrained_run(name, data_root, overrides)
-    native = (getattr(model, "preprocess", None) or {}).get("native_size")
+    native = ((model.preprocess if isinstance(model, DeclaresPreprocess) else None) or {}).get("native_size")
     if native and not any(o.startswith("data.image_size=") for o in overrides):
         cfg = resolve_preprocess(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=native)), model)
     return model, cfg, tokenizer

@@ -11,8 +11,9 @@ Protocols implemented:
   identity (`person_search_metrics`).
 
 Ties are pessimistic everywhere: a non-matching candidate whose score equals the best positive is ranked
-ahead of it, so a model that outputs constant scores gets the worst rank, never a perfect one. Ranks are
-0-based. Inputs may be torch tensors or numpy arrays; work is done in torch on the scores' device, in
+ahead of it, so a model that outputs constant scores gets the worst rank, never a perfect one. That rule has
+one home, `pessimistic_ranks`, which every rank here (and search's and the HTML report's) comes from. Ranks
+are 0-based. Inputs may be torch tensors or numpy arrays; work is done in torch on the scores' device, in
 chunks of rows or columns, so no extra memory of the size of the full matrix is needed.
 
 Legend: I images, T captions (texts), Q queries, G gallery items, C rows or columns in one chunk.
@@ -54,6 +55,23 @@ def _txt_to_img(txt_to_img: Array, n_img: int, n_txt: int, device: torch.device)
     return t2i
 
 
+def pessimistic_ranks(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-based pessimistic rank of the best positive of each row.
+
+    rank = #{non-positive g : s_g >= max over positive g' of s_g'}: a non-positive item that ties the best
+    positive is counted ahead of it. A row without any positive gets G (every item ahead).
+
+    Args:
+        scores: float scores, shape (..., G), e.g. (C, G) for C queries or (G,) for one.
+        positive: bool, same shape: the items that count as a match of the row's query.
+
+    Returns:
+        Long tensor of ranks, shape (...).
+    """
+    best = scores.masked_fill(~positive, float("-inf")).amax(dim=-1, keepdim=True)  # (..., 1)
+    return ((scores >= best) & ~positive).sum(dim=-1)  # (...)
+
+
 def ranks_i2t(scores: Array, txt_to_img: Array, *, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Pessimistic 0-based rank of each image's best caption.
 
@@ -76,8 +94,7 @@ def ranks_i2t(scores: Array, txt_to_img: Array, *, chunk_size: int = DEFAULT_CHU
         _check_no_nan(block)
         rows = torch.arange(i0, i0 + block.shape[0], device=s.device)
         pos = t2i[None, :] == rows[:, None]  # (C, T) caption belongs to the row's image
-        best = block.masked_fill(~pos, float("-inf")).amax(dim=1)  # (C,)
-        out.append(((block >= best[:, None]) & ~pos).sum(dim=1))  # (C,)
+        out.append(pessimistic_ranks(block, pos))  # (C,)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=s.device)
 
 
@@ -97,12 +114,13 @@ def ranks_t2i(scores: Array, txt_to_img: Array, *, chunk_size: int = DEFAULT_CHU
     s = _scores(scores)
     n_img, n_txt = s.shape
     t2i = _txt_to_img(txt_to_img, n_img, n_txt, s.device)
+    images = torch.arange(n_img, device=s.device)
     out = []
     for j0 in range(0, n_txt, chunk_size):
-        block = s[:, j0 : j0 + chunk_size]  # (I, C)
+        block = s[:, j0 : j0 + chunk_size].t()  # (C, I)
         _check_no_nan(block)
-        gt = block.gather(0, t2i[None, j0 : j0 + block.shape[1]])  # (1, C) score of the true image
-        out.append((block >= gt).sum(dim=0) - 1)  # (C,) minus the true image itself
+        pos = t2i[j0 : j0 + block.shape[0], None] == images[None, :]  # (C, I) the caption's own image
+        out.append(pessimistic_ranks(block, pos))  # (C,)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=s.device)
 
 
@@ -324,7 +342,9 @@ def person_search_metrics(
         if (n_rel == 0).any():
             bad = q0 + int(torch.nonzero(n_rel == 0)[0])
             raise ValueError(f"query {bad} has no relevant gallery item")
-        # Two stable sorts: non-relevant first, then by score, so ties put relevant items last.
+        first.append(pessimistic_ranks(block, rel))  # (C,) 0-based position of the first relevant item
+        # Two stable sorts: non-relevant first, then by score, so ties put relevant items last (the order
+        # pessimistic_ranks counts: the first relevant item of this order sits at its rank).
         by_rel = torch.argsort(rel.to(torch.uint8), dim=1, stable=True)  # (C, G)
         by_score = torch.argsort(block.gather(1, by_rel), dim=1, descending=True, stable=True)  # (C, G)
         hit = rel.gather(1, by_rel.gather(1, by_score))  # (C, G) relevance in ranked order
@@ -332,7 +352,6 @@ def person_search_metrics(
         ap.append((cum / pos * hit).sum(dim=1) / n_rel)  # (C,)
         last = (pos * hit).amax(dim=1)  # (C,) 1-based position of the last relevant item
         inp.append(n_rel / last)
-        first.append(hit.to(torch.uint8).argmax(dim=1))  # (C,) 0-based position of the first relevant
     out = {k: v for k, v in recall_summary(torch.cat(first), "", ks).items() if k.startswith("r")}
     out["mAP"] = 100.0 * torch.cat(ap).mean().item()
     out["mINP"] = 100.0 * torch.cat(inp).mean().item()

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from crossmatch.cli.help import add_command, add_device_option
+from crossmatch.progress import show_progress
 
 GALLERY_SUFFIXES = (".png", ".html", ".htm")
 METRIC_DECIMALS = 4  # metrics JSON: 28.999999999999996 is written 29.0
@@ -167,6 +167,7 @@ def run_evaluate(
     from crossmatch.errors import ConfigError
     from crossmatch.files import check_writable
     from crossmatch.retrieval.person import format_person_table
+    from crossmatch.retrieval.rerank import reranks
     from crossmatch.runs import build_untrained_run, first_stage_only, load_run, make_evaluator
 
     for option, path in (("--json", json_path), ("--html", html_path)):
@@ -178,7 +179,7 @@ def run_evaluate(
         raise ConfigError(f"--max-images must be >= 0 (0: the whole split), got {max_images}")
     if negatives and max_images:
         raise ConfigError("--max-images cuts a retrieval split; --negatives scores every triple of its file")
-    progress = sys.stderr.isatty() if progress is None else progress  # bars only on a terminal
+    progress = show_progress(override=progress)  # bars only on a terminal
     if (checkpoint is None) == (model_name is None) or (model_name is not None and not data_root):
         raise ConfigError("evaluate takes a CHECKPOINT, or --model NAME with --data ROOT (an untrained model)")
     if model_name is not None:
@@ -195,7 +196,7 @@ def run_evaluate(
     metrics, scores = evaluator.evaluate(model.to(dist.device))
     metrics = {k: round(v, METRIC_DECIMALS) for k, v in metrics.items()}
     protocol = f"{cfg.eval.folds} folds, " if cfg.eval.folds > 1 else ""
-    protocol += f"re-ranking top-{cfg.eval.rerank_k}" if cfg.eval.rerank_k and hasattr(model, "score_pairs") else ""
+    protocol += f"re-ranking top-{cfg.eval.rerank_k}" if reranks(model, cfg.eval.rerank_k) else ""
     scored_by = cfg.model["name"]
     if first_stage_only(cfg, model):  # every score is the first stage's: say so, not the model's name
         scored_by = f"first stage {cfg.eval.first_stage} alone (not re-ranked by {cfg.model['name']})"
@@ -265,11 +266,12 @@ def run_search(
 
     from crossmatch.config import validate_config
     from crossmatch.engine.distributed import init_distributed
+    from crossmatch.models.protocols import WordAttention
     from crossmatch.runs import build_eval_data, load_run, open_split
 
     model, cfg, tokenizer = load_run(checkpoint, list(overrides), need_data=True)
     validate_config(cfg, training=False)
-    if explain and not hasattr(model, "word_attention"):
+    if explain and not isinstance(model, WordAttention):
         raise ModelError(f"model {cfg.model['name']} has no word attention to explain")
     dist = init_distributed(device)
     model.to(dist.device)
@@ -282,16 +284,18 @@ def run_search(
 
 def _search_images(model, cfg, tokenizer, ds, data, query, top_k, out, split, explain, device):
     from crossmatch.data.transforms import load_image
-    from crossmatch.search.query import pessimistic_rank, text_query_scores
+    from crossmatch.search.query import match_rank, text_query_scores
 
-    scores, img, txt = text_query_scores(model, tokenizer, data, query, device, cfg.eval.rerank_k)
+    scores, img, txt = text_query_scores(
+        model, tokenizer, data, query, device, cfg.eval.rerank_k, cfg.eval.rerank_batch
+    )
     top = scores.topk(min(top_k, len(scores)))
     wanted = query.strip().lower()
     matches = {ds.txt_to_img[t] for t, c in enumerate(ds.captions) if c.lower() == wanted}
     results = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
     for rank, (i, s) in enumerate(results, 1):
         print(f"{rank:3d}  {s:7.4f}  {ds.images[i].path.name}{'  <- match' if i in matches else ''}")
-    rank = pessimistic_rank(scores, matches)
+    rank = match_rank(scores, matches)
     shown = {i for i, _ in results}
     if rank is not None and not matches & shown:
         print(f"true match at rank {rank}")

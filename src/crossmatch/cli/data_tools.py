@@ -17,10 +17,10 @@ Heavy imports happen in `run`, not at parser build time.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from crossmatch.cli.help import add_command
+from crossmatch.progress import show_progress
 
 FORMATS = ("karpathy", "jsonl", "cuhk_pedes", "icfg_pedes", "rstpreid", "webdataset", "csv", "folder")
 
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> bool:
         from crossmatch.data.shapes import NEGATIVES_FILE, generate_shapes
 
         path = generate_shapes(
-            args.out, args.train, args.val, args.test, seed=args.seed, size=args.size, progress=sys.stderr.isatty()
+            args.out, args.train, args.val, args.test, seed=args.seed, size=args.size, progress=show_progress()
         )
         print(shapes_summary(path, path.parent / NEGATIVES_FILE))
         return True
@@ -139,9 +139,9 @@ def run(args: argparse.Namespace) -> bool:
     if args.data_command == "validate":
         src = resolve_source(args.path, args.format, args.json_name, args.image_dir, csv_folder_options(args))
         if src.fmt == "webdataset":
-            report = check_shards(src.file, progress=sys.stderr.isatty())
+            report = check_shards(src.file, progress=show_progress())
         else:
-            report = check_entries(read_entries(src), src.image_dir, sys.stderr.isatty(), args.allow_outside_root)
+            report = check_entries(read_entries(src), src.image_dir, show_progress(), args.allow_outside_root)
         print(format_report(src, report))
         if report.n_problems:
             raise DataError(f"{report.n_problems} problem(s) in {src.file}, first: {first_problem(report)}")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 from crossmatch.cli.help import add_command
+from crossmatch.progress import show_progress
 
 # SCAN t-i LSE on box regions (configs/scan_shapes_boxes.yaml), made cheaper for a CPU demo: a narrower
 # first conv (16 channels), 4 epochs of 60 steps of 128 pairs, lr 5e-4 (dropped x0.1 for the last epoch),
@@ -128,7 +128,7 @@ def run_demo(data_root: str = "data/shapes", run_dir: str = "runs/demo", overrid
         from crossmatch.data.shapes import generate_shapes
 
         phases.start("data", steps, f"generating the shapes dataset in {root} ...")
-        generate_shapes(root, n_train=DEMO_TRAIN_IMAGES, progress=sys.stderr.isatty())
+        generate_shapes(root, n_train=DEMO_TRAIN_IMAGES, progress=show_progress())
     else:
         phases.start("data", steps, f"using the shapes dataset in {root}")
     cfg = load_config(None, [*DEMO_OVERRIDES, f"data.root={root}", *overrides])

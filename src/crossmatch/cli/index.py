@@ -16,11 +16,11 @@ the parser of every command.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from crossmatch.cli import index_ann
 from crossmatch.cli.help import add_command, add_device_option
+from crossmatch.progress import show_progress
 
 BACKENDS = ("torch", "faiss")  # mirrors crossmatch.search.index.BACKENDS, without importing torch here
 DTYPES = ("float32", "float16")  # mirrors crossmatch.search.index.DTYPES
@@ -149,7 +149,7 @@ def run_build(
         backend=backend,
         device=dist.device,
         num_workers=workers,
-        progress=sys.stderr.isatty() and dist.is_main,
+        progress=show_progress(dist.is_main),
         max_image_pixels=cfg.data.max_image_pixels,
         dtype=dtype,
         absolute_paths=absolute_paths,

@@ -115,8 +115,8 @@ def apply_key(index_dir: str, key: str | None, train_rows: int) -> None:
 
 
 def _read_queries(path: str) -> tuple[list[str], list[Path]]:
-    from crossmatch.errors import DataError
     from crossmatch.data.csv_folder import IMAGE_EXTENSIONS
+    from crossmatch.errors import DataError
 
     try:
         lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]

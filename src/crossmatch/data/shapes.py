@@ -392,12 +392,29 @@ def _sample_slot(split: str, p: int, pair: bool, seed: int, size: int, taken: se
             a = _sample_scene(rng, size, rng.choice((2, 3)))
             b = _twin(rng, a, size) if a else None
             if a and b and (ka := _key(a, size)) != (kb := _key(b, size)) and ka not in taken and kb not in taken:
-                return [a, b]
+                if _captionable(split, p, seed, size, [a, b]):
+                    return [a, b]
         else:
             a = _sample_scene(rng, size, rng.choices((1, 2, 3), weights=n_obj_weights)[0])
-            if a and _key(a, size) not in taken:
+            if a and _key(a, size) not in taken and _captionable(split, p, seed, size, [a]):
                 return [a]
     raise RuntimeError(f"no unused scene for {split}[{p}]: too many images for the scene space")
+
+
+def _captionable(split: str, p: int, seed: int, size: int, scenes: list[list[Obj]]) -> bool:
+    """Whether `_work` can word the captions of these scenes (with the generator it will use): a rare twin pair
+    whose captions would all be true of both scenes is drawn again instead of failing the whole dataset."""
+    rng = _caption_rng(seed, split, p)
+    try:
+        for k, objs in enumerate(scenes):
+            _captions(rng, objs, size, scenes[1 - k] if len(scenes) == 2 else None)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _caption_rng(seed: int, split: str, p: int) -> random.Random:
+    return random.Random(f"shapes/{seed}/{split}/{p}/captions")
 
 
 def _slots(split: str, n: int) -> Iterator[tuple[int, bool]]:
@@ -424,7 +441,7 @@ def _work(job: tuple[str, int, bool, list[list[Obj]] | None]) -> tuple[str, int,
     seed, size, out = _STATE["seed"], _STATE["size"], _STATE["out"]
     if scenes is None:  # train: val/test keys are final, so train scenes can be drawn here in parallel
         scenes = _sample_slot(split, p, pair, seed, size, _STATE["taken"])
-    rng = random.Random(f"shapes/{seed}/{split}/{p}/captions")
+    rng = _caption_rng(seed, split, p)
     result = []
     for k, objs in enumerate(scenes):
         twin = scenes[1 - k] if len(scenes) == 2 else None

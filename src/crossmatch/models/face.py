@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from crossmatch.errors import DataError, ModelError, install_hint
 from crossmatch.files import atomic_write, write_text
-from crossmatch.models.protocols import Loaded, takes_boxes
+from crossmatch.models.protocols import RunAttached, takes_boxes
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class ImageTextModel(nn.Module):
             raise DataError(
                 f"encode takes captions (str) or images (PIL.Image, pathlib.Path), one kind per call; got {got}"
             )
-        preprocess, tokenizer = (self.preprocess, self.tokenizer) if isinstance(self, Loaded) else (None, None)
+        preprocess, tokenizer = (self.preprocess, self.tokenizer) if isinstance(self, RunAttached) else (None, None)
         if not callable(preprocess) or not callable(tokenizer):
             raise ModelError("model.encode needs the preprocessing and tokenizer of crossmatch.load / from_pretrained")
         if device is not None:
@@ -186,7 +186,7 @@ class ImageTextModel(nn.Module):
         a README.md model card. Returns the folder."""
         from safetensors.torch import save
 
-        cfg, tokenizer = (self.run_config, self.tokenizer) if isinstance(self, Loaded) else (None, None)
+        cfg, tokenizer = (self.run_config, self.tokenizer) if isinstance(self, RunAttached) else (None, None)
         if cfg is None or tokenizer is None or not hasattr(tokenizer, "to_str"):
             raise ModelError("save_pretrained needs a model from crossmatch.load / create_model_and_transforms")
         folder = Path(save_directory)

@@ -15,7 +15,14 @@ preprocessing (mean/std, size, resize mode) or of the image file is a different 
   index, is reported (warning) and rebuilt, never read. What both return through a disk cache is float16-rounded
   on the first (computing) epoch too, so a cached epoch repeats the first one exactly.
 
+Both are an `OutputCache`, and `tower_cache` opens the one a frozen tower gets: every frozen-output cache of
+the package (vse_pretrained's image and text towers, the fusion families' CNN feature maps) comes from it.
+`warm_up` fills a model's image cache from a training split's files before the first epoch and swaps the
+split's pixels for the files' keys (`data.datasets.KeyedImageView`).
+
 One writer per folder at a time (a run dir's cache belongs to its run; the run lock guards it).
+
+Legend: B batch.
 """
 
 from __future__ import annotations
@@ -31,8 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from crossmatch.errors import ModelError
+from crossmatch.data.datasets import ImageView, KeyedImageView, PairView
+from crossmatch.data.loaders import build_eval_loader
+from crossmatch.errors import DataError, ModelError
 from crossmatch.files import write_text
+from crossmatch.models.protocols import KeyedImageCache
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # version of the on-disk layout
@@ -56,7 +66,32 @@ def weights_digest(modules: Sequence[nn.Module]) -> str:
     return h.hexdigest()
 
 
-class MemoryOutputCache:
+class OutputCache:
+    """Per-item outputs of a frozen module under byte keys: `rows(keys, compute)` returns every item's output,
+    computing (with `compute(indices)`) and keeping only the missing ones; `hits` and `misses` count items."""
+
+    hits: int = 0
+    misses: int = 0
+
+    def __contains__(self, key: bytes) -> bool:
+        raise NotImplementedError
+
+    def rows(self, keys: list[bytes], compute: Compute) -> list[Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, keys: list[bytes], compute: Compute) -> Tensor:
+        """As rows(), stacked: (B, ...)."""
+        return torch.stack(self.rows(keys, compute))
+
+    def missing(self, keys: list[bytes]) -> list[int]:
+        """The positions of the keys whose outputs are not kept."""
+        return [i for i, k in enumerate(keys) if k not in self]
+
+    def _count(self, n_keys: int, n_missing: int) -> None:
+        self.hits, self.misses = self.hits + n_keys - n_missing, self.misses + n_missing
+
+
+class MemoryOutputCache(OutputCache):
     """Per-item outputs kept in memory (exact); at most `max_items`, then items are computed as uncached."""
 
     def __init__(self, max_items: int = 50_000):
@@ -68,20 +103,16 @@ class MemoryOutputCache:
 
     def rows(self, keys: list[bytes], compute: Compute) -> list[Tensor]:
         """keys: one per item; compute(indices) -> the outputs of those items. Returns every item's output."""
-        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        missing = self.missing(keys)
         fresh = dict(zip(missing, [o.detach() for o in compute(missing)], strict=True)) if missing else {}
         for i, out in fresh.items():
             if len(self.store) < self.max_items:
                 self.store[keys[i]] = out
-        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        self._count(len(keys), len(missing))
         return [fresh[i] if i in fresh else self.store[k] for i, k in enumerate(keys)]
 
-    def __call__(self, keys: list[bytes], compute: Compute) -> Tensor:
-        """As rows(), stacked: (B, ...)."""
-        return torch.stack(self.rows(keys, compute))
 
-
-class DiskOutputCache:
+class DiskOutputCache(OutputCache):
     """Per-item float16 outputs in `root/<fingerprint digest>/` (rows.f16 + index.json); see the module doc.
 
     Args:
@@ -155,13 +186,13 @@ class DiskOutputCache:
         """keys: one per item; compute(indices) -> the outputs of those items. Returns every item's output,
         float16-rounded, as float32 CPU tensors."""
         hexes = [k.hex() for k in keys]
-        missing = [i for i, k in enumerate(hexes) if k not in self.items]
+        missing = self.missing(keys)
         fresh = {}
         if missing:
             outs = [o.detach().to("cpu", torch.float16).contiguous() for o in compute(missing)]
             fresh = dict(zip(missing, outs, strict=True))
             self._append({hexes[i]: fresh[i] for i in missing})
-        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        self._count(len(keys), len(missing))
         out = []
         for i, k in enumerate(hexes):
             if i in fresh:
@@ -170,10 +201,6 @@ class DiskOutputCache:
                 offset, shape, _ = self.items[k]
                 out.append(torch.from_numpy(self._slice(offset, shape).copy()).float())
         return out
-
-    def __call__(self, keys: list[bytes], compute: Compute) -> Tensor:
-        """As rows(), stacked: (B, ...)."""
-        return torch.stack(self.rows(keys, compute))
 
     def _append(self, new: dict[str, Tensor]) -> None:
         """Append the rows, make them durable, then publish them in the index (atomically replaced)."""
@@ -197,3 +224,106 @@ class DiskOutputCache:
 
 def _numel(shape: list[int]) -> int:
     return int(np.prod(shape)) if shape else 1
+
+
+def tower_cache(tower: nn.Module, name: str, root: str | Path | None = None, pooling: str = "") -> OutputCache:
+    """The cache of a frozen tower's per-item outputs (or of its frozen first blocks'): exact and in memory
+    without `root`; else float16 on disk under `root`, in the folder of the tower's fingerprint (its class,
+    `name`, its number of trainable last blocks, `pooling` and the SHA-1 of its frozen parts' weights), so a
+    disk cache is opened once the weights are final.
+
+    Args:
+        tower: a frozen tower with `unfrozen` (trainable last blocks) and `frozen_parts()`
+            (`models.pretrained._FreezableTower`).
+        name: the tower's configured name (e.g. efficientnet_lite0, minilm).
+        root: the disk cache's folder; None keeps the outputs in memory.
+        pooling: how the tower pools what the cache keeps ("" when that is fixed by the tower).
+    """
+    if root is None:
+        return MemoryOutputCache()
+    parts = tower.frozen_parts() if tower.unfrozen else [tower]
+    fingerprint = {"tower": f"{type(tower).__name__}:{name}", "unfrozen": tower.unfrozen}
+    fingerprint |= {"weights": weights_digest(parts), "pooling": pooling}
+    return DiskOutputCache(root, fingerprint)
+
+
+# --- the warm-up: a training split's images, once, keyed by their files ------------------------------------------
+
+
+class _FileKeys(torch.utils.data.Dataset):
+    """Item i: (i, the view's file key of image i or None, the DataError message or None); for a loader."""
+
+    def __init__(self, view: ImageView):
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, i: int) -> tuple[int, bytes | None, str | None]:
+        try:
+            return i, self.view.file_key(i), None
+        except DataError as err:
+            return i, None, str(err)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """The view's items at `indices`, an unreadable image as {"skipped": (i, message)} (dropped by collate)."""
+
+    def __init__(self, view: ImageView, indices: list[int]):
+        self.view, self.indices = view, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict:
+        try:
+            return self.view[self.indices[j]]
+        except DataError as err:
+            return {"skipped": (self.indices[j], str(err))}
+
+
+def warm_up(model: nn.Module, pairs: PairView, batch_size: int, num_workers: int = 0) -> bool:
+    """Compute the frozen image tower's outputs of every image of `pairs` once, keyed by the SHA-1 of the image
+    file and its preprocessing, then feed `pairs` keys instead of pixels (KeyedImageView): no later epoch, and
+    no resumed run with the same cache folder, decodes these images again; an edited file or another
+    preprocessing is another key. Only for a model that caches its frozen image outputs by key
+    (`KeyedImageCache`: `vse_pretrained` with `model.cache_frozen` and unaugmented images) and pairs without
+    boxes; returns whether it applied. A run calls it when its epochs cover the split (no smaller
+    `train.max_steps_per_epoch`): a short smoke run keeps computing only the images it meets, keyed by their
+    pixels.
+
+    An image that cannot be read raises its DataError, or with `pairs.skip_bad` is remembered and skipped (and
+    counted) every epoch as before."""
+    view = pairs.images
+    if not (isinstance(model, KeyedImageCache) and model.caches_image_outputs):
+        return False
+    if view.max_boxes or type(view) is KeyedImageView:
+        return False
+    keys: list[bytes | None] = [None] * len(view)
+    failed: dict[int, str] = {}
+    loader = torch.utils.data.DataLoader(_FileKeys(view), batch_size=64, num_workers=num_workers, collate_fn=list)
+    for chunk in loader:
+        for i, key, error in chunk:
+            keys[i] = key
+            if error is not None:
+                failed[i] = error
+    if failed and not pairs.skip_bad:
+        raise DataError(next(iter(failed.values())))
+    readable = [i for i in range(len(view)) if i not in failed]
+    missing = [readable[j] for j in model.missing_image_outputs([keys[i] for i in readable])]
+    if missing:
+        log.info("frozen image tower: computing the outputs of %d of %d images, once", len(missing), len(view))
+        device = next(model.parameters()).device
+        for batch in build_eval_loader(_Decoded(view, missing), batch_size, num_workers):
+            for i, error in batch.get("skipped", []):
+                if not pairs.skip_bad:
+                    raise DataError(error)
+                failed[i] = error
+            if "image" in batch:  # (B, 3, H, W)
+                model.fill_image_cache([keys[i] for i in batch["image_idx"].tolist()], batch["image"].to(device))
+    readable = [i for i in range(len(view)) if i not in failed]
+    if model.missing_image_outputs([keys[i] for i in readable]):  # an in-memory cache that is full
+        log.info("the frozen image cache holds only part of the train images: decoding them every epoch")
+        return False
+    pairs.images = KeyedImageView(view, keys, failed)
+    return True

@@ -41,7 +41,7 @@ from crossmatch.models.bert import (
     pooler_map,
     read_checkpoint,
 )
-from crossmatch.models.frozen_cache import MemoryOutputCache, input_key
+from crossmatch.models.frozen_cache import OutputCache, input_key, tower_cache
 from crossmatch.models.layers import feature_map_to_regions, l2norm
 from crossmatch.models.pretrained import ImageTower, depths_by_blocks
 from crossmatch.models.registry import register_model
@@ -52,13 +52,14 @@ from crossmatch.models.vilt import ViLT
 class TowerFeatures(nn.Module):
     """A pretrained image tower's spatial output: a CNN's feature map (B, C, h, w), or a timm ViT's tokens
     (B, N, C). A frozen tower runs without gradients, and its output for the last batch is kept (the momentum
-    encoders read the same images right after), and with `cache` every image's by content (exact: a frozen
-    tower is in eval mode, so an image's output does not depend on its batch)."""
+    encoders read the same images right after), and with `cache` every image's by content, in memory (exact: a
+    frozen tower is in eval mode, so an image's output does not depend on its batch; `frozen_cache.tower_cache`,
+    the cache vse_pretrained's towers get too)."""
 
     def __init__(self, name: str, pretrained: bool, freeze: bool, cache: bool = False):
         super().__init__()
         self.tower = ImageTower(name, pretrained, freeze)
-        self.cache = MemoryOutputCache() if cache and freeze else None
+        self.cache: OutputCache | None = tower_cache(self.tower, name) if cache and freeze else None
         self._last: tuple[Tensor, Tensor] | None = None
 
     def spatial(self, image: Tensor) -> Tensor:

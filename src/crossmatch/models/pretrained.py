@@ -29,7 +29,7 @@ from crossmatch.errors import ConfigError, ModelError
 from crossmatch.fields import ranged
 from crossmatch.models.class_prior import ClassNamePrior, embed_names, imagenet_class_names
 from crossmatch.models.dual_encoder import JointEmbedding
-from crossmatch.models.frozen_cache import DiskOutputCache, MemoryOutputCache, input_key, weights_digest
+from crossmatch.models.frozen_cache import OutputCache, input_key, tower_cache
 from crossmatch.models.layers import ResNetTower, l2norm
 from crossmatch.models.registry import register_model
 from crossmatch.weights import INSTALL_HINT, efficientnet_lite0_file, resolve_text_checkpoint
@@ -448,7 +448,9 @@ class PretrainedDualEncoder(JointEmbedding):
         prior_dim = self.prior.out_dim if self.prior is not None else 0
         self.image_proj = nn.Linear(self.image_tower.out_dim + prior_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim)
-        self.image_cache, self.text_cache = MemoryOutputCache(), MemoryOutputCache()  # used with cache_frozen
+        # used with cache_frozen: in memory unless a folder is named (here or by use_cache_dir)
+        self.image_cache: OutputCache | None = tower_cache(self.image_tower, cfg.image_tower)
+        self.text_cache: OutputCache | None = tower_cache(self.text_tower, cfg.text_tower)
         self.cache_images = True  # False when the image input is augmented (runs.build_trainer)
         self._disk_root = cfg.cache_dir
         if cfg.cache_dir:  # a named folder: on disk wherever the model runs (opened on first use)
@@ -488,19 +490,17 @@ class PretrainedDualEncoder(JointEmbedding):
         self._disk_root, self.cache_images = self.config.cache_dir or str(folder), cache_images
         self.image_cache = self.text_cache = None  # opened on first use, once the weights are final
 
-    def _cache(self, which: str):
+    def _cache(self, which: str) -> OutputCache:
         """The image or text cache, opening a disk cache for the tower's frozen part on first use."""
-        cache = getattr(self, f"{which}_cache")
-        if cache is None:
-            tower = self.image_tower if which == "image" else self.text_tower
-            name = self.config.image_tower if which == "image" else self.config.text_tower
-            parts = tower.frozen_parts() if tower.unfrozen else [tower]
-            fingerprint = {"tower": f"{type(tower).__name__}:{name}", "unfrozen": tower.unfrozen}
-            fingerprint["weights"] = weights_digest(parts)
-            fingerprint["pooling"] = getattr(tower, "pooling", "")
-            cache = DiskOutputCache(Path(self._disk_root) / which, fingerprint)
-            setattr(self, f"{which}_cache", cache)
-        return cache
+        if which == "image":
+            if self.image_cache is None:
+                root = Path(self._disk_root) / "image"
+                self.image_cache = tower_cache(self.image_tower, self.config.image_tower, root)
+            return self.image_cache
+        if self.text_cache is None:
+            root = Path(self._disk_root) / "text"
+            self.text_cache = tower_cache(self.text_tower, self.config.text_tower, root, self.text_tower.pooling)
+        return self.text_cache
 
     @property
     def caches_image_outputs(self) -> bool:
@@ -528,8 +528,7 @@ class PretrainedDualEncoder(JointEmbedding):
 
     def missing_image_outputs(self, keys: list[bytes]) -> list[int]:
         """The positions of the keys whose frozen image outputs are not cached yet."""
-        cache = self._cache("image")
-        return [i for i, k in enumerate(keys) if k not in cache]
+        return self._cache("image").missing(keys)
 
     def fill_image_cache(self, keys: list[bytes], image: Tensor) -> None:
         """Compute and keep the frozen image outputs of `image` (B, 3, H, W) under `keys` (e.g. file keys),

@@ -223,11 +223,44 @@ def pretrained_temperature(model: object) -> dict[str, float]:
     return dict(model.contrastive_init) if isinstance(model, PretrainedTemperature) else {}
 
 
-@runtime_checkable
-class Loaded(Protocol):
-    """A model from `crossmatch.load` / `create_model_and_transforms`: what they attach as plain attributes, and
-    what `encode` and `save_pretrained` read."""
+# What the Python API attaches and reads (crossmatch.api).
 
-    run_config: Any  # the run's config (crossmatch.config.RunConfig)
-    preprocess: Any  # image -> (3, H, W) input tensor
-    tokenizer: Any  # captions -> (B, L) ids; `to_str()` gives its file
+
+@runtime_checkable
+class DeclaresPreprocess(Protocol):
+    """Families whose pretrained towers bring their input statistics: `preprocess` (mean, std, native_size, ...)
+    fills the data section's unset fields (`runs.resolve_preprocess`); None or {} when a family has none."""
+
+    preprocess: Any  # Mapping[str, Any] | None
+
+
+@runtime_checkable
+class RunAttached(Protocol):
+    """A model from `crossmatch.load` / `create_model_and_transforms`: its run's config, image preprocessing
+    and tokenizer, attached as plain attributes (what `encode`, `score` and `save_pretrained` read)."""
+
+    run_config: Any  # the RunConfig it was trained or built with
+    preprocess: Any  # image (PIL, path or uint8 (3, H, W)) -> (3, S, S) float; also a mapping of its fields
+    tokenizer: Tokenizes  # captions -> (B, L) ids
+
+
+@runtime_checkable
+class KeyedImageCache(FrozenCacheable, Protocol):
+    """Frozen-cache models whose image outputs are filled ahead of training under keys of the caller's choosing
+    (image file keys) and then read by key alone, `batch["image_key"]` instead of pixels (`frozen_cache.warm_up`)."""
+
+    def missing_image_outputs(self, keys: list[bytes]) -> list[int]:
+        """The positions of the keys whose frozen image outputs are not cached yet."""
+        ...
+
+    def fill_image_cache(self, keys: list[bytes], image: Tensor) -> None:
+        """Compute and keep the frozen image outputs of (B, 3, H, W) `image` under `keys` (B of them)."""
+        ...
+
+
+@runtime_checkable
+class HasImageTower(Protocol):
+    """Models with one image backbone, `image_tower` (an nn.Module: (B, 3, H, W) -> a (B, C, h, w) feature map,
+    or a tower with `feature_map` and `pool`), whose outputs `crossmatch features` exports."""
+
+    image_tower: Any

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from crossmatch.data.datasets import ImageRecord, read_text
 from crossmatch.data.transforms import MAX_IMAGE_PIXELS, WHITE
 from crossmatch.errors import DataError
+from crossmatch.models.protocols import PairScorer
 from crossmatch.retrieval.evaluate import encode_all
+from crossmatch.retrieval.rerank import score_pair_batches
 from crossmatch.tensors import slice_features
 
 TRIPLE_KEYS = ("image", "caption", "negative", "type")
@@ -104,23 +106,22 @@ def pair_scores(
 ) -> Tensor:
     """Scores of (image, text) pairs: pairs (P, 2) long rows into img / txt features -> (P,) float32 CPU.
 
-    Fusion models: `score_pairs` on the row-aligned pairs (the re-ranker's stage-2 score). Others: the
-    model's `similarity` between the batch's distinct images and its texts, (u, b), read at each pair; pairs
-    are sorted by image first, so a batch holds few distinct images.
+    Pairs are sorted by image first, so a batch holds few distinct images. Fusion models: `score_pairs` on
+    the row-aligned pairs, through the re-ranker's `score_pair_batches` (its stage-2 score). Others: the
+    model's `similarity` between the batch's distinct images and its texts, (u, b), read at each pair.
     """
-    device = next(iter(img.values())).device
     order = torch.argsort(pairs[:, 0] * (int(pairs[:, 1].max()) + 1) + pairs[:, 1])  # by image, then text
     out = torch.zeros(len(pairs))
+    if isinstance(model, PairScorer):
+        out[order] = score_pair_batches(model, img, txt, pairs[order], batch_size)
+        return out
+    device = next(iter(img.values())).device
     for start in range(0, len(pairs), batch_size):
         rows = order[start : start + batch_size]
         i, t = pairs[rows].to(device).unbind(1)  # (b,), (b,)
-        if hasattr(model, "score_pairs"):
-            s = model.score_pairs(slice_features(img, i), slice_features(txt, t))  # (b,)
-        else:
-            u, inv = torch.unique(i, return_inverse=True)  # (u,), (b,)
-            block = model.similarity(slice_features(img, u), slice_features(txt, t))  # (u, b)
-            s = block[inv, torch.arange(len(t), device=block.device)]  # (b,)
-        out[rows] = s.float().cpu()
+        u, inv = torch.unique(i, return_inverse=True)  # (u,), (b,)
+        block = model.similarity(slice_features(img, u), slice_features(txt, t))  # (u, b)
+        out[rows] = block[inv, torch.arange(len(t), device=block.device)].float().cpu()  # (b,)
     return out
 
 

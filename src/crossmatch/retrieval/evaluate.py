@@ -26,7 +26,7 @@ from crossmatch.metrics import (
     twin_counts,
     twins_in_fold,
 )
-from crossmatch.retrieval.rerank import rerank
+from crossmatch.retrieval.rerank import rerank, reranks
 from crossmatch.tensors import (
     all_gather_varlen,
     cat_features,
@@ -167,7 +167,7 @@ def evaluate_with_scores(
         img_ids = torch.arange(images.start, images.stop)
         sub = scores[images][:, txt_ids]  # (fold images, fold captions)
         t2i = data.txt_to_img[txt_ids] - images.start
-        if rerank_k > 0 and hasattr(model, "score_pairs"):
+        if reranks(model, rerank_k):
             ix_i, ix_t = img_ids.to(device), txt_ids.to(device)
             s_i2t, s_t2i = rerank(
                 model, sub, slice_features(img, ix_i), slice_features(txt, ix_t), rerank_k, rerank_batch, progress

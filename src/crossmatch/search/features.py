@@ -41,10 +41,11 @@ def load_tower(source: str, image_size: int) -> tuple[nn.Module, str, int, dict]
     build_image_transform) from a checkpoint (its run's preprocessing) or a tower name (the tower's own)."""
     if Path(source).is_file():
         from crossmatch.data.transforms import preprocess_kwargs
+        from crossmatch.models.protocols import HasImageTower
         from crossmatch.runs import load_run
 
         model, cfg, _ = load_run(source)
-        if not hasattr(model, "image_tower"):
+        if not isinstance(model, HasImageTower):
             from crossmatch.errors import ModelError
 
             raise ModelError(f"{source}: model {cfg.model['name']} has no image_tower")

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from crossmatch.data.tokenizer import CaptionTokenizer
+from crossmatch.metrics import pessimistic_ranks
 from crossmatch.retrieval.evaluate import EvalData, encode_all
-from crossmatch.retrieval.rerank import below_candidates
-from crossmatch.tensors import FeatureDict, slice_features, to_device
+from crossmatch.retrieval.rerank import rerank_text_query, reranks
+from crossmatch.tensors import FeatureDict, to_device
 
 
 def encode_query(model: nn.Module, tokenizer: CaptionTokenizer, text: str, device: torch.device) -> FeatureDict:
@@ -23,19 +24,6 @@ def encode_query(model: nn.Module, tokenizer: CaptionTokenizer, text: str, devic
 
 
 @torch.no_grad()
-def rerank_query(model: nn.Module, scores: Tensor, img: FeatureDict, txt: FeatureDict, k: int) -> Tensor:
-    """One text query: re-score its top-k images with `model.score_pairs`; the rest rank below them in
-    stage-1 order. scores (N_img,) -> (N_img,) float64."""
-    cand = scores.topk(min(k, len(scores))).indices  # (k,)
-    rows_img = slice_features(img, cand.to(next(iter(img.values())).device))
-    rows_txt = {name: v.expand(len(cand), *v.shape[1:]) for name, v in txt.items()}  # the query, k times
-    stage2 = torch.zeros(len(scores))
-    stage2[cand] = model.score_pairs(rows_img, rows_txt).float().cpu()
-    is_cand = torch.zeros(len(scores), dtype=torch.bool).index_fill_(0, cand.cpu(), True)  # (N_img,)
-    return below_candidates(stage2, scores.float().cpu(), is_cand)
-
-
-@torch.no_grad()
 def text_query_scores(
     model: nn.Module,
     tokenizer: CaptionTokenizer,
@@ -43,13 +31,15 @@ def text_query_scores(
     text: str,
     device: torch.device,
     rerank_k: int = 0,
+    rerank_batch: int = 256,
 ) -> tuple[Tensor, FeatureDict, FeatureDict]:
-    """(N_img,) score of every image of the split for `text` (CPU), and the image and query features."""
+    """(N_img,) score of every image of the split for `text` (CPU), and the image and query features.
+    Fusion models re-rank the top `rerank_k` images, `rerank_batch` pairs per `score_pairs` call."""
     txt = encode_query(model, tokenizer, text, device)
     img = encode_all(model.encode_image_features, data.image_loader, device, "encode images", False)
     scores = model.similarity(img, txt)[:, 0].float().cpu()  # (N_img,) stage 1
-    if rerank_k > 0 and hasattr(model, "score_pairs"):  # fusion models: re-rank the top-k
-        scores = rerank_query(model, scores, img, txt, rerank_k)
+    if reranks(model, rerank_k):  # fusion models: re-rank the top-k
+        scores = rerank_text_query(model, scores, img, txt, rerank_k, rerank_batch)
     return scores, img, txt
 
 
@@ -61,11 +51,11 @@ def image_query_scores(model: nn.Module, image: Tensor, data: EvalData, device: 
     return model.similarity(img, txt)[0].float().cpu()
 
 
-def pessimistic_rank(scores: Tensor, matches: set[int]) -> int | None:
-    """1-based rank of the best of `matches` in `scores` (N,), every other item scoring at least as high
-    counted ahead (ties against the model, as crossmatch.metrics); None without matches."""
+def match_rank(scores: Tensor, matches: set[int]) -> int | None:
+    """1-based rank of the best of `matches` in `scores` (N,), ties against the model
+    (`crossmatch.metrics.pessimistic_ranks`); None without matches."""
     if not matches:
         return None
-    wrong = torch.ones(len(scores), dtype=torch.bool)
-    wrong[list(matches)] = False
-    return min(int((scores[wrong] >= scores[m]).sum()) + 1 for m in matches)
+    positive = torch.zeros(len(scores), dtype=torch.bool)
+    positive[list(matches)] = True
+    return int(pessimistic_ranks(scores, positive)) + 1

@@ -21,6 +21,7 @@ from PIL import Image
 from crossmatch.data.transforms import load_image
 from crossmatch.errors import ConfigError, DataError
 from crossmatch.files import write_text
+from crossmatch.metrics import pessimistic_ranks
 
 THUMB = 128  # thumbnail side in pixels
 Result = tuple[str | Path, float, bool]  # (image path, score, is ground-truth match)
@@ -195,9 +196,10 @@ def report_from_scores(
         raise ConfigError(f"report sort={sort!r}: choose 'worst' or 'first'")
     if len(t2i) and (t2i.min() < 0 or t2i.max() >= s.shape[0]):
         raise ConfigError(f"report: txt_to_img holds image indices outside [0, {s.shape[0]})")
-    # (N_txt,) 1-based rank of each caption's image, ties against the model as in crossmatch.metrics; a
-    # report's gallery may hold images without captions, which metrics.ranks_t2i refuses
-    ranks = (s >= s.gather(0, t2i[None])).sum(0)
+    # (N_txt,) 1-based rank of each caption's image, ties against the model; a report's gallery may hold
+    # images without captions, which metrics.ranks_t2i refuses
+    own = t2i[:, None] == torch.arange(s.shape[0])[None, :]  # (N_txt, N_img)
+    ranks = pessimistic_ranks(s.t(), own) + 1
     order = list(range(len(captions)))
     if sort == "worst":
         order.sort(key=lambda t: (-int(ranks[t]), t))
