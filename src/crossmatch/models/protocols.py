@@ -169,3 +169,30 @@ class ResumableLoader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# What a run reads off a model when it builds it (crossmatch.runs).
+
+
+@runtime_checkable
+class DeclaresPreprocess(Protocol):
+    """Models whose image tower brings its own preprocessing (open_clip, pretrained towers)."""
+
+    preprocess: dict[str, Any] | None  # mean, std, resize, interpolation, background (and a fixed size); None: none
+
+
+def preprocess_of(model: object) -> dict[str, Any]:
+    """The model's own image preprocessing (filled into the empty data.* fields), {} when it declares none."""
+    return (model.preprocess or {}) if isinstance(model, DeclaresPreprocess) else {}
+
+
+@runtime_checkable
+class Configured(Protocol):
+    """Registered models: built from a config dataclass, whose every field a checkpoint stores."""
+
+    config: Any  # the model's config dataclass
+
+
+def config_of(model: object) -> Any | None:
+    """The model's config dataclass, None when it has none."""
+    return model.config if isinstance(model, Configured) else None

@@ -27,6 +27,7 @@ from crossmatch.data.tokenizer import CaptionTokenizer, build_tokenizer
 from crossmatch.data.transforms import DEFAULT_PREPROCESS
 from crossmatch.engine.checkpoint import is_pretrained_dir, read_weights
 from crossmatch.errors import CheckpointError, ConfigError, DataError
+from crossmatch.models.protocols import FeatureEncoder, config_of, preprocess_of, takes_boxes
 from crossmatch.models.registry import UnknownModelKeysError, create_model, create_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def check_image_size(model: nn.Module, cfg: RunConfig) -> None:
     """Encode two blank images of the configured size: a size the image tower cannot take (smaller than a
     patch, pooled to nothing) is a ConfigError naming data.image_size, not a traceback at the first step.
     A model whose image input is more than pixels (boxes, stored region features) is not probed."""
-    if getattr(model, "needs_boxes", False) or not hasattr(model, "encode_image_features"):
+    if takes_boxes(model) or not isinstance(model, FeatureEncoder):
         return
     was_training = model.training
     model.eval()
@@ -101,7 +102,7 @@ def resolve_preprocess(cfg: RunConfig, model: nn.Module) -> RunConfig:
     """A copy of `cfg` whose empty preprocessing fields (data.image_mean/std/resize/interpolation/background)
     take the model's own `preprocess` (else DEFAULT_PREPROCESS: ImageNet mean/std, squash, bilinear); a `size`
     in it replaces data.image_size (when the architecture fixes it)."""
-    pp = {**DEFAULT_PREPROCESS, **(getattr(model, "preprocess", None) or {})}
+    pp = {**DEFAULT_PREPROCESS, **preprocess_of(model)}
     d = cfg.data
     data = dataclasses.replace(
         d,
@@ -130,9 +131,10 @@ def build_untrained_run(
 def resolved_model_section(name: str, model: nn.Module) -> dict:
     """`model` config section with every field of the built model's config, so a checkpoint rebuilds the
     same architecture even if the registered defaults change later."""
-    if not dataclasses.is_dataclass(getattr(model, "config", None)):
+    config = config_of(model)
+    if not dataclasses.is_dataclass(config):
         return {"name": name}
-    fields = dataclasses.asdict(model.config)
+    fields = dataclasses.asdict(config)
     return {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
@@ -153,7 +155,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def needs_boxes(model: nn.Module) -> int:
-    return MAX_BOXES if getattr(model, "needs_boxes", False) else 0
+    """Object boxes to read per image for `model` (0: it reads pixels only)."""
+    return MAX_BOXES if takes_boxes(model) else 0
 
 
 def run_folder_of(checkpoint: Path) -> Path:

@@ -20,6 +20,7 @@ from crossmatch.data.tokenizer import CaptionTokenizer
 from crossmatch.data.transforms import WHITE, transform_from_config
 from crossmatch.errors import ConfigError, DataError
 from crossmatch.metrics import image_folds
+from crossmatch.models.protocols import PairScorer
 from crossmatch.retrieval.compositional import (
     NegativesFileError,
     Triple,
@@ -139,7 +140,7 @@ def check_protocol(cfg: RunConfig, model: nn.Module, ds, person_search: bool, tr
 
 def first_stage_only(cfg: RunConfig, model: nn.Module) -> bool:
     """Whether an evaluation's scores are all `eval.first_stage`'s (the model re-ranks none of them)."""
-    return bool(cfg.eval.first_stage) and not (cfg.eval.rerank_k > 0 and hasattr(model, "score_pairs"))
+    return bool(cfg.eval.first_stage) and not (cfg.eval.rerank_k > 0 and isinstance(model, PairScorer))
 
 
 def evaluate_negatives(

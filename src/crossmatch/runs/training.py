@@ -25,6 +25,7 @@ from crossmatch.engine.logging import MetricLogger
 from crossmatch.engine.optim import create_optimizer, create_scheduler
 from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig
 from crossmatch.errors import ConfigError, DataError
+from crossmatch.models.protocols import FrozenCacheable, GradCheckpointing
 from crossmatch.runs.build import (
     DATA_FROM_RUN,
     build_model,
@@ -60,11 +61,11 @@ def build_trainer(
     # config.yaml and every checkpoint
     cfg = dataclasses.replace(cfg, model=resolved_model_section(cfg.model["name"], model))
     cfg = resolve_preprocess(cfg, model)
-    if cfg.model.get("cache_frozen") and hasattr(model, "use_cache_dir"):  # frozen outputs: once, on disk
+    if cfg.model.get("cache_frozen") and isinstance(model, FrozenCacheable):  # frozen outputs: once, on disk
         folder = run_dir / "frozen_cache" / (f"rank{dist.rank}" if dist.world_size > 1 else "")
         model.use_cache_dir(folder, cache_images=not cfg.data.augment)
     if cfg.train.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
+        if not isinstance(model, GradCheckpointing):
             raise ConfigError(f"train.grad_checkpointing: model {cfg.model['name']} has no tower that supports it")
         model.set_grad_checkpointing(True)
     if dist.distributed and dist.device.type == "cuda":
