@@ -1,5 +1,5 @@
 """The training loop. It receives built objects (task, optimiser and schedule, loader, evaluator, output
-sinks, config, DistInfo) and never branches on the model family.
+sinks, the run config whose `train` section is its own, DistInfo) and never branches on the model family.
 
 Resume is exact: the batch stream is a pure function of (seed, epoch, position) (see EpochSampler), and
 a checkpoint holds model, optimiser, scheduler, AMP scaler, RNG states and the position in the epoch.
@@ -53,44 +53,6 @@ class TrainState:
 
 
 @dataclass
-class TrainerConfig:
-    """What the loop itself needs, taken from the run config (`TrainerConfig.from_run`)."""
-
-    epochs: int = 1
-    max_steps_per_epoch: int = 0  # 0: the whole epoch
-    log_every: int = 20  # optimizer steps between scalar logs
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
-    eval_precision: str = "fp32"  # autocast of validation
-    accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
-    compile: bool = False  # torch.compile the training step
-    checkpoint_every_steps: int = 0  # also refresh last.pt every this many steps (0: epoch ends only)
-    eval_every_epochs: int = 1  # validate every this many epochs (and after the last)
-    metric: str = "rsum"  # validation metric that selects best.pt (higher is better)
-    loss_batches: int = 10  # batches of val pairs for the validation loss (0: off)
-    max_bad_samples: int = 0  # unreadable training images allowed per epoch
-
-    @classmethod
-    def from_run(cls, cfg: RunConfig) -> TrainerConfig:
-        t, e = cfg.train, cfg.eval
-        return cls(
-            epochs=t.epochs,
-            max_steps_per_epoch=t.max_steps_per_epoch,
-            log_every=t.log_every,
-            precision=t.precision,
-            eval_precision=e.precision_for(t.precision),
-            accum_steps=t.accum_steps,
-            grad_clip=t.grad_clip,
-            compile=t.compile,
-            checkpoint_every_steps=cfg.checkpoint.every_steps,
-            eval_every_epochs=e.every_epochs,
-            metric=e.metric,
-            loss_batches=e.loss_batches,
-            max_bad_samples=cfg.data.max_bad_samples,
-        )
-
-
-@dataclass
 class RunLoaders:
     """The batches a run reads: training pairs, and optionally validation pairs for the validation loss."""
 
@@ -132,14 +94,18 @@ class Trainer:
         loaders: RunLoaders,
         evaluator: Callable[[nn.Module], dict[str, float]] | None,
         sinks: RunSinks,
-        cfg: TrainerConfig,
+        cfg: RunConfig,
         dist: DistInfo,
     ):
         self.task, self.model = task, task.model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = loaders.train, loaders.val
         self.evaluator, self.sinks = evaluator, sinks
-        self.cfg, self.dist = cfg, dist
+        self.cfg, self.dist = cfg.train, dist  # the run's train section is the loop's own config
+        self.eval_cfg = cfg.eval  # when to validate, the metric that selects best.pt, the validation loss
+        self.eval_precision = cfg.eval.precision_for(cfg.train.precision)
+        self.checkpoint_every = cfg.checkpoint.every_steps  # also refresh last.pt every this many steps (0: off)
+        self.max_bad_samples = cfg.data.max_bad_samples  # unreadable training images allowed per epoch
         if self.cfg.precision not in DTYPES:
             raise CrossmatchError(f"unknown train.precision {self.cfg.precision!r}; known: fp32, bf16, fp16")
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.cfg.precision == "fp16")
@@ -231,7 +197,7 @@ class Trainer:
             logs = self.train_step(micro)
             s.step_in_epoch += 1
             s.global_step += 1
-            every = self.cfg.checkpoint_every_steps
+            every = self.checkpoint_every
             if every and s.global_step % every == 0 and s.step_in_epoch < n_steps:
                 self.sinks.checkpointer.save(self.state_dict())  # mid-epoch: last.pt only
             bar.update(1)
@@ -324,16 +290,16 @@ class Trainer:
         s.bad_images += new
         if new:
             log.warning("skipped %d unreadable image(s), %d this epoch: %s", len(new), len(s.bad_images), skipped[0][1])
-        if len(s.bad_images) > self.cfg.max_bad_samples:
+        if len(s.bad_images) > self.max_bad_samples:
             raise DataError(
                 f"{len(s.bad_images)} unreadable training images in epoch {s.epoch + 1}, more than "
-                f"data.max_bad_samples={self.cfg.max_bad_samples}; first: {skipped[0][1]}"
+                f"data.max_bad_samples={self.max_bad_samples}; first: {skipped[0][1]}"
             )
 
     def end_epoch(self) -> None:
         """Validate, record, checkpoint (last, per-epoch, best)."""
         s = self.state
-        due = (s.epoch + 1) % self.cfg.eval_every_epochs == 0 or s.epoch + 1 == self.cfg.epochs
+        due = (s.epoch + 1) % self.eval_cfg.every_epochs == 0 or s.epoch + 1 == self.cfg.epochs
         t_val = time.perf_counter()
         metrics = self.evaluate() if due else {}
         val_losses = self.validation_loss() if due else {}
@@ -344,7 +310,7 @@ class Trainer:
         is_best = False
         if metrics:
             s.history.append({"epoch": s.epoch + 1, **val_losses, **metrics})
-            value = metrics[self.cfg.metric]
+            value = metrics[self.eval_cfg.metric]
             is_best = value > s.best_metric
             if is_best:
                 s.best_metric, s.best_epoch = value, s.epoch + 1
@@ -353,7 +319,7 @@ class Trainer:
                 "epoch %d val %s=%.2f (best %.2f at epoch %d), peak memory %.0f MB, validation %.1f s "
                 "(%.0f%% of the epoch's training time)",
                 s.epoch + 1,
-                self.cfg.metric,
+                self.eval_cfg.metric,
                 value,
                 s.best_metric,
                 s.best_epoch,
@@ -370,7 +336,7 @@ class Trainer:
         """The task's own objective on up to `eval.loss_batches` batches of validation pairs (eval mode, no
         gradient): `loss` and every `*_loss` term, averaged over batches, logged under the training tags so
         that TensorBoard draws train and val curves on one chart. The training RNG stream is untouched."""
-        n = min(len(self.val_loader), self.cfg.loss_batches) if self.val_loader is not None else 0
+        n = min(len(self.val_loader), self.eval_cfg.loss_batches) if self.val_loader is not None else 0
         if n <= 0:
             return {}
         self.val_loader.sampler.set_epoch(0)  # the same validation batches every time
@@ -396,7 +362,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
             return {}
-        with torch.no_grad(), autocast(self.dist.device, self.cfg.eval_precision):
+        with torch.no_grad(), autocast(self.dist.device, self.eval_precision):
             metrics = self.evaluator(self.model)
         if self.dist.device.type == "cuda":
             torch.cuda.empty_cache()  # give the evaluation's cached blocks back before training resumes

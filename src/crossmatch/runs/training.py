@@ -23,7 +23,7 @@ from crossmatch.engine.checkpoint import Checkpointer
 from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.engine.optim import create_optimizer, create_scheduler
-from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig
+from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer
 from crossmatch.errors import ConfigError, DataError
 from crossmatch.models.protocols import FrozenCacheable, GradCheckpointing
 from crossmatch.runs.build import (
@@ -134,7 +134,7 @@ def build_trainer(
         },
     )
     loaders = RunLoaders(loader, val_loader)
-    return Trainer(task, optimizer, scheduler, loaders, evaluator, sinks, TrainerConfig.from_run(cfg), dist), cfg
+    return Trainer(task, optimizer, scheduler, loaders, evaluator, sinks, cfg, dist), cfg
 
 
 def _relative_to(path: str, folder: Path) -> str:
