@@ -3,15 +3,25 @@ optimizer step, and the train loader is driven through `ResumableLoader` only.""
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import os
+import socket
+from pathlib import Path
+
+import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from crossmatch.config import LossConfig, RunConfig
-from crossmatch.engine.checkpoint import Checkpointer
+from crossmatch.data.loaders import build_train_loader
+from crossmatch.engine import trainer as trainer_mod
+from crossmatch.engine.checkpoint import Checkpointer, load_checkpoint
 from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.engine.optim import create_optimizer, create_scheduler
-from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer
+from crossmatch.engine.trainer import NonFiniteLossError, RunLoaders, RunSinks, Trainer
+from crossmatch.losses.triplet import TripletLoss
 from crossmatch.models import create_model
 from crossmatch.tasks import build_task
 
@@ -44,3 +54,106 @@ def test_the_trainer_config_is_the_run_train_section_with_its_defaults(tmp_path)
     assert "grad_norm" in trainer.train_step([make_batch(8, 0)])  # clipping is on by default
     cfg.train.grad_clip = 0.0
     assert "grad_norm" not in make_trainer(tmp_path, cfg).train_step([make_batch(8, 0)])
+
+
+# ---- the non-finite guard: once per optimizer step, before the weights change ------------------------------
+
+
+class Pairs(Dataset):
+    """n pairs of 32 px images and 4-token captions; item key (index, item seed) as the train samplers yield."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        i, _ = key
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(5, VOCAB, (4,), generator=g).tolist()
+        return {"image": torch.randn(3, 32, 32, generator=g), "input_ids": ids, "image_idx": i, "text_idx": i}
+
+
+def nan_loss_at(call: int, when: bool = True):
+    """TripletLoss.forward that returns NaN at its `call`-th call (1-based) when `when`."""
+    real, calls = TripletLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if when and len(calls) == call else loss
+
+    return forward
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["grad_cache", "per_micro_batch"])
+def test_the_guard_syncs_once_per_optimizer_step_and_leaves_the_weights(tmp_path, monkeypatch, exact):
+    cfg = RunConfig()
+    cfg.train.accum_steps = 2
+    trainer = make_trainer(tmp_path, cfg)
+    monkeypatch.setattr(type(trainer.task), "exact_accumulation", property(lambda self: exact))
+    reduces = []
+    real_reduce = trainer_mod.all_reduce_max
+    monkeypatch.setattr(trainer_mod, "all_reduce_max", lambda x: reduces.append(1) or real_reduce(x))
+    trainer.train_step([make_batch(8, 0), make_batch(8, 1)])
+    assert len(reduces) == 1  # one sync for two micro-batches
+    before = {k: v.detach().clone() for k, v in trainer.task.named_parameters()}
+    monkeypatch.setattr(TripletLoss, "forward", nan_loss_at(1))  # step 2: its first micro-batch, or its one loss
+    trainer.state.step_in_epoch = 1
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at epoch 1 step 2 \(triplet_loss=nan\); stopping"):
+        trainer.train_step([make_batch(8, 2), make_batch(8, 3)])
+    assert len(reduces) == 2
+    after = dict(trainer.task.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # optimizer.step() never ran
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nan_on_rank_1(rank: int, world: int, folder: Path, port: int) -> None:
+    """One gloo rank of a 4-step epoch that checkpoints every step; rank 1's loss is NaN at step 3."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        TripletLoss.forward = nan_loss_at(3, when=rank == 1)
+        cfg = RunConfig()
+        cfg.train.epochs, cfg.train.batch_size, cfg.checkpoint.every_steps = 1, 8, 1
+        torch.manual_seed(0)
+        task = build_task(create_model("tiny_vse", vocab_size=VOCAB, image_size=32), LossConfig())
+        opt = create_optimizer(task, cfg.train)
+        loader = build_train_loader(Pairs(64), 8, 0, rank=rank, world_size=world)  # 4 steps per rank
+        sinks = RunSinks(Checkpointer(folder, 0, enabled=rank == 0), MetricLogger(folder, enabled=False))
+        dist = DistInfo(rank=rank, local_rank=rank, world_size=world)
+        trainer = Trainer(task, opt, create_scheduler(opt, cfg.train, 4), RunLoaders(loader), None, sinks, cfg, dist)
+        try:
+            trainer.fit()
+        except NonFiniteLossError as err:
+            (folder / f"rank{rank}.txt").write_text(str(err))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_both_with_one_message_and_no_bad_checkpoint(tmp_path):
+    ctx, port = multiprocessing.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_nan_on_rank_1, args=(r, 2, tmp_path, port)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    for p in procs:
+        if p.is_alive():  # a rank left waiting in a collective: the guard failed
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    errors = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and "\n" not in errors[0]
+    assert errors[0].startswith("non-finite loss at epoch 1 step 3 on rank 1 of 2 (triplet_loss=nan);")
+    files = sorted((tmp_path / "checkpoints").iterdir())
+    assert [f.name for f in files] == ["last.pt"]
+    last = load_checkpoint(files[0])  # refuses NaN or infinite weights
+    assert last["trainer"]["global_step"] == 2  # the last good step
+    assert all(math.isfinite(v) for v in last["model"]["image_proj.weight"].flatten().tolist())

@@ -236,10 +236,10 @@ class Trainer:
                 with autocast(self.dist.device, self.cfg.precision):
                     losses, logs = self.step_module(batch)
                 loss = sum(losses.values())
-                self._check_finite(loss, losses)
                 self.scaler.scale(loss / len(batches)).backward()
             for name, v in {"loss": loss, **losses, **logs}.items():
                 totals[name] = totals.get(name, 0.0) + (v.detach() if torch.is_tensor(v) else v) / len(batches)
+        self._check_finite(totals)  # before the weights change: the step's one host sync
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             totals["grad_norm"] = nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip).detach()
@@ -264,19 +264,29 @@ class Trainer:
             ready, self.step_module, self.scaler.scale, lambda: autocast(self.dist.device, self.cfg.precision)
         )
         loss = sum(losses.values())
-        self._check_finite(loss, losses)
         return {name: float(v) for name, v in {"loss": loss, **losses, **logs}.items()}
 
-    def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
-        # Every rank must agree, or the healthy ones would wait forever in the next collective.
-        bad = all_reduce_max(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device))
-        if bad > 0:
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {self.state.epoch + 1} step "
-                f"{self.state.step_in_epoch + 1} on some rank (here: {terms}); "
-                "stopping with the last good checkpoint intact"
-            )
+    def _check_finite(self, totals: dict[str, torch.Tensor | float]) -> None:
+        """Stop before `optimizer.step()` when this step's loss is NaN or infinite on any rank: the weights stay
+        those of the last good step (no checkpoint can hold the bad ones), and every rank raises the same error
+        together (a healthy rank would otherwise wait forever in the next collective). One all-reduce, once per
+        optimizer step: the micro-batches before it never wait for the device.
+
+        Raises:
+            NonFiniteLossError: naming the step, the rank(s) and the loss terms of the first bad rank.
+        """
+        loss = torch.as_tensor(totals.get("loss", 0.0), dtype=torch.float32, device=self.dist.device)
+        if all_reduce_max((~torch.isfinite(loss)).float()) == 0:
+            return
+        here = {k: float(v) for k, v in totals.items() if k.endswith("_loss")}  # the task's loss terms
+        every = all_gather_objects((not math.isfinite(float(loss)), here))  # (bad, terms) per rank: one message
+        bad = [r for r, (is_bad, _) in enumerate(every) if is_bad]
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in every[bad[0]][1].items())
+        where = f" on rank {', '.join(map(str, bad))} of {len(every)}" if len(every) > 1 else ""
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {self.state.epoch + 1} step {self.state.step_in_epoch + 1}{where} "
+            f"({terms}); stopping with the last good checkpoint intact"
+        )
 
     def _count_skipped(self, batch: dict) -> None:
         """Count the pairs of unreadable images that `collate` dropped; more than data.max_bad_samples
