@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crossmatch.config import LossConfig, RunConfig
+from crossmatch.data.hard_batches import HardBatchSampler
 from crossmatch.data.loaders import build_train_loader
 from crossmatch.engine import trainer as trainer_mod
 from crossmatch.engine.checkpoint import Checkpointer, load_checkpoint
@@ -23,6 +24,7 @@ from crossmatch.engine.optim import create_optimizer, create_scheduler
 from crossmatch.engine.trainer import NonFiniteLossError, RunLoaders, RunSinks, Trainer
 from crossmatch.losses.triplet import TripletLoss
 from crossmatch.models import create_model
+from crossmatch.models.protocols import ResumableLoader
 from crossmatch.tasks import build_task
 
 VOCAB = 20
@@ -157,3 +159,34 @@ def test_a_nan_on_one_rank_stops_both_with_one_message_and_no_bad_checkpoint(tmp
     last = load_checkpoint(files[0])  # refuses NaN or infinite weights
     assert last["trainer"]["global_step"] == 2  # the last good step
     assert all(math.isfinite(v) for v in last["model"]["image_proj.weight"].flatten().tolist())
+
+
+# ---- the train loader: a ResumableLoader, driven through that protocol only ------------------------------------
+
+
+def test_the_indexed_and_hard_batch_loaders_are_resumable_loaders_with_whole_epoch_steps():
+    groups, subs, images = [i % 4 for i in range(30)], list(range(30)), [i // 2 for i in range(30)]
+    plain = build_train_loader(Pairs(30), 4, seed=0, rank=1, world_size=2)  # 15 items on rank 1: 3 batches
+    hard = build_train_loader(Pairs(30), 4, 0, sampler=HardBatchSampler(groups, subs, images, 4, 0, 1, 2))
+    for loader in (plain, hard):
+        assert isinstance(loader, ResumableLoader)
+        assert loader.steps == 3 and len(loader) == 3
+        loader.set_epoch(2, start=8)  # a resumed epoch: 2 batches left, the epoch still has 3
+        assert loader.steps == 3 and len(loader) == 1 and len(list(loader)) == 1
+        assert loader.state_dict() == {}  # the position is the Trainer's step
+
+
+def test_a_run_resumed_mid_epoch_reads_the_rest_of_it_then_whole_epochs(tmp_path, monkeypatch):
+    cfg = RunConfig()
+    cfg.train.epochs, cfg.train.batch_size = 2, 8
+    seen = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self, b: seen.append(b[0]["image_idx"].tolist()) or {})
+    full = make_trainer(tmp_path, cfg, build_train_loader(Pairs(64), 8, seed=0))
+    full.fit()
+    assert len(seen) == 16  # 2 epochs of 64 // 8
+    want, seen[:] = list(seen), []
+    resumed = make_trainer(tmp_path, cfg, build_train_loader(Pairs(64), 8, seed=0))
+    resumed.state.step_in_epoch = resumed.state.global_step = 3  # as load_state_dict leaves it
+    resumed.fit()
+    assert seen == want[3:]  # the same batches from step 4 on, and epoch 2 whole (8 steps, not 5)
+    assert resumed.state.global_step == 16

@@ -2,7 +2,8 @@
 sinks, the run config whose `train` section is its own, DistInfo) and never branches on the model family.
 
 Resume is exact: the batch stream is a pure function of (seed, epoch, position) (see EpochSampler), and
-a checkpoint holds model, optimiser, scheduler, AMP scaler, RNG states and the position in the epoch.
+a checkpoint holds model, optimiser, scheduler, AMP scaler, RNG states and the position in the epoch. The
+train loader is driven only through `ResumableLoader` (set_epoch, steps, state_dict, load_state_dict).
 Under torchrun the Task is wrapped in DistributedDataParallel: `Task.forward` is its training step.
 """
 
@@ -21,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -30,6 +30,7 @@ from crossmatch.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.errors import CrossmatchError, DataError
+from crossmatch.models.protocols import ResumableLoader
 from crossmatch.tensors import all_gather_objects, all_reduce_max, to_device
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class TrainState:
 class RunLoaders:
     """The batches a run reads: training pairs, and optionally validation pairs for the validation loss."""
 
-    train: DataLoader
-    val: DataLoader | None = None  # pairs of the val split (no augmentation), same batch size as training
+    train: ResumableLoader
+    val: ResumableLoader | None = None  # pairs of the val split (no augmentation), same batch size as training
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        n = len(self.train_loader.sampler) // (self.train_loader.batch_size * self.micro_batches)
+        n = self.train_loader.steps // self.micro_batches
         return min(n, self.cfg.max_steps_per_epoch) if self.cfg.max_steps_per_epoch > 0 else n
 
     def close(self) -> None:
@@ -145,9 +146,10 @@ class Trainer:
         }
 
     def _loader_state(self) -> dict[str, Any]:
-        # Streaming loaders (webdataset shards) know their position themselves: keep every rank's.
-        has = hasattr(self.train_loader, "state_dict")
-        return {"loader": all_gather_objects(self.train_loader.state_dict())} if has else {}
+        # A streaming loader (webdataset shards) knows its position itself: keep every rank's. An indexed
+        # loader's position is the step (its state is empty): its checkpoints carry no loader entry.
+        states = all_gather_objects(self.train_loader.state_dict())
+        return {"loader": states} if any(states) else {}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -158,7 +160,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["trainer"])
         set_rng_state(ckpt["rng"])
-        if "loader" in ckpt and hasattr(self.train_loader, "load_state_dict") and self.dist.rank < len(ckpt["loader"]):
+        if "loader" in ckpt and self.dist.rank < len(ckpt["loader"]):
             self.train_loader.load_state_dict(ckpt["loader"][self.dist.rank])
 
     # ---- loop --------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ class Trainer:
         self.task.train()
         self.task.on_epoch_start(s.epoch)
         per_step = self.train_loader.batch_size * self.micro_batches
-        self.train_loader.sampler.set_epoch(s.epoch, start=s.step_in_epoch * per_step)
+        self.train_loader.set_epoch(s.epoch, start=s.step_in_epoch * per_step)
         bar = tqdm(
             total=n_steps,
             initial=s.step_in_epoch,
@@ -346,10 +348,10 @@ class Trainer:
         """The task's own objective on up to `eval.loss_batches` batches of validation pairs (eval mode, no
         gradient): `loss` and every `*_loss` term, averaged over batches, logged under the training tags so
         that TensorBoard draws train and val curves on one chart. The training RNG stream is untouched."""
-        n = min(len(self.val_loader), self.eval_cfg.loss_batches) if self.val_loader is not None else 0
+        n = min(self.val_loader.steps, self.eval_cfg.loss_batches) if self.val_loader is not None else 0
         if n <= 0:
             return {}
-        self.val_loader.sampler.set_epoch(0)  # the same validation batches every time
+        self.val_loader.set_epoch(0)  # the same validation batches every time
         was_training = self.task.training
         self.task.eval()
         totals: dict[str, float] = {}
