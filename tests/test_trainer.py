@@ -190,3 +190,14 @@ def test_a_run_resumed_mid_epoch_reads_the_rest_of_it_then_whole_epochs(tmp_path
     resumed.fit()
     assert seen == want[3:]  # the same batches from step 4 on, and epoch 2 whole (8 steps, not 5)
     assert resumed.state.global_step == 16
+
+
+def test_progress_bars_are_drawn_by_the_main_rank_on_a_terminal_only(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, RunConfig())
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert trainer.show_progress
+    trainer.dist = DistInfo(rank=1, world_size=2)
+    assert not trainer.show_progress
+    trainer.dist = DistInfo()
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert not trainer.show_progress

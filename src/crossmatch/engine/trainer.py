@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.errors import CrossmatchError, DataError
 from crossmatch.models.protocols import ResumableLoader
+from crossmatch.progress import show_progress
 from crossmatch.tensors import all_gather_objects, all_reduce_max, to_device
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------------
     @property
     def show_progress(self) -> bool:
-        return self.dist.is_main and sys.stderr.isatty()  # bars on a terminal only, never in logs
+        return show_progress(self.dist.is_main)  # bars on a terminal only, never in logs
 
     def fit(self) -> TrainState:
         # Log lines go above the progress bars instead of into them.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from crossmatch.engine.optim import create_optimizer, create_scheduler
 from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer
 from crossmatch.errors import ConfigError, DataError
 from crossmatch.models.protocols import FrozenCacheable, GradCheckpointing
+from crossmatch.progress import show_progress
 from crossmatch.runs.build import (
     DATA_FROM_RUN,
     build_model,
@@ -106,7 +106,7 @@ def build_trainer(
     optimizer = create_optimizer(task, cfg.train)
     steps = len(loader) if cfg.train.max_steps_per_epoch <= 0 else min(len(loader), cfg.train.max_steps_per_epoch)
     scheduler = create_scheduler(optimizer, cfg.train, steps)
-    progress = dist.is_main and sys.stderr.isatty()
+    progress = show_progress(dist.is_main)
     for split in dict.fromkeys((cfg.data.val_split, cfg.data.test_split)):
         check_split_overlap(cfg, split, train_ds=train_ds)
     val = cfg.data.val_split
