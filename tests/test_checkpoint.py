@@ -152,7 +152,7 @@ def test_resume_mid_epoch_gives_identical_weights(shapes_root, tmp_path, monkeyp
 
 
 def test_resume_config_diff_names_real_changes_only():
-    from crossmatch.runs import _diff
+    from crossmatch.runs.lifecycle import _diff
 
     saved = {"train": {"epochs": 36}, "model": {"vocab_size": 74, "embed_dim": 1024}, "data": {"image_mean": [0.5]}}
     # the new run leaves the build-time keys unset: they are no change; a key it sets differently is one

@@ -154,6 +154,9 @@ LEGACY_LOSS_KEYS: dict[str, tuple[str, dict[str, str]]] = {
 
 @dataclass
 class TrainConfig:
+    """The training loop's own settings: `Trainer` (crossmatch.engine.trainer) takes this section as its config,
+    so the loop and the CLI share one set of defaults."""
+
     epochs: int = ranged(10, min=1)  # passes over the train split
     # pairs per micro-batch on each rank; a step sees this x accum_steps x world size
     batch_size: int = ranged(128, min=1)

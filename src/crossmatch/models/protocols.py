@@ -160,10 +160,18 @@ class WordAttention(Protocol):
 class ResumableLoader(Protocol):
     """A train loader the Trainer can stop and restart mid-epoch at the same batch (exact resume).
 
-    The indexed loader (its sampler), the hard-batch loader and the shard stream implement it."""
+    The indexed loader (`EpochLoader`), the hard-batch loader (the same over a `HardBatchSampler`) and the shard
+    stream (`ShardLoader`) implement it."""
+
+    batch_size: int  # items per batch on this rank
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Order the epoch's items by (seed, epoch); skip the first `start` items this rank would read."""
+        ...
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch on this rank, counted from the epoch start (whatever `start`)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -232,6 +240,11 @@ class DeclaresPreprocess(Protocol):
     fills the data section's unset fields (`runs.resolve_preprocess`); None or {} when a family has none."""
 
     preprocess: Any  # Mapping[str, Any] | None
+
+
+def preprocess_of(model: object) -> dict[str, Any]:
+    """The model's own image preprocessing (filled into the empty data.* fields), {} when it declares none."""
+    return dict(model.preprocess or {}) if isinstance(model, DeclaresPreprocess) else {}
 
 
 @runtime_checkable
