@@ -201,3 +201,19 @@ def test_progress_bars_are_drawn_by_the_main_rank_on_a_terminal_only(tmp_path, m
     trainer.dist = DistInfo()
     monkeypatch.setattr("sys.stderr.isatty", lambda: False)
     assert not trainer.show_progress
+
+
+def test_a_finite_loss_with_infinite_gradients_stops_before_the_weights_change(tmp_path):
+    """fp32 with clipping: an inf gradient would turn every clipped gradient into NaN (inf * 0) and the step
+    would write NaN weights; the guard sees the gradient norm and stops first."""
+    trainer = make_trainer(tmp_path, RunConfig())
+    before = {k: v.detach().clone() for k, v in trainer.task.named_parameters()}
+    first = next(p for p in trainer.task.parameters() if p.requires_grad)
+    hook = first.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite gradients at epoch 1 step 1 \(.*grad_norm=(inf|nan)"):
+        trainer.train_step([make_batch(8, 0)])
+    hook.remove()
+    after = dict(trainer.task.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # optimizer.step() never ran
+    trainer.train_step([make_batch(8, 0)])  # the same batch without the hook is a normal step
+    assert all(torch.isfinite(p).all() for p in trainer.task.parameters())

@@ -241,10 +241,10 @@ class Trainer:
                 self.scaler.scale(loss / len(batches)).backward()
             for name, v in {"loss": loss, **losses, **logs}.items():
                 totals[name] = totals.get(name, 0.0) + (v.detach() if torch.is_tensor(v) else v) / len(batches)
-        self._check_finite(totals)  # before the weights change: the step's one host sync
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             totals["grad_norm"] = nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip).detach()
+        self._check_finite(totals)  # before the weights change: the step's one host sync
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # fp16 only
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -269,24 +269,36 @@ class Trainer:
         return {name: float(v) for name, v in {"loss": loss, **losses, **logs}.items()}
 
     def _check_finite(self, totals: dict[str, torch.Tensor | float]) -> None:
-        """Stop before `optimizer.step()` when this step's loss is NaN or infinite on any rank: the weights stay
-        those of the last good step (no checkpoint can hold the bad ones), and every rank raises the same error
-        together (a healthy rank would otherwise wait forever in the next collective). One all-reduce, once per
-        optimizer step: the micro-batches before it never wait for the device.
+        """Stop before `optimizer.step()` when this step's loss, or (clipping in fp32/bf16) its gradient norm,
+        is NaN or infinite on any rank: the weights stay those of the last good step (no checkpoint can hold
+        bad ones), and every rank raises the same error together (a healthy rank would otherwise wait forever
+        in the next collective). One all-reduce, once per optimizer step: the micro-batches before it never
+        wait for the device. In fp16 the grad scaler skips a step with inf/NaN gradients itself (and lowers
+        its scale), so only the loss is watched there.
 
         Raises:
             NonFiniteLossError: naming the step, the rank(s) and the loss terms of the first bad rank.
         """
-        loss = torch.as_tensor(totals.get("loss", 0.0), dtype=torch.float32, device=self.dist.device)
-        if all_reduce_max((~torch.isfinite(loss)).float()) == 0:
+        watched = {"loss": totals.get("loss", 0.0)}
+        if "grad_norm" in totals and not self.scaler.is_enabled():
+            watched["gradients"] = totals["grad_norm"]
+        values = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32, device=self.dist.device) for v in watched.values()]
+        )
+        bad_here = ~torch.isfinite(values)  # (len(watched),)
+        if all_reduce_max(bad_here.any().float()) == 0:
             return
-        here = {k: float(v) for k, v in totals.items() if k.endswith("_loss")}  # the task's loss terms
-        every = all_gather_objects((not math.isfinite(float(loss)), here))  # (bad, terms) per rank: one message
-        bad = [r for r, (is_bad, _) in enumerate(every) if is_bad]
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in every[bad[0]][1].items())
+        flags = dict(zip(watched, bad_here.tolist(), strict=True))
+        kind = "loss" if flags["loss"] else "gradients" if any(flags.values()) else ""  # a bad loss has bad grads
+        keep = ("grad_norm",) if kind == "gradients" else ()
+        here = {k: float(v) for k, v in totals.items() if k.endswith("_loss") or k in keep}  # the task's terms
+        every = all_gather_objects((kind, here))  # (what is bad, terms) per rank: one message
+        worst = "loss" if any(what == "loss" for what, _ in every) else "gradients"  # DDP shares a bad gradient
+        bad = [r for r, (what, _) in enumerate(every) if what == worst]
+        kind, terms = every[bad[0]][0], ", ".join(f"{k}={v:.4g}" for k, v in every[bad[0]][1].items())
         where = f" on rank {', '.join(map(str, bad))} of {len(every)}" if len(every) > 1 else ""
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {self.state.epoch + 1} step {self.state.step_in_epoch + 1}{where} "
+            f"non-finite {kind} at epoch {self.state.epoch + 1} step {self.state.step_in_epoch + 1}{where} "
             f"({terms}); stopping with the last good checkpoint intact"
         )
 
