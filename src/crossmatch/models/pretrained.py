@@ -287,11 +287,11 @@ def _timm_model(name: str, pretrained: bool) -> nn.Module:
         raise ModelError(f"image tower {name!r}: cannot load its weights: {str(err).splitlines()[0]}") from err
 
 
-def timm_preprocess(model: nn.Module) -> dict:
-    """A timm model's own preprocessing (`timm.data.resolve_data_config` of its pretrained_cfg) as the
+def timm_preprocess(backbone: nn.Module) -> dict:
+    """A timm backbone's own preprocessing (`timm.data.resolve_data_config` of its pretrained_cfg) as the
     fields of crossmatch's `data` section; `size` only when the architecture fixes its input size."""
     timm = require("timm")
-    dc = timm.data.resolve_data_config({}, model=model)
+    dc = timm.data.resolve_data_config({}, model=backbone)
     out = {
         "mean": [float(v) for v in dc["mean"]],
         "std": [float(v) for v in dc["std"]],
@@ -299,7 +299,7 @@ def timm_preprocess(model: nn.Module) -> dict:
         "resize": "shortest",  # timm's evaluation: shorter side, centre crop
         "native_size": int(dc["input_size"][-1]),
     }
-    if getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False):
+    if getattr(backbone, "pretrained_cfg", {}).get("fixed_input_size", False):
         out["size"] = out["native_size"]
     return out
 
