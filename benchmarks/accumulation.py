@@ -34,7 +34,7 @@ def child(args: argparse.Namespace) -> None:
     from crossmatch.engine.distributed import DistInfo
     from crossmatch.engine.logging import MetricLogger
     from crossmatch.engine.optim import create_optimizer, create_scheduler
-    from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig
+    from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer
     from crossmatch.models import create_model
     from crossmatch.tasks import build_task
 
@@ -52,9 +52,7 @@ def child(args: argparse.Namespace) -> None:
     sinks = RunSinks(Checkpointer(tmp, 1, enabled=False), MetricLogger(tmp, enabled=False))
     loader = DataLoader(list(range(10 * args.batch * args.accum)), batch_size=micro)
     sched = create_scheduler(opt, cfg.train, 100)
-    trainer = Trainer(
-        task, opt, sched, RunLoaders(loader), None, sinks, TrainerConfig.from_run(cfg), DistInfo(device=device)
-    )
+    trainer = Trainer(task, opt, sched, RunLoaders(loader), None, sinks, cfg, DistInfo(device=device))
     n = args.batch * args.accum
     g = torch.Generator().manual_seed(1)
     size, ctx = model.preprocess["size"], model.context_length

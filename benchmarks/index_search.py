@@ -47,9 +47,23 @@ import torch
 from crossmatch.search.index import EMBEDDINGS, META, PATHS, load_index
 
 
-def write_index(folder: Path, n: int, e: int, dtype: str, seed: int = 0, chunk: int = 65536, clusters: int = 0) -> Path:
+def gaussian_like(index_dir: str, sample: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (E,) and a Cholesky factor (E, E) of the covariance of a real index's rows (a random sample):
+    synthetic rows drawn from N(mean, cov) have the spread of a trained model's embeddings (their decaying
+    spectrum), not that of the uniform sphere, on which every neighbour is about as far as every other."""
+    rows = np.load(Path(index_dir) / EMBEDDINGS, mmap_mode="r")
+    pick = np.sort(np.random.default_rng(seed).choice(len(rows), min(sample, len(rows)), replace=False))
+    x = np.asarray(rows[pick], dtype=np.float64)  # (S, E)
+    cov = np.cov(x, rowvar=False) + 1e-9 * np.eye(x.shape[1])
+    return x.mean(0).astype(np.float32), np.linalg.cholesky(cov).astype(np.float32)
+
+
+def write_index(
+    folder: Path, n: int, e: int, dtype: str, seed: int = 0, chunk: int = 65536, clusters: int = 0, like=None
+) -> Path:
     """A complete index folder of n random l2-normalised rows, generated chunk by chunk (bounded RAM): uniform
-    on the sphere, or with `clusters` > 0 drawn around that many random centres (noise of norm about 0.5)."""
+    on the sphere, with `clusters` > 0 drawn around that many random centres (noise of norm about 0.5), or
+    with `like` = (mean, cholesky factor) from `gaussian_like` drawn from a real index's Gaussian fit."""
     folder.mkdir(parents=True, exist_ok=True)
     emb = np.lib.format.open_memmap(folder / EMBEDDINGS, "w+", np.dtype(dtype), (n, e))
     rng = np.random.default_rng(seed)
@@ -58,7 +72,9 @@ def write_index(folder: Path, n: int, e: int, dtype: str, seed: int = 0, chunk: 
         centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     for s in range(0, n, chunk):
         x = rng.standard_normal((min(chunk, n - s), e), dtype=np.float32)
-        if centres is not None:
+        if like is not None:
+            x = like[0] + x @ like[1].T
+        elif centres is not None:
             x = centres[rng.integers(0, clusters, len(x))] + (0.5 / np.sqrt(e)) * x
         emb[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
     emb.flush()
@@ -181,6 +197,7 @@ def main() -> None:
     p.add_argument("--build-threads", type=int, default=1, help="faiss threads building the approximate keys")
     p.add_argument("--gap", type=float, default=0.8, help="synthetic modality gap of the text-like queries")
     p.add_argument("--clusters", type=int, default=0, help="synthetic rows around this many centres (0: uniform)")
+    p.add_argument("--like", default=None, help="synthetic rows from the Gaussian fit of this index's rows")
     p.add_argument("--real", default=None, help="an index built by `crossmatch index build` (with --data)")
     p.add_argument("--data", default=None, help="with --real: dataset whose split's captions/images are queries")
     p.add_argument("--split", default="test", help="with --real: the split")
@@ -200,13 +217,16 @@ def main() -> None:
         )
         return
     n, e = (1_000_000, 256) if args.full else (args.rows, args.dim)
+    like = gaussian_like(args.like) if args.like else None
+    if like is not None:
+        e = like[0].shape[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(dir=args.dir)
     root = Path(tmp.name)
     t0 = time.perf_counter()
-    f32 = write_index(root / "f32", n, e, "float32", clusters=args.clusters)
-    f16 = write_index(root / "f16", n, e, "float16", clusters=args.clusters)
+    f32 = write_index(root / "f32", n, e, "float32", clusters=args.clusters, like=like)
+    f16 = write_index(root / "f16", n, e, "float16", clusters=args.clusters, like=like)
     print(
         f"index {n} x {e}: float32 {n * e * 4 / 2**20:.0f} MiB, float16 {n * e * 2 / 2**20:.0f} MiB "
         f"(written in {time.perf_counter() - t0:.1f} s); {torch.get_num_threads()} thread(s), k={args.k}"

@@ -30,7 +30,7 @@ from crossmatch.data.transforms import build_image_transform
 
 def draw(loader, n: int) -> float:
     t = time.perf_counter()
-    loader.sampler.set_epoch(0, 0)
+    loader.set_epoch(0, 0)
     it = iter(loader)
     for _ in range(n):
         next(it)

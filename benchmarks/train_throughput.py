@@ -82,19 +82,21 @@ def recipe_config(name: str, data_root: str, extra: list[str]):
 class FixedBatches:
     """Stands in for the train loader: the same pre-collated batches every epoch, at no data cost."""
 
-    class _Sampler:
-        def __init__(self, n: int):
-            self.n = n
-
-        def set_epoch(self, epoch: int, start: int = 0) -> None:
-            pass
-
-        def __len__(self) -> int:
-            return self.n
-
     def __init__(self, batches: list[dict], batch_size: int):
         self.batches, self.batch_size = batches, batch_size
-        self.sampler = self._Sampler(len(batches) * batch_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        pass
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __iter__(self):
         return iter(self.batches)

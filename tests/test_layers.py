@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "crossmatch"
-# Lowest first. The base holds what every layer may use: errors, config schema, durable files, the pure
-# metrics, tensor/collective helpers, and where offline weights live.
+# Lowest first. The base holds what every layer may use: errors, config schema helpers (fields) and the run
+# config, durable files, the pure metrics, tensor/collective helpers, and where offline weights live.
 LAYERS = [
-    {"errors", "config", "files", "metrics", "progress", "tensors", "weights"},
+    {"errors", "config", "fields", "files", "metrics", "progress", "tensors", "weights"},
     {"data"},
     {"models"},
     {"losses"},
@@ -69,6 +69,16 @@ def test_no_import_from_a_higher_or_independent_layer(path, part):
     assert not upward, f"{path.relative_to(SRC)} ({part}) imports higher layers: {upward}"
     across = [m for m in imports_of(path) if top_part(m) in INDEPENDENT.get(part, ())]
     assert not across, f"{path.relative_to(SRC)} ({part}) imports layers it stays independent of: {across}"
+
+
+def test_models_import_no_run_config(tmp_path):
+    # A model's config is its own dataclass built on crossmatch.fields; the run config is the caller's business.
+    in_models = [path for path, part in modules() if part == "models"]
+    offenders = [str(path.relative_to(SRC)) for path in in_models if "crossmatch.config" in imports_of(path)]
+    assert not offenders, f"models importing crossmatch.config: {offenders}"
+    late = tmp_path / "m.py"  # the walk sees such an import inside a function too
+    late.write_text("def save(self):\n    from crossmatch.config import config_to_dict\n")
+    assert imports_of(late) == ["crossmatch.config"]
 
 
 def test_the_layer_walk_catches_an_upward_import(tmp_path):

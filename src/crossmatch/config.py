@@ -8,7 +8,6 @@ model and whose other keys override that model's config dataclass; `create_model
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from crossmatch.errors import ConfigError
+from crossmatch.fields import Check, check_fields, image_hw, ranged  # noqa: F401  (image_hw: importable from here too)
 from crossmatch.files import write_text
 
 # An Adam step is at most lr / (1 - beta1) = 10 lr; from lr = 3.4e37 on it is not a float32 number and the
@@ -28,18 +28,9 @@ EVAL_PRECISIONS = ("fp32", "same", "bf16", "fp16")
 VILT_NEGATIVES = ("random", "hard")  # loss.vilt.negatives
 TEXT_NEGATIVE_TERMS = ("joint", "separate")  # loss.text_negative_term (losses/triplet.py)
 LOGGERS = ("tensorboard", "jsonl", "wandb")  # train.loggers (crossmatch.engine.logging)
-
-
-def ranged(default: Any = dataclasses.MISSING, *, factory: Any = None, **rules: Any) -> Any:
-    """A dataclass field whose allowed values are declared beside it, for `check_fields`.
-
-    Rules: `min` (value >= min), `above` (value > above), `max` (value <= max), `choices` (a tuple),
-    `check` (a named rule of CHECKS: "size", "colour", "mean", "std"). A bound may name a sibling field
-    (`min="patch_size"`). A None value passes (unset)."""
-    meta = {"rules": rules}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+LOGGERS_CHECK = Check(
+    lambda v: isinstance(v, list) and all(name in LOGGERS for name in v), f"each must be one of {', '.join(LOGGERS)}"
+)
 
 
 @dataclass
@@ -163,6 +154,9 @@ LEGACY_LOSS_KEYS: dict[str, tuple[str, dict[str, str]]] = {
 
 @dataclass
 class TrainConfig:
+    """The training loop's own settings: `Trainer` (crossmatch.engine.trainer) takes this section as its config,
+    so the loop and the CLI share one set of defaults."""
+
     epochs: int = ranged(10, min=1)  # passes over the train split
     # pairs per micro-batch on each rank; a step sees this x accum_steps x world size
     batch_size: int = ranged(128, min=1)
@@ -190,7 +184,7 @@ class TrainConfig:
     # lr of pretrained towers (vse_pretrained, clip, *_minilm) before layer_decay; 0 = train.lr
     tower_lr: float = ranged(0.0, min=0, max=MAX_LR)
     # where scalars go: tensorboard (tb/), jsonl (metrics.jsonl, which curves.png is drawn from), wandb (optional)
-    loggers: list[str] = ranged(factory=lambda: ["tensorboard", "jsonl"], check="loggers")
+    loggers: list[str] = ranged(factory=lambda: ["tensorboard", "jsonl"], check=LOGGERS_CHECK)
 
 
 @dataclass
@@ -307,101 +301,6 @@ def check_metric(metric: str, reported: tuple[str, ...] | list[str], protocol: s
     if metric not in reported:
         why = "lower is better" if metric in LOWER_IS_BETTER else f"not reported by {protocol} evaluation"
         raise ConfigError(f"eval.metric={metric!r} cannot select best.pt ({why}); choose one of {', '.join(reported)}")
-
-
-def image_hw(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
-    """(H, W) of a `data.image_size`: a side S is (S, S), a pair [H, W] is itself.
-
-    Raises:
-        ConfigError: neither a positive int nor two positive ints.
-    """
-    if not _is_size(size):
-        raise ConfigError(f"data.image_size={size!r}: must be a side >= 1 or [H, W], each >= 1")
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _is_size(value) -> bool:
-    def side(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-    return side(value) or (isinstance(value, (list, tuple)) and len(value) == 2 and all(side(v) for v in value))
-
-
-def _is_colour(value) -> bool:
-    """[] (the model's colour, else white) or three integers 0-255."""
-    if not isinstance(value, list):
-        return False
-    ints = all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)
-    return not value or (len(value) == 3 and ints)
-
-
-def _is_channels(value, positive: bool) -> bool:
-    """[] (the model's own, else the defaults) or three finite numbers, each > 0 when `positive` (a std)."""
-    if not isinstance(value, list):
-        return False
-    nums = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    return not value or (len(value) == 3 and nums and (not positive or all(v > 0 for v in value)))
-
-
-# The named rules of `ranged(check=...)`: (predicate, what a value must be).
-CHECKS = {
-    "size": (_is_size, "must be a side >= 1 or [H, W], each >= 1"),
-    "colour": (_is_colour, "must be [] or [R, G, B], each 0-255"),
-    "mean": (lambda v: _is_channels(v, False), "must be [] or three numbers [R, G, B]"),
-    "std": (lambda v: _is_channels(v, True), "must be [] or three numbers [R, G, B], each > 0"),
-    "loggers": (
-        lambda v: isinstance(v, list) and all(name in LOGGERS for name in v),
-        f"each must be one of {', '.join(LOGGERS)}",
-    ),
-}
-
-
-def _broken_rule(value: Any, rules: dict[str, Any]) -> str | None:
-    """What `value` must be, if it breaks one of its field's `rules`; None when it keeps them all."""
-    if value is None:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return "must be a finite number"
-    if "check" in rules:
-        ok, what = CHECKS[rules["check"]]
-        return None if ok(value) else what
-    if "choices" in rules:
-        choices = rules["choices"]
-        names = " or ".join(choices) if len(choices) == 2 else ", ".join(choices)
-        return None if value in choices else f"choose {names}"
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    lo, above, hi = rules.get("min"), rules.get("above"), rules.get("max")
-    if (lo is None or value >= lo) and (above is None or value > above) and (hi is None or value <= hi):
-        return None
-    bounds = [
-        f"> {above}" if above is not None else "",
-        ("at least 1" if lo == 1 else f">= {lo}") if lo is not None else "",
-        (f"at most {hi:.4g}" if isinstance(hi, float) else f"at most {hi}") if hi is not None else "",
-    ]
-    return "must be " + " and ".join(b for b in bounds if b)
-
-
-def check_fields(obj: Any, prefix: str) -> None:
-    """Check every field of the dataclass `obj` (nested ones too) against the rules declared beside it
-    (`ranged`), and every float for being finite.
-
-    Raises:
-        ConfigError: `prefix.key=value: what it must be`, for the first field that breaks its rules.
-    """
-    for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{prefix}.{f.name}"
-        if dataclasses.is_dataclass(value):
-            check_fields(value, key)
-            continue
-        rules = dict(f.metadata.get("rules", {}))
-        named = {b: rules[b] for b in ("min", "above", "max") if isinstance(rules.get(b), str)}
-        rules.update({b: getattr(obj, name) for b, name in named.items()})  # e.g. image_size >= patch_size
-        what = _broken_rule(value, rules)
-        for b, name in named.items():
-            what = what and what.replace(f" {rules[b]}", f" {name} ({rules[b]})", 1)
-        if what:
-            raise ConfigError(f"{key}={value!r}: {what}")
 
 
 def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:

@@ -129,7 +129,7 @@ def test_the_train_stream_decodes_with_the_pixel_limit_and_skips_a_bomb(tmp_path
         data, CaptionTokenizer.train(data.captions), build_image_transform(8, train=False), batch_size=4, seed=0,
         buffer_size=1, skip_bad=True,
     )  # fmt: skip
-    loader.sampler.set_epoch(0, 0)
+    loader.set_epoch(0, 0)
     batches = list(loader)
     skipped = [s for b in batches for s in b.get("skipped", [])]
     assert len(skipped) == 2  # the bomb's 2 captions

@@ -101,7 +101,7 @@ def batches(data, n: int = 6) -> list[dict]:
     tok = CaptionTokenizer.train(data.captions)
     kw = dict(batch_size=8, seed=3, rank=0, world_size=1, num_workers=0, buffer_size=16)
     loader = build_shard_loader(data, tok, build_image_transform(32, train=True), **kw)
-    loader.sampler.set_epoch(0, 0)
+    loader.set_epoch(0, 0)
     it = iter(loader)
     return [next(it) for _ in range(n)]
 

@@ -4,7 +4,14 @@ import pickle
 import pytest
 import torch
 
-from crossmatch.engine.checkpoint import Checkpointer, atomic_save, load_checkpoint, rng_state, set_rng_state
+from crossmatch.engine.checkpoint import (
+    Checkpointer,
+    NewerCheckpointError,
+    atomic_save,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from crossmatch.errors import CheckpointError
 from crossmatch.runs import train as run_train
 from tests import helpers
@@ -71,6 +78,48 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+# ---- format versions -------------------------------------------------------------------------------------
+
+
+def test_every_saved_checkpoint_carries_format_version_2(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=1)
+    ck.save({"model": {"w": torch.ones(2)}, "trainer": {"epoch": 1}}, epoch_tag=1, is_best=True)
+    for name in ("last.pt", "best.pt", "epoch_0001.pt"):
+        raw = torch.load(ck.dir / name, weights_only=True)
+        assert raw["format_version"] == 2, name
+        assert "format_version" not in load_checkpoint(ck.dir / name)  # the loaded dict is the payload alone
+
+
+def test_a_checkpoint_without_format_version_is_version_1_and_loads(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"model": {"w": torch.arange(3.0)}, "config": {"model": {"name": "tiny_vse"}}}, path)  # no number
+    back = load_checkpoint(path)
+    assert sorted(back) == ["config", "model"] and torch.equal(back["model"]["w"], torch.arange(3.0))
+
+
+def test_a_newer_format_is_refused_in_one_line_naming_the_file_and_both_versions(tmp_path):
+    path = tmp_path / "future.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "format_version": 3}, path)
+    with pytest.raises(NewerCheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (
+        f"checkpoint {path} is format_version 3, newer than this crossmatch reads (format_version 2): "
+        "upgrade crossmatch to load it"
+    )
+    assert isinstance(err.value, CheckpointError)  # the CLI's one-line checkpoint errors cover it
+    torch.save({"model": {"w": torch.ones(1)}, "format_version": "2"}, path)
+    with pytest.raises(CheckpointError, match=r"format_version '2' is not a format version"):
+        load_checkpoint(path)
+
+
+def test_a_resume_stops_at_a_newer_last_pt_rather_than_fall_back(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=1)
+    ck.save({"model": {"w": torch.ones(2)}}, epoch_tag=1)
+    torch.save({"model": {"w": torch.full((2,), 2.0)}, "format_version": 3}, ck.dir / "last.pt")  # a newer crossmatch
+    with pytest.raises(NewerCheckpointError, match="last.pt is format_version 3"):
+        ck.load_latest()  # epoch_0001.pt is readable, but resuming from it would overwrite the newer run's progress
+
+
 @pytest.mark.slow
 def test_resume_after_an_epoch_gives_identical_weights(shapes_root, tmp_path):
     run_train(helpers.resume_cfg(shapes_root, "train.epochs=2"), tmp_path / "full")
@@ -97,7 +146,7 @@ def test_resume_mid_epoch_gives_identical_weights(shapes_root, tmp_path, monkeyp
 
 
 def test_resume_config_diff_names_real_changes_only():
-    from crossmatch.runs import _diff
+    from crossmatch.runs.lifecycle import _diff
 
     saved = {"train": {"epochs": 36}, "model": {"vocab_size": 74, "embed_dim": 1024}, "data": {"image_mean": [0.5]}}
     # the new run leaves the build-time keys unset: they are no change; a key it sets differently is one

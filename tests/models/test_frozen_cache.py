@@ -1,6 +1,6 @@
 """models/frozen_cache.py: the one cache type of frozen towers' per-item outputs (`OutputCache`, in memory or on
 disk), the one opener every frozen tower's cache comes from (`tower_cache`: vse_pretrained's towers and the fusion
-families' CNN), and which models the train-image warm-up (`warm_up`, run as `runs.cache_train_images`) applies to.
+families' CNN), and which models the train-image warm-up (`frozen_cache.warm_up`, run by `crossmatch train`) applies to.
 The disk cache's damage handling and the cached epochs' losses are tested in test_pretrained_tuning.py, the
 warm-up's runs in tests/runs/test_warmup.py."""
 

@@ -12,7 +12,7 @@ from crossmatch.engine.checkpoint import Checkpointer
 from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.engine.optim import create_optimizer, create_scheduler
-from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer, TrainerConfig
+from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer
 from crossmatch.models import create_model
 from crossmatch.tasks import build_task
 from crossmatch.tasks import grad_cache as gc
@@ -64,8 +64,7 @@ def make_trainer(kind: str, accum: int, tmp_path) -> Trainer:
     opt = create_optimizer(task, cfg.train)
     loader = DataLoader(list(range(96)), batch_size=32 // accum)
     sinks = RunSinks(Checkpointer(tmp_path, 1, enabled=False), MetricLogger(tmp_path, enabled=False))
-    loop = TrainerConfig.from_run(cfg)
-    return Trainer(task, opt, create_scheduler(opt, cfg.train, 3), RunLoaders(loader), None, sinks, loop, DistInfo())
+    return Trainer(task, opt, create_scheduler(opt, cfg.train, 3), RunLoaders(loader), None, sinks, cfg, DistInfo())
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

@@ -357,7 +357,7 @@ class ImageView(Dataset):
 
 class KeyedImageView(Dataset):
     """Item i: {"image_key": keys[i], "image_idx": i[, "pid"]}, no pixels: for a model that already holds the
-    outputs of its frozen image tower under these keys (`runs.cache_train_images` fills them once and swaps
+    outputs of its frozen image tower under these keys (`models.frozen_cache.warm_up` fills them once and swaps
     this view in), so an epoch decodes no image. `failed[i]` is the message of an image that could not be
     read when the cache was filled: it is raised again here (a DataError), so `PairView(skip_bad=True)`
     skips and counts it every epoch as the decoding view would."""

@@ -20,13 +20,13 @@ sampler groups the captions of images that share their objects and fills each ba
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 
 import torch
-from torch.utils.data import Sampler
+
+from crossmatch.data.loaders import EpochSampler
 
 # Words that are not nouns in image captions: articles, prepositions, verbs of being, colours, sizes and spatial
 # words. Crude by design (no tagger): a shared word left in only makes a group a little wider.
@@ -72,7 +72,7 @@ def item_keys(ds) -> tuple[list[Hashable], list[Hashable], list[int]]:
     return [per_image[i][0] for i in image_of], [per_image[i][1] for i in image_of], image_of
 
 
-class HardBatchSampler(Sampler):
+class HardBatchSampler(EpochSampler):
     """`EpochSampler`'s interface and guarantees, with batches of confusable items (see the module docstring).
 
     Yields (index, item_seed). Args: groups, subgroups, images: per item its group key, sub key and image
@@ -90,9 +90,8 @@ class HardBatchSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = len(groups), batch_size, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-        self.per_rank = math.ceil(self.n / world_size)
+        super().__init__(len(groups), seed, rank, world_size)  # n, per_rank, and set_epoch(epoch, start)
+        self.batch_size = batch_size
         members: dict[Hashable, list[int]] = defaultdict(list)
         for k, g in enumerate(groups):
             members[g].append(k)
@@ -101,12 +100,6 @@ class HardBatchSampler(Sampler):
         self.loose = sorted(k for m in members.values() if len({images[k] for k in m}) == 1 for k in m)
         self.subgroup = list(subgroups)
         self._cache: tuple[int, list[int]] | None = None
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The whole epoch's items (n of them), batch after batch: batches of `batch_size` first, then the rest."""

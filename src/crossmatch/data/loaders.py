@@ -1,4 +1,5 @@
-"""Batching: the collate function, a resumable seeded sampler, and the DataLoader builders.
+"""Batching: the collate function, a resumable seeded sampler, the resumable train loader and the DataLoader
+builders.
 
 Batch dict (B items): image (B, 3, S, S) float; input_ids (B, L) long, 0-padded; attention_mask (B, L)
 bool; image_idx, text_idx (B,) long; pid (B,) long person identities when the dataset has them;
@@ -10,6 +11,7 @@ like captions), neg_valid (B, N) bool (False: an empty slot, filled with the pos
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -73,6 +75,7 @@ class EpochSampler(Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
+        """Items left in the epoch from `start` (`per_rank` is the whole epoch's)."""
         return self.per_rank - self.start
 
     def __iter__(self):
@@ -85,6 +88,27 @@ class EpochSampler(Sampler):
             yield mine[pos], base + pos * self.world_size + self.rank
 
 
+class EpochLoader(DataLoader):
+    """The train loader of an indexed split: a DataLoader over an `EpochSampler` (or `HardBatchSampler`) that is a
+    `ResumableLoader` (crossmatch.models.protocols). Its position needs no state of its own: the batch stream is
+    a pure function of (seed, epoch, position), and the Trainer's step is the position."""
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Order epoch `epoch`; the next iteration skips this rank's first `start` items (a resumed epoch)."""
+        self.sampler.set_epoch(epoch, start)
+
+    @property
+    def steps(self) -> int:
+        """Whole batches per epoch on this rank, counted from the epoch start (whatever `start`)."""
+        return self.sampler.per_rank // self.batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -93,11 +117,11 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
-    sampler: Sampler | None = None,
-) -> DataLoader:
+    sampler: EpochSampler | None = None,
+) -> EpochLoader:
     """Per-rank batches of `batch_size`; the last incomplete batch is dropped (hinge losses need negatives).
-    The items come from `sampler` when given (it must have EpochSampler's `set_epoch(epoch, start)`, e.g.
-    `HardBatchSampler`), else from an `EpochSampler`.
+    The items come from `sampler` when given (an `EpochSampler`, e.g. `HardBatchSampler`), else from an
+    `EpochSampler`.
 
     Workers persist across epochs (no new processes and no empty pipeline at each epoch start; the
     sampler lives in the main process, so `set_epoch` still applies). `pin_memory` (for a CUDA device)
@@ -105,7 +129,7 @@ def build_train_loader(
     sampler = sampler if sampler is not None else EpochSampler(len(dataset), seed, rank, world_size)
     # A private generator: creating an iterator must not consume the global torch RNG, whose state the
     # checkpoint restores (a resumed run creates its iterator at another moment than the original).
-    return DataLoader(
+    return EpochLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

@@ -205,13 +205,12 @@ def _identity(x):
 
 
 class ShardLoader:
-    """The train loader of a webdataset: the Trainer's loader interface (`sampler.set_epoch(epoch, start)`,
-    `len(sampler)`, `batch_size`, iteration) plus `state_dict()` / `load_state_dict()` of its position."""
+    """The train loader of a webdataset, a `ResumableLoader` (crossmatch.models.protocols): `set_epoch(epoch,
+    start)`, `steps`, `batch_size`, iteration, and `state_dict()` / `load_state_dict()` of its position."""
 
     def __init__(self, stream: ShardStream, num_workers: int = 0):
         self.stream, self.num_workers = stream, num_workers
         self.batch_size = stream.cfg["batch_size"]
-        self.sampler = self  # the Trainer sets the epoch on `loader.sampler`
         self.epoch, self.consumed, self.states = 0, 0, {}  # states: logical worker -> state after its last batch
         self._saved: dict[str, Any] | None = None
 
@@ -220,8 +219,13 @@ class ShardLoader:
         return max(1, self.num_workers)
 
     def __len__(self) -> int:
-        """Pairs per rank per epoch, whole batches only (what `len(sampler)` is for the indexed loader)."""
+        """Pairs per rank per epoch, whole batches only."""
         return self.stream.cfg["n_batches"] * self.batch_size
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return self.stream.cfg["n_batches"]
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Start (or resume, `start` pairs in) epoch `epoch`: from the stored position when it is this one,

@@ -12,6 +12,10 @@ Integrity: every `.pt` holds a `sha256` entry (`payload_digest` of the rest) and
 its metadata; loading checks the zip records' CRC-32s, then the digest. An empty, truncated or corrupt file
 is a `CheckpointError` (a resume falls back to the newest readable one); a file that needs arbitrary
 unpickling is an `UnsafeCheckpointError`, never skipped. Files written before the digest load unchecked.
+
+Format: every `.pt` holds `format_version` (FORMAT_VERSION, the layout this code writes). A file without
+one is version 1 (written before the number was stored; the same layout) and loads; a file of a newer
+version is a `NewerCheckpointError` naming both versions, never skipped by a resume.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from crossmatch.files import atomic_write
 from crossmatch.models.face import CONFIG_NAME, OPEN_CLIP_TOKENIZER_NAME, TOKENIZER_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the checkpoint layout this code writes, and the newest it reads
+FORMAT_KEY = "format_version"  # checkpoint entry of the layout version; absent: version 1
 EPOCH_FILE = re.compile(r"epoch_(\d{1,12})\.pt")  # the per-epoch checkpoints a Checkpointer writes and prunes
 DIGEST_KEY = "sha256"  # checkpoint entry / safetensors metadata key of the payload digest
 
@@ -105,10 +110,15 @@ def _feed(h, x: Any) -> None:
         h.update(f"{type(x).__name__}:{x!r};".encode())
 
 
+class NewerCheckpointError(CheckpointError):
+    """A checkpoint written in a newer format than this code reads: not damaged, so never skipped."""
+
+
 def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
-    """torch.save to `path` so that readers only ever see a complete file; the dict gets a `sha256`
-    entry (`payload_digest` of the rest) that `load_checkpoint` verifies."""
-    stamped = {**obj, DIGEST_KEY: payload_digest(obj)}
+    """torch.save to `path` so that readers only ever see a complete file; the dict gets a `format_version`
+    entry (FORMAT_VERSION) and a `sha256` entry (`payload_digest` of the rest) that `load_checkpoint` verifies."""
+    versioned = {**obj, FORMAT_KEY: FORMAT_VERSION}
+    stamped = {**versioned, DIGEST_KEY: payload_digest(versioned)}
     atomic_write(path, lambda f: torch.save(stamped, f))
 
 
@@ -139,8 +149,10 @@ def _check_archive(path: Path) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint safely. Raises CheckpointError (one line naming the file) for missing, empty,
     truncated or corrupt files (archive CRCs and the stored sha256 are checked), and its subclass
-    UnsafeCheckpointError for a file that needs arbitrary unpickling, refused before anything in it runs.
-    Checkpoints written before the sha256 was stored load without that check."""
+    UnsafeCheckpointError for a file that needs arbitrary unpickling, refused before anything in it runs,
+    and NewerCheckpointError for a format newer than FORMAT_VERSION. Checkpoints written before the sha256
+    was stored load without that check; those written before `format_version` are version 1. The returned
+    dict holds neither entry."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -159,7 +171,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     expected = ckpt.pop(DIGEST_KEY, None)
     if expected is not None and expected != payload_digest(ckpt):
         raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match their stored sha256")
+    check_format(ckpt.pop(FORMAT_KEY, 1), path)  # versions 1 and 2 share one layout: nothing to convert
     return check_entries(ckpt, path)
+
+
+def check_format(version: Any, path: str | Path) -> None:
+    """Refuse a `format_version` this code does not read, in one line naming the file and both versions.
+
+    Raises:
+        NewerCheckpointError: a version above FORMAT_VERSION.
+        CheckpointError: a version that is not a positive integer.
+    """
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"checkpoint {path}: format_version {version!r} is not a format version (1, 2, ...)")
+    if version > FORMAT_VERSION:
+        raise NewerCheckpointError(
+            f"checkpoint {path} is format_version {version}, newer than this crossmatch reads "
+            f"(format_version {FORMAT_VERSION}): upgrade crossmatch to load it"
+        )
 
 
 def check_entries(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
@@ -357,12 +386,13 @@ class Checkpointer:
     def load_latest(self) -> tuple[dict[str, Any], Path] | None:
         """The newest readable checkpoint, skipping (and reporting) empty, truncated or corrupt ones;
         None if there is none. An unsafe file stops the search (UnsafeCheckpointError): it was not damaged
-        by a crash, someone put it there."""
+        by a crash, someone put it there; so does a newer format (NewerCheckpointError): a newer crossmatch
+        wrote it, and resuming from an older file would overwrite its progress."""
         errors = []
         for path in self.candidates():
             try:
                 return load_checkpoint(path), path
-            except UnsafeCheckpointError:
+            except (UnsafeCheckpointError, NewerCheckpointError):
                 raise
             except CheckpointError as err:
                 log.warning("%s; trying an older checkpoint", err)

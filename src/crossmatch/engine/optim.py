@@ -9,6 +9,8 @@ from torch import nn
 
 from crossmatch.config import TrainConfig
 from crossmatch.errors import ConfigError
+from crossmatch.models.protocols import LayeredTowers
+from crossmatch.tasks.base import Task
 
 
 def lr_scales(module: nn.Module, layer_decay: float) -> dict[str, float]:
@@ -23,8 +25,8 @@ def lr_scales(module: nn.Module, layer_decay: float) -> dict[str, float]:
         raise ConfigError(f"train.layer_decay={layer_decay}: must be in (0, 1]")
     if layer_decay == 1:
         return {}
-    model = getattr(module, "model", module)
-    if not hasattr(model, "layer_depths"):
+    model = module.model if isinstance(module, Task) else module
+    if not isinstance(model, LayeredTowers):
         raise ConfigError(f"train.layer_decay: {type(model).__name__} does not describe its layers (clip models do)")
     prefix = "model." if model is not module else ""
     return {prefix + name: layer_decay ** (top - d) for name, (d, top) in model.layer_depths().items()}
@@ -39,8 +41,8 @@ def tower_lrs(module: nn.Module, cfg: TrainConfig) -> dict[str, float]:
     """
     if cfg.tower_lr == 0:
         return {name: cfg.lr * scale for name, scale in lr_scales(module, cfg.layer_decay).items()}
-    model = getattr(module, "model", module)
-    if not hasattr(model, "layer_depths"):
+    model = module.model if isinstance(module, Task) else module
+    if not isinstance(model, LayeredTowers):
         raise ConfigError(
             f"train.tower_lr: {type(model).__name__} has no pretrained towers "
             "(vse_pretrained, clip, albef_minilm, vilt_minilm do)"

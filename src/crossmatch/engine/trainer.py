@@ -1,8 +1,9 @@
 """The training loop. It receives built objects (task, optimiser and schedule, loader, evaluator, output
-sinks, config, DistInfo) and never branches on the model family.
+sinks, the run config whose `train` section is its own, DistInfo) and never branches on the model family.
 
 Resume is exact: the batch stream is a pure function of (seed, epoch, position) (see EpochSampler), and
-a checkpoint holds model, optimiser, scheduler, AMP scaler, RNG states and the position in the epoch.
+a checkpoint holds model, optimiser, scheduler, AMP scaler, RNG states and the position in the epoch. The
+train loader is driven only through `ResumableLoader` (set_epoch, steps, state_dict, load_state_dict).
 Under torchrun the Task is wrapped in DistributedDataParallel: `Task.forward` is its training step.
 """
 
@@ -12,7 +13,6 @@ import contextlib
 import logging
 import math
 import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -30,6 +29,8 @@ from crossmatch.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from crossmatch.engine.distributed import DistInfo
 from crossmatch.engine.logging import MetricLogger
 from crossmatch.errors import CrossmatchError, DataError
+from crossmatch.models.protocols import ResumableLoader
+from crossmatch.progress import show_progress
 from crossmatch.tensors import all_gather_objects, all_reduce_max, to_device
 
 log = logging.getLogger(__name__)
@@ -53,49 +54,11 @@ class TrainState:
 
 
 @dataclass
-class TrainerConfig:
-    """What the loop itself needs, taken from the run config (`TrainerConfig.from_run`)."""
-
-    epochs: int = 1
-    max_steps_per_epoch: int = 0  # 0: the whole epoch
-    log_every: int = 20  # optimizer steps between scalar logs
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
-    eval_precision: str = "fp32"  # autocast of validation
-    accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
-    compile: bool = False  # torch.compile the training step
-    checkpoint_every_steps: int = 0  # also refresh last.pt every this many steps (0: epoch ends only)
-    eval_every_epochs: int = 1  # validate every this many epochs (and after the last)
-    metric: str = "rsum"  # validation metric that selects best.pt (higher is better)
-    loss_batches: int = 10  # batches of val pairs for the validation loss (0: off)
-    max_bad_samples: int = 0  # unreadable training images allowed per epoch
-
-    @classmethod
-    def from_run(cls, cfg: RunConfig) -> TrainerConfig:
-        t, e = cfg.train, cfg.eval
-        return cls(
-            epochs=t.epochs,
-            max_steps_per_epoch=t.max_steps_per_epoch,
-            log_every=t.log_every,
-            precision=t.precision,
-            eval_precision=e.precision_for(t.precision),
-            accum_steps=t.accum_steps,
-            grad_clip=t.grad_clip,
-            compile=t.compile,
-            checkpoint_every_steps=cfg.checkpoint.every_steps,
-            eval_every_epochs=e.every_epochs,
-            metric=e.metric,
-            loss_batches=e.loss_batches,
-            max_bad_samples=cfg.data.max_bad_samples,
-        )
-
-
-@dataclass
 class RunLoaders:
     """The batches a run reads: training pairs, and optionally validation pairs for the validation loss."""
 
-    train: DataLoader
-    val: DataLoader | None = None  # pairs of the val split (no augmentation), same batch size as training
+    train: ResumableLoader
+    val: ResumableLoader | None = None  # pairs of the val split (no augmentation), same batch size as training
 
 
 @dataclass
@@ -132,14 +95,18 @@ class Trainer:
         loaders: RunLoaders,
         evaluator: Callable[[nn.Module], dict[str, float]] | None,
         sinks: RunSinks,
-        cfg: TrainerConfig,
+        cfg: RunConfig,
         dist: DistInfo,
     ):
         self.task, self.model = task, task.model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = loaders.train, loaders.val
         self.evaluator, self.sinks = evaluator, sinks
-        self.cfg, self.dist = cfg, dist
+        self.cfg, self.dist = cfg.train, dist  # the run's train section is the loop's own config
+        self.eval_cfg = cfg.eval  # when to validate, the metric that selects best.pt, the validation loss
+        self.eval_precision = cfg.eval.precision_for(cfg.train.precision)
+        self.checkpoint_every = cfg.checkpoint.every_steps  # also refresh last.pt every this many steps (0: off)
+        self.max_bad_samples = cfg.data.max_bad_samples  # unreadable training images allowed per epoch
         if self.cfg.precision not in DTYPES:
             raise CrossmatchError(f"unknown train.precision {self.cfg.precision!r}; known: fp32, bf16, fp16")
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.cfg.precision == "fp16")
@@ -157,7 +124,7 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        n = len(self.train_loader.sampler) // (self.train_loader.batch_size * self.micro_batches)
+        n = self.train_loader.steps // self.micro_batches
         return min(n, self.cfg.max_steps_per_epoch) if self.cfg.max_steps_per_epoch > 0 else n
 
     def close(self) -> None:
@@ -179,9 +146,10 @@ class Trainer:
         }
 
     def _loader_state(self) -> dict[str, Any]:
-        # Streaming loaders (webdataset shards) know their position themselves: keep every rank's.
-        has = hasattr(self.train_loader, "state_dict")
-        return {"loader": all_gather_objects(self.train_loader.state_dict())} if has else {}
+        # A streaming loader (webdataset shards) knows its position itself: keep every rank's. An indexed
+        # loader's position is the step (its state is empty): its checkpoints carry no loader entry.
+        states = all_gather_objects(self.train_loader.state_dict())
+        return {"loader": states} if any(states) else {}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -192,13 +160,13 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["trainer"])
         set_rng_state(ckpt["rng"])
-        if "loader" in ckpt and hasattr(self.train_loader, "load_state_dict") and self.dist.rank < len(ckpt["loader"]):
+        if "loader" in ckpt and self.dist.rank < len(ckpt["loader"]):
             self.train_loader.load_state_dict(ckpt["loader"][self.dist.rank])
 
     # ---- loop --------------------------------------------------------------------------------------
     @property
     def show_progress(self) -> bool:
-        return self.dist.is_main and sys.stderr.isatty()  # bars on a terminal only, never in logs
+        return show_progress(self.dist.is_main)  # bars on a terminal only, never in logs
 
     def fit(self) -> TrainState:
         # Log lines go above the progress bars instead of into them.
@@ -213,7 +181,7 @@ class Trainer:
         self.task.train()
         self.task.on_epoch_start(s.epoch)
         per_step = self.train_loader.batch_size * self.micro_batches
-        self.train_loader.sampler.set_epoch(s.epoch, start=s.step_in_epoch * per_step)
+        self.train_loader.set_epoch(s.epoch, start=s.step_in_epoch * per_step)
         bar = tqdm(
             total=n_steps,
             initial=s.step_in_epoch,
@@ -231,7 +199,7 @@ class Trainer:
             logs = self.train_step(micro)
             s.step_in_epoch += 1
             s.global_step += 1
-            every = self.cfg.checkpoint_every_steps
+            every = self.checkpoint_every
             if every and s.global_step % every == 0 and s.step_in_epoch < n_steps:
                 self.sinks.checkpointer.save(self.state_dict())  # mid-epoch: last.pt only
             bar.update(1)
@@ -270,13 +238,13 @@ class Trainer:
                 with autocast(self.dist.device, self.cfg.precision):
                     losses, logs = self.step_module(batch)
                 loss = sum(losses.values())
-                self._check_finite(loss, losses)
                 self.scaler.scale(loss / len(batches)).backward()
             for name, v in {"loss": loss, **losses, **logs}.items():
                 totals[name] = totals.get(name, 0.0) + (v.detach() if torch.is_tensor(v) else v) / len(batches)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             totals["grad_norm"] = nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.grad_clip).detach()
+        self._check_finite(totals)  # before the weights change: the step's one host sync
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # fp16 only
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -298,19 +266,41 @@ class Trainer:
             ready, self.step_module, self.scaler.scale, lambda: autocast(self.dist.device, self.cfg.precision)
         )
         loss = sum(losses.values())
-        self._check_finite(loss, losses)
         return {name: float(v) for name, v in {"loss": loss, **losses, **logs}.items()}
 
-    def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
-        # Every rank must agree, or the healthy ones would wait forever in the next collective.
-        bad = all_reduce_max(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device))
-        if bad > 0:
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {self.state.epoch + 1} step "
-                f"{self.state.step_in_epoch + 1} on some rank (here: {terms}); "
-                "stopping with the last good checkpoint intact"
-            )
+    def _check_finite(self, totals: dict[str, torch.Tensor | float]) -> None:
+        """Stop before `optimizer.step()` when this step's loss, or (clipping in fp32/bf16) its gradient norm,
+        is NaN or infinite on any rank: the weights stay those of the last good step (no checkpoint can hold
+        bad ones), and every rank raises the same error together (a healthy rank would otherwise wait forever
+        in the next collective). One all-reduce, once per optimizer step: the micro-batches before it never
+        wait for the device. In fp16 the grad scaler skips a step with inf/NaN gradients itself (and lowers
+        its scale), so only the loss is watched there.
+
+        Raises:
+            NonFiniteLossError: naming the step, the rank(s) and the loss terms of the first bad rank.
+        """
+        watched = {"loss": totals.get("loss", 0.0)}
+        if "grad_norm" in totals and not self.scaler.is_enabled():
+            watched["gradients"] = totals["grad_norm"]
+        values = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32, device=self.dist.device) for v in watched.values()]
+        )
+        bad_here = ~torch.isfinite(values)  # (len(watched),)
+        if all_reduce_max(bad_here.any().float()) == 0:
+            return
+        flags = dict(zip(watched, bad_here.tolist(), strict=True))
+        kind = "loss" if flags["loss"] else "gradients" if any(flags.values()) else ""  # a bad loss has bad grads
+        keep = ("grad_norm",) if kind == "gradients" else ()
+        here = {k: float(v) for k, v in totals.items() if k.endswith("_loss") or k in keep}  # the task's terms
+        every = all_gather_objects((kind, here))  # (what is bad, terms) per rank: one message
+        worst = "loss" if any(what == "loss" for what, _ in every) else "gradients"  # DDP shares a bad gradient
+        bad = [r for r, (what, _) in enumerate(every) if what == worst]
+        kind, terms = every[bad[0]][0], ", ".join(f"{k}={v:.4g}" for k, v in every[bad[0]][1].items())
+        where = f" on rank {', '.join(map(str, bad))} of {len(every)}" if len(every) > 1 else ""
+        raise NonFiniteLossError(
+            f"non-finite {kind} at epoch {self.state.epoch + 1} step {self.state.step_in_epoch + 1}{where} "
+            f"({terms}); stopping with the last good checkpoint intact"
+        )
 
     def _count_skipped(self, batch: dict) -> None:
         """Count the pairs of unreadable images that `collate` dropped; more than data.max_bad_samples
@@ -324,16 +314,16 @@ class Trainer:
         s.bad_images += new
         if new:
             log.warning("skipped %d unreadable image(s), %d this epoch: %s", len(new), len(s.bad_images), skipped[0][1])
-        if len(s.bad_images) > self.cfg.max_bad_samples:
+        if len(s.bad_images) > self.max_bad_samples:
             raise DataError(
                 f"{len(s.bad_images)} unreadable training images in epoch {s.epoch + 1}, more than "
-                f"data.max_bad_samples={self.cfg.max_bad_samples}; first: {skipped[0][1]}"
+                f"data.max_bad_samples={self.max_bad_samples}; first: {skipped[0][1]}"
             )
 
     def end_epoch(self) -> None:
         """Validate, record, checkpoint (last, per-epoch, best)."""
         s = self.state
-        due = (s.epoch + 1) % self.cfg.eval_every_epochs == 0 or s.epoch + 1 == self.cfg.epochs
+        due = (s.epoch + 1) % self.eval_cfg.every_epochs == 0 or s.epoch + 1 == self.cfg.epochs
         t_val = time.perf_counter()
         metrics = self.evaluate() if due else {}
         val_losses = self.validation_loss() if due else {}
@@ -344,7 +334,7 @@ class Trainer:
         is_best = False
         if metrics:
             s.history.append({"epoch": s.epoch + 1, **val_losses, **metrics})
-            value = metrics[self.cfg.metric]
+            value = metrics[self.eval_cfg.metric]
             is_best = value > s.best_metric
             if is_best:
                 s.best_metric, s.best_epoch = value, s.epoch + 1
@@ -353,7 +343,7 @@ class Trainer:
                 "epoch %d val %s=%.2f (best %.2f at epoch %d), peak memory %.0f MB, validation %.1f s "
                 "(%.0f%% of the epoch's training time)",
                 s.epoch + 1,
-                self.cfg.metric,
+                self.eval_cfg.metric,
                 value,
                 s.best_metric,
                 s.best_epoch,
@@ -370,10 +360,10 @@ class Trainer:
         """The task's own objective on up to `eval.loss_batches` batches of validation pairs (eval mode, no
         gradient): `loss` and every `*_loss` term, averaged over batches, logged under the training tags so
         that TensorBoard draws train and val curves on one chart. The training RNG stream is untouched."""
-        n = min(len(self.val_loader), self.cfg.loss_batches) if self.val_loader is not None else 0
+        n = min(self.val_loader.steps, self.eval_cfg.loss_batches) if self.val_loader is not None else 0
         if n <= 0:
             return {}
-        self.val_loader.sampler.set_epoch(0)  # the same validation batches every time
+        self.val_loader.set_epoch(0)  # the same validation batches every time
         was_training = self.task.training
         self.task.eval()
         totals: dict[str, float] = {}
@@ -396,7 +386,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
             return {}
-        with torch.no_grad(), autocast(self.dist.device, self.cfg.eval_precision):
+        with torch.no_grad(), autocast(self.dist.device, self.eval_precision):
             metrics = self.evaluator(self.model)
         if self.dist.device.type == "cuda":
             torch.cuda.empty_cache()  # give the evaluation's cached blocks back before training resumes

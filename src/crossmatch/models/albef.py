@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.errors import ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import l2norm
-from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.registry import register_model
 from crossmatch.models.transformer import Encoder, TextTransformer, VisionTransformer, build_patch_stem, prepend_cls
 
 
@@ -60,6 +60,8 @@ class ALBEF(ImageTextModel):
     Momentum copies (`*_m`) have requires_grad False and are updated by EMA in `momentum_features`; the queues
     (`image_queue`, `text_queue`, `idx_queue`, `queue_ptr`) are buffers, so they are in the state_dict.
     """
+
+    family = "albef"  # crossmatch.tasks.albef: its own objective
 
     def __init__(self, cfg: AlbefConfig):
         super().__init__()
@@ -172,35 +174,31 @@ class ALBEF(ImageTextModel):
         self.queue_ptr.fill_((ptr + n) % Q)
 
 
-def _albef(defaults: dict, overrides: dict) -> ALBEF:
-    return ALBEF(build_config(AlbefConfig, defaults, overrides))
-
-
-@register_model
-def albef_small(**overrides) -> ALBEF:
+@register_model(AlbefConfig)
+def albef_small(cfg: AlbefConfig) -> ALBEF:
     """ALBEF with a ViT (patch 8 on 64 px), width 256, 4 vision + 2 text + 2 fusion layers.
 
     For CPU training from scratch, configs/albef_shapes.yaml narrows it (width 64, CNN stem, 16 tokens,
     no momentum)."""
-    return _albef({}, overrides)
+    return ALBEF(cfg)
 
 
-@register_model
-def tiny_albef(**overrides) -> ALBEF:
+TINY = {
+    "image_size": 32,
+    "patch_size": 8,
+    "width": 16,
+    "heads": 2,
+    "mlp_ratio": 2.0,
+    "vision_layers": 1,
+    "text_layers": 1,
+    "fusion_layers": 1,
+    "max_text_len": 16,
+    "embed_dim": 8,
+    "queue_size": 16,
+}
+
+
+@register_model(AlbefConfig, TINY)
+def tiny_albef(cfg: AlbefConfig) -> ALBEF:
     """A few thousand parameters (plus vocab_size * 16 word embeddings), for tests."""
-    return _albef(
-        {
-            "image_size": 32,
-            "patch_size": 8,
-            "width": 16,
-            "heads": 2,
-            "mlp_ratio": 2.0,
-            "vision_layers": 1,
-            "text_layers": 1,
-            "fusion_layers": 1,
-            "max_text_len": 16,
-            "embed_dim": 8,
-            "queue_size": 16,
-        },
-        overrides,
-    )
+    return ALBEF(cfg)

@@ -35,13 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.data.clip_tokenizer import OpenClipTokenizer, open_clip_module
 from crossmatch.errors import ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.dual_encoder import JointEmbedding
 from crossmatch.models.hub import hub_error, short_hub_timeouts
 from crossmatch.models.layers import l2norm
-from crossmatch.models.registry import build_config, register_model, register_tokenizer
+from crossmatch.models.registry import model_config, register_model, register_tokenizer
 
 # open_clip's preprocessing -> crossmatch's data.resize (open_clip's 'longest' pads: not offered here)
 RESIZE = {"shortest": "shortest", "squash": "squash"}
@@ -300,22 +300,21 @@ TINY_ARCH = {
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
 }
-DEFAULTS: dict[str, dict[str, Any]] = {"clip": {}, "tiny_clip": {"arch": "", "arch_config": TINY_ARCH}}
 
 
-@register_model
-def clip(load_weights: bool = True, **overrides) -> ClipModel:
+@register_model(ClipConfig, loads_weights=True)
+def clip(cfg: ClipConfig, load_weights: bool) -> ClipModel:
     """Any open_clip architecture (`model.arch`, default ViT-B-32) and pretrained tag (`model.pretrained`)."""
-    return ClipModel(build_config(ClipConfig, DEFAULTS["clip"], overrides), load_weights)
+    return ClipModel(cfg, load_weights)
 
 
-@register_model
-def tiny_clip(load_weights: bool = True, **overrides) -> ClipModel:
+@register_model(ClipConfig, {"arch": "", "arch_config": TINY_ARCH}, loads_weights=True)
+def tiny_clip(cfg: ClipConfig, load_weights: bool) -> ClipModel:
     """A two-block ViT (32 px, patch 8) and a two-layer text transformer (CLIP's BPE, 16 tokens), for tests."""
-    return ClipModel(build_config(ClipConfig, DEFAULTS["tiny_clip"], overrides), load_weights)
+    return ClipModel(cfg, load_weights)
 
 
 @register_tokenizer("clip", "tiny_clip")
 def clip_tokenizer(name: str, **overrides) -> OpenClipTokenizer:
     """open_clip's tokenizer for the architecture a config names (no model is built)."""
-    return OpenClipTokenizer(*tokenizer_spec(build_config(ClipConfig, DEFAULTS[name], overrides)))
+    return OpenClipTokenizer(*tokenizer_spec(model_config(name, **overrides)))

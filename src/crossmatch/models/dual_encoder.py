@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import image_hw, ranged
 from crossmatch.errors import ConfigError
+from crossmatch.fields import image_hw, ranged
 from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
-from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.registry import register_model
 
 
 @dataclass
@@ -48,6 +48,7 @@ class JointEmbedding(ImageTextModel):
     """What every dual encoder shares: a `text_tower` returning (words, sentence), a `text_proj`, cosine
     scores of l2-normalised embeddings. Subclasses build the towers and implement `encode_image_features`."""
 
+    family = "dual_encoder"  # crossmatch.tasks: hinge (VSE++), infonce, siglip
     is_dual_encoder = True  # l2-normalised (B, E) embeddings: the contrastive losses (loss.name) apply
 
     def encode_text_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -91,31 +92,28 @@ class DualEncoder(JointEmbedding):
     # encode_text_features, similarity and forward come from JointEmbedding.
 
 
-def _dual(defaults: dict, overrides: dict) -> DualEncoder:
-    return DualEncoder(build_config(DualEncoderConfig, defaults, overrides))
-
-
-@register_model
-def vse_cnn(**overrides) -> DualEncoder:
+@register_model(DualEncoderConfig, {"text_hidden": 512})
+def vse_cnn(cfg: DualEncoderConfig) -> DualEncoder:
     """VSE++ with the classic small CNN and a GRU (512 wide, to train in CPU minutes), 1024-d embeddings."""
-    return _dual({"text_hidden": 512}, overrides)
+    return DualEncoder(cfg)
 
 
-@register_model
-def vse_resnet18(**overrides) -> DualEncoder:
+@register_model(DualEncoderConfig, {"image_tower": "resnet18"})
+def vse_resnet18(cfg: DualEncoderConfig) -> DualEncoder:
     """VSE++ with a torchvision ResNet-18 image tower and a GRU: a mid-size baseline."""
-    return _dual({"image_tower": "resnet18"}, overrides)
+    return DualEncoder(cfg)
 
 
-@register_model
-def vse_resnet50(**overrides) -> DualEncoder:
+@register_model(DualEncoderConfig, {"image_tower": "resnet50"})
+def vse_resnet50(cfg: DualEncoderConfig) -> DualEncoder:
     """The VSE++ paper's ResNet-152 setting, with the ResNet-50 torchvision ships."""
-    return _dual({"image_tower": "resnet50"}, overrides)
+    return DualEncoder(cfg)
 
 
-@register_model
-def tiny_vse(**overrides) -> DualEncoder:
+TINY = {"cnn_channels": (4, 4, 8), "image_size": 32, "word_dim": 8, "text_hidden": 16, "embed_dim": 16}
+
+
+@register_model(DualEncoderConfig, TINY)
+def tiny_vse(cfg: DualEncoderConfig) -> DualEncoder:
     """A few thousand parameters, for tests."""
-    return _dual(
-        {"cnn_channels": (4, 4, 8), "image_size": 32, "word_dim": 8, "text_hidden": 16, "embed_dim": 16}, overrides
-    )
+    return DualEncoder(cfg)

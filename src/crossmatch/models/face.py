@@ -20,6 +20,7 @@ Legend: B batch, L tokens, E embedding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from crossmatch.errors import DataError, ModelError, install_hint
 from crossmatch.files import atomic_write, write_text
+from crossmatch.models.protocols import RunAttached, takes_boxes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class ImageTextModel(nn.Module):
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         """Preprocessed images (B, 3, H, W) -> (B, E) first-stage embeddings (l2-normalised if `normalize`)."""
-        if getattr(self, "needs_boxes", False):
+        if takes_boxes(self):
             raise ModelError(f"{type(self).__name__} reads object boxes with its images: use crossmatch evaluate")
         emb = self.image_embedding(self.encode_image_features({"image": images}))  # (B, E)
         return F.normalize(emb, dim=-1) if normalize else emb
@@ -146,7 +148,7 @@ class ImageTextModel(nn.Module):
             raise DataError(
                 f"encode takes captions (str) or images (PIL.Image, pathlib.Path), one kind per call; got {got}"
             )
-        preprocess, tokenizer = getattr(self, "preprocess", None), getattr(self, "tokenizer", None)
+        preprocess, tokenizer = (self.preprocess, self.tokenizer) if isinstance(self, RunAttached) else (None, None)
         if not callable(preprocess) or not callable(tokenizer):
             raise ModelError("model.encode needs the preprocessing and tokenizer of crossmatch.load / from_pretrained")
         if device is not None:
@@ -184,9 +186,7 @@ class ImageTextModel(nn.Module):
         a README.md model card. Returns the folder."""
         from safetensors.torch import save
 
-        from crossmatch.config import config_to_dict
-
-        cfg, tokenizer = getattr(self, "run_config", None), getattr(self, "tokenizer", None)
+        cfg, tokenizer = (self.run_config, self.tokenizer) if isinstance(self, RunAttached) else (None, None)
         if cfg is None or tokenizer is None or not hasattr(tokenizer, "to_str"):
             raise ModelError("save_pretrained needs a model from crossmatch.load / create_model_and_transforms")
         folder = Path(save_directory)
@@ -194,9 +194,9 @@ class ImageTextModel(nn.Module):
         skip = set(self.training_only_keys())
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items() if k not in skip}
         atomic_write(folder / WEIGHTS_NAME, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
-        config = config_to_dict(cfg)
+        config = dataclasses.asdict(cfg)  # the run config as checkpoints store it (models import no run config)
         write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        pp = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(getattr(self, "preprocess", {}) or {}).items()}
+        pp = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(self.preprocess or {}).items()}
         write_text(folder / PREPROCESS_NAME, json.dumps(pp, indent=2, sort_keys=True) + "\n")
         text = tokenizer.to_str()
         from crossmatch.data.clip_tokenizer import is_spec

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.errors import ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.albef import ALBEF
 from crossmatch.models.bert import (
     BertEmbeddings,
@@ -44,7 +44,7 @@ from crossmatch.models.bert import (
 from crossmatch.models.frozen_cache import OutputCache, input_key, tower_cache
 from crossmatch.models.layers import feature_map_to_regions, l2norm
 from crossmatch.models.pretrained import ImageTower, depths_by_blocks
-from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.registry import register_model
 from crossmatch.models.transformer import ImageEmbedding, PatchEmbed, initial_positions
 from crossmatch.models.vilt import ViLT
 
@@ -379,15 +379,15 @@ class ViltPretrained(ViLT):
     # encode_image_features, itm_logits, similarity, score_pairs and forward come from ViLT.
 
 
-@register_model
-def albef_minilm(load_weights: bool = True, **overrides) -> AlbefPretrained:
+@register_model(AlbefPretrainedConfig, loads_weights=True)
+def albef_minilm(cfg: AlbefPretrainedConfig, load_weights: bool) -> AlbefPretrained:
     """ALBEF from MiniLM-L6 (layers 0-2 text, 3-5 fusion + new cross-attention) and a frozen EfficientNet-Lite0
     feature map as image tokens; momentum distillation on. Train with `data.tokenizer=minilm`."""
-    return AlbefPretrained(build_config(AlbefPretrainedConfig, {}, overrides), load_weights)
+    return AlbefPretrained(cfg, load_weights)
 
 
-@register_model
-def vilt_minilm(load_weights: bool = True, **overrides) -> ViltPretrained:
+@register_model(ViltPretrainedConfig, loads_weights=True)
+def vilt_minilm(cfg: ViltPretrainedConfig, load_weights: bool) -> ViltPretrained:
     """ViLT whose single-stream encoder is MiniLM-L6's 6 layers; patch and modality-type embeddings new.
     Train with `data.tokenizer=minilm`."""
-    return ViltPretrained(build_config(ViltPretrainedConfig, {}, overrides), load_weights)
+    return ViltPretrained(cfg, load_weights)

@@ -23,15 +23,15 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.data.loaders import pad_sequences
 from crossmatch.data.tokenizer import build_tokenizer
 from crossmatch.errors import ConfigError, ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.class_prior import ClassNamePrior, embed_names, imagenet_class_names
 from crossmatch.models.dual_encoder import JointEmbedding
 from crossmatch.models.frozen_cache import OutputCache, input_key, tower_cache
 from crossmatch.models.layers import ResNetTower, l2norm
-from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.registry import register_model
 from crossmatch.weights import INSTALL_HINT, efficientnet_lite0_file, resolve_text_checkpoint
 
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0 (and B0)
@@ -287,11 +287,11 @@ def _timm_model(name: str, pretrained: bool) -> nn.Module:
         raise ModelError(f"image tower {name!r}: cannot load its weights: {str(err).splitlines()[0]}") from err
 
 
-def timm_preprocess(model: nn.Module) -> dict:
-    """A timm model's own preprocessing (`timm.data.resolve_data_config` of its pretrained_cfg) as the
+def timm_preprocess(backbone: nn.Module) -> dict:
+    """A timm backbone's own preprocessing (`timm.data.resolve_data_config` of its pretrained_cfg) as the
     fields of crossmatch's `data` section; `size` only when the architecture fixes its input size."""
     timm = require("timm")
-    dc = timm.data.resolve_data_config({}, model=model)
+    dc = timm.data.resolve_data_config({}, model=backbone)
     out = {
         "mean": [float(v) for v in dc["mean"]],
         "std": [float(v) for v in dc["std"]],
@@ -299,7 +299,7 @@ def timm_preprocess(model: nn.Module) -> dict:
         "resize": "shortest",  # timm's evaluation: shorter side, centre crop
         "native_size": int(dc["input_size"][-1]),
     }
-    if getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False):
+    if getattr(backbone, "pretrained_cfg", {}).get("fixed_input_size", False):
         out["size"] = out["native_size"]
     return out
 
@@ -588,9 +588,9 @@ class PretrainedDualEncoder(JointEmbedding):
     # similarity and forward come from JointEmbedding.
 
 
-@register_model
-def vse_pretrained(load_weights: bool = True, **overrides) -> PretrainedDualEncoder:
+@register_model(PretrainedDualConfig, loads_weights=True)
+def vse_pretrained(cfg: PretrainedDualConfig, load_weights: bool) -> PretrainedDualEncoder:
     """MiniLM-L6 text + EfficientNet-Lite0 image towers, both frozen: trains on CPU with packaged weights.
     Train it with `data.tokenizer=minilm` (the text tower's own WordPiece vocabulary). `load_weights=False`
     (a checkpoint follows) skips computing the class-name prior, whose tensors the checkpoint holds."""
-    return PretrainedDualEncoder(build_config(PretrainedDualConfig, {}, overrides), load_weights)
+    return PretrainedDualEncoder(cfg, load_weights)

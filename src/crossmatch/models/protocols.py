@@ -160,15 +160,75 @@ class WordAttention(Protocol):
 class ResumableLoader(Protocol):
     """A train loader the Trainer can stop and restart mid-epoch at the same batch (exact resume).
 
-    The indexed loader (its sampler), the hard-batch loader and the shard stream implement it."""
+    The indexed loader (`EpochLoader`), the hard-batch loader (the same over a `HardBatchSampler`) and the shard
+    stream (`ShardLoader`) implement it."""
+
+    batch_size: int  # items per batch on this rank
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Order the epoch's items by (seed, epoch); skip the first `start` items this rank would read."""
         ...
 
+    @property
+    def steps(self) -> int:
+        """Batches per epoch on this rank, counted from the epoch start (whatever `start`)."""
+        ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# What a model declares about itself (the registry, the tasks and the exporters read it).
+
+
+@runtime_checkable
+class Configured(Protocol):
+    """A model built from a config dataclass (every registered model: `create_model`); checkpoints save it."""
+
+    config: Any  # the family's config dataclass (ScanConfig, AlbefConfig, ...)
+
+
+def config_of(model: object) -> Any | None:
+    """The config dataclass `model` was built from; None for a module built outside the registry."""
+    return model.config if isinstance(model, Configured) else None
+
+
+@runtime_checkable
+class FamilyMember(Protocol):
+    """A model of a named family; training objectives are registered by (family, loss.name) (crossmatch.tasks)."""
+
+    family: str  # declared on the family's model class, e.g. "scan"
+
+
+def model_family(model: object) -> str:
+    """The family `model` declares; "" for a module that declares none."""
+    return model.family if isinstance(model, FamilyMember) else ""
+
+
+@runtime_checkable
+class DualEncoding(Protocol):
+    """Dual encoders: one l2-normalised (B, E) embedding per side and their dot product as the score, so the
+    contrastive losses and caption-to-caption cosines apply."""
+
+    is_dual_encoder: bool
+
+
+def is_dual_encoder(model: object) -> bool:
+    """Whether `model` scores a pair by the dot product of one embedding per side."""
+    return isinstance(model, DualEncoding) and bool(model.is_dual_encoder)
+
+
+@runtime_checkable
+class PretrainedTemperature(Protocol):
+    """Pretrained contrastive models (open_clip): the temperature the contrastive objective starts from."""
+
+    contrastive_init: dict[str, float]  # {"logit_scale": log scale, "logit_bias": bias (SigLIP)}, as loaded
+
+
+def pretrained_temperature(model: object) -> dict[str, float]:
+    """The model's pretrained {logit_scale, logit_bias}; {} for a model that brings none."""
+    return dict(model.contrastive_init) if isinstance(model, PretrainedTemperature) else {}
 
 
 # What the Python API attaches and reads (crossmatch.api).
@@ -180,6 +240,11 @@ class DeclaresPreprocess(Protocol):
     fills the data section's unset fields (`runs.resolve_preprocess`); None or {} when a family has none."""
 
     preprocess: Any  # Mapping[str, Any] | None
+
+
+def preprocess_of(model: object) -> dict[str, Any]:
+    """The model's own image preprocessing (filled into the empty data.* fields), {} when it declares none."""
+    return dict(model.preprocess or {}) if isinstance(model, DeclaresPreprocess) else {}
 
 
 @runtime_checkable

@@ -1,11 +1,12 @@
-"""Model registry: `@register_model` on a function that returns `Model(Config(...))`, and one short
-`create_model(name, **overrides)` that builds any registered variant."""
+"""Model registry: a plain lookup of named variants. `@register_model(Config, defaults)` on a small function
+`fn(config) -> Model` declares a variant: its config class, the variant's own defaults and how the model is
+built from the config. `create_model(name, **overrides)` builds any variant; `model_config(name, **overrides)`
+builds only its config dataclass (no towers, no weights)."""
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import inspect
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -13,10 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from crossmatch.config import check_fields
 from crossmatch.errors import ModelError
-
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+from crossmatch.fields import check_fields
 
 
 class UnknownModelKeysError(ModelError):
@@ -27,25 +26,62 @@ class UnknownModelKeysError(ModelError):
         self.config_class, self.keys = config_class, keys
 
 
+class ModelVariant:
+    """One registered variant: `build(config)` (or `build(config, load_weights)` for a variant that reads
+    pretrained weights) makes the model from `config_class(**{**defaults, **overrides})`.
+
+    Calling the variant builds it: `tiny_scan(vocab_size=50)` is `create_model("tiny_scan", vocab_size=50)`
+    without the None-dropping and data defaults of `create_model`."""
+
+    def __init__(
+        self, build: Callable[..., nn.Module], config_class: type, defaults: dict[str, Any], loads_weights: bool
+    ):
+        functools.update_wrapper(self, build)  # name, docstring, module of the builder
+        self.name = build.__name__
+        self.build, self.config_class, self.defaults, self.loads_weights = build, config_class, defaults, loads_weights
+
+    def config(self, **overrides: Any) -> Any:
+        """The variant's config dataclass with `overrides` applied (see build_config)."""
+        return build_config(self.config_class, self.defaults, overrides)
+
+    def __call__(self, load_weights: bool = True, **overrides: Any) -> nn.Module:
+        config = self.config(**overrides)
+        return self.build(config, load_weights) if self.loads_weights else self.build(config)
+
+    def __repr__(self) -> str:
+        return f"ModelVariant({self.name}: {self.config_class.__name__})"
+
+
+_MODELS: dict[str, ModelVariant] = {}
 _TOKENIZERS: dict[str, Callable[..., Any]] = {}  # families that bring their own tokenizer (open_clip)
 
-# Set by `model_config`: `build_config` then hands its result back as a _BuiltConfig instead of returning it,
-# so the builder stops before it constructs the model (no weights read, no towers built).
-_CONFIG_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("crossmatch_config_only", default=False)
 
+def register_model(
+    config: type, defaults: dict[str, Any] | None = None, *, loads_weights: bool = False
+) -> Callable[[Callable[..., nn.Module]], ModelVariant]:
+    """Register the decorated `fn(config) -> nn.Module` as the variant named after the function.
 
-class _BuiltConfig(BaseException):  # noqa: N818 - a carrier, not an error: a builder's `except Exception` lets it pass
-    def __init__(self, config: Any):
-        super().__init__(type(config).__name__)
-        self.config = config
+    Args:
+        config: the family's config dataclass.
+        defaults: the variant's own values of config fields (below the caller's overrides).
+        loads_weights: the builder reads pretrained weights and takes `fn(config, load_weights)`.
 
+    Returns:
+        A decorator that returns the `ModelVariant` (callable as `fn(**overrides) -> nn.Module`).
+    """
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"register_model(config=...) takes the config dataclass, not {config!r}")
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register `fn(**overrides) -> nn.Module` under its function name."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} is registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+    def wrap(fn: Callable[..., nn.Module]) -> ModelVariant:
+        if fn.__name__ in _MODELS:
+            raise ValueError(f"model {fn.__name__!r} is registered twice")
+        unknown = sorted(set(defaults or {}) - {f.name for f in dataclasses.fields(config)})
+        if unknown:
+            raise TypeError(f"model {fn.__name__!r}: defaults {unknown} are not fields of {config.__name__}")
+        _MODELS[fn.__name__] = ModelVariant(fn, config, dict(defaults or {}), loads_weights)
+        return _MODELS[fn.__name__]
+
+    return wrap
 
 
 def register_tokenizer(*names: str) -> Callable:
@@ -82,6 +118,18 @@ def describe_models(pattern: str = "") -> dict[str, str]:
     return out
 
 
+def variant(name: str) -> ModelVariant:
+    """The registered variant `name`.
+
+    Raises:
+        ModelError: unknown name.
+    """
+    _import_families()
+    if name not in _MODELS:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name]
+
+
 def create_model(
     name: str, *, data_defaults: dict[str, Any] | None = None, load_weights: bool = True, **overrides: Any
 ) -> nn.Module:
@@ -89,28 +137,17 @@ def create_model(
 
     `data_defaults` (e.g. vocab_size, image_size, max_text_len) fill the config fields of those names
     that the model has, below the explicit overrides; keys the model does not have are ignored.
-    `load_weights=False` skips pretrained weights for models whose builder takes that flag (a checkpoint's
-    weights replace them anyway: rebuilding a fine-tuned open_clip model needs no download).
+    `load_weights=False` skips pretrained weights for variants that read them (a checkpoint's weights
+    replace them anyway: rebuilding a fine-tuned open_clip model needs no download).
 
     Raises:
         ModelError: unknown name, or an override that is not a field of the model's config.
     """
-    _import_families()
-    if name not in _MODELS:
-        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
+    entry = variant(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    data = {k: v for k, v in (data_defaults or {}).items() if k not in overrides}
-    try:
-        fn = _MODELS[name]
-        if not load_weights and "load_weights" in inspect.signature(fn).parameters:
-            overrides["load_weights"] = False
-        return fn(**data, **overrides)
-    except UnknownModelKeysError as err:
-        absent = set(err.keys)
-        if not absent <= set(data):  # an explicit override the model does not have
-            raise UnknownModelKeysError(err.config_class, sorted(absent - set(data))) from None
-        # data facts the model's config has no field for (e.g. no vocabulary): not for this model
-        return fn(**{k: v for k, v in data.items() if k not in absent}, **overrides)
+    fields = {f.name for f in dataclasses.fields(entry.config_class)}
+    data = {k: v for k, v in (data_defaults or {}).items() if k in fields and k not in overrides}
+    return entry(load_weights=load_weights, **data, **overrides)
 
 
 def model_config(name: str, **overrides: Any) -> Any:
@@ -120,23 +157,13 @@ def model_config(name: str, **overrides: Any) -> Any:
     Raises:
         ModelError: unknown name, or an override that is not a field of the model's config.
     """
-    _import_families()
-    if name not in _MODELS:
-        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
-    token = _CONFIG_ONLY.set(True)
-    try:
-        _MODELS[name](**{k: v for k, v in overrides.items() if v is not None})
-    except _BuiltConfig as built:
-        return built.config
-    finally:
-        _CONFIG_ONLY.reset(token)
-    raise ModelError(f"model {name!r}: its builder does not make its config with build_config")
+    return variant(name).config(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str, Any]):
     """`config_cls(**defaults)` with `overrides` applied, checked against the ranges declared beside its
     fields (a ConfigError naming `model.key`). Unknown override keys raise an UnknownModelKeysError naming
-    them. Under `model_config`, the config is handed back to it instead."""
+    them."""
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -147,8 +174,6 @@ def build_config(config_cls: type, defaults: dict[str, Any], overrides: dict[str
             raise ModelError(f"model.{key}={value!r}: expected {_hint_name(hints[key])}, got {type(value).__name__}")
     config = config_cls(**{**defaults, **overrides})
     check_fields(config, "model")  # the ranges declared beside its fields (negative sizes, ...)
-    if _CONFIG_ONLY.get():
-        raise _BuiltConfig(config)
     return config
 
 

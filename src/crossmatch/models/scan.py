@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.errors import ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import (
     GRUTextEncoder,
@@ -39,7 +39,7 @@ from crossmatch.models.layers import (
     l2norm,
     pool_boxes,
 )
-from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.registry import register_model
 from crossmatch.models.scan_scoring import AGG_FUNCS, DIRECTIONS, RAW_FEATURE_NORMS, scan_similarity
 
 __all__ = ["ScanConfig", "ScanModel", "scan_similarity"]
@@ -104,6 +104,8 @@ def normalise_raw(raw: Tensor, norm: str, dim: int = -1, eps: float = 1e-8) -> T
 
 class ScanModel(ImageTextModel):
     """Regions and words in one l2-normalised space, scored by stacked cross attention."""
+
+    family = "scan"  # crossmatch.tasks: the hinge triplet loss (VSE++'s)
 
     def __init__(self, cfg: ScanConfig):
         super().__init__()
@@ -260,38 +262,37 @@ class ScanModel(ImageTextModel):
         return {**img, **txt, "scores": self.similarity(img, txt)}
 
 
-def _scan(defaults: dict, overrides: dict) -> ScanModel:
-    return ScanModel(build_config(ScanConfig, defaults, overrides))
-
-
 _I2T = {"direction": "i2t", "lambda_softmax": 4.0, "lambda_lse": 5.0}  # the paper's i-t defaults (F30K)
 
 
-@register_model
-def scan_t2i(**overrides) -> ScanModel:
+@register_model(ScanConfig)
+def scan_t2i(cfg: ScanConfig) -> ScanModel:
     """SCAN t-i LSE on the grid cells of the small CNN (the shapes setting; the paper uses 36 boxes)."""
-    return _scan({}, overrides)
+    return ScanModel(cfg)
 
 
-@register_model
-def scan_i2t(**overrides) -> ScanModel:
+@register_model(ScanConfig, _I2T)
+def scan_i2t(cfg: ScanConfig) -> ScanModel:
     """SCAN i-t LSE on the grid cells of the small CNN."""
-    return _scan(_I2T, overrides)
+    return ScanModel(cfg)
 
 
-@register_model
-def scan_boxes(**overrides) -> ScanModel:
+@register_model(ScanConfig, {"regions": "boxes"})
+def scan_boxes(cfg: ScanConfig) -> ScanModel:
     """SCAN t-i LSE on box regions: the whole image plus `n_boxes` object boxes, pooled from the CNN map."""
-    return _scan({"regions": "boxes"}, overrides)
+    return ScanModel(cfg)
 
 
-@register_model
-def scan_precomputed(**overrides) -> ScanModel:
+@register_model(ScanConfig, {"regions": "precomputed", "feature_dim": 2048})
+def scan_precomputed(cfg: ScanConfig) -> ScanModel:
     """The paper's setup: 36 precomputed 2048-d bottom-up-attention regions per image, t-i LSE."""
-    return _scan({"regions": "precomputed", "feature_dim": 2048}, overrides)
+    return ScanModel(cfg)
 
 
-@register_model
-def tiny_scan(**overrides) -> ScanModel:
+TINY = {"cnn_channels": (4, 4, 8), "image_size": 32, "word_dim": 8, "embed_dim": 16, "n_boxes": 3}
+
+
+@register_model(ScanConfig, TINY)
+def tiny_scan(cfg: ScanConfig) -> ScanModel:
     """A few thousand parameters, for tests (grid regions of a 32-px image: a 4 x 4 grid)."""
-    return _scan({"cnn_channels": (4, 4, 8), "image_size": 32, "word_dim": 8, "embed_dim": 16, "n_boxes": 3}, overrides)
+    return ScanModel(cfg)

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
 from crossmatch.errors import ModelError
+from crossmatch.fields import ranged
 from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import GRUTextEncoder, build_image_tower, l2norm
-from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.registry import register_model
 
 
 @dataclass
@@ -74,6 +74,8 @@ class AttentionParts(nn.Module):
 
 class Tipcb(ImageTextModel):
     """Global + part features for images and captions; score = global cosine + mean part cosine."""
+
+    family = "tipcb"  # crossmatch.tasks.identity: CMPM or SDM
 
     def __init__(self, cfg: TipcbConfig):
         super().__init__()
@@ -132,24 +134,29 @@ class Tipcb(ImageTextModel):
         }
 
 
-def _tipcb(defaults: dict, overrides: dict) -> Tipcb:
-    return Tipcb(build_config(TipcbConfig, defaults, overrides))
-
-
-@register_model
-def tipcb_resnet50(**overrides) -> Tipcb:
+@register_model(TipcbConfig)
+def tipcb_resnet50(cfg: TipcbConfig) -> Tipcb:
     """The TIPCB-like setting: ResNet-50 stripes, 6 parts, bi-GRU text branch."""
-    return _tipcb({}, overrides)
+    return Tipcb(cfg)
 
 
-@register_model
-def tipcb_small(**overrides) -> Tipcb:
+@register_model(TipcbConfig, {"image_tower": "resnet18", "text_hidden": 512, "embed_dim": 512})
+def tipcb_small(cfg: TipcbConfig) -> Tipcb:
     """ResNet-18 and 512-wide embeddings: a quick baseline on one GPU."""
-    return _tipcb({"image_tower": "resnet18", "text_hidden": 512, "embed_dim": 512}, overrides)
+    return Tipcb(cfg)
 
 
-@register_model
-def tiny_tipcb(**overrides) -> Tipcb:
+TINY = {
+    "image_tower": "cnn",
+    "cnn_channels": (4, 4, 8),
+    "word_dim": 8,
+    "text_hidden": 16,
+    "embed_dim": 16,
+    "num_parts": 3,
+}
+
+
+@register_model(TipcbConfig, TINY)
+def tiny_tipcb(cfg: TipcbConfig) -> Tipcb:
     """A few thousand parameters, for tests."""
-    defaults = {"image_tower": "cnn", "cnn_channels": (4, 4, 8), "word_dim": 8, "text_hidden": 16}
-    return _tipcb({**defaults, "embed_dim": 16, "num_parts": 3}, overrides)
+    return Tipcb(cfg)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from crossmatch.config import ranged
+from crossmatch.fields import ranged
 from crossmatch.models.face import ImageTextModel
 from crossmatch.models.layers import l2norm
-from crossmatch.models.registry import build_config, register_model
+from crossmatch.models.registry import register_model
 from crossmatch.models.transformer import Encoder, ImageEmbedding, PatchEmbed, TextEmbedding, prepend_cls
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1  # rows of the modality-type embedding
@@ -46,6 +46,8 @@ class ViltConfig:
 
 class ViLT(ImageTextModel):
     """Single-stream transformer over [text; image] tokens with an ITM head and a cheap embedding head."""
+
+    family = "vilt"  # crossmatch.tasks.vilt: its own objective
 
     def __init__(self, cfg: ViltConfig):
         super().__init__()
@@ -108,32 +110,28 @@ class ViLT(ImageTextModel):
         }
 
 
-def _vilt(defaults: dict, overrides: dict) -> ViLT:
-    return ViLT(build_config(ViltConfig, defaults, overrides))
-
-
-@register_model
-def vilt_small(**overrides) -> ViLT:
+@register_model(ViltConfig, {"patch_size": 16})
+def vilt_small(cfg: ViltConfig) -> ViLT:
     """ViLT with patch 16 on 64 px (16 patches), width 256, 4 layers: a short joint sequence.
 
     Every ranking negative costs one joint pass over [text; image]; configs/vilt_shapes.yaml trains it at
     width 64 on CPU with 7 negatives (loss.vilt.n_negatives)."""
-    return _vilt({"patch_size": 16}, overrides)
+    return ViLT(cfg)
 
 
-@register_model
-def tiny_vilt(**overrides) -> ViLT:
+TINY = {
+    "image_size": 32,
+    "patch_size": 8,
+    "width": 16,
+    "heads": 2,
+    "layers": 1,
+    "mlp_ratio": 2.0,
+    "max_text_len": 16,
+    "embed_dim": 8,
+}
+
+
+@register_model(ViltConfig, TINY)
+def tiny_vilt(cfg: ViltConfig) -> ViLT:
     """A few thousand parameters (plus vocab_size * 16 word embeddings), for tests."""
-    return _vilt(
-        {
-            "image_size": 32,
-            "patch_size": 8,
-            "width": 16,
-            "heads": 2,
-            "layers": 1,
-            "mlp_ratio": 2.0,
-            "max_text_len": 16,
-            "embed_dim": 8,
-        },
-        overrides,
-    )
+    return ViLT(cfg)

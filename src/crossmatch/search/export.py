@@ -52,6 +52,7 @@ from crossmatch.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from crossmatch.errors import ConfigError, ModelError, install_hint
 from crossmatch.files import atomic_write, write_text
 from crossmatch.models.layers import GRUTextEncoder
+from crossmatch.models.protocols import PairScorer, config_of, takes_boxes
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,8 @@ def uncached(model: nn.Module) -> nn.Module:
     """`model`, or for a model that caches its frozen towers' outputs (`model.cache_frozen`) a shallow copy that
     computes them on every call: a cache is keyed by the bytes of each input, which a traced graph cannot read,
     and a cached output equals the computed one. The model itself is not changed."""
-    cfg = getattr(model, "config", None)
-    if not getattr(cfg, "cache_frozen", False):
+    cfg = config_of(model)
+    if not getattr(cfg, "cache_frozen", False):  # a field of the configs of families with frozen towers
         return model
     twin = copy.copy(model)  # shares the weights; its own attributes below
     twin.config = dataclasses.replace(cfg, cache_frozen=False)
@@ -193,7 +194,7 @@ def check_exportable(model: nn.Module, name: str, img: dict, txt: dict, towers: 
             return
         why = (
             "its pairs are re-scored by a joint pass, score_pairs"
-            if hasattr(model, "score_pairs")
+            if isinstance(model, PairScorer)
             else "its similarity() is not the dot product of one vector per side"
         )
         raise ModelError(
@@ -201,7 +202,7 @@ def check_exportable(model: nn.Module, name: str, img: dict, txt: dict, towers: 
             f"encode_text_features {_tensor_outputs(txt)}); export its unimodal towers instead: "
             "crossmatch export CKPT --onnx DIR --towers"
         )
-    if getattr(model, "needs_boxes", False) or getattr(getattr(model, "config", None), "regions", "") == "precomputed":
+    if takes_boxes(model) or getattr(config_of(model), "regions", "") == "precomputed":
         raise ModelError(
             f"model {name} reads object boxes or precomputed region features, not just an image: its image "
             "tower cannot be exported on its own; its text tower can be used through a grid-region model"

@@ -1,7 +1,13 @@
 """Tasks bundle a model with its training objective; the engine only sees `Task.training_step`.
-Importing this package registers every objective with its model family."""
+Importing this package imports every module in it, so each objective registers with the model family (and
+loss.name) it trains: a new objective is a new module here, and no list elsewhere names it."""
 
-from crossmatch.tasks import albef, contrastive, identity, triplet, vilt  # noqa: F401  (registers the tasks)
+import importlib
+import pkgutil
+
 from crossmatch.tasks.base import Task, build_task, register_task, task_class
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")  # runs its @register_task
 
 __all__ = ["Task", "build_task", "register_task", "task_class"]

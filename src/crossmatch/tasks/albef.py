@@ -39,7 +39,7 @@ def mask_tokens(ids: Tensor, mask: Tensor, vocab_size: int, prob: float) -> tupl
     return torch.where(swap, rand_words, out), labels
 
 
-@register_task(ALBEF)
+@register_task(ALBEF.family)
 class AlbefTask(Task):
     """ALBEF's retrieval fine-tuning objective: itc_loss + itm_loss (+ mlm_loss).
 

@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from crossmatch.config import LossConfig
 from crossmatch.losses.contrastive import InfoNCELoss, SigLipLoss
+from crossmatch.models.dual_encoder import JointEmbedding
 from crossmatch.models.face import ImageTextModel
-from crossmatch.tasks.base import Task
+from crossmatch.models.protocols import pretrained_temperature
+from crossmatch.tasks.base import Task, register_task
 from crossmatch.tasks.text_negatives import encode_negatives
 
 DEFAULT_INIT = {
@@ -29,16 +31,22 @@ DEFAULT_INIT = {
 }
 
 
+@register_task(JointEmbedding.family, losses=tuple(DEFAULT_INIT))
 class ContrastiveTask(Task):
     """Dual encoder + InfoNCE or SigLIP over the (gathered) batch; `encode` + `objective` for exact accumulation.
     Text negatives (`loss.text_negatives`): extra image -> caption columns of their own row."""
 
     uses_text_negatives = True
+    needs = "a dual encoder (l2-normalised embeddings)"
+
+    @classmethod
+    def check_config(cls, model: nn.Module, cfg: LossConfig) -> None:
+        """Nothing to refuse: InfoNCE and SigLIP read none of the hinge's settings (margin, caption_anchor_weight)."""
 
     def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
         self.name = cfg.name
-        init = {**DEFAULT_INIT[cfg.name], **getattr(model, "contrastive_init", {})}
+        init = {**DEFAULT_INIT[cfg.name], **pretrained_temperature(model)}
         if cfg.init_logit_scale is not None:
             init["logit_scale"] = cfg.init_logit_scale
         if cfg.init_logit_bias is not None:

@@ -18,7 +18,7 @@ from crossmatch.tasks.base import Task, register_task
 LOSSES = ("sdm", "cmpm")
 
 
-@register_task(Tipcb)
+@register_task(Tipcb.family)
 class TipcbTask(Task):
     """CMPM or SDM (`loss.identity.name`) on the global features plus the mean over the K part features."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from crossmatch.models.protocols import is_dual_encoder
 from crossmatch.tensors import slice_features
 
 
@@ -40,7 +41,7 @@ def paired_scores(model: nn.Module, img: dict[str, Tensor], neg: dict[str, Tenso
 
     Dual encoders: the cosine of the embeddings. Others (SCAN): `similarity` of each image with its own K
     negatives, one image at a time (the full (B, B*K) matrix would cost B times more)."""
-    if getattr(model, "is_dual_encoder", False):
+    if is_dual_encoder(model):
         return torch.einsum("be,bke->bk", img["embed"], neg["embed"])  # (B, K)
     rows = [
         model.similarity(slice_features(img, slice(b, b + 1)), {k: v[b] for k, v in neg.items()})  # (1, K)

@@ -14,16 +14,31 @@ import torch
 from torch import nn
 
 from crossmatch.config import LossConfig
+from crossmatch.errors import ConfigError
 from crossmatch.losses.triplet import TripletLoss
-from crossmatch.tasks.base import Task
+from crossmatch.models.protocols import is_dual_encoder
+from crossmatch.tasks.base import ANY_FAMILY, Task, register_task
 from crossmatch.tasks.text_negatives import encode_negatives, paired_scores
 from crossmatch.tensors import gather_features, gather_rows
 
 
+@register_task(ANY_FAMILY)
 class TripletTask(Task):
-    """VSE++ / SCAN: hinge triplet loss on the batch score matrix `model.similarity(img, txt)`."""
+    """VSE++ / SCAN: hinge triplet loss on the batch score matrix `model.similarity(img, txt)`; the objective of
+    every family that registers none of its own for loss.name=hinge."""
 
     uses_text_negatives = True
+    needs = "a model with a similarity"
+
+    @classmethod
+    def check_config(cls, model: nn.Module, cfg: LossConfig) -> None:
+        """The caption-anchored term (loss.caption_anchor_weight) compares two caption embeddings by their dot
+        product (dual encoders only) and anchors on text negatives."""
+        if not is_dual_encoder(model):
+            super().check_config(model, cfg)
+        elif cfg.caption_anchor_weight > 0 and cfg.text_negatives == 0:
+            weight = cfg.caption_anchor_weight
+            raise ConfigError(f"loss.caption_anchor_weight={weight} needs text negatives (loss.text_negatives >= 1)")
 
     def __init__(self, model: nn.Module, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model)
@@ -46,7 +61,7 @@ class TripletTask(Task):
             neg_scores, neg_valid = gather_rows(
                 paired_scores(self.model, img, feats["neg_text"]), batch["neg_valid"], self.world_size
             )  # (B_global, K) each
-            if self.loss.caption_anchor_weight > 0:  # dual encoders (build_task): caption b . its negative k
+            if self.loss.caption_anchor_weight > 0:  # dual encoders (check_config): caption b . its negative k
                 cap = torch.einsum("be,bke->bk", txt["embed"], feats["neg_text"]["embed"])  # (B, K)
                 cap_scores, _ = gather_rows(cap, batch["neg_valid"], self.world_size)  # (B_global, K)
         if self.world_size > 1:

@@ -23,7 +23,7 @@ from crossmatch.tasks.text_negatives import encode_negatives, flat
 from crossmatch.tensors import slice_features
 
 
-@register_task(ViLT)
+@register_task(ViLT.family)
 class ViltTask(Task):
     """rank_loss + itm_loss + itc_loss; settings in `loss.vilt` (ViltLossConfig).
 
