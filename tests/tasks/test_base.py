@@ -17,8 +17,9 @@ from crossmatch.tasks.contrastive import ContrastiveTask
 from crossmatch.tasks.identity import TipcbTask
 from crossmatch.tasks.triplet import TripletTask
 from crossmatch.tasks.vilt import ViltTask
+from tests.helpers import ROOT
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "crossmatch"
+SRC = ROOT / "src" / "crossmatch"
 
 
 class Plain(nn.Module):
