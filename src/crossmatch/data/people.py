@@ -243,10 +243,10 @@ def sample_shot(rng: random.Random, size: tuple[int, int], view: str, may_occlud
 
 
 def keypoints(shot: Shot) -> dict[str, tuple[float, float]]:
-    """Named points of the figure (px): "head" (centre, radius in "head_r"), "shoulders", "hips" (y of the
-    joints, x of the left joint; the right one mirrors it in front/back views), the ends of each limb
-    ("hand_0/1", "foot_0/1"), and "torso": a point of the top's own colour (clear of stripes, zip and logo)
-    in front and back views."""
+    """Named points of the figure (px): "head" (centre; radius in "head_r"), the joints and ends of each limb
+    ("shoulder_i", "hand_i", "hip_i", "foot_i"; i = 0 left / 1 right in front and back views, in side view 0
+    the near limb), the centre of each shoe ("shoe_i"), and "torso": a point of the top's own colour (clear
+    of its stripes, zip and logo) in front and back views."""
     h, cx, y0 = shot.h, shot.cx, shot.top
     side = shot.view == "side"
     pts: dict[str, Any] = {"head": (cx, y0 + 0.075 * h), "head_r": 0.065 * h, "torso": (cx - 0.05 * h, y0 + 0.335 * h)}
@@ -257,7 +257,11 @@ def keypoints(shot: Shot) -> dict[str, tuple[float, float]]:
         arm, leg = math.radians(shot.arms[i]), math.radians(shot.legs[i])
         pts[f"shoulder_{i}"], pts[f"hip_{i}"] = shoulder, hip
         pts[f"hand_{i}"] = (shoulder[0] + out * 0.32 * h * math.sin(arm), shoulder[1] + 0.32 * h * math.cos(arm))
-        pts[f"foot_{i}"] = (hip[0] + out * 0.44 * h * math.sin(leg), hip[1] + 0.44 * h * math.cos(leg))
+        foot = (hip[0] + out * 0.44 * h * math.sin(leg), hip[1] + 0.44 * h * math.cos(leg))
+        pts[f"foot_{i}"], pts[f"shoe_{i}"] = (
+            foot,
+            (foot[0] + (0.02 * h * shot.facing if side else 0), foot[1] + 0.01 * h),
+        )
     return pts
 
 
@@ -311,8 +315,8 @@ def _background(c: _Canvas, shot: Shot, size: tuple[int, int]) -> None:
         c.rect(x, y, x + w, y + hh, _muted(rng))
 
 
-def _legs(c: _Canvas, a: dict, pts: dict, h: float, order: Iterable[int], forward: int) -> None:
-    """Legs back to front in `order`, the lower garment over them, shoes pointing `forward` (side view: +-1)."""
+def _legs(c: _Canvas, a: dict, pts: dict, h: float, order: Iterable[int]) -> None:
+    """Legs back to front in `order`, the lower garment over them, then the shoes."""
     skin, lower = SKIN[a["skin"]], COLORS[a["lower_color"]][0] if a["lower"] else None
     for i in order:
         hip, foot = pts[f"hip_{i}"], pts[f"foot_{i}"]
@@ -321,7 +325,7 @@ def _legs(c: _Canvas, a: dict, pts: dict, h: float, order: Iterable[int], forwar
             c.limb(hip, foot, 0.08 * h, lower, 0.0, 0.93)
         elif a["lower"] == "shorts":
             c.limb(hip, foot, 0.085 * h, lower, 0.0, 0.42)
-        c.ellipse(foot[0] + 0.02 * h * forward, foot[1] + 0.01 * h, 0.05 * h, 0.025 * h, COLORS[a["shoes"]][0])
+        c.ellipse(*pts[f"shoe_{i}"], 0.05 * h, 0.025 * h, COLORS[a["shoes"]][0])
 
 
 def _torso(c: _Canvas, a: dict, shot: Shot, pts: dict) -> None:
@@ -344,7 +348,7 @@ def _torso(c: _Canvas, a: dict, shot: Shot, pts: dict) -> None:
     if shot.view == "front" and a["upper"] == "jacket":
         c.rect(cx - 0.006 * h, y0 + 0.17 * h, cx + 0.006 * h, y0 + 0.49 * h, tuple(v // 2 for v in color))
     if shot.view == "front" and a["logo"]:
-        c.ellipse(cx + 0.05 * h, y0 + 0.24 * h, 0.028 * h, 0.028 * h, COLORS[a["logo"]][0])
+        c.ellipse(cx + 0.04 * h, y0 + 0.27 * h, 0.025 * h, 0.025 * h, COLORS[a["logo"]][0])  # below long hair
 
 
 def _arm(c: _Canvas, a: dict, pts: dict, h: float, i: int) -> None:
@@ -361,7 +365,10 @@ def _head(c: _Canvas, a: dict, shot: Shot, pts: dict) -> None:
     hair, skin, s = HAIR[a["hair_color"]][0], SKIN[a["skin"]], SUPERSAMPLE
     long = a["hair_length"] == "long"
     back = -shot.facing if shot.view == "side" else 0
-    if long and shot.view != "back":  # behind the head and shoulders
+    if long and shot.view == "front":  # two strands over the shoulders, clear of the logo below them
+        c.rect(hx - 1.1 * r, hy, hx - 0.75 * r, hy + 2.4 * r, hair)
+        c.rect(hx + 0.75 * r, hy, hx + 1.1 * r, hy + 2.4 * r, hair)
+    elif long and shot.view == "side":  # down the back of the head
         x0 = hx + back * 0.6 * r - 1.05 * r
         c.rect(x0, hy, x0 + 2.1 * r, hy + 2.4 * r, hair)
     c.ellipse(hx, hy, r, r, hair if shot.view == "back" else skin)
@@ -423,9 +430,9 @@ def render(a: dict[str, Any], shot: Shot, size: tuple[int, int]) -> Image.Image:
             x = cx - shot.facing * 0.07 * h
             c.rect(min(x, x - shot.facing * 0.08 * h), y0 + 0.19 * h, max(x, x - shot.facing * 0.08 * h), y0 + 0.43 * h,
                    backpack)  # fmt: skip
-        _legs(c, a, pts, h, (1, 0), shot.facing)
+        _legs(c, a, pts, h, (1, 0))
     else:
-        _legs(c, a, pts, h, (0, 1), 0)
+        _legs(c, a, pts, h, (0, 1))
     _torso(c, a, shot, pts)
     if shot.view == "back" and backpack:
         c.rect(cx - 0.09 * h, y0 + 0.2 * h, cx + 0.09 * h, y0 + 0.43 * h, backpack)
