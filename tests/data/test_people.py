@@ -32,6 +32,7 @@ from crossmatch.data.people import (
 from crossmatch.data.shards import read_shard_entries
 from crossmatch.metrics import twin_identity_accuracy
 from crossmatch.retrieval.person import TWIN_KEY, format_person_table, person_metrics
+from tests.conftest import train_args
 
 SIZE = (128, 48)
 PLAIN = {  # a red t-shirt, blue trousers, white shoes; nothing else
@@ -211,3 +212,14 @@ def test_twin_accuracy_by_identity_on_a_hand_made_matrix():
     m = person_metrics(SCORES, TXT_TO_IMG, PIDS, twin_pids=[(1, 2), (3, 99)])  # (3, 99): 99 is not in the split
     assert m[TWIN_KEY] == pytest.approx(100 / 3) and "twin" in format_person_table(m)
     assert TWIN_KEY not in person_metrics(SCORES, TXT_TO_IMG, PIDS)
+
+
+def test_a_person_search_run_on_it_reports_twin_accuracy(tiny, tmp_path):
+    run = tmp_path / "run"
+    extra = ["data.format=cuhk_pedes", "data.num_workers=0", "data.min_word_freq=1", "model.name=tiny_tipcb",
+             "model.pretrained=false", "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=1",
+             "train.warmup_steps=0", "eval.batch_size=16"]  # fmt: skip
+    assert main(train_args(tiny, run, *extra, config="configs/tipcb_cuhk.yaml")) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r.get("split") == "val" and "t2i_r1" in r]
+    assert val and all(0 <= r[TWIN_KEY] <= 100 for r in val)  # val identities 7 and 8 are twins
