@@ -15,9 +15,10 @@ and blue trousers vs blue top and red trousers), in the shoe colour, or in the h
 twin carries `twin_pid` (the other identity), and what differs is visible in every image of both, so each
 caption tells the two apart. Evaluation reports twin accuracy by identity (`metrics.twin_identity_accuracy`).
 
-The output is `imgs/{split}/{pid:05d}_{k}.png` plus `reid_raw.json`, a list of image records
-{"file_path", "id", "split", "captions", "processed_tokens", "twin_pid"?, "attributes", "view"} as
-CUHK-PEDES distributes it, so `data.format=cuhk_pedes` reads it. Identities are disjoint across splits and
+The output is `imgs/{split}/{pid:05d}_{k}.png` plus `reid_raw.json`, a list of image records {"file_path",
+"id", "split", "captions", "processed_tokens"} as CUHK-PEDES distributes it, so `data.format=cuhk_pedes`
+reads it, plus "twin_pid" and "twin_differs" (the attribute names that differ) on twins, "attributes" (the
+identity) and "view" ({"view", "occluded"}). Identities are disjoint across splits and
 unique (no two share their attributes); ids run 1.. over train, val, test. Every identity is a function of
 `(seed, split, position)` (planned test first, then val, then train, in the parent: de-duplication needs a
 global view), every image and caption of its own RNG in a process pool, so the worker count changes nothing.
