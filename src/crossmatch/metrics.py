@@ -8,7 +8,8 @@ Protocols implemented:
 - Twin accuracy: does an image prefer its own captions to those of a near-duplicate twin (`twin_accuracy`);
   under folds, cases are pooled over the twin pairs whose two images share a fold (`twin_counts`).
 - Text-based person search (CUHK-PEDES, ICFG-PEDES, RSTPReid): CMC R@K, mAP and mINP with relevance by
-  identity (`person_search_metrics`).
+  identity (`person_search_metrics`); twin accuracy by identity: does a caption of a person prefer that
+  person's images to those of a near-identical twin identity (`twin_identity_accuracy`).
 
 Ties are pessimistic everywhere: a non-matching candidate whose score equals the best positive is ranked
 ahead of it, so a model that outputs constant scores gets the worst rank, never a perfect one. That rule has
@@ -356,3 +357,50 @@ def person_search_metrics(
     out["mAP"] = 100.0 * torch.cat(ap).mean().item()
     out["mINP"] = 100.0 * torch.cat(inp).mean().item()
     return out
+
+
+def twin_identity_accuracy(
+    scores: Array, query_ids: Array, gallery_ids: Array, twin_pids: Sequence[tuple[int, int]]
+) -> float:
+    """How often a caption of a twin identity prefers its own person's images to the twin's.
+
+    For every pair (A, B) in `twin_pids` and every query q of identity A (and, the other way round, of B):
+    the case succeeds when max over A's gallery items of s(q, g) > max over B's gallery items strictly (a
+    tie fails). Cases are pooled over all pairs, so identities with more captions weigh more.
+
+    Args:
+        scores: similarity matrix, shape (Q, G) (queries are captions, the gallery images).
+        query_ids: identity of each query, shape (Q,).
+        gallery_ids: identity of each gallery item, shape (G,).
+        twin_pids: (pid_a, pid_b) twin identity pairs, each listed once.
+
+    Returns:
+        Percentage (0-100) of successful cases.
+
+    Raises:
+        ValueError: bad shapes, NaN scores, a pair of one identity, an identity of a pair with no gallery
+            item, or no query of any pair.
+    """
+    s = _scores(scores)
+    n_q, n_g = s.shape
+    qid = torch.as_tensor(query_ids, device=s.device).reshape(-1)
+    gid = torch.as_tensor(gallery_ids, device=s.device).reshape(-1)
+    if qid.numel() != n_q or gid.numel() != n_g:
+        raise ValueError(f"ids of length {qid.numel()}/{gid.numel()} do not match scores of shape {(n_q, n_g)}")
+    wins = total = 0
+    for a, b in twin_pids:
+        if a == b:
+            raise ValueError(f"twin pair ({a}, {b}) names one identity twice")
+        for x, y in ((a, b), (b, a)):
+            queries = torch.nonzero(qid == x).flatten()  # (Q_x,)
+            own, other = gid == x, gid == y  # (G,) each
+            if not own.any() or not other.any():
+                raise ValueError(f"twin pair ({a}, {b}): identity {x if not own.any() else y} has no gallery item")
+            rows = s[queries]  # (Q_x, G)
+            _check_no_nan(rows)
+            best_own, best_other = rows[:, own].amax(dim=1), rows[:, other].amax(dim=1)  # (Q_x,) each
+            wins += int((best_own > best_other).sum())
+            total += queries.numel()
+    if total == 0:
+        raise ValueError("no query belongs to a twin identity")
+    return 100.0 * wins / total

@@ -1,8 +1,11 @@
-"""`crossmatch data shapes | tuxpaint | validate | convert`: render the synthetic shapes dataset, build the
-Tux Paint stamps dataset (real captioned pictures), check a dataset file end to end (every image decoded,
-every caption and id checked, all problems reported) and convert between formats.
+"""`crossmatch data shapes | people | tuxpaint | validate | convert`: render the synthetic shapes dataset or
+the synthetic person-search dataset (CUHK-PEDES format), build the Tux Paint stamps dataset (real captioned
+pictures), check a dataset file end to end (every image decoded, every caption and id checked, all problems
+reported) and convert between formats.
 
     crossmatch data shapes --out DIR [--train N] [--val N] [--test N] [--seed S] [--size PX]
+    crossmatch data people --out DIR [--train N] [--val N] [--test N] [--images-per-id K]
+        [--captions-per-image C] [--size H W] [--seed S]
     crossmatch data tuxpaint --out DIR [--source PATH_TO_DEB_OR_STAMPS_DIR]
     crossmatch data validate PATH [--format F] [--json-name N] [--image-dir D] [CSV/FOLDER OPTIONS]
     crossmatch data convert SRC DST --to karpathy|jsonl|webdataset [--from F] [--json-name N] [--shard-size N]
@@ -43,7 +46,8 @@ def csv_folder_options(args: argparse.Namespace) -> dict:
 
 
 def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersAction) -> None:
-    """Register `data shapes`, `data validate` and `data convert` under `crossmatch data`."""
+    """Register `data shapes`, `data people`, `data tuxpaint`, `data validate` and `data convert` under
+    `crossmatch data`."""
     shapes = add_command(
         data_sub,
         "shapes",
@@ -57,6 +61,22 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
     shapes.add_argument("--test", type=int, default=1000, help="test images")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (the dataset is a function of it)")
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
+
+    people = add_command(
+        data_sub,
+        "people",
+        "render the synthetic person-search dataset (CUHK-PEDES reid_raw.json + PNGs, twin identities)",
+        "crossmatch data people --out data/people",
+        "crossmatch data people --out data/people_tiny --train 60 --val 10 --test 10 --size 96 32",
+    )
+    people.add_argument("--out", required=True, help="output folder (reid_raw.json, imgs/)")
+    people.add_argument("--train", type=int, default=1500, help="train identities")
+    people.add_argument("--val", type=int, default=200, help="val identities")
+    people.add_argument("--test", type=int, default=200, help="test identities")
+    people.add_argument("--images-per-id", type=int, default=4, help="images of each identity")
+    people.add_argument("--captions-per-image", type=int, default=2, help="captions of each image")
+    people.add_argument("--size", type=int, nargs=2, default=[128, 48], metavar=("H", "W"), help="image size in pixels")
+    people.add_argument("--seed", type=int, default=0, help="random seed (the dataset is a function of it)")
 
     tux = add_command(
         data_sub,
@@ -106,9 +126,18 @@ def add_parsers(sub: argparse._SubParsersAction, data_sub: argparse._SubParsersA
 
 
 def run(args: argparse.Namespace) -> bool:
-    """Handle `data shapes | tuxpaint | validate | convert`; False for any other command."""
-    if args.command != "data" or args.data_command not in ("shapes", "tuxpaint", "validate", "convert"):
+    """Handle `data shapes | people | tuxpaint | validate | convert`; False for any other command."""
+    if args.command != "data" or args.data_command not in ("shapes", "people", "tuxpaint", "validate", "convert"):
         return False
+    if args.data_command == "people":
+        from crossmatch.data.people import generate_people
+
+        path = generate_people(
+            args.out, args.train, args.val, args.test, args.images_per_id, args.captions_per_image,
+            size=tuple(args.size), seed=args.seed, progress=show_progress(),
+        )  # fmt: skip
+        print(people_summary(path))
+        return True
     if args.data_command == "tuxpaint":
         from crossmatch.data.tuxpaint import build_tuxpaint
 
@@ -205,3 +234,27 @@ def shapes_summary(dataset: Path, negatives: Path) -> str:
     )
     lines.append(f"next: crossmatch train configs/vse_shapes.yaml data.root={root}")
     return "\n".join(lines)
+
+
+def people_summary(dataset: Path) -> str:
+    """What `data people` wrote (identities, images, captions and twin pairs per split, size) and the next step."""
+    from collections import Counter
+
+    from crossmatch.cli.train import folder_size
+    from crossmatch.data.check import Source, read_entries
+
+    entries = read_entries(Source("cuhk_pedes", dataset, dataset.parent / "imgs"))
+    ids, images, captions, twins = {}, Counter(), Counter(), Counter()
+    for e in entries:
+        ids.setdefault(e["split"], set()).add(e["pid"])
+        images[e["split"]] += 1
+        captions[e["split"]] += len(e["captions"])
+        twins[e["split"]] += "twin_pid" in e
+    counts = ", ".join(
+        f"{s} {len(ids[s])} ids / {images[s]} images / {captions[s]} captions ({twins[s]} images of twins)" for s in ids
+    )
+    root = dataset.parent
+    return (
+        f"wrote the people dataset to {root} ({folder_size(root) / 2**20:.1f} MB): {counts}\n"
+        f"next: crossmatch data validate {dataset}, then train with data.format=cuhk_pedes data.root={root}"
+    )

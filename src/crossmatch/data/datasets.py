@@ -160,7 +160,7 @@ def _is_box(box) -> bool:
 
 def check_entry(entry: dict, where: str, negatives: bool = True, pid_key: str = "pid") -> None:
     """The types of one canonical entry, the rule every reader applies (and so `crossmatch data validate`):
-    "image" a string, "captions" a list, "id" and "twin" a string or an integer, "pid" an integer,
+    "image" a string, "captions" a list, "id" and "twin" a string or an integer, "pid" and "twin_pid" integers,
     "boxes" a list of [x1, y1, x2, y2] numbers, "negatives" one list of {"raw", "type"} per caption
     (checked by `read_negatives` unless `negatives` is False). Empty captions are the loaders' concern.
     `pid_key` names the person identity as the file does (person-search files call it "id").
@@ -175,9 +175,10 @@ def check_entry(entry: dict, where: str, negatives: bool = True, pid_key: str = 
     for key in ("id", "twin"):
         if key in entry and not _is_id(entry[key]):
             raise DataError(f"{where}: '{key}' must be a string or an integer, not {_show(entry[key])}")
-    pid = entry.get("pid")
-    if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
-        raise DataError(f"{where}: '{pid_key}' (person identity) must be an integer, not {_show(pid)}")
+    for key, name in (("pid", pid_key), ("twin_pid", "twin_pid")):
+        pid = entry.get(key)
+        if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
+            raise DataError(f"{where}: '{name}' (person identity) must be an integer, not {_show(pid)}")
     boxes = entry.get("boxes")
     if boxes is not None and (not isinstance(boxes, list) or not all(_is_box(b) for b in boxes)):
         raise DataError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2] numbers, not {_show(boxes)}")
@@ -207,6 +208,8 @@ class ImageCaptionDataset:
         txt_to_img: (n_txt,) index of each caption's image in `images`.
         img_to_txt: per image, the indices of its captions (any number, not assumed contiguous).
         twins: (i, j) index pairs of "twin" scenes (shapes data), each pair once.
+        twin_pids: (pid_a, pid_b) twin identity pairs (person search: "twin_pid" of the entries), a < b, each
+            pair once, both identities in the split.
         negatives: per caption, its exact compositional negatives [{"raw": str, "type": str}] (the sentence's
             "negatives" in the dataset file, written by `crossmatch data shapes`; [] when it has none).
         max_image_pixels: larger images are unreadable (`data.max_image_pixels`, set by `open_split`).
@@ -215,6 +218,7 @@ class ImageCaptionDataset:
 
     max_image_pixels: int = MAX_IMAGE_PIXELS
     background: tuple[int, ...] = WHITE
+    twin_pids: list[tuple[int, int]] = []  # filled by _load; never mutated in place
 
     def __init__(
         self,
@@ -246,6 +250,7 @@ class ImageCaptionDataset:
         self.images, self.captions, self.txt_to_img, self.negatives = [], [], [], []
         id_to_index: dict = {}
         twin_of: dict = {}
+        twin_pid_of: dict[int, int] = {}
         for n, entry in enumerate(entries):
             if entry.get("split") not in splits:
                 continue
@@ -277,6 +282,8 @@ class ImageCaptionDataset:
             id_to_index[image_id] = len(self.images)
             if "twin" in entry:
                 twin_of[len(self.images)] = entry["twin"]
+            if pid is not None and entry.get("twin_pid") is not None:
+                twin_pid_of[pid] = entry["twin_pid"]
             self.images.append(rec)
         if not self.images:
             known = sorted({str(e.get("split")) for e in entries if e.get("split") is not None})
@@ -287,6 +294,8 @@ class ImageCaptionDataset:
         if missing:
             raise DataError(f"{len(missing)} image file(s) of split {'+'.join(splits)} missing, first: {missing[0]}")
         self.twins = sorted({tuple(sorted((i, id_to_index[t]))) for i, t in twin_of.items() if t in id_to_index})
+        pids = {r.pid for r in self.images}
+        self.twin_pids = sorted({tuple(sorted((p, t))) for p, t in twin_pid_of.items() if t in pids and t != p})
 
     def image_view(self, transform, max_boxes: int = 0) -> Dataset:
         """The per-image torch Dataset of this split (formats with precomputed features return theirs)."""
@@ -294,7 +303,8 @@ class ImageCaptionDataset:
 
     def first_images(self, n: int):
         """This split cut to its first `n` images and their captions (`eval.max_images`: quick validation);
-        twin pairs are kept when both images remain. The split itself when it has at most `n` images."""
+        twin pairs (and twin identity pairs) are kept when both remain. The split itself when it has at most
+        `n` images."""
         return first_images(self, n)
 
     @property
@@ -319,6 +329,8 @@ def first_images(ds, n: int):
     if getattr(ds, "negatives", None) is not None:
         sub.negatives = ds.negatives[:n_txt]
     sub.twins = [(i, j) for i, j in ds.twins if i < n and j < n]
+    kept = {r.pid for r in sub.images}
+    sub.twin_pids = [(a, b) for a, b in getattr(ds, "twin_pids", []) if a in kept and b in kept]
     return sub
 
 

@@ -8,6 +8,10 @@ Each is one JSON list of image records with the person identity in "id":
     ICFG-PEDES  {root}/ICFG-PEDES.json     {"file_path", "id", "captions", "split": train|test}
     RSTPReid    {root}/data_captions.json  {"img_path", "id", "captions", "split": train|val|test}
 
+A record may name a *twin* identity in "twin_pid" (an integer: `crossmatch data people` writes it for
+identity pairs that differ in one detail); the split then lists its twin identity pairs in `twin_pids` and
+evaluation reports twin accuracy by identity.
+
 Images lie under `{root}/imgs/` (or `data.image_dir`). ICFG-PEDES has no val split: train with
 `data.val_split=test`. The image id is its path (unique); `pid` is the record's integer "id" (CUHK-PEDES ids
 start at 1; evaluation only compares them).
@@ -42,7 +46,8 @@ PEDES: dict[str, PedesSpec] = {
 
 
 def pedes_to_entries(records: list, spec: PedesSpec, source: str | Path = "") -> list[dict]:
-    """Person-search records -> canonical entries {"image", "captions", "split", "id" (= path), "pid"}.
+    """Person-search records -> canonical entries {"image", "captions", "split", "id" (= path), "pid",
+    "twin_pid"?}.
 
     The other path key ("img_path" / "file_path") is accepted too, since re-packaged copies mix them.
 
@@ -66,6 +71,8 @@ def pedes_to_entries(records: list, spec: PedesSpec, source: str | Path = "") ->
             raise DataError(f"{where}: 'captions' must be a list of strings")
         captions = [captions] if isinstance(captions, str) else list(captions)
         entry = {"image": path, "captions": captions, "split": rec.get("split"), "id": path, "pid": rec["id"]}
+        if "twin_pid" in rec:
+            entry["twin_pid"] = rec["twin_pid"]
         check_entry(entry, where, pid_key="id")
         entries.append(entry)
     return entries

@@ -26,6 +26,7 @@ class Evaluator:
         first_stage: returns (N_img, N_txt) stage-1 scores of another model (`eval.first_stage`); called
             once, on first use, and reused by every later evaluation.
         progress: tqdm bars.
+        twin_pids: (pid_a, pid_b) twin identity pairs: person search also reports twin accuracy by identity.
     """
 
     def __init__(
@@ -36,8 +37,10 @@ class Evaluator:
         image_pids: Tensor | None = None,
         first_stage: Callable[[], Tensor] | None = None,
         progress: bool = False,
+        twin_pids: list[tuple[int, int]] | tuple = (),
     ):
         self.data, self.cfg, self.device, self.image_pids = data, cfg, device, image_pids
+        self.twin_pids = twin_pids
         self.first_stage, self.progress = first_stage, progress
         self._stage1: Tensor | None = None
 
@@ -49,7 +52,8 @@ class Evaluator:
         cfg = self.cfg
         if self.image_pids is not None:
             scores = compute_scores(model, self.data, self.device, cfg.chunk_size, self.progress)
-            return person_metrics(scores, self.data.txt_to_img, self.image_pids, cfg.chunk_size), scores
+            metrics = person_metrics(scores, self.data.txt_to_img, self.image_pids, cfg.chunk_size, self.twin_pids)
+            return metrics, scores
         if self.first_stage is not None and self._stage1 is None:
             self._stage1 = self.first_stage()
         args = (cfg.chunk_size, cfg.folds, cfg.rerank_k, cfg.rerank_batch, self._stage1, self.progress)

@@ -109,7 +109,9 @@ def make_evaluator(
     pids = image_pids(ds)  # person-search datasets: relevance by identity
     check_protocol(cfg, model, ds, pids is not None, training)
     stage1 = first_stage if cfg.eval.first_stage else None
-    evaluator = Evaluator(build_eval_data(cfg, ds, tokenizer, model), cfg.eval, device, pids, stage1, progress)
+    twin_pids = getattr(ds, "twin_pids", [])  # person search: twin identities (crossmatch data people)
+    data = build_eval_data(cfg, ds, tokenizer, model)
+    evaluator = Evaluator(data, cfg.eval, device, pids, stage1, progress, twin_pids)
     evaluator.protocol = "person-search" if pids is not None else "retrieval"  # what it reports, for eval.metric
     evaluator.metric_names = selectable_metrics(person_search=pids is not None, twins=bool(ds.twins))
     return evaluator
