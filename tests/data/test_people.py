@@ -214,6 +214,7 @@ def test_twin_accuracy_by_identity_on_a_hand_made_matrix():
     assert TWIN_KEY not in person_metrics(SCORES, TXT_TO_IMG, PIDS)
 
 
+@pytest.mark.slow
 def test_a_person_search_run_on_it_reports_twin_accuracy(tiny, tmp_path):
     run = tmp_path / "run"
     extra = ["data.format=cuhk_pedes", "data.num_workers=0", "data.min_word_freq=1", "model.name=tiny_tipcb",
