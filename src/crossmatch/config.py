@@ -107,10 +107,13 @@ class ViltLossConfig:
 
 @dataclass
 class IdentityLossConfig:
-    """Person search with part models (crossmatch.tasks.identity)."""
+    """Person search: TIPCB's part models, IRRA and dual encoders trained with `loss.name=sdm` or `cmpm`."""
 
-    name: str = "sdm"  # sdm (IRRA) | cmpm (TIPCB)
+    name: str = "sdm"  # sdm (IRRA) | cmpm (TIPCB): TIPCB's matching loss
     temperature: float = ranged(0.02, above=0)  # SDM temperature tau (IRRA's value)
+    id_weight: float = ranged(0.0, min=0)  # weight of id_loss: a shared identity classifier on both sides
+    mlm_weight: float = ranged(0.0, min=0)  # weight of mlm_loss (IRRA's implicit relation reasoning; irra only)
+    mlm_prob: float = ranged(0.15, above=0, max=1)  # share of real caption tokens masked for mlm_loss
 
 
 @dataclass
