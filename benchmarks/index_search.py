@@ -24,10 +24,11 @@ both sides: build time, size (faiss's serialised bytes), queries/s and recall@k.
 
 `KEY|P1;P2` measures several search settings (faiss ParameterSpace strings) on one build.
 
-On synthetic rows (uniform, or with `--clusters C` around C centres) the query sets are "image-like" (an
-indexed row plus noise), "text-like" (the same, pushed along one common direction before renormalising: a
-synthetic modality gap) and uniformly random. With `--real INDEX`
-(an index built by `crossmatch index build`) the queries are the split's own captions and images encoded
+On synthetic rows (uniform, with `--clusters C` around C centres, or with `--like INDEX` drawn from the
+Gaussian fit of a real index's rows, which keeps the decaying spectrum of a trained model's embeddings) the
+query sets are "image-like" (an indexed row plus noise), "text-like" (the same, pushed along one common
+direction before renormalising: a synthetic modality gap) and uniformly random. With `--real INDEX` (an
+index built by `crossmatch index build`) the queries are the split's own captions and images encoded
 by the index's model, as `crossmatch index eval` does: the modality gap of a real model.
 """
 
@@ -47,15 +48,19 @@ import torch
 from crossmatch.search.index import EMBEDDINGS, META, PATHS, load_index
 
 
-def gaussian_like(index_dir: str, sample: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (E,) and a Cholesky factor (E, E) of the covariance of a real index's rows (a random sample):
-    synthetic rows drawn from N(mean, cov) have the spread of a trained model's embeddings (their decaying
-    spectrum), not that of the uniform sphere, on which every neighbour is about as far as every other."""
+def gaussian_like(index_dir: str, dim: int, sample: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (dim,) and a factor (dim, dim) of the Gaussian fit of a real index's rows (a random sample), in
+    the coordinates of its `dim` principal axes (all of them when `dim` >= E): synthetic rows drawn from it
+    have the spread of a trained model's embeddings (their decaying spectrum), not that of the uniform sphere,
+    on which every neighbour is about as far as every other."""
     rows = np.load(Path(index_dir) / EMBEDDINGS, mmap_mode="r")
     pick = np.sort(np.random.default_rng(seed).choice(len(rows), min(sample, len(rows)), replace=False))
     x = np.asarray(rows[pick], dtype=np.float64)  # (S, E)
-    cov = np.cov(x, rowvar=False) + 1e-9 * np.eye(x.shape[1])
-    return x.mean(0).astype(np.float32), np.linalg.cholesky(cov).astype(np.float32)
+    mean, cov = x.mean(0), np.cov(x, rowvar=False)
+    eigval, eigvec = np.linalg.eigh(cov)  # ascending
+    keep = eigvec[:, ::-1][:, :dim]  # (E, dim) the top principal axes
+    std = np.sqrt(np.clip(eigval[::-1][:dim], 0, None))
+    return (mean @ keep).astype(np.float32), np.diag(std).astype(np.float32)
 
 
 def write_index(
@@ -63,7 +68,7 @@ def write_index(
 ) -> Path:
     """A complete index folder of n random l2-normalised rows, generated chunk by chunk (bounded RAM): uniform
     on the sphere, with `clusters` > 0 drawn around that many random centres (noise of norm about 0.5), or
-    with `like` = (mean, cholesky factor) from `gaussian_like` drawn from a real index's Gaussian fit."""
+    with `like` = (mean, factor) from `gaussian_like` drawn from a real index's Gaussian fit."""
     folder.mkdir(parents=True, exist_ok=True)
     emb = np.lib.format.open_memmap(folder / EMBEDDINGS, "w+", np.dtype(dtype), (n, e))
     rng = np.random.default_rng(seed)
@@ -197,7 +202,9 @@ def main() -> None:
     p.add_argument("--build-threads", type=int, default=1, help="faiss threads building the approximate keys")
     p.add_argument("--gap", type=float, default=0.8, help="synthetic modality gap of the text-like queries")
     p.add_argument("--clusters", type=int, default=0, help="synthetic rows around this many centres (0: uniform)")
-    p.add_argument("--like", default=None, help="synthetic rows from the Gaussian fit of this index's rows")
+    p.add_argument(
+        "--like", default=None, help="synthetic rows from the Gaussian fit of this index's rows (top --dim axes)"
+    )
     p.add_argument("--real", default=None, help="an index built by `crossmatch index build` (with --data)")
     p.add_argument("--data", default=None, help="with --real: dataset whose split's captions/images are queries")
     p.add_argument("--split", default="test", help="with --real: the split")
@@ -217,9 +224,9 @@ def main() -> None:
         )
         return
     n, e = (1_000_000, 256) if args.full else (args.rows, args.dim)
-    like = gaussian_like(args.like) if args.like else None
+    like = gaussian_like(args.like, e) if args.like else None
     if like is not None:
-        e = like[0].shape[0]
+        e = like[0].shape[0]  # the index's own width when --dim exceeds it
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(dir=args.dir)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +90,24 @@ def test_accumulation_times_both_settings_through_the_trainer():
     assert re.search(r"^batch 4 +[\d.]+s +\d+ MB$", out, re.M)
     assert re.search(r"^accum 2 x 2 +[\d.]+s +\d+ MB$", out, re.M)
     assert re.search(r"^ratio accum / batch: time [\d.]+x, peak memory [\d.]+x$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_index_search_measures_approximate_keys_on_rows_like_a_real_index(tmp_path):
+    pytest.importorskip("faiss")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import index_search
+    finally:
+        sys.path.pop(0)
+    real = index_search.write_index(tmp_path / "real", 500, 12, "float32", clusters=5)
+    mean, factor = index_search.gaussian_like(str(real), 8)  # the top 8 of 12 principal axes
+    assert mean.shape == (8,) and factor.shape == (8, 8)
+    std = np.diag(factor)
+    assert np.all(std[:-1] >= std[1:]) and np.count_nonzero(factor - np.diag(std)) == 0  # decaying, diagonal
+    args = ["--rows", "2000", "--dim", "8", "--like", str(real), "--ann-only", "--ann-queries", "20"]
+    args += ["--train-rows", "2000", "--ann", "HNSW8|efSearch=16;efSearch=64"]
+    out = run_script("benchmarks/index_search.py", *args, "--dir", str(tmp_path))
+    rows = re.findall(r"^  HNSW8 +efSearch=(\d+) .* ([\d.]+) +([\d.]+) +([\d.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["16", "64"], out  # two search settings measured on one build
+    assert float(rows[1][1]) >= 0.9, out  # image-like queries on 2000 rows of 8 dims: efSearch=64 is near exact
