@@ -298,6 +298,16 @@ def twin_accuracy(scores: Array, txt_to_img: Array, twins: Sequence[tuple[int, i
     return 100.0 * wins / total
 
 
+def _scores_by_identity(scores: Array, query_ids: Array, gallery_ids: Array) -> tuple[torch.Tensor, ...]:
+    """(Q, G) float scores, (Q,) query ids and (G,) gallery ids on the scores' device; ValueError on a mismatch."""
+    s = _scores(scores)
+    qid = torch.as_tensor(query_ids, device=s.device).reshape(-1)
+    gid = torch.as_tensor(gallery_ids, device=s.device).reshape(-1)
+    if qid.numel() != s.shape[0] or gid.numel() != s.shape[1]:
+        raise ValueError(f"ids of length {qid.numel()}/{gid.numel()} do not match scores of shape {tuple(s.shape)}")
+    return s, qid, gid
+
+
 def person_search_metrics(
     scores: Array,
     query_ids: Array,
@@ -325,12 +335,8 @@ def person_search_metrics(
     Raises:
         ValueError: bad shapes, NaN scores, or a query with no relevant gallery item.
     """
-    s = _scores(scores)
+    s, qid, gid = _scores_by_identity(scores, query_ids, gallery_ids)
     n_q, n_g = s.shape
-    qid = torch.as_tensor(query_ids, device=s.device).reshape(-1)
-    gid = torch.as_tensor(gallery_ids, device=s.device).reshape(-1)
-    if qid.numel() != n_q or gid.numel() != n_g:
-        raise ValueError(f"ids of length {qid.numel()}/{gid.numel()} do not match scores of shape {(n_q, n_g)}")
     if n_q == 0:
         raise ValueError("person_search_metrics needs at least one query")
     first, ap, inp = [], [], []
@@ -381,12 +387,7 @@ def twin_identity_accuracy(
         ValueError: bad shapes, NaN scores, a pair of one identity, an identity of a pair with no gallery
             item, or no query of any pair.
     """
-    s = _scores(scores)
-    n_q, n_g = s.shape
-    qid = torch.as_tensor(query_ids, device=s.device).reshape(-1)
-    gid = torch.as_tensor(gallery_ids, device=s.device).reshape(-1)
-    if qid.numel() != n_q or gid.numel() != n_g:
-        raise ValueError(f"ids of length {qid.numel()}/{gid.numel()} do not match scores of shape {(n_q, n_g)}")
+    s, qid, gid = _scores_by_identity(scores, query_ids, gallery_ids)
     wins = total = 0
     for a, b in twin_pids:
         if a == b:
