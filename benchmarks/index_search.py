@@ -178,9 +178,10 @@ def ann_section(
 def real_queries(index, data: str, split: str, n: int) -> dict[str, torch.Tensor]:
     """The split's captions and images encoded by the index's own model (text first, as index eval)."""
     from crossmatch.retrieval.evaluate import encode_split
-    from crossmatch.runs import build_eval_data, load_run, open_split
+    from crossmatch.runs import build_eval_data, open_split
+    from crossmatch.search.index import load_index_model
 
-    model, cfg, tokenizer = load_run(index.meta["checkpoint"], [f"data.root={data}"])
+    model, cfg, tokenizer = load_index_model(index, None, [f"data.root={data}"])  # the model that built it
     img, txt = encode_split(model.eval(), build_eval_data(cfg, open_split(cfg, split), tokenizer, model), "cpu")
     return {"text": txt["embed"][:n].float(), "image": img["embed"][:n].float()}
 

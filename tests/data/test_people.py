@@ -32,7 +32,7 @@ from crossmatch.data.people import (
 from crossmatch.data.shards import read_shard_entries
 from crossmatch.metrics import twin_identity_accuracy
 from crossmatch.retrieval.person import TWIN_KEY, format_person_table, person_metrics
-from tests.conftest import train_args
+from tests.helpers import train_args
 
 SIZE = (128, 48)
 PLAIN = {  # a red t-shirt, blue trousers, white shoes; nothing else
