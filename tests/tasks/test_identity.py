@@ -199,3 +199,46 @@ def test_the_classifier_is_in_last_pt_restored_on_resume_and_absent_from_the_mod
     assert torch.equal(seen[0], last["loss"]["id_loss.classifier.weight"])
     resumed = load_checkpoint(run / "checkpoints" / "last.pt")["loss"]["id_loss.classifier.weight"]
     assert not torch.equal(resumed, seen[0])  # and trained on
+
+
+def test_accumulating_sdm_and_the_id_loss_over_4_micro_batches_equals_one_batch(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from crossmatch.config import RunConfig
+    from crossmatch.engine.checkpoint import Checkpointer
+    from crossmatch.engine.distributed import DistInfo
+    from crossmatch.engine.logging import MetricLogger
+    from crossmatch.engine.optim import create_optimizer, create_scheduler
+    from crossmatch.engine.trainer import RunLoaders, RunSinks, Trainer
+
+    def trainer(accum: int, folder: Path) -> Trainer:
+        torch.manual_seed(0)
+        task = build_task(create_model("tiny_vse", vocab_size=30, batch_norm=False), loss_cfg("sdm", id_weight=1.0))
+        task.use_identities(range(8))
+        cfg = RunConfig()
+        cfg.train.accum_steps, cfg.train.optimizer, cfg.train.lr, cfg.train.grad_clip = accum, "sgd", 0.5, 0.0
+        opt = create_optimizer(task, cfg.train)
+        sinks = RunSinks(Checkpointer(folder, 1, enabled=False), MetricLogger(folder, enabled=False))
+        loader = RunLoaders(DataLoader(list(range(64)), batch_size=16 // accum))
+        return Trainer(task, opt, create_scheduler(opt, cfg.train, 2), loader, None, sinks, cfg, DistInfo())
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.arange(5)[None, :] < torch.randint(2, 6, (16,), generator=g)[:, None]  # (16, 5)
+    batch = {
+        "image": torch.randn(16, 3, 32, 32, generator=g),
+        "input_ids": torch.randint(5, 30, (16, 5), generator=g).masked_fill(~mask, 0),
+        "attention_mask": mask,
+        "image_idx": torch.arange(16),
+        "pid": torch.arange(16) % 8,  # two pairs of each identity, in different micro-batches
+    }
+    micro = [{k: v[i * 4 : (i + 1) * 4] for k, v in batch.items()} for i in range(4)]
+    big, acc = trainer(1, tmp_path / "big"), trainer(4, tmp_path / "acc")
+    assert acc.task.exact_accumulation
+    before = big.task.id_loss.classifier.weight.detach().clone()
+    for _ in range(2):
+        logs_big, logs_acc = big.train_step([batch]), acc.train_step(micro)
+        assert float(logs_acc["id_loss"]) == pytest.approx(float(logs_big["id_loss"]), rel=1e-5)
+    assert float((big.task.id_loss.classifier.weight.detach() - before).abs().max()) > 1e-4  # the classifier trained
+    a, b = big.task.state_dict(), acc.task.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
