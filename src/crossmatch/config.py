@@ -122,7 +122,9 @@ class LossConfig:
     / warmup_epochs, as SCAN does; or a contrastive loss); the other families read their own section
     (`loss.albef`, `loss.vilt`, `loss.identity`)."""
 
-    name: str = "hinge"  # dual encoders: hinge (VSE++) | infonce (CLIP) | siglip (SigLIP); others have their own
+    # dual encoders: hinge (VSE++) | infonce (CLIP) | siglip (SigLIP) | sdm | cmpm (person search: relevance by
+    # identity, settings in loss.identity); other families train with their own objective
+    name: str = "hinge"
     local: bool = False  # infonce/siglip under DDP: this rank's rows against all columns (open_clip --local-loss)
     init_logit_scale: float | None = None  # log of the initial scale; default CLIP log(1/0.07), SigLIP log(10)
     init_logit_bias: float | None = None  # SigLIP's initial bias; default -10

@@ -37,6 +37,7 @@ from crossmatch.runs.build import (
 )
 from crossmatch.runs.evaluation import check_split_overlap, make_evaluator
 from crossmatch.tasks import build_task
+from crossmatch.tasks.identity import IdentityTask
 
 
 def seed_everything(seed: int) -> None:
@@ -70,7 +71,9 @@ def build_trainer(
         model.set_grad_checkpointing(True)
     if dist.distributed and dist.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size).to(dist.device)
+    task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size)
+    use_train_identities(task, cfg, train_ds)  # the ID loss's classes, before the optimiser sees the task
+    task = task.to(dist.device)
     transform = transform_from_config(cfg.data, train=True)
     pin = dist.device.type == "cuda"
     K = cfg.loss.text_negatives
@@ -135,6 +138,38 @@ def build_trainer(
     )
     loaders = RunLoaders(loader, val_loader)
     return Trainer(task, optimizer, scheduler, loaders, evaluator, sinks, cfg, dist), cfg
+
+
+def use_train_identities(task, cfg: RunConfig, train_ds) -> None:
+    """loss.identity.id_weight > 0: give the task's ID loss its classes, the train split's person identities
+    (class k = the k-th smallest id; the map is saved with the classifier in the task's loss state).
+
+    Raises:
+        ConfigError: the objective has no ID loss, or the train split has no person identities (or is a stream,
+            whose identities are not known before the first step).
+    """
+    weight = cfg.loss.identity.id_weight
+    if weight <= 0:
+        return
+    if not isinstance(task, IdentityTask):
+        raise ConfigError(
+            f"loss.identity.id_weight={weight}: the {type(task).__name__} objective has no ID loss (the "
+            "person-search objectives have one: a tipcb model, or a dual encoder with loss.name=sdm or cmpm)"
+        )
+    if getattr(train_ds, "streaming", False):
+        raise ConfigError(
+            f"loss.identity.id_weight={weight} needs the train identities before the first step: an indexed train "
+            f"split, not a stream (data.format={cfg.data.format})"
+        )
+    pids = [rec.pid for rec in train_ds.images]
+    missing = sum(p is None for p in pids)
+    if not pids or missing:
+        raise ConfigError(
+            f"loss.identity.id_weight={weight} needs a person identity (pid) on every train image; the "
+            f"data.format={cfg.data.format} split {cfg.data.train_split!r} has {missing} of {len(pids)} without "
+            "one: use a person-search format (cuhk_pedes, icfg_pedes, rstpreid) or entries with a pid"
+        )
+    task.use_identities(pids)
 
 
 def _relative_to(path: str, folder: Path) -> str:
