@@ -1,0 +1,91 @@
+"""IRRA's training objective (Jiang & Ye, CVPR 2023): similarity distribution matching (SDM) on the dual
+encoder's embeddings, plus implicit relation reasoning (IRR): masked-token prediction of each caption from its
+cross-modal features (models/irra.py). Relevance is by person identity (batch["pid"], else batch["image_idx"]).
+
+    sdm_loss = SDM(image embed, text embed, ids; tau = loss.identity.temperature)   (losses/identity.py)
+    mlm_loss = loss.identity.mlm_weight * CE at the masked positions only
+
+Masking (`mask_caption`): BERT's 80/10/10 (tasks/masking.py) on `loss.identity.mlm_prob` of the real tokens,
+never padding, [SOT] (first) or [EOT] (last real token); random replacements are ids in [1, mask_id), as
+IRRA draws them. Where IRRA forces one masked token into a caption that drew none, a caption without a draw
+predicts nothing here (and a batch without any gives a zero mlm_loss).
+
+The IRR pass runs whenever the model has its cross-modal encoder (model.mlm), also at mlm_weight 0, so every
+parameter gets a gradient (DDP needs that); its weight scales it. `encode` holds everything per pair (towers,
+masking, cross-modal encoder), `objective` the batch-wide terms, so gradient accumulation is exact.
+
+Legend: B batch, L tokens, R image tokens, E embedding, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from crossmatch.config import LossConfig
+from crossmatch.errors import ConfigError
+from crossmatch.losses.identity import SdmLoss
+from crossmatch.models.irra import IrraModel
+from crossmatch.tasks.base import Task, register_task
+from crossmatch.tasks.masking import IGNORE, bert_mask, masked_token_loss
+
+
+def maskable_tokens(mask: Tensor) -> Tensor:
+    """(B, L) right-padded attention mask -> (B, L) True on the real tokens between [SOT] and [EOT]."""
+    B, L = mask.shape
+    last = mask.long().sum(1, keepdim=True) - 1  # (B, 1) the [EOT] position
+    pos = torch.arange(L, device=mask.device)[None]  # (1, L)
+    return mask.bool() & (pos > 0) & (pos < last)
+
+
+def mask_caption(ids: Tensor, mask: Tensor, mask_id: int, prob: float) -> tuple[Tensor, Tensor]:
+    """IRRA's masking of open_clip captions: ids, mask (B, L) -> masked ids (B, L), labels (B, L) (IGNORE where
+    not predicted). Random replacements are ids in [1, mask_id): ordinary BPE tokens, no special one."""
+    return bert_mask(ids, maskable_tokens(mask), mask_id, (1, mask_id), prob)
+
+
+@register_task(IrraModel.family, losses=("hinge", "sdm"))
+class IrraTask(Task):
+    """sdm_loss + mlm_loss (IRRA); settings in `loss.identity` (temperature, mlm_weight, mlm_prob)."""
+
+    needs = "an IRRA model (open_clip towers and a cross-modal encoder)"
+
+    @classmethod
+    def check_config(cls, model: nn.Module, cfg: LossConfig) -> None:
+        super().check_config(model, cfg)
+        if cfg.identity.name != "sdm":
+            raise ConfigError(f"loss.identity.name={cfg.identity.name}: irra trains with sdm")
+        if cfg.identity.mlm_weight > 0 and not model.config.mlm:
+            raise ConfigError("loss.identity.mlm_weight > 0 needs the cross-modal encoder: model.mlm=true")
+        if cfg.identity.id_weight > 0:  # removed when the ID loss is wired in `objective`
+            raise ConfigError("loss.identity.id_weight: the ID loss is not wired into irra yet")
+
+    def __init__(self, model: IrraModel, cfg: LossConfig, rank: int = 0, world_size: int = 1):
+        super().__init__(model)
+        self.cfg = cfg.identity
+        self.sdm = SdmLoss(cfg.identity.temperature, rank=rank, world_size=world_size)
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        m = self.model
+        img = m.image_tokens(batch["image"])  # embed (B, E), tokens (B, R, E)
+        feats = {"image": {"embed": img["embed"]}, "text": m.encode_text_features(batch)}  # (B, E) each
+        if m.config.mlm:
+            ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, L)
+            masked, labels = mask_caption(ids, mask, m.config.mask_id, self.cfg.mlm_prob)
+            relation = m.relation_features(img["tokens"], masked, mask)  # (B, L, E)
+            feats["mlm"] = {"feats": relation, "labels": labels}
+        return feats
+
+    def objective(self, feats: dict[str, dict[str, Tensor]], batch: dict) -> tuple[dict[str, Tensor], dict[str, float]]:
+        ids = batch["pid"] if "pid" in batch else batch["image_idx"]  # (B,) relevance by identity
+        img, txt = feats["image"]["embed"], feats["text"]["embed"]  # (B, E)
+        losses = {"sdm_loss": self.sdm(img, txt, ids)}
+        # ID LOSS: losses["id_loss"] = self.cfg.id_weight * <the shared identity classifier of losses/identity.py>
+        logs = {"temperature": self.cfg.temperature}
+        if "mlm" in feats:
+            # accumulated micro-batches are padded to the longest caption: padding is never a target
+            labels = feats["mlm"]["labels"].masked_fill(~batch["attention_mask"].bool(), IGNORE)  # (B, L)
+            mlm = masked_token_loss(self.model.mlm_head, feats["mlm"]["feats"], labels)
+            losses["mlm_loss"] = self.cfg.mlm_weight * mlm
+            logs["mlm_ce"] = float(mlm.detach())
+        return losses, logs
