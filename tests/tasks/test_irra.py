@@ -112,9 +112,9 @@ def test_the_task_logs_sdm_and_weighted_mlm_terms():
 
 @pytest.mark.slow
 def test_a_tall_people_run_trains_evaluates_exports_and_saves_without_the_training_modules(tmp_path):
-    import crossmatch
     from safetensors.torch import load_file
 
+    import crossmatch
     from crossmatch.cli.main import main
 
     data, run = tmp_path / "people", tmp_path / "run"
@@ -142,5 +142,6 @@ def test_a_tall_people_run_trains_evaluates_exports_and_saves_without_the_traini
     pytest.importorskip("onnxruntime")
     from crossmatch.cli.export import run_export
 
-    info = run_export(str(run / "checkpoints" / "best.pt"), str(tmp_path / "onnx"))  # the dual-encoder towers at 128 x 48
+    best = run / "checkpoints" / "best.pt"
+    info = run_export(str(best), str(tmp_path / "onnx"))  # the dual-encoder towers at 128 x 48
     assert max(info["parity"]["max_abs_diff"].values()) <= 1e-4
