@@ -11,8 +11,9 @@ IRRA draws them. Where IRRA forces one masked token into a caption that drew non
 predicts nothing here (and a batch without any gives a zero mlm_loss).
 
 The IRR pass runs whenever the model has its cross-modal encoder (model.mlm), also at mlm_weight 0, so every
-parameter gets a gradient (DDP needs that); its weight scales it. `encode` holds everything per pair (towers,
-masking, cross-modal encoder), `objective` the batch-wide terms, so gradient accumulation is exact.
+parameter gets a gradient (DDP needs that); its weight scales it. `encode` runs the image tower (embedding and
+tokens) and the text tower; `objective` draws the masks for the whole step and runs the masked captions through
+the text tower and the cross-modal encoder, so accumulated micro-batches (GradCache) give the big batch's step.
 
 Legend: B batch, L tokens, R image tokens, E embedding, V vocabulary.
 """
@@ -27,7 +28,7 @@ from crossmatch.errors import ConfigError
 from crossmatch.losses.identity import SdmLoss
 from crossmatch.models.irra import IrraModel
 from crossmatch.tasks.base import Task, register_task
-from crossmatch.tasks.masking import IGNORE, bert_mask, masked_token_loss
+from crossmatch.tasks.masking import bert_mask, masked_token_loss
 
 
 def maskable_tokens(mask: Tensor) -> Tensor:
@@ -66,26 +67,23 @@ class IrraTask(Task):
         self.sdm = SdmLoss(cfg.identity.temperature, rank=rank, world_size=world_size)
 
     def encode(self, batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        m = self.model
-        img = m.image_tokens(batch["image"])  # embed (B, E), tokens (B, R, E)
-        feats = {"image": {"embed": img["embed"]}, "text": m.encode_text_features(batch)}  # (B, E) each
-        if m.config.mlm:
-            ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, L)
-            masked, labels = mask_caption(ids, mask, m.config.mask_id, self.cfg.mlm_prob)
-            relation = m.relation_features(img["tokens"], masked, mask)  # (B, L, E)
-            feats["mlm"] = {"feats": relation, "labels": labels}
-        return feats
+        img = self.model.image_tokens(batch["image"])  # embed (B, E), tokens (B, R, E)
+        return {"image": img, "text": self.model.encode_text_features(batch)}  # text embed (B, E)
 
     def objective(self, feats: dict[str, dict[str, Tensor]], batch: dict) -> tuple[dict[str, Tensor], dict[str, float]]:
+        m = self.model
         ids = batch["pid"] if "pid" in batch else batch["image_idx"]  # (B,) relevance by identity
         img, txt = feats["image"]["embed"], feats["text"]["embed"]  # (B, E)
         losses = {"sdm_loss": self.sdm(img, txt, ids)}
         # ID LOSS: losses["id_loss"] = self.cfg.id_weight * <the shared identity classifier of losses/identity.py>
         logs = {"temperature": self.cfg.temperature}
-        if "mlm" in feats:
-            # accumulated micro-batches are padded to the longest caption: padding is never a target
-            labels = feats["mlm"]["labels"].masked_fill(~batch["attention_mask"].bool(), IGNORE)  # (B, L)
-            mlm = masked_token_loss(self.model.mlm_head, feats["mlm"]["feats"], labels)
+        if m.config.mlm:
+            # masks drawn once for the whole step, so accumulated micro-batches mask as the big batch does
+            masked, labels = mask_caption(
+                batch["input_ids"], batch["attention_mask"], m.config.mask_id, self.cfg.mlm_prob
+            )
+            relation = m.relation_features(feats["image"]["tokens"], masked, batch["attention_mask"])  # (B, L, E)
+            mlm = masked_token_loss(m.mlm_head, relation, labels)
             losses["mlm_loss"] = self.cfg.mlm_weight * mlm
             logs["mlm_ce"] = float(mlm.detach())
         return losses, logs
