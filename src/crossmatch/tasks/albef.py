@@ -21,6 +21,7 @@ from crossmatch.losses.itm import ItcLoss, ItmLoss, MomentumBank, sample_hard_ne
 from crossmatch.models.albef import ALBEF
 from crossmatch.models.transformer import prepend_cls
 from crossmatch.tasks.base import Task, register_task
+from crossmatch.tasks.masking import bert_mask
 from crossmatch.tasks.text_negatives import encode_negatives, flat
 from crossmatch.tensors import gather, slice_features
 
@@ -29,14 +30,9 @@ def mask_tokens(ids: Tensor, mask: Tensor, vocab_size: int, prob: float) -> tupl
     """BERT masking of real words (never [CLS] at position 0 or padding): of the chosen `prob` fraction,
     80% become [MASK], 10% a random word, 10% stay. ids, mask (B, L) -> masked ids (B, L), labels (B, L)
     with -100 on the positions that are not predicted."""
-    chosen = (torch.rand(ids.shape, device=ids.device) < prob) & mask
-    chosen[:, 0] = False  # (B, L)
-    labels = ids.masked_fill(~chosen, -100)
-    u = torch.rand(ids.shape, device=ids.device)  # one draw decides mask / random / keep
-    out = ids.masked_fill(chosen & (u < 0.8), MASK_ID)
-    rand_words = torch.randint(FIRST_WORD_ID, vocab_size, ids.shape, device=ids.device)
-    swap = chosen & (u >= 0.8) & (u < 0.9)
-    return torch.where(swap, rand_words, out), labels
+    maskable = mask.clone()
+    maskable[:, 0] = False  # (B, L) [CLS]
+    return bert_mask(ids, maskable, MASK_ID, (FIRST_WORD_ID, vocab_size), prob)
 
 
 @register_task(ALBEF.family)
