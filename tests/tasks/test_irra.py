@@ -110,6 +110,26 @@ def test_the_task_logs_sdm_and_weighted_mlm_terms():
         build_task(model, bad)
 
 
+def test_the_id_term_is_the_shared_identity_classifier_on_both_embeddings():
+    from crossmatch.losses.identity import IdentityClassifierLoss
+
+    torch.manual_seed(0)
+    model = create_model("tiny_irra", data_defaults={"image_size": [64, 24]})
+    batch = irra_batch()
+    cfg = LossConfig(name="sdm")
+    cfg.identity.id_weight = 0.5
+    task = build_task(model, cfg)
+    task.use_identities(batch["pid"].tolist())
+    terms, _ = task.training_step(batch)
+    assert set(terms) == {"sdm_loss", "id_loss", "mlm_loss"}
+    img = model.encode_image_features(batch)["embed"]
+    txt = model.encode_text_features(batch)["embed"]
+    classifier = IdentityClassifierLoss(batch["pid"].tolist(), img.shape[1])
+    classifier.load_state_dict(task.id_loss.state_dict())
+    torch.testing.assert_close(terms["id_loss"], 0.5 * classifier(img, txt, batch["pid"]))
+    assert not any(k.startswith("id_loss") for k in model.state_dict())  # training-only: in the task
+
+
 @pytest.mark.slow
 def test_a_tall_people_run_trains_evaluates_exports_and_saves_without_the_training_modules(tmp_path):
     from safetensors.torch import load_file

@@ -26,6 +26,7 @@ from crossmatch.config import LossConfig
 from crossmatch.errors import CheckpointError, ConfigError
 from crossmatch.losses.identity import CmpmLoss, IdentityClassifierLoss, SdmLoss
 from crossmatch.models.dual_encoder import JointEmbedding
+from crossmatch.models.protocols import config_of
 from crossmatch.models.tipcb import Tipcb
 from crossmatch.tasks.base import Task, register_task
 
@@ -126,7 +127,7 @@ class DualIdentityTask(IdentityTask):
 
 def embedding_width(model: nn.Module) -> int:
     """E of a dual encoder: its config's embed_dim, else (an open_clip model) measured on one two-token caption."""
-    width = getattr(getattr(model, "config", None), "embed_dim", None)
+    width = getattr(config_of(model), "embed_dim", None)  # a field of the config dataclass, where it has one
     if isinstance(width, int):
         return width
     device = next(model.parameters()).device

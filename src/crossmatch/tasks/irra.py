@@ -3,6 +3,7 @@ encoder's embeddings, plus implicit relation reasoning (IRR): masked-token predi
 cross-modal features (models/irra.py). Relevance is by person identity (batch["pid"], else batch["image_idx"]).
 
     sdm_loss = SDM(image embed, text embed, ids; tau = loss.identity.temperature)   (losses/identity.py)
+    id_loss  = loss.identity.id_weight * IRRA's ID loss (one identity classifier shared by both sides)
     mlm_loss = loss.identity.mlm_weight * CE at the masked positions only
 
 Masking (`mask_caption`): BERT's 80/10/10 (tasks/masking.py) on `loss.identity.mlm_prob` of the real tokens,
@@ -27,7 +28,8 @@ from crossmatch.config import LossConfig
 from crossmatch.errors import ConfigError
 from crossmatch.losses.identity import SdmLoss
 from crossmatch.models.irra import IrraModel
-from crossmatch.tasks.base import Task, register_task
+from crossmatch.tasks.base import register_task
+from crossmatch.tasks.identity import IdentityTask, embedding_width
 from crossmatch.tasks.masking import bert_mask, masked_token_loss
 
 
@@ -46,8 +48,9 @@ def mask_caption(ids: Tensor, mask: Tensor, mask_id: int, prob: float) -> tuple[
 
 
 @register_task(IrraModel.family, losses=("hinge", "sdm"))
-class IrraTask(Task):
-    """sdm_loss + mlm_loss (IRRA); settings in `loss.identity` (temperature, mlm_weight, mlm_prob)."""
+class IrraTask(IdentityTask):
+    """sdm_loss + id_loss + mlm_loss (IRRA); settings in `loss.identity` (temperature, id_weight, mlm_weight,
+    mlm_prob)."""
 
     needs = "an IRRA model (open_clip towers and a cross-modal encoder)"
 
@@ -58,11 +61,9 @@ class IrraTask(Task):
             raise ConfigError(f"loss.identity.name={cfg.identity.name}: irra trains with sdm")
         if cfg.identity.mlm_weight > 0 and not model.config.mlm:
             raise ConfigError("loss.identity.mlm_weight > 0 needs the cross-modal encoder: model.mlm=true")
-        if cfg.identity.id_weight > 0:  # removed when the ID loss is wired in `objective`
-            raise ConfigError("loss.identity.id_weight: the ID loss is not wired into irra yet")
 
     def __init__(self, model: IrraModel, cfg: LossConfig, rank: int = 0, world_size: int = 1):
-        super().__init__(model)
+        super().__init__(model, cfg, embedding_width(model))
         self.cfg = cfg.identity
         self.sdm = SdmLoss(cfg.identity.temperature, rank=rank, world_size=world_size)
 
@@ -74,8 +75,7 @@ class IrraTask(Task):
         m = self.model
         ids = batch["pid"] if "pid" in batch else batch["image_idx"]  # (B,) relevance by identity
         img, txt = feats["image"]["embed"], feats["text"]["embed"]  # (B, E)
-        losses = {"sdm_loss": self.sdm(img, txt, ids)}
-        # ID LOSS: losses["id_loss"] = self.cfg.id_weight * <the shared identity classifier of losses/identity.py>
+        losses = {"sdm_loss": self.sdm(img, txt, ids), **self.id_terms(img, txt, batch)}
         logs = {"temperature": self.cfg.temperature}
         if m.config.mlm:
             # masks drawn once for the whole step, so accumulated micro-batches mask as the big batch does
