@@ -292,13 +292,27 @@ def _merge(layers: list, overrides: list[str] | tuple[str, ...]) -> RunConfig:
 # `evaluate_retrieval` and `evaluate_person_search` report (a test keeps these lists true).
 RETRIEVAL_METRICS = ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 TWIN_METRICS = ("twin_acc",)  # only on splits with twin scenes (the shapes data)
-PERSON_METRICS = ("t2i_r1", "t2i_r5", "t2i_r10", "t2i_mAP", "t2i_mINP")
+PERSON_METRICS = (
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "t2i_mAP",
+    "t2i_mINP",
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "i2t_mAP",
+    "i2t_mINP",
+)
+PERSON_TWIN_METRICS = ("t2i_twin_acc",)  # only on splits with twin identities (the people data)
 LOWER_IS_BETTER = ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
 
 
 def selectable_metrics(person_search: bool, twins: bool) -> tuple[str, ...]:
     """The metrics that may select best.pt under one evaluation protocol."""
-    return PERSON_METRICS if person_search else RETRIEVAL_METRICS + TWIN_METRICS * twins
+    if person_search:
+        return PERSON_METRICS + PERSON_TWIN_METRICS * twins
+    return RETRIEVAL_METRICS + TWIN_METRICS * twins
 
 
 def check_metric(metric: str, reported: tuple[str, ...] | list[str], protocol: str) -> None:
@@ -326,7 +340,9 @@ def validate_config(cfg: RunConfig, training: bool = True) -> RunConfig:
         check_fields(getattr(cfg, name), name)
     if not isinstance(cfg.model.get("name"), str):
         raise ConfigError(f"model.name={cfg.model.get('name')!r}: must be the name of a registered model")
-    check_metric(cfg.eval.metric, sorted({*RETRIEVAL_METRICS, *TWIN_METRICS, *PERSON_METRICS}), "any")
+    check_metric(
+        cfg.eval.metric, sorted({*RETRIEVAL_METRICS, *TWIN_METRICS, *PERSON_METRICS, *PERSON_TWIN_METRICS}), "any"
+    )
     return cfg
 
 

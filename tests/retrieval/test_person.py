@@ -15,7 +15,7 @@ from crossmatch.losses.identity import CmpmLoss, SdmLoss
 from crossmatch.metrics import person_search_metrics
 from crossmatch.models import create_model
 from crossmatch.retrieval.evaluate import EvalData, compute_scores
-from crossmatch.retrieval.person import KEYS, evaluate_person_search, format_person_table, image_pids
+from crossmatch.retrieval.person import I2T_KEYS, KEYS, evaluate_person_search, format_person_table, image_pids
 from crossmatch.runs import build_eval_data, load_run, open_split
 from crossmatch.tasks import build_task
 from tests.helpers import FixedScores, tiny_batch, train_args, write_pedes
@@ -43,10 +43,20 @@ def test_person_search_evaluation_on_hand_checked_scores():
         "t2i_r10": 100.0,
         "t2i_mAP": 100 * ((1 + 2 / 3) / 2 + 1 / 2 + 1 / 4) / 3,
         "t2i_mINP": 100 * (2 / 3 + 1 / 2 + 1 / 4) / 3,
+        # Image -> text, caption pids [0, 1, 2]: image 0 ranks its person's caption 0 first, image 1 second
+        # (behind caption 1), image 2 its caption 1 second, image 3 its caption 2 last of 3; one relevant
+        # caption each, so AP = INP = 1 / position.
+        "i2t_r1": 100 / 4,
+        "i2t_r5": 100.0,
+        "i2t_r10": 100.0,
+        "i2t_mAP": 100 * (1 + 1 / 2 + 1 / 2 + 1 / 3) / 4,
+        "i2t_mINP": 100 * (1 + 1 / 2 + 1 / 2 + 1 / 3) / 4,
     }
-    assert list(m) == list(KEYS) and m == pytest.approx(expected)
+    assert list(m) == [*KEYS, *I2T_KEYS] and m == pytest.approx(expected)
     direct = person_search_metrics(SCORES.t(), PIDS[TXT_TO_IMG], PIDS)
-    assert m == pytest.approx({f"t2i_{k}": v for k, v in direct.items()})
+    assert {k: v for k, v in m.items() if k in KEYS} == pytest.approx({f"t2i_{k}": v for k, v in direct.items()})
+    table = format_person_table(m).splitlines()
+    assert table[1].startswith("t2i") and table[2].startswith("i2t") and f"{m['i2t_mAP']:8.2f}" in table[2]
     assert "R@1" in format_person_table(m) and f"{m['t2i_mAP']:8.2f}" in format_person_table(m)
 
 
@@ -167,7 +177,7 @@ def test_tiny_tipcb_trains_through_the_cli_and_evaluates_by_identity(tmp_path):
     pids = image_pids(ds)
     assert pids.tolist() == [4, 4, 5, 5]
     m = evaluate_person_search(model, build_eval_data(cfg, ds, tokenizer, model), pids, torch.device("cpu"))
-    assert list(m) == list(KEYS) and all(0 <= v <= 100 for v in m.values())
+    assert list(m) == [*KEYS, *I2T_KEYS] and all(0 <= v <= 100 for v in m.values())
     data = build_eval_data(cfg, ds, tokenizer, model)  # reference: one batch of everything, scored directly
     with torch.no_grad():
         img = model.encode_image_features(next(iter(build_eval_loader(data.image_loader.dataset, 100))))
@@ -179,4 +189,7 @@ def test_tiny_tipcb_trains_through_the_cli_and_evaluates_by_identity(tmp_path):
     caption_pids = torch.tensor([4, 4, 4, 4, 5, 5, 5, 5])  # captions follow their images in file order
     # metrics compared on the evaluated matrix: a near-tie could flip between the two roundings above
     direct = person_search_metrics(chunked.t(), caption_pids, torch.tensor([4, 4, 5, 5]))
-    assert m == pytest.approx({f"t2i_{k}": v for k, v in direct.items()})
+    back = person_search_metrics(chunked, torch.tensor([4, 4, 5, 5]), caption_pids)  # images query captions
+    assert m == pytest.approx(
+        {**{f"t2i_{k}": v for k, v in direct.items()}, **{f"i2t_{k}": v for k, v in back.items()}}
+    )

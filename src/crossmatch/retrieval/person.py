@@ -2,8 +2,9 @@
 IRRA, Jiang & Ye, CVPR 2023): every caption of the split queries the split's image gallery, and an image is
 relevant when it shows the caption's person (same identity), not only when it is the caption's own image.
 
-Metrics (from `crossmatch.metrics.person_search_metrics`, pessimistic ties), keys prefixed `t2i_` since
-only the text-to-image direction is measured: t2i_r1, t2i_r5, t2i_r10 (CMC), t2i_mAP, t2i_mINP, in percent;
+Metrics (from `crossmatch.metrics.person_search_metrics`, pessimistic ties), in percent: text -> image
+t2i_r1, t2i_r5, t2i_r10 (CMC), t2i_mAP, t2i_mINP (the field's protocol), and image -> text the same five
+with the prefix i2t_ (each image queries the split's captions; relevant: the captions of its person);
 on a split with twin identities (records with "twin_pid", as `crossmatch data people` writes) also
 t2i_twin_acc (`crossmatch.metrics.twin_identity_accuracy`: a caption's best score over its own person's
 images beats its best over the twin's; 50 is chance, ties fail).
@@ -23,6 +24,7 @@ from crossmatch.metrics import person_search_metrics, twin_identity_accuracy
 from crossmatch.retrieval.evaluate import EvalData, compute_scores
 
 KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "t2i_mAP", "t2i_mINP")
+I2T_KEYS = tuple(k.replace("t2i_", "i2t_") for k in KEYS)
 TWIN_KEY = "t2i_twin_acc"  # only on splits with twin identities
 
 
@@ -51,7 +53,7 @@ def evaluate_person_search(
         chunk_size: images per block of the (N_img, N_txt) score matrix.
         twin_pids: (pid_a, pid_b) twin identity pairs of the split (`ImageCaptionDataset.twin_pids`).
     Returns:
-        {t2i_r1, t2i_r5, t2i_r10, t2i_mAP, t2i_mINP[, t2i_twin_acc]}, percentages.
+        {t2i_r1, t2i_r5, t2i_r10, t2i_mAP, t2i_mINP, the same five i2t_[, t2i_twin_acc]}, percentages.
     """
     scores = compute_scores(model, data, device, chunk_size, progress)  # (N_img, N_txt)
     return person_metrics(scores, data.txt_to_img, image_pids, chunk_size, twin_pids)
@@ -64,14 +66,16 @@ def person_metrics(
     chunk_size: int = 512,
     twin_pids: Sequence[tuple[int, int]] = (),
 ) -> dict[str, float]:
-    """Text -> image person-search metrics of a (N_img, N_txt) score matrix, relevance by identity; with
-    `twin_pids`, also t2i_twin_acc over the pairs whose two identities both have images here."""
+    """Text -> image and image -> text person-search metrics of a (N_img, N_txt) score matrix, relevance by
+    identity; with `twin_pids`, also t2i_twin_acc over the pairs whose two identities both have images here."""
     image_pids = torch.as_tensor(image_pids, dtype=torch.long).cpu()
     if image_pids.numel() != scores.shape[0]:
         raise ValueError(f"{image_pids.numel()} image pids for a split of {scores.shape[0]} images")
     query_pids = image_pids[torch.as_tensor(txt_to_img).cpu()]  # (N_txt,)
     metrics = person_search_metrics(scores.t(), query_pids, image_pids, chunk_size=chunk_size)  # queries = texts
     out = {f"t2i_{k}": v for k, v in metrics.items()}
+    i2t = person_search_metrics(scores, image_pids, query_pids, chunk_size=chunk_size)  # queries = images
+    out.update({f"i2t_{k}": v for k, v in i2t.items()})
     present = set(image_pids.tolist())
     pairs = [(a, b) for a, b in twin_pids if a in present and b in present]
     if pairs:
@@ -80,9 +84,11 @@ def person_metrics(
 
 
 def format_person_table(metrics: dict[str, float]) -> str:
-    """One-row table: text -> image R@1/5/10, mAP, mINP (and twin accuracy on a split with twins)."""
+    """A row per direction: R@1/5/10, mAP, mINP (and t2i twin accuracy on a split with twins)."""
     head = f"{'':5}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mAP':>8}{'mINP':>8}"
-    row = f"{'t2i':5}" + "".join(f"{metrics[k]:8.2f}" for k in KEYS)
+    rows = [f"{'t2i':5}" + "".join(f"{metrics[k]:8.2f}" for k in KEYS)]
+    if all(k in metrics for k in I2T_KEYS):
+        rows.append(f"{'i2t':5}" + "".join(f"{metrics[k]:8.2f}" for k in I2T_KEYS))
     if TWIN_KEY in metrics:
-        head, row = f"{head}{'twin':>8}", f"{row}{metrics[TWIN_KEY]:8.2f}"
-    return f"{head}\n{row}"
+        head, rows[0] = f"{head}{'twin':>8}", f"{rows[0]}{metrics[TWIN_KEY]:8.2f}"
+    return "\n".join([head, *rows])

@@ -113,7 +113,8 @@ def make_evaluator(
     data = build_eval_data(cfg, ds, tokenizer, model)
     evaluator = Evaluator(data, cfg.eval, device, pids, stage1, progress, twin_pids)
     evaluator.protocol = "person-search" if pids is not None else "retrieval"  # what it reports, for eval.metric
-    evaluator.metric_names = selectable_metrics(person_search=pids is not None, twins=bool(ds.twins))
+    twins = bool(twin_pids) if pids is not None else bool(ds.twins)  # twin identities, or twin scenes
+    evaluator.metric_names = selectable_metrics(person_search=pids is not None, twins=twins)
     return evaluator
 
 
