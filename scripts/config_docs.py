@@ -74,7 +74,9 @@ def _cell(text: str) -> str:
 def table(cls: type, prefix: str) -> str:
     """The markdown table of a config dataclass: key, default, meaning. Nested dataclasses (sections such as
     `loss.albef`) are left to tables of their own."""
-    comments = field_comments(cls)
+    comments: dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # inherited fields too
+        comments.update({k: v for k, v in field_comments(base).items() if v})
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
         if f.default_factory is not dataclasses.MISSING:
