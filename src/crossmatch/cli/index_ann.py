@@ -19,7 +19,7 @@ from crossmatch.cli.help import add_command, add_device_option
 
 EXACT_KEY = "Flat"  # mirrors crossmatch.search.ann.EXACT_KEY
 TRAIN_ROWS = 100_000  # mirrors crossmatch.search.ann.TRAIN_ROWS
-KEY_HELP = "faiss index_factory key (Flat: exact search; e.g. HNSW32, IVF1024,Flat, IVF4096,PQ32x4fs,RFlat)"
+KEY_HELP = "faiss index_factory key (Flat: exact search; e.g. HNSW32, IVF1024,Flat, IVF4096,PQ64x8,RFlat)"
 PARAMS_HELP = "faiss ParameterSpace settings of the approximate index, e.g. nprobe=64,efSearch=128"
 
 
