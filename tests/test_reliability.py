@@ -181,15 +181,16 @@ def test_a_yaml_that_is_not_a_mapping_is_one_line(tmp_path, capsys):
 
 def test_selectable_metrics_are_what_evaluation_reports():
     from crossmatch.config import selectable_metrics
-    from crossmatch.metrics import person_search_metrics
     from crossmatch.retrieval.evaluate import split_metrics
+    from crossmatch.retrieval.person import person_metrics
 
     scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.7]])  # (2 images, 3 captions)
     t2i = torch.tensor([0, 1, 1])
     assert set(selectable_metrics(False, True)) <= set(split_metrics(scores, scores, t2i, [(0, 1)]))
     assert set(selectable_metrics(False, False)) <= set(split_metrics(scores, scores, t2i))
-    person = {f"t2i_{k}": v for k, v in person_search_metrics(scores.t(), t2i, torch.tensor([0, 1])).items()}
-    assert set(selectable_metrics(True, False)) == set(person)
+    pids = torch.tensor([0, 1])  # image identities
+    assert set(selectable_metrics(True, False)) == set(person_metrics(scores, t2i, pids))
+    assert set(selectable_metrics(True, True)) == set(person_metrics(scores, t2i, pids, twin_pids=[(0, 1)]))
 
 
 @pytest.mark.slow
