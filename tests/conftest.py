@@ -33,3 +33,22 @@ def shapes_copy(shapes_root, tmp_path) -> Path:
     dst = tmp_path / "shapes"
     shutil.copytree(shapes_root, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def run(shapes_root, tmp_path_factory) -> Path:
+    """A finished one-epoch tiny_vse run (3 steps), once per test module (a module may damage it)."""
+    from crossmatch.cli.main import main
+    from tests.helpers import train_args
+
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(train_args(shapes_root, run, "train.epochs=1")) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(run, tmp_path) -> Path:
+    """A private copy of `run` that a test may damage."""
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst

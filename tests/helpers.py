@@ -5,11 +5,13 @@ share lives here."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -246,3 +248,14 @@ def make_batch(image_idx: list[int], L: int = 6, seed: int = 0) -> dict[str, tor
         "image_idx": torch.tensor(image_idx),
         "text_idx": torch.arange(B),
     }
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A tar (a WebDataset shard) at `path` holding `members` {name: bytes}, in that order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

@@ -45,21 +45,6 @@ def bomb(tmp_path_factory) -> Path:
     return png_header_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png")
 
 
-@pytest.fixture(scope="module")
-def run(shapes_root, tmp_path_factory) -> Path:
-    """A finished one-epoch tiny_vse run (3 steps)."""
-    run = tmp_path_factory.mktemp("rel") / "run"
-    assert main(train_args(shapes_root, run, "train.epochs=1")) == 0
-    return run
-
-
-@pytest.fixture
-def run_copy(run, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run, dst)
-    return dst
-
-
 # ---- 1. best.pt is never lost or stale ------------------------------------------------------------------
 
 KILL_IN_BEST = """

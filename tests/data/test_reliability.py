@@ -32,7 +32,15 @@ from crossmatch.config import DataConfig
 from crossmatch.data.formats import open_split
 from crossmatch.data.transforms import load_image, to_rgb
 from crossmatch.errors import DataError
-from tests.helpers import ENTRIES, error_line, png_header_bomb, save_tiny_checkpoint, train_args, write_karpathy
+from tests.helpers import (
+    ENTRIES,
+    error_line,
+    png_header_bomb,
+    save_tiny_checkpoint,
+    train_args,
+    write_karpathy,
+    write_tar,
+)
 
 MiB = 1 << 20
 
@@ -41,16 +49,6 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def shard_of(folder: Path, images: dict[str, bytes], split: str = "test", **meta) -> Path:

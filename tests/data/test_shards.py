@@ -29,7 +29,7 @@ from crossmatch.data.transforms import build_image_transform  # noqa: E402
 from crossmatch.engine.checkpoint import load_checkpoint  # noqa: E402
 from crossmatch.errors import ConfigError, DataError  # noqa: E402
 from crossmatch.models.protocols import ResumableLoader  # noqa: E402
-from tests.helpers import ROOT  # noqa: E402
+from tests.helpers import ROOT, write_tar  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
 
@@ -124,15 +124,6 @@ def test_ranks_and_workers_read_disjoint_shards(shards):
     assert not images[0] & images[1]  # each image (sample) lives in one shard, read by one rank
     with pytest.raises(ConfigError, match="10 shard.* 3 rank.* 4 loader worker"):
         loader_for(shards, 4, 0, 3)
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def png() -> bytes:

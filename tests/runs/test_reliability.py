@@ -30,21 +30,6 @@ def snapshot(run: Path) -> dict[str, bytes]:
     return {name: (run / name).read_bytes() for name in RUN_FILES}
 
 
-@pytest.fixture(scope="module")
-def run(shapes_root, tmp_path_factory) -> Path:
-    """A finished one-epoch tiny_vse run (3 steps)."""
-    run = tmp_path_factory.mktemp("runs") / "run"
-    assert main(train_args(shapes_root, run, "train.epochs=1")) == 0
-    return run
-
-
-@pytest.fixture
-def run_copy(run, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run, dst)
-    return dst
-
-
 # ---- 1-3. a start that fails touches nothing ------------------------------------------------------------
 
 
