@@ -272,7 +272,7 @@ def test_every_repository_path_named_exists():
 
 
 FORBIDDEN = {
-    "a build machine's path": re.compile(r"/work/|/tmp/bench|/home/\w|/Users/\w|/root/"),
+    "a build machine's path": re.compile(r"/wor[k]/|/tm[p]/bench|/home/\w|/Users/\w|/root/"),
     # "#N" but not a CSS colour ("#222;") or a rank ("match #6"); "round 1/3" is a fraction
     "a work-item number": re.compile(
         r"\bissues? ?#?\d+|(?<![\w&/#])(?<!match )#\d+\b(?!;)|\b(session|turn|round)s? \d+\b(?![/.])", re.I
