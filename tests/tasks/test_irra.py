@@ -140,8 +140,8 @@ def test_a_tall_people_run_trains_evaluates_exports_and_saves_without_the_traini
     data, run = tmp_path / "people", tmp_path / "run"
     assert main(["data", "people", "--out", str(data), "--train", "6", "--val", "2", "--test", "2"]) == 0
     args = ["train", "configs/people_irra_tiny.yaml", "--run-dir", str(run), f"data.root={data}",
-            "data.num_workers=0", "train.batch_size=8", "train.max_steps_per_epoch=1", "train.warmup_steps=0",
-            "eval.batch_size=16"]  # fmt: skip
+            "data.num_workers=0", "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=1",
+            "train.warmup_steps=0", "eval.batch_size=16"]  # fmt: skip
     assert main(args) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("mlm_loss" in r for r in rows) and any("sdm_loss" in r for r in rows)
