@@ -259,3 +259,16 @@ def write_tar(path: Path, members: dict[str, bytes]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def assert_same_last_checkpoint(one: Path, two: Path, steps: int) -> tuple[dict, dict]:
+    """Two runs' last.pt hold the same step count and the same weights (float32 rounding of another batch
+    split: rtol 1e-4, atol 1e-5); returns both checkpoints for further checks."""
+    from crossmatch.engine.checkpoint import load_checkpoint
+
+    a = load_checkpoint(one / "checkpoints" / "last.pt")
+    b = load_checkpoint(two / "checkpoints" / "last.pt")
+    assert a["trainer"]["global_step"] == b["trainer"]["global_step"] == steps
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    return a, b

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from crossmatch.engine.checkpoint import load_checkpoint
-from tests.helpers import ROOT, SUBPROCESS_ENV, TORCHRUN, ddp_args, run_in_root
+from tests.helpers import ROOT, SUBPROCESS_ENV, TORCHRUN, assert_same_last_checkpoint, ddp_args, run_in_root
 
 
 @pytest.mark.slow
@@ -30,11 +30,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_ro
         [*TORCHRUN, "-m", "crossmatch", *ddp_args(shapes_root, tmp_path / "two", "train.batch_size=8", *steps)]
     )
     assert two.returncode == 0, two.stderr[-2000:]
-    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
-    assert a["trainer"]["global_step"] == b["trainer"]["global_step"] == 3
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    a, b = assert_same_last_checkpoint(tmp_path / "one", tmp_path / "two", steps=3)
     ma, mb = a["trainer"]["history"][0], b["trainer"]["history"][0]
     assert ma.keys() == mb.keys() and all(abs(ma[k] - mb[k]) < 1e-6 for k in ma if not k.endswith("loss"))
     # the validation loss sums the same global batch in another order: float32 rounding of a sum of ~10

@@ -151,8 +151,7 @@ def test_two_gloo_processes_accumulating_equal_one_process_on_the_global_batch(s
     temperature reduced once, on the last micro-batch) with the gathered InfoNCE loss."""
     import sys
 
-    from crossmatch.engine.checkpoint import load_checkpoint
-    from tests.helpers import TORCHRUN, ddp_args, run_in_root
+    from tests.helpers import TORCHRUN, assert_same_last_checkpoint, ddp_args, run_in_root
 
     steps = ["train.max_steps_per_epoch=3", "train.grad_clip=0", "loss.name=infonce"]
     one = run_in_root(
@@ -167,9 +166,5 @@ def test_two_gloo_processes_accumulating_equal_one_process_on_the_global_batch(s
     acc = ["train.batch_size=4", "train.accum_steps=2", *steps]
     two = run_in_root([*TORCHRUN, "-m", "crossmatch", *ddp_args(shapes_root, tmp_path / "two", *acc)])
     assert two.returncode == 0, two.stderr[-2000:]
-    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
-    assert a["trainer"]["global_step"] == b["trainer"]["global_step"] == 3
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    a, b = assert_same_last_checkpoint(tmp_path / "one", tmp_path / "two", steps=3)
     torch.testing.assert_close(a["loss"]["logit_scale"], b["loss"]["logit_scale"], rtol=1e-5, atol=1e-6)
