@@ -148,6 +148,29 @@ def test_tipcb_score_is_global_plus_mean_part_cosine():
     assert img["parts"].shape == (4, 2, 16) and txt["parts"].shape == (4, 2, 16)
 
 
+@pytest.mark.parametrize("loss", ["cmpm", "sdm"])
+def test_tipcb_without_parts_scores_and_trains_on_its_global_feature_only(loss):
+    torch.manual_seed(0)
+    model = create_model("tiny_tipcb", vocab_size=50, num_parts=0)
+    task = build_task(model, LossConfig(identity=IdentityLossConfig(name=loss, temperature=0.5)))
+    batch = {**tiny_batch(), "pid": torch.tensor([4, 4, 9, 2])}
+    losses, logs = task.training_step(batch)
+    with torch.no_grad():
+        (ig, ip), (tg, tp) = model.image_features(batch), model.text_features(batch)
+    ref = naive_cmpm if loss == "cmpm" else lambda a, b, i: naive_sdm(a, b, i, 0.5)
+    assert ip.shape == (4, 0, 16) and tp.shape == (4, 0, 16)
+    assert logs["part_loss"] == 0.0
+    assert losses[f"{loss}_loss"].item() == pytest.approx(ref(ig, tg, [4, 4, 9, 2]), rel=1e-4)
+    with torch.no_grad():  # eval mode: the image tower's batch norm reads its running statistics
+        model.eval()
+        (ig, _), (tg, _) = model.image_features(batch), model.text_features(batch)
+        scores = model.similarity(model.encode_image_features(batch), model.encode_text_features(batch))
+    cos = nn.functional.cosine_similarity(ig[:, None], tg[None], dim=-1)  # (4, 4)
+    torch.testing.assert_close(scores, cos, atol=1e-6, rtol=0)
+    with pytest.raises(Exception, match="num_parts"):
+        create_model("tiny_tipcb", vocab_size=50, num_parts=-1)
+
+
 def pedes_records():
     words = ["red", "blue", "green", "black", "white"]
     records = []

@@ -10,7 +10,9 @@ Unlike TIPCB we keep one level of features and a GRU instead of BERT: the struct
 
 Score of a pair = cos(global_img, global_txt) + mean_k cos(part_img_k, part_txt_k), in [-2, 2].
 The loss is applied the same way: loss(global) + mean_k loss(part_k), relevance by person identity
-(batch["pid"], or batch["image_idx"] when the data has no identities).
+(batch["pid"], or batch["image_idx"] when the data has no identities). `num_parts=0` is the same model with
+its global feature only (score = the global cosine, loss = loss(global)): the ablation that shows what the
+parts add.
 
 Legend: B batch, C channels, h/w feature-map height/width, K parts, L tokens, D GRU width, E embedding.
 """
@@ -42,7 +44,7 @@ class TipcbConfig:
     word_dim: int = ranged(300, min=1)  # word embedding width
     text_hidden: int = ranged(1024, min=1)  # bi-GRU width D (the two directions are averaged)
     embed_dim: int = ranged(1024, min=1)  # joint embedding width E (TIPCB: 2048)
-    num_parts: int = ranged(6, min=1)  # K horizontal stripes / text parts (TIPCB: 6)
+    num_parts: int = ranged(6, min=0)  # K horizontal stripes / text parts (TIPCB: 6; 0: global feature only)
 
 
 class PartProjection(nn.Module):
@@ -79,8 +81,8 @@ class Tipcb(ImageTextModel):
 
     def __init__(self, cfg: TipcbConfig):
         super().__init__()
-        if cfg.num_parts < 1:
-            raise ModelError(f"model.num_parts must be >= 1, got {cfg.num_parts}")
+        if cfg.num_parts < 0:
+            raise ModelError(f"model.num_parts must be >= 0, got {cfg.num_parts}")
         self.config = cfg
         K, E = cfg.num_parts, cfg.embed_dim
         self.image_tower = build_image_tower(cfg.image_tower, cfg.pretrained, cfg.cnn_channels)
@@ -117,8 +119,11 @@ class Tipcb(ImageTextModel):
         return {"embed": l2norm(g), "parts": l2norm(p)}
 
     def similarity(self, img: dict[str, Tensor], txt: dict[str, Tensor]) -> Tensor:
-        """All pairs: global cosine + mean over parts of the part cosines -> (N_img, N_txt)."""
+        """All pairs: global cosine + mean over parts of the part cosines -> (N_img, N_txt); the global cosine
+        alone when K = 0."""
         glob = img["embed"] @ txt["embed"].t()  # (N_img, N_txt)
+        if img["parts"].shape[1] == 0:
+            return glob
         parts = torch.einsum("ike,tke->it", img["parts"], txt["parts"]) / img["parts"].shape[1]  # (N_img, N_txt)
         return glob + parts
 

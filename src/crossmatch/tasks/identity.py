@@ -80,8 +80,8 @@ class IdentityTask(Task):
 
 @register_task(Tipcb.family)
 class TipcbTask(IdentityTask):
-    """CMPM or SDM (`loss.identity.name`) on the global features plus the mean over the K part features; the
-    ID loss on the raw global features."""
+    """CMPM or SDM (`loss.identity.name`) on the global features plus the mean over the K part features (none
+    when K = 0); the ID loss on the raw global features."""
 
     def __init__(self, model: Tipcb, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__(model, cfg, model.config.embed_dim)
@@ -99,7 +99,8 @@ class TipcbTask(IdentityTask):
         img_g, img_p = feats["image"]["embed"], feats["image"]["parts"]  # (B, E), (B, K, E)
         txt_g, txt_p = feats["text"]["embed"], feats["text"]["parts"]
         glob = self.loss(img_g, txt_g, ids)
-        parts = torch.stack([self.loss(img_p[:, k], txt_p[:, k], ids) for k in range(img_p.shape[1])]).mean()
+        per_part = [self.loss(img_p[:, k], txt_p[:, k], ids) for k in range(img_p.shape[1])]  # none when K = 0
+        parts = torch.stack(per_part).mean() if per_part else torch.zeros_like(glob)
         losses = {self.loss_name: glob + parts, **self.id_terms(img_g, txt_g, batch)}
         return losses, {"global_loss": glob.item(), "part_loss": parts.item()}
 
