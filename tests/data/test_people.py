@@ -28,6 +28,7 @@ from crossmatch.data.people import (
     render,
     sample_attributes,
     sample_shot,
+    twin_kind,
 )
 from crossmatch.data.shards import read_shard_entries
 from crossmatch.metrics import twin_identity_accuracy
@@ -111,6 +112,7 @@ def test_twins_differ_exactly_as_declared():
         a, b, kind, differs = twin
         kinds.add(kind)
         assert sorted(k for k in a if a[k] != b[k]) == differs
+        assert twin_kind(differs) == kind  # what a record's "twin_differs" maps back to
         if kind == "swap_colors":
             assert (a["upper_color"], a["lower_color"]) == (b["lower_color"], b["upper_color"])
         if kind == "handbag":

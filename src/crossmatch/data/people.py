@@ -36,7 +36,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -163,6 +163,18 @@ def make_twin(rng: random.Random, a: dict[str, Any]) -> tuple[dict, dict, str, l
         return a, b, kind, ["bag", "bag_color"]
     b["bag"], b["bag_color"] = "handbag", rng.choice([c for c in COLORS if c != a["bag_color"]])
     return a, b, kind, ["bag_color"]
+
+
+def twin_kind(differs: Sequence[str]) -> str:
+    """The kind (one of TWIN_KINDS) of a twin pair from the attribute names it differs in, as `make_twin`
+    returns them and a record's "twin_differs" stores them."""
+    if set(differs) == {"upper_color", "lower_color"}:
+        return "swap_colors"
+    if set(differs) == {"shoes"}:
+        return "shoes"
+    if set(differs) <= {"bag", "bag_color"}:
+        return "handbag"
+    raise ValueError(f"no twin kind differs in {list(differs)}")
 
 
 def _slots(split: str, n: int) -> Iterable[tuple[int, bool]]:
