@@ -7,7 +7,8 @@ One row per measured run (one JSON object per line). Every row carries what repr
 file and its overrides, the data (name, split, size), the training budget, the metrics, the wall time, the machine
 (device, threads, load average), the crossmatch version and commit, and the exact command. `status` is `measured`
 for a run made at `commit` with the command as written, `historical` for a figure measured earlier, at `commit`
-(the commit that recorded it), possibly with a script that has since been removed.
+(the commit that recorded it), possibly with a script that has since been removed. `table` names the table the row
+shows in, or lists the tables when one run belongs to several (a recipe's run that is also seed 0 of a comparison).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def load_tables(path: Path = TABLES) -> list[dict]:
     return yaml.safe_load(path.read_text())["sections"]
 
 
+def tables_of(row: dict) -> list:
+    """The tables a row shows in: its "table", one id or a list of ids."""
+    return row["table"] if isinstance(row["table"], list) else [row["table"]]
+
+
 def validate_rows(rows: list[dict], sections: list[dict]) -> list[str]:
     """Every problem of the rows as one line each (empty: valid)."""
     tables = {t["id"] for s in sections for t in s["tables"]}
@@ -70,8 +76,9 @@ def validate_rows(rows: list[dict], sections: list[dict]) -> list[str]:
             errors.append(f"{where}: status {row['status']!r} is not one of {', '.join(STATUSES)}")
         if not isinstance(row["commit"], str) or not COMMIT.match(row["commit"]):
             errors.append(f"{where}: commit {row['commit']!r} is not a commit hash")
-        if row["table"] not in tables:
-            errors.append(f"{where}: table {row['table']!r} is not in {TABLES.name}")
+        for table in tables_of(row):
+            if table not in tables:
+                errors.append(f"{where}: table {table!r} is not in {TABLES.name}")
         if not isinstance(row["metrics"], dict) or not row["metrics"]:
             errors.append(f"{where}: metrics must be a non-empty object")
         elif any(v is not None and not isinstance(v, (int, float, str)) for v in row["metrics"].values()):
@@ -163,7 +170,7 @@ def render(rows: list[dict], sections: list[dict]) -> str:
     for section in sections:
         out += [f"## {section['title']}", "", section["findings"].strip(), ""]
         for table in section["tables"]:
-            chosen = [r for r in rows if r["table"] == table["id"]]
+            chosen = [r for r in rows if table["id"] in tables_of(r)]
             if chosen:
                 out += render_table(table, chosen)
     return "\n".join(out).rstrip() + "\n"
