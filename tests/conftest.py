@@ -1,6 +1,6 @@
-"""Shared fixtures: a tiny shapes dataset generated once per session, and CPU-only, single-thread torch
-(the CI machine has 2 cores; tiny models run faster without thread hand-offs). Shared helpers that are not
-fixtures live in tests/helpers.py.
+"""Shared fixtures: a tiny shapes dataset and a tiny people dataset generated once per session, and CPU-only,
+single-thread torch (the CI machine has 2 cores; tiny models run faster without thread hand-offs). Shared helpers
+that are not fixtures live in tests/helpers.py.
 
 `CROSSMATCH_TEST_THREADS=2 make test` runs the suite with another thread count: every float comparison of
 values computed through different batch shapes or threads must hold either way."""
@@ -24,6 +24,19 @@ def shapes_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("shapes")
     generate_shapes(root, n_train=40, n_val=12, n_test=12, seed=1, size=32, workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def people_root(tmp_path_factory) -> Path:
+    """`crossmatch data people` at 96 x 32: train identities 1..6, val 7, 8, test 9, 10 (each split's first two
+    identities are a twin pair), 4 images each, 2 captions per image, written through the command line.
+    Read-only: copy it to damage it."""
+    from crossmatch.cli.main import main
+
+    root = tmp_path_factory.mktemp("people")
+    argv = ["data", "people", "--out", str(root), "--train", "6", "--val", "2", "--test", "2", "--size", "96", "32"]
+    assert main(argv) == 0
     return root
 
 

@@ -5,6 +5,7 @@ share lives here."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -272,3 +273,11 @@ def assert_same_last_checkpoint(one: Path, two: Path, steps: int) -> tuple[dict,
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
     return a, b
+
+
+def load_script(name: str):
+    """The module of `scripts/{name}.py` (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """scripts/people_report.py: the training-free colour floor on hand-made captions and images, its report
 through the script on generated people data, and a trained run's report equal to `crossmatch evaluate`."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,24 +11,14 @@ from PIL import Image
 
 from crossmatch.cli.main import main as cli
 from crossmatch.data.people import COLORS
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("people_report", ROOT / "scripts" / "people_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def people(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("people")
-    args = ["data", "people", "--out", str(root), "--train", "6", "--val", "2", "--test", "4", "--size", "96", "32"]
-    assert cli(args) == 0
-    return root
+    return load_script("people_report")
 
 
 def two_colour_image(top: str, bottom: str, rows: int = 8, width: int = 4) -> Image.Image:
@@ -75,28 +64,28 @@ def test_the_floor_tells_swapped_colours_apart(script):
     np.testing.assert_allclose(s.numpy(), [[hit, miss], [miss, hit]], rtol=1e-12)
 
 
-def test_the_floor_report_through_the_script(script, people, capsys):
-    assert script.main(["--data", str(people)]) == 0
+def test_the_floor_report_through_the_script(script, people_root, capsys):
+    assert script.main(["--data", str(people_root)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["scorer"] == "colour floor" and out["split"] == "test"
     assert all(0 <= out[k] <= 100 for k in ("t2i_r1", "t2i_mAP", "t2i_mINP", "i2t_r1", "t2i_twin_acc"))
-    # 4 test identities: one twin pair (the first two), of one kind, whose accuracy is the total's
+    # the test split is one twin pair, of one kind, whose accuracy is the total's
     kinds = [k.removeprefix("twin_pairs_") for k in out if k.startswith("twin_pairs_")]
     assert len(kinds) == 1 and out[f"twin_pairs_{kinds[0]}"] == 1
     assert out[f"t2i_twin_acc_{kinds[0]}"] == out["t2i_twin_acc"]
 
 
 @pytest.mark.slow
-def test_a_run_s_report_equals_crossmatch_evaluate(script, people, tmp_path, capsys):
+def test_a_run_s_report_equals_crossmatch_evaluate(script, people_root, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = ["model.name=tiny_tipcb", "data.num_workers=0", "train.epochs=1", "train.max_steps_per_epoch=2",
                  "train.batch_size=8", "train.warmup_steps=0", "eval.batch_size=16"]  # fmt: skip
-    args = ["train", str(ROOT / "configs" / "people_tipcb.yaml"), "--run-dir", str(run), f"data.root={people}",
+    args = ["train", str(ROOT / "configs" / "people_tipcb.yaml"), "--run-dir", str(run), f"data.root={people_root}",
             "data.image_size=[96,32]"]  # fmt: skip
     assert cli([*args, *overrides]) == 0
     assert cli(["evaluate", str(run), "--split", "test", "--json", str(tmp_path / "m.json")]) == 0
     capsys.readouterr()
-    assert script.main(["--data", str(people), "--run", str(run)]) == 0
+    assert script.main(["--data", str(people_root), "--run", str(run)]) == 0
     out = json.loads(capsys.readouterr().out)
     want = json.loads((tmp_path / "m.json").read_text())
     for key in ("t2i_r1", "t2i_mAP", "t2i_mINP", "i2t_mAP", "t2i_twin_acc"):

@@ -1,20 +1,18 @@
 """results/runs.jsonl: every row valid, and docs/results.md exactly what scripts/results.py renders from the rows."""
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def results():
-    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("results")
 
 
 @pytest.fixture(scope="module")

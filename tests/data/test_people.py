@@ -120,22 +120,14 @@ def test_twins_differ_exactly_as_declared():
     assert kinds == set(TWIN_KINDS)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("people")
-    argv = ["data", "people", "--out", str(root), "--train", "6", "--val", "2", "--test", "2", "--size", "96", "32"]
-    assert main(argv) == 0
-    return root
-
-
-def test_the_written_splits_are_identity_disjoint_and_twins_name_each_other(tiny):
-    records = json.loads((tiny / "reid_raw.json").read_text())
+def test_the_written_splits_are_identity_disjoint_and_twins_name_each_other(people_root):
+    records = json.loads((people_root / "reid_raw.json").read_text())
     assert len(records) == 10 * 4 and all(len(r["captions"]) == 2 for r in records)
     split_of: dict[int, set] = {}
     for r in records:
         split_of.setdefault(r["id"], set()).add(r["split"])
-        assert (tiny / "imgs" / r["file_path"]).is_file()
-        assert Image.open(tiny / "imgs" / r["file_path"]).size == (32, 96)
+        assert (people_root / "imgs" / r["file_path"]).is_file()
+        assert Image.open(people_root / "imgs" / r["file_path"]).size == (32, 96)
     assert all(len(s) == 1 for s in split_of.values())  # every identity in one split
     assert sorted(split_of) == list(range(1, 11))  # ids 1.. run train, val, test
     by_id = {r["id"]: r for r in records}
@@ -149,8 +141,8 @@ def test_the_written_splits_are_identity_disjoint_and_twins_name_each_other(tiny
         assert {r["view"]["view"] for r in records if r["id"] == pid} == {"front", "back", "side"}
 
 
-def test_the_cuhk_pedes_reader_reads_it_with_twin_identities(tiny):
-    cfg = DataConfig(root=str(tiny), format="cuhk_pedes")
+def test_the_cuhk_pedes_reader_reads_it_with_twin_identities(people_root):
+    cfg = DataConfig(root=str(people_root), format="cuhk_pedes")
     test = open_split(cfg, "test")
     assert len(test.images) == 8 and len(test.captions) == 16
     assert {r.pid for r in test.images} == {9, 10} and test.twin_pids == [(9, 10)]
@@ -159,14 +151,14 @@ def test_the_cuhk_pedes_reader_reads_it_with_twin_identities(tiny):
     assert {r.pid for r in train.images} == set(range(1, 7)) and (1, 2) in train.twin_pids
 
 
-def test_validate_and_convert_keep_twin_pid(tiny, tmp_path, capsys):
-    assert main(["data", "validate", str(tiny)]) == 0
+def test_validate_and_convert_keep_twin_pid(people_root, tmp_path, capsys):
+    assert main(["data", "validate", str(people_root)]) == 0
     assert "no problems found" in capsys.readouterr().out
-    src = resolve_source(tiny)
+    src = resolve_source(people_root)
     jsonl = convert(src, tmp_path / "people.jsonl", "jsonl")
     entries = {e["image"]: e for e in read_jsonl(jsonl)}
     assert entries["test/00009_0.png"]["twin_pid"] == 10 and entries["test/00009_0.png"]["pid"] == 9
-    cfg = DataConfig(root=str(tmp_path), format="jsonl", json_name="people.jsonl", image_dir=str(tiny / "imgs"))
+    cfg = DataConfig(root=str(tmp_path), format="jsonl", json_name="people.jsonl", image_dir=str(people_root / "imgs"))
     assert open_split(cfg, "test").twin_pids == [(9, 10)]
     shards = convert(src, tmp_path / "shards", "webdataset", shard_size=100)
     meta = [e for e in read_shard_entries(shards)[0] if e.get("pid") == 10]
@@ -217,12 +209,12 @@ def test_twin_accuracy_by_identity_on_a_hand_made_matrix():
 
 
 @pytest.mark.slow
-def test_a_person_search_run_on_it_reports_twin_accuracy(tiny, tmp_path):
+def test_a_person_search_run_on_it_reports_twin_accuracy(people_root, tmp_path):
     run = tmp_path / "run"
     extra = ["data.format=cuhk_pedes", "data.num_workers=0", "data.min_word_freq=1", "model.name=tiny_tipcb",
              "model.pretrained=false", "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=1",
              "train.warmup_steps=0", "eval.batch_size=16"]  # fmt: skip
-    assert main(train_args(tiny, run, *extra, config="configs/tipcb_cuhk.yaml")) == 0
+    assert main(train_args(people_root, run, *extra, config="configs/tipcb_cuhk.yaml")) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r.get("split") == "val" and "t2i_r1" in r]
     assert val and all(0 <= r[TWIN_KEY] <= 100 for r in val)  # val identities 7 and 8 are twins

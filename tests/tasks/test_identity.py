@@ -138,20 +138,12 @@ def test_id_weight_without_person_identities_is_refused_in_one_line_before_the_r
 # ---- end to end on a tiny people set ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def people(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("people")
-    argv = ["data", "people", "--out", str(root), "--train", "6", "--val", "2", "--test", "2", "--size", "96", "32"]
-    assert main(argv) == 0
-    return root  # train identities 1..6
-
-
 TINY_PEOPLE = ("data.num_workers=0", "train.batch_size=8", "train.warmup_steps=0", "eval.batch_size=16")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["people_tipcb", "people_vse_pretrained"])
-def test_each_people_recipe_loads_and_trains_a_step_with_the_id_loss(recipe, people, tmp_path):
+def test_each_people_recipe_loads_and_trains_a_step_with_the_id_loss(recipe, people_root, tmp_path):
     cfg = load_config(ROOT / "configs" / f"{recipe}.yaml")
     assert cfg.data.format == "cuhk_pedes" and cfg.loss.identity.id_weight > 0
     run = tmp_path / "run"
@@ -159,7 +151,7 @@ def test_each_people_recipe_loads_and_trains_a_step_with_the_id_loss(recipe, peo
     if recipe == "people_tipcb":
         extra.append("data.image_size=[96,32]")
     assert main(["train", str(ROOT / "configs" / f"{recipe}.yaml"), "--run-dir", str(run),
-                 f"data.root={people}", *extra]) == 0  # fmt: skip
+                 f"data.root={people_root}", *extra]) == 0  # fmt: skip
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("split") == "train" and "id_loss" in r]
     assert train and train[0]["id_loss"] > 0 and "sdm_loss" in train[0]
@@ -167,14 +159,14 @@ def test_each_people_recipe_loads_and_trains_a_step_with_the_id_loss(recipe, peo
 
 @pytest.mark.slow
 def test_the_classifier_is_in_last_pt_restored_on_resume_and_absent_from_the_model_weights(
-    people, tmp_path, monkeypatch
+    people_root, tmp_path, monkeypatch
 ):
     import crossmatch
     from crossmatch.engine import trainer as trainer_mod
 
     run = tmp_path / "run"
     extra = [*TINY_PEOPLE, "model.name=tiny_tipcb", "train.max_steps_per_epoch=2", "data.image_size=[96,32]"]
-    args = ["train", str(ROOT / "configs" / "people_tipcb.yaml"), "--run-dir", str(run), f"data.root={people}"]
+    args = ["train", str(ROOT / "configs" / "people_tipcb.yaml"), "--run-dir", str(run), f"data.root={people_root}"]
     assert main([*args, *extra, "train.epochs=1"]) == 0
     last, best = load_checkpoint(run / "checkpoints" / "last.pt"), load_checkpoint(run / "checkpoints" / "best.pt")
     assert last["loss"]["id_loss.classes"].tolist() == [1, 2, 3, 4, 5, 6]
