@@ -135,6 +135,15 @@ def test_id_weight_without_person_identities_is_refused_in_one_line_before_the_r
     assert "the ContrastiveTask objective has no ID loss" in error_line(capsys)
 
 
+def test_mlm_weight_without_irra_s_masked_prediction_is_refused_in_one_line(people_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "configs" / "people_tipcb.yaml"), "--run-dir", str(run), f"data.root={people_root}"]
+    assert main([*args, "model.name=tiny_tipcb", "loss.identity.mlm_weight=0.5"]) != 0
+    line = error_line(capsys)
+    assert "loss.identity.mlm_weight=0.5" in line and "TipcbTask" in line and "irra" in line
+    assert not (run / "checkpoints").exists()
+
+
 # ---- end to end on a tiny people set ---------------------------------------------------------------------
 
 

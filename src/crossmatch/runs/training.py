@@ -38,6 +38,7 @@ from crossmatch.runs.build import (
 from crossmatch.runs.evaluation import check_split_overlap, make_evaluator
 from crossmatch.tasks import build_task
 from crossmatch.tasks.identity import IdentityTask
+from crossmatch.tasks.irra import IrraTask
 
 
 def seed_everything(seed: int) -> None:
@@ -72,6 +73,7 @@ def build_trainer(
     if dist.distributed and dist.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     task = build_task(model, cfg.loss, rank=dist.rank, world_size=dist.world_size)
+    check_mlm_weight(task, cfg)
     use_train_identities(task, cfg, train_ds)  # the ID loss's classes, before the optimiser sees the task
     task = task.to(dist.device)
     transform = transform_from_config(cfg.data, train=True)
@@ -138,6 +140,17 @@ def build_trainer(
     )
     loaders = RunLoaders(loader, val_loader)
     return Trainer(task, optimizer, scheduler, loaders, evaluator, sinks, cfg, dist), cfg
+
+
+def check_mlm_weight(task, cfg: RunConfig) -> None:
+    """Refuse loss.identity.mlm_weight > 0 for an objective without IRRA's masked-token prediction (it would be
+    silently ignored). ALBEF's MLM has its own key, loss.albef.mlm_weight."""
+    weight = cfg.loss.identity.mlm_weight
+    if weight > 0 and not isinstance(task, IrraTask):
+        raise ConfigError(
+            f"loss.identity.mlm_weight={weight}: the {type(task).__name__} objective has no masked-token prediction "
+            "(IRRA's: model.name=irra or tiny_irra); set it to 0"
+        )
 
 
 def use_train_identities(task, cfg: RunConfig, train_ds) -> None:
