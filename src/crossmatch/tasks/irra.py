@@ -53,7 +53,6 @@ class IrraTask(IdentityTask):
     mlm_prob)."""
 
     needs = "an IRRA model (open_clip towers and a cross-modal encoder)"
-    masks_captions = True
 
     @classmethod
     def check_config(cls, model: nn.Module, cfg: LossConfig) -> None:
