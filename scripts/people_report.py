@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from crossmatch.config import load_config
 from crossmatch.data.people import ANNOTATION_FILE, COLORS, TWIN_KINDS, twin_kind
+from crossmatch.data.transforms import load_image
 from crossmatch.metrics import twin_identity_accuracy
 from crossmatch.retrieval.evaluate import compute_scores
 from crossmatch.retrieval.person import TWIN_KEY, image_pids, person_metrics
@@ -67,9 +67,10 @@ def colour_mentions(caption: str) -> list[tuple[str, str]]:
     return out
 
 
-def colour_fractions(image: Image.Image) -> np.ndarray:
-    """(R, P) fraction of each region's pixels nearest to each palette colour (within MAX_DISTANCE)."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+def colour_fractions(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB image -> (R, P) fraction of each region's pixels nearest to each palette colour (within
+    MAX_DISTANCE)."""
+    rgb = image.astype(np.float32)  # (H, W, 3)
     palette = np.array([COLORS[name][0] for name in PALETTE], dtype=np.float32)  # (P, 3)
     dist = np.linalg.norm(rgb[:, :, None, :] - palette[None, None], axis=-1)  # (H, W, P)
     nearest = np.where(dist.min(-1) < MAX_DISTANCE, dist.argmin(-1), -1)  # (H, W), -1: no palette colour
@@ -80,7 +81,7 @@ def colour_fractions(image: Image.Image) -> np.ndarray:
     )
 
 
-def floor_scores(images: Sequence[Image.Image], captions: Sequence[str]) -> torch.Tensor:
+def floor_scores(images: Sequence[np.ndarray], captions: Sequence[str]) -> torch.Tensor:
     """(N_img, N_txt) training-free scores: sum over each caption's colour mentions of log(EPS + fraction)."""
     logs = np.log(EPS + np.stack([colour_fractions(im) for im in images])).reshape(len(images), -1)  # (N_img, R*P)
     counts = np.zeros((len(captions), len(REGIONS) * len(PALETTE)))  # (N_txt, R*P)
@@ -122,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = compute_scores(model, build_eval_data(cfg, ds, tokenizer, model), torch.device("cpu"))
     else:
         ds = open_split(load_config(None, ["data.format=cuhk_pedes", f"data.root={args.data}"]), args.split)
-        images = []
-        for rec in ds.images:
-            with Image.open(rec.path) as im:
-                images.append(im.convert("RGB"))
+        images = [load_image(rec.path).permute(1, 2, 0).numpy() for rec in ds.images]  # (H, W, 3) each
         scores = floor_scores(images, ds.captions)
     print(
         json.dumps(

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from crossmatch.cli.main import main as cli
 from crossmatch.data.people import COLORS
@@ -21,11 +20,11 @@ def script():
     return load_script("people_report")
 
 
-def two_colour_image(top: str, bottom: str, rows: int = 8, width: int = 4) -> Image.Image:
+def two_colour_image(top: str, bottom: str, rows: int = 8, width: int = 4) -> np.ndarray:
     """An image whose upper half is one palette colour and whose lower half another."""
     img = np.zeros((rows, width, 3), dtype=np.uint8)
     img[: rows // 2], img[rows // 2 :] = COLORS[top][0], COLORS[bottom][0]
-    return Image.fromarray(img)
+    return img  # (rows, width, 3)
 
 
 def test_colour_words_go_to_the_region_of_their_garment_and_hair_is_skipped(script):
@@ -47,7 +46,7 @@ def test_colour_fractions_count_the_pixels_of_each_half(script):
     img[:4] = COLORS["red"][0]
     img[4:6] = COLORS["blue"][0]
     img[6:] = (0, 255, 255)  # cyan: farther than MAX_DISTANCE from every palette colour
-    f = script.colour_fractions(Image.fromarray(img))  # (R, P)
+    f = script.colour_fractions(img)  # (R, P)
     red, blue = script.PALETTE.index("red"), script.PALETTE.index("blue")
     expected = np.zeros((3, len(script.PALETTE)))
     expected[0, red] = 1.0  # upper half: all red
